@@ -1,0 +1,41 @@
+"""What the pool asks of every way to run a model's server."""
+
+from __future__ import annotations
+
+import socket
+from typing import Protocol
+
+from anyio.abc import TaskGroup
+
+
+class LaunchError(Exception):
+    """The backend could not be started; the message says why, for the client and the log."""
+
+
+class Launcher(Protocol):
+    """One model's server: a local process, a container, or a fixed URL."""
+
+    address: str | None
+
+    async def start(self, task_group: TaskGroup) -> str:
+        """Start the server; return its base URL once it runs (health is the pool's job).
+
+        Helpers that live as long as the server (an output reader) go in ``task_group``."""
+
+    async def wait_exit(self) -> str:
+        """Return, with the reason, when the running server dies by itself."""
+
+    def is_alive(self) -> bool: ...
+
+    async def stop(self) -> None:
+        """Stop the server and free what it held; safe to call when it is not running."""
+
+    def output_tail(self) -> str:
+        """The last lines the server wrote, for the log when it fails."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free now; the kernel will not hand it out again right away."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,92 @@
+"""Request context: the request id, the log context, the access log line, and the last word on
+errors.
+
+The request id comes from ``x-request-id`` (when it is sane) or is made here, goes back on the
+response and to the backend, and is bound into structlog's context for every line logged while
+the request runs. A ``GatewayError`` raised by an inner layer is answered here in the OpenAI
+shape if nothing went out yet; any other exception gets a 500 the same way and is re-raised so
+the server logs it and, if the response had started, cuts the connection.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import structlog
+
+from proxy.errors import GatewayError
+from proxy.metrics import GatewayMetrics
+from proxy.types import ASGIApp, Message, Receive, Scope, Send, request_state
+
+access_log = structlog.get_logger("gateway.access")
+
+MAX_ID_LENGTH = 128
+
+
+def _request_id(scope: Scope) -> str:
+    for key, value in scope["headers"]:
+        if key == b"x-request-id":
+            text = value.decode("latin-1")
+            if 0 < len(text) <= MAX_ID_LENGTH and text.isascii() and text.isprintable():
+                return text
+            break
+    return os.urandom(12).hex()
+
+
+class RequestContext:
+    def __init__(self, app: ASGIApp, *, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        began = time.perf_counter()
+        request_id = _request_id(scope)
+        header = (b"x-request-id", request_id.encode())
+        state = request_state(scope)
+        state["request_id"] = request_id
+        status = 0
+        first_byte = 0.0
+        sent = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, first_byte, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message["headers"], header]
+            else:
+                if not first_byte:
+                    first_byte = time.perf_counter()
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        error = None
+        try:
+            await self.app(scope, receive, send_with_id)
+        except GatewayError as exc:
+            if status:
+                raise
+            await exc.send(send_with_id)
+        except Exception as exc:
+            error = exc
+            if not status:
+                await GatewayError(500, "The gateway failed to handle the request.",
+                                   type="internal_error", code="internal_error").send(send_with_id)
+            raise
+        finally:
+            model = state.get("model")
+            name = model.name if model is not None else "-"
+            self.metrics.requests.labels(name, str(status)).inc()
+            ended = time.perf_counter()
+            access_log.info(
+                "request", method=scope["method"], path=scope["path"], model=name,
+                status=status, bytes=sent, retries=state.get("retries", 0),
+                ttfb_ms=round((first_byte - began) * 1000, 2) if first_byte else None,
+                duration_ms=round((ended - began) * 1000, 2),
+                client=scope["client"][0] if scope.get("client") else None,
+                error=repr(error) if error else None)
+            structlog.contextvars.unbind_contextvars("request_id")

@@ -1,0 +1,100 @@
+"""The command line: ``vllm-gateway serve`` and ``vllm-gateway check-config``.
+
+The configuration is validated before anything binds a port; a bad value exits with status 2
+and one line that names the key, the value, where it came from and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Sequence
+
+import anyio
+import structlog
+from hypercorn.config import Config as HypercornConfig
+
+from .app import build_app
+from .config import Config, ConfigError, effective, load_config
+from .logs import configure_logging
+
+EXIT_CONFIG = 2
+WORKERS = ("asyncio", "uvloop", "trio")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllm-gateway", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", help="TOML file (default: $GATEWAY_CONFIG or ./config.toml)")
+    serve.add_argument("--bind", help="HOST:PORT, overrides gateway.bind")
+    serve.add_argument("--worker", choices=WORKERS, default="asyncio")
+    check = commands.add_parser("check-config", help="validate and print the configuration")
+    check.add_argument("--config", help="TOML file (default: $GATEWAY_CONFIG or ./config.toml)")
+    return parser
+
+
+def _load(path: str | None, bind: str | None = None) -> Config:
+    try:
+        return load_config(path, options={"gateway.bind": bind} if bind is not None else None)
+    except ConfigError as exc:
+        print(f"vllm-gateway: config error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def _hypercorn_config(config: Config) -> HypercornConfig:
+    hc = HypercornConfig()
+    hc.bind = [config.gateway.bind]
+    hc.graceful_timeout = config.gateway.shutdown_grace
+    hc.accesslog = None
+    hc.errorlog = "-"
+    return hc
+
+
+async def _serve(config: Config, worker: str) -> None:
+    app = build_app(config)
+    hc = _hypercorn_config(config)
+    stop = anyio.Event()
+
+    async def on_signal() -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                structlog.get_logger("gateway").info("shutting down", signal=signum.name)
+                stop.set()
+                return
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(on_signal)
+        if worker == "trio":
+            from hypercorn.trio import serve
+        else:
+            from hypercorn.asyncio import serve
+        await serve(app, hc, shutdown_trigger=stop.wait)
+        tg.cancel_scope.cancel()
+
+
+def serve(config: Config, worker: str) -> None:
+    configure_logging(config.gateway.log_format)
+    log = structlog.get_logger("gateway")
+    log.info("effective configuration", config=effective(config))
+    if worker == "trio":
+        anyio.run(_serve, config, worker, backend="trio")
+    else:
+        anyio.run(_serve, config, worker, backend="asyncio",
+                  backend_options={"use_uvloop": worker == "uvloop"})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        config = _load(args.config)
+        print(json.dumps(effective(config), indent=2))
+        return 0
+    serve(_load(args.config, args.bind), args.worker)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The OpenAI error envelope for every error the gateway itself produces.
+
+A client reads ``{"error": {"message", "type", "param", "code"}}`` and the status; ``Retry-After``
+says when trying again makes sense and ``x-should-retry: false`` says when it cannot help.
+Internal details (addresses, tracebacks) never go here; they go to the log with the request id.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .types import Send
+
+
+class GatewayError(Exception):
+    """An error answered to the client in the OpenAI shape, raised by any layer."""
+
+    def __init__(self, status: int, message: str, *, type: str, code: str,
+                 param: str | None = None, retry_after: float | None = None,
+                 should_retry: bool | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.retry_after = retry_after
+        self.should_retry = should_retry
+
+    def body(self) -> bytes:
+        return error_body(self.message, type=self.type, code=self.code, param=self.param)
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        headers = [(b"content-type", b"application/json")]
+        if self.retry_after is not None:
+            headers.append((b"retry-after", str(max(1, round(self.retry_after))).encode()))
+        if self.should_retry is not None:
+            headers.append((b"x-should-retry", b"true" if self.should_retry else b"false"))
+        return headers
+
+    async def send(self, send: Send) -> None:
+        body = self.body()
+        headers = self.headers()
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def error_body(message: str, *, type: str, code: str, param: str | None = None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type, "param": param,
+                                 "code": code}}).encode()
+
+
+def sse_error_event(message: str, *, type: str, code: str) -> bytes:
+    """What a stream that already started gets instead of a status: one SSE error event."""
+    return b"data: " + error_body(message, type=type, code=code) + b"\n\n"
+
+
+def bad_request(message: str, *, code: str = "invalid_request", param: str | None = None,
+                status: int = 400) -> GatewayError:
+    return GatewayError(status, message, type="invalid_request_error", code=code, param=param,
+                        should_retry=False)
+
+
+def not_found(message: str, *, code: str = "not_found", param: str | None = None) -> GatewayError:
+    return GatewayError(404, message, type="invalid_request_error", code=code, param=param,
+                        should_retry=False)
+
+
+def unavailable(message: str, *, code: str, retry_after: float | None = None,
+                status: int = 503, should_retry: bool | None = None) -> GatewayError:
+    return GatewayError(status, message, type="service_unavailable_error", code=code,
+                        retry_after=retry_after, should_retry=should_retry)
+

@@ -1,0 +1,136 @@
+"""The streaming passthrough: lease a ready backend, forward the request, relay the answer.
+
+Raw bytes are relayed chunk by chunk as they arrive (no decoding, no buffering); hop-by-hop
+headers are dropped both ways. The upstream response is closed in a ``finally`` owned here, so a
+client that goes away cancels the generation at the backend at once (a ``background=`` cleanup
+would not run on a disconnect).
+
+Failure semantics, each seen by the client as it says:
+- the backend cannot be connected to: ``UpstreamConnectError`` (the retry layer may try again,
+  since the request never reached the backend);
+- the gateway's connection pool is exhausted: 503 at once, no retry;
+- no first byte within ``upstream.timeout``: 504;
+- the connection fails after the request was sent: 502, not retried (the backend may have
+  acted on it);
+- the backend dies after the answer started: an SSE stream gets an error event and then ends;
+  a plain body is cut off by closing the connection, so it cannot pass for a whole answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import structlog
+
+from backends.pool import BackendPool
+from middleware.disconnect import ClientWatch
+
+from .errors import GatewayError, sse_error_event
+from .types import Receive, Scope, Send, request_state
+from .upstream import (
+    Client,
+    ConnectFailure,
+    NoFirstByte,
+    PoolExhausted,
+    Response,
+    TransportError,
+)
+
+log = structlog.get_logger("gateway.proxy")
+
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+    b"trailer", b"transfer-encoding", b"upgrade",
+})
+# The request id is ours to set both ways; the length is the client library's to compute.
+REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"x-request-id"}
+RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server", b"x-request-id"}
+SSE = b"text/event-stream"
+
+
+class UpstreamConnectError(GatewayError):
+    """The request never reached the backend; safe to try again."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(502, f"The backend of model '{model}' could not be reached.",
+                         type="upstream_error", code="upstream_unavailable")
+
+
+class UpstreamCutOff(Exception):
+    """The backend stopped in the middle of a plain (non-SSE) answer."""
+
+
+class StreamingPassthrough:
+    def __init__(self, *, pool: BackendPool, client: Client) -> None:
+        self.pool = pool
+        self.client = client
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = request_state(scope)
+        model = state["model"]
+        async with self.pool.lease(model.name) as backend:
+            response = await self._open(scope, state, backend.address, model.name)
+            try:
+                await ClientWatch(receive).run(lambda: self._relay(response, send, model.name))
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await response.aclose()
+
+    async def _open(self, scope: Scope, state: dict[str, Any], address: str,
+                    model: str) -> Response:
+        headers = [(k, v) for k, v in scope["headers"] if k not in REQUEST_DROP]
+        if "request_id" in state:
+            headers.append((b"x-request-id", state["request_id"].encode()))
+        url = address + scope["path"]
+        if scope["query_string"]:
+            url += "?" + scope["query_string"].decode("latin-1")
+        request = self.client.build_request(scope["method"], url, headers=headers,
+                                            content=state["body_bytes"])
+        try:
+            return await self.client.send(request, stream=True)
+        except ConnectFailure as exc:
+            log.warning("upstream connect failed", model=model, address=address,
+                        error=repr(exc))
+            raise UpstreamConnectError(model) from exc
+        except PoolExhausted:
+            log.warning("upstream connection pool exhausted", model=model)
+            raise GatewayError(503, "The gateway has no free connection to the backends.",
+                               type="service_unavailable_error", code="upstream_pool_exhausted",
+                               retry_after=1) from None
+        except NoFirstByte:
+            log.warning("upstream sent nothing in time", model=model, address=address)
+            raise GatewayError(504, f"The backend of model '{model}' did not answer in time.",
+                               type="timeout_error", code="upstream_timeout") from None
+        except TransportError as exc:
+            log.warning("upstream failed after the request was sent", model=model,
+                        address=address, error=repr(exc))
+            raise GatewayError(502, f"The backend of model '{model}' failed to answer.",
+                               type="upstream_error", code="upstream_failed",
+                               should_retry=False) from None
+
+    async def _relay(self, response: Response, send: Send, model: str) -> None:
+        headers = [(k, v) for k, v in response.headers.raw if k.lower() not in RESPONSE_DROP]
+        sse = response.headers.get("content-type", "").encode().startswith(SSE)
+        if sse:
+            headers.append((b"x-accel-buffering", b"no"))
+        try:
+            await send({"type": "http.response.start", "status": response.status_code,
+                        "headers": headers})
+            try:
+                async for chunk in response.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except TransportError as exc:
+                log.warning("upstream failed mid-answer", model=model, error=repr(exc))
+                if not sse:
+                    raise UpstreamCutOff(model) from exc
+                await send({"type": "http.response.body", "more_body": False,
+                            "body": sse_error_event(
+                                f"The backend of model '{model}' failed during the answer.",
+                                type="upstream_error", code="upstream_failed")})
+                return
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            # Newer servers raise on a send after the client left; older ones drop it silently
+            # and the disconnect is seen by ClientWatch instead. Either way: stop relaying.
+            return

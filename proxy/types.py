@@ -1,0 +1,20 @@
+"""ASGI callable types, shared by every layer."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def request_state(scope: Scope) -> dict[str, Any]:
+    """The per-request state dict that the layers share (``scope["state"]``)."""
+    state = scope.get("state")
+    if state is None:
+        state = scope["state"] = {}
+    return state

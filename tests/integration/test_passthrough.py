@@ -1,0 +1,70 @@
+"""The streaming passthrough on real sockets: incremental chunks, disconnects, headers."""
+
+from __future__ import annotations
+
+import anyio
+import httpx2
+import pytest
+
+from tests.support import chat, make_config, serving, sim_model, wait_until
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_chunks_arrive_as_the_backend_sends_them() -> None:
+    config = make_config([sim_model("slow", "--tokens-per-second", "20")])
+    async with serving(config) as (url, _), httpx2.AsyncClient(timeout=30) as client:
+        arrivals = []
+        async with client.stream("POST", url + "/v1/chat/completions",
+                                 json=chat("slow", max_tokens=10, stream=True)) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            assert response.headers["x-accel-buffering"] == "no"
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    arrivals.append((anyio.current_time(), line))
+        assert arrivals[-1][1] == "data: [DONE]"
+        # 10 tokens at 20/s: the stream lasts about half a second; the first token must not wait
+        # for the last.
+        assert arrivals[-1][0] - arrivals[1][0] > 0.3
+
+
+async def test_client_disconnect_aborts_the_generation_at_the_backend() -> None:
+    config = make_config([sim_model("slow", "--tokens-per-second", "20")])
+    async with serving(config) as (url, gateway), httpx2.AsyncClient(timeout=30) as client:
+        async with client.stream("POST", url + "/v1/chat/completions",
+                                 json=chat("slow", max_tokens=1000, stream=True)) as response:
+            async for _ in response.aiter_lines():
+                break
+        backend = gateway.pool.backends["slow"]
+        stats_url = backend.address + "/sim/stats"
+
+        async def aborted() -> dict:
+            return (await client.get(stats_url)).json()
+
+        for _ in range(100):
+            stats = await aborted()
+            if stats["aborted"] == 1:
+                break
+            await anyio.sleep(0.02)
+        assert stats["aborted"] == 1
+        assert stats["running"] == 0
+        assert gateway.semaphores.in_flight("slow") == 0
+        assert gateway.queue.depth("slow") == 0
+        assert backend.leases == 0
+
+
+async def test_request_id_is_echoed_and_forwarded() -> None:
+    config = make_config([sim_model("m")])
+    async with serving(config) as (url, _), httpx2.AsyncClient(timeout=30) as client:
+        response = await client.post(url + "/v1/chat/completions", json=chat("m"),
+                                     headers={"x-request-id": "abc-123"})
+        assert response.status_code == 200
+        assert response.headers["x-request-id"] == "abc-123"
+        fresh = await client.post(url + "/v1/chat/completions", json=chat("m"))
+        assert len(fresh.headers["x-request-id"]) == 24
+
+
+def test_wait_until_helper_reports_failure() -> None:
+    with pytest.raises(AssertionError):
+        wait_until(lambda: False, timeout=0.05)

@@ -1,0 +1,144 @@
+"""What the tests share: a simulator in a subprocess, configs, and a gateway on a real socket."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import sniffio
+from hypercorn.config import Config as HypercornConfig
+
+from backends.launcher import free_port
+from proxy.app import Gateway
+from proxy.config import Config, config_from_mapping
+
+ROOT = Path(__file__).resolve().parent.parent
+SIM = ["{python}", "-m", "backends.simulator", "--port", "{port}", "--model", "{name}"]
+
+
+@dataclass
+class Simulator:
+    process: subprocess.Popen[str]
+    url: str
+
+    def stats(self) -> dict[str, Any]:
+        return httpx2.get(self.url + "/sim/stats", timeout=5).json()
+
+
+@contextlib.contextmanager
+def simulator(*args: str, model: str = "sim", ready: bool = True) -> Iterator[Simulator]:
+    """A simulator process on a free port, stopped and reaped at the end."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backends.simulator", "--port", "0", "--model", model, *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("listening on "), line
+        sim = Simulator(proc, line.split()[-1].strip())
+        if ready:
+            wait_until(lambda: httpx2.get(sim.url + "/health").status_code == 200)
+        yield sim
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_until(check: Any, timeout: float = 10.0, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except (httpx2.TransportError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout} s: {check}")
+        time.sleep(interval)
+
+
+def sim_model(name: str, *sim_args: str, **settings: Any) -> dict[str, Any]:
+    """A [[models]] table for a simulator started by the process launcher."""
+    return {"name": name, "launcher": "process", "command": [*SIM, *sim_args],
+            "startup_timeout": 20.0, **settings}
+
+
+def make_config(models: list[dict[str, Any]], **sections: dict[str, Any]) -> Config:
+    return config_from_mapping({"models": models, **sections}, source="test")
+
+
+def chat(model: str, *, max_tokens: int = 4, stream: bool = False, **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": max_tokens, "stream": stream, **extra}
+
+
+@contextlib.asynccontextmanager
+async def serving(config: Config, **gateway_options: Any) -> AsyncIterator[tuple[str, Gateway]]:
+    """The gateway on a real hypercorn socket in this event loop, with its lifespan."""
+    if sniffio.current_async_library() == "trio":
+        from hypercorn.trio import serve
+    else:
+        from hypercorn.asyncio import serve
+    gateway = Gateway(config, **gateway_options)
+    port = free_port()
+    hc = HypercornConfig()
+    hc.bind = [f"127.0.0.1:{port}"]
+    hc.accesslog = None
+    hc.errorlog = None
+    hc.graceful_timeout = 1.0
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: serve(gateway, hc, shutdown_trigger=stop.wait))
+        url = f"http://127.0.0.1:{port}"
+        async with httpx2.AsyncClient() as client:
+            for _ in range(500):
+                with contextlib.suppress(httpx2.TransportError):
+                    if (await client.get(url + "/health")).status_code == 200:
+                        break
+                await anyio.sleep(0.01)
+        try:
+            yield url, gateway
+        finally:
+            stop.set()
+
+
+@contextlib.contextmanager
+def gateway_process(config_text: str, tmp_path: Path, *args: str,
+                    env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``vllm-gateway serve`` as a real process on a free port; SIGTERM and reap at the end."""
+    path = tmp_path / "gateway.toml"
+    path.write_text(config_text)
+    port = free_port()
+    log = open(tmp_path / "gateway.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", "serve", "--config", str(path),
+         "--bind", f"127.0.0.1:{port}", *args],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: httpx2.get(url + "/health").status_code == 200, timeout=20)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
