@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Build the container images the tests and deployment need, without any registry:
+#   localhost/vllm-gateway-base:bookworm  Debian bookworm (debootstrap) + python3 3.11 + aiohttp, uvloop
+#   localhost/vllm-gateway-sim:test       tests/containers/Containerfile.simulator + backends/
+# Each image carries a content-hash label; an image whose label matches is not rebuilt, so a warm
+# run takes under a second. Cold: 2-4 min (debootstrap 70-170 s, load-dependent). Run as root after
+# scripts/setup-podman.sh.
+#
+# Env: DEBIAN_MIRROR (default: this machine's apt source for bookworm),
+#      SIM_BASE (e.g. python:3.11-slim where a registry is reachable; skips the debootstrap image),
+#      BACKENDS_DIR (default: backends; the package copied into the simulator image).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+BASE_IMAGE=localhost/vllm-gateway-base:bookworm
+SIM_IMAGE=localhost/vllm-gateway-sim:test
+SIM_BASE="${SIM_BASE:-$BASE_IMAGE}"
+BACKENDS_DIR="${BACKENDS_DIR:-backends}"
+SUITE=bookworm
+PKGS=python3,python3-venv,python3-pip,ca-certificates
+# The simulator needs aiohttp >= 3.9 (web.AppKey); Debian 12 ships 3.8.4. pip cannot reach PyPI inside
+# `podman build` here (TLS-intercepting egress; the build does not trust its CA), so these are
+# installed while assembling the rootfs, with the host's network and CA bundle. Pinned to the
+# versions in the project's .venv.
+PY_PKGS="aiohttp==3.14.5 uvloop==0.23.0"
+LABEL=localhost.vllm-gateway.content-hash  # not "vllm-gateway.*": containers inherit image labels
+
+die() { echo "build-images: ERROR: $*" >&2; exit 1; }
+now() { date +%s.%N; }
+took() { awk -v m="$1" -v a="$2" -v b="$(now)" 'BEGIN { printf "build-images: %-52s %6.1f s\n", m, b - a }'; }
+key_of() { podman image inspect --format "{{index .Labels \"$LABEL\"}}" "$1" 2>/dev/null || true; }
+id_of() { podman image inspect --format '{{.Id}}' "$1" 2>/dev/null || true; }
+
+[[ $(id -u) -eq 0 ]] || die "must run as root (rootful Podman, debootstrap)"
+for c in podman debootstrap; do command -v "$c" >/dev/null || die "$c missing: run scripts/setup-podman.sh"; done
+[[ -f $BACKENDS_DIR/__init__.py ]] || die "$BACKENDS_DIR is not a Python package"
+
+# One build at a time (parallel test workers may all call this script).
+mkdir -p /run/lock
+exec 9>/run/lock/vllm-gateway-build-images.lock
+flock 9
+
+work=$(mktemp -d /var/tmp/vllm-gateway-images.XXXXXX)  # on disk: the rootfs is ~280 MB
+trap 'rm -rf "$work"' EXIT
+t_all=$(now)
+
+# The machine's configured Debian mirror for $SUITE: deb822 *.sources first, then one-line lists.
+mirror() {
+    local f
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [[ -f $f ]] || continue
+        awk -v s="$SUITE" 'BEGIN { RS = "" } {
+            u = ""; ok = 0; off = 0; n = split($0, L, "\n")
+            for (i = 1; i <= n; i++) {
+                if (L[i] ~ /^URIs:/) { split(L[i], w, /[ \t]+/); u = w[2] }
+                if (L[i] ~ /^Suites:/ && (L[i] " ") ~ ("[ \t]" s " ")) ok = 1
+                if (L[i] ~ /^Enabled:[ \t]*no/) off = 1
+            }
+            if (ok && !off && u != "") { print u; exit }
+        }' "$f"
+    done
+    { cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null || true; } |
+        awk -v s="$SUITE" '$1 == "deb" { for (i = 2; i < NF; i++) if ($i ~ /^[a-z+]+:\/\//) { if ($(i + 1) == s) print $i; break } }'
+}
+
+# --- a. base image: key = recipe (suite, variant, packages, cleanup). The mirror is not part of it.
+t=$(now)
+if [[ $SIM_BASE == "$BASE_IMAGE" ]]; then
+    key=$(printf '%s\n' "$SUITE" minbase "$PKGS" "$PY_PKGS" "rm-apt-caches v1" | sha256sum | cut -c1-16)
+    if [[ $(key_of "$BASE_IMAGE") == "$key" ]]; then
+        took "$BASE_IMAGE up to date" "$t"
+    else
+        url="${DEBIAN_MIRROR:-$(mirror | head -n1 || true)}"
+        [[ -n $url ]] || die "no apt source for $SUITE found in /etc/apt; set DEBIAN_MIRROR"
+        log=/var/log/vllm-gateway-debootstrap.log
+        echo "build-images: debootstrap $SUITE from $url (log: $log)"
+        debootstrap --variant=minbase --include="$PKGS" "$SUITE" "$work/rootfs" "$url" \
+            >"$log" 2>&1 || { tail -n 30 "$log" >&2; die "debootstrap failed"; }
+        took "debootstrap" "$t"
+        t=$(now)
+        # env -i: keep the host's PIP_* settings (local indexes, constraints) out of the chroot.
+        pipenv=(PATH=/usr/local/bin:/usr/bin:/bin HOME=/root)
+        if cp /etc/ssl/certs/ca-certificates.crt "$work/rootfs/tmp/host-ca.crt" 2>/dev/null; then
+            pipenv+=(PIP_CERT=/tmp/host-ca.crt)  # the host trusts the egress proxy's CA
+        fi
+        # shellcheck disable=SC2086  # PY_PKGS is a list
+        chroot "$work/rootfs" /usr/bin/env -i "${pipenv[@]}" python3 -m pip install --quiet \
+            --no-cache-dir --disable-pip-version-check --root-user-action=ignore \
+            --break-system-packages $PY_PKGS || die "pip install in rootfs failed"
+        rm -f "$work/rootfs/tmp/host-ca.crt"
+        took "pip install $PY_PKGS" "$t"
+        # Apt caches are useless in the image (~100 MB); derived images run apt-get update anyway.
+        rm -rf "$work"/rootfs/var/cache/apt/archives/*.deb "$work"/rootfs/var/lib/apt/lists/*
+        t=$(now)
+        old=$(id_of "$BASE_IMAGE")
+        tar -C "$work/rootfs" -c . |
+            podman import --quiet --change "LABEL $LABEL=$key" --change 'CMD ["python3"]' - "$BASE_IMAGE" >/dev/null
+        rm -rf "$work/rootfs"
+        [[ -z $old ]] || podman rmi "$old" >/dev/null 2>&1 || true  # drop the superseded image if unused
+        took "podman import $BASE_IMAGE" "$t"
+    fi
+fi
+
+# --- b. simulator image: key = the staged build context (Containerfile + backends/) + base image id.
+t=$(now)
+ctx="$work/sim-context"
+mkdir -p "$ctx"
+cp tests/containers/Containerfile.simulator "$ctx/Containerfile"
+tar -C "$BACKENDS_DIR" --exclude=__pycache__ --exclude='*.pyc' -c . | { mkdir -p "$ctx/backends" && tar -C "$ctx/backends" -x; }
+key=$({ echo "$SIM_BASE $(id_of "$SIM_BASE")"
+        cd "$ctx" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum; } | sha256sum | cut -c1-16)
+if [[ $(key_of "$SIM_IMAGE") == "$key" ]]; then
+    took "$SIM_IMAGE up to date" "$t"
+else
+    old=$(id_of "$SIM_IMAGE")
+    podman build --quiet --build-arg "BASE=$SIM_BASE" --label "$LABEL=$key" -t "$SIM_IMAGE" \
+        -f "$ctx/Containerfile" "$ctx" >/dev/null
+    [[ -z $old ]] || podman rmi "$old" >/dev/null 2>&1 || true
+    took "podman build $SIM_IMAGE" "$t"
+fi
+took "total" "$t_all"
