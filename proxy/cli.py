@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -68,10 +69,10 @@ async def _serve(config: Config, worker: str) -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(on_signal)
         if worker == "trio":
-            from hypercorn.trio import serve
+            from hypercorn.trio import serve as hypercorn_serve
         else:
-            from hypercorn.asyncio import serve
-        await serve(app, hc, shutdown_trigger=stop.wait)
+            from hypercorn.asyncio import serve as hypercorn_serve
+        await hypercorn_serve(app, hc, shutdown_trigger=stop.wait)
         tg.cancel_scope.cancel()
 
 
@@ -86,11 +87,20 @@ def serve(config: Config, worker: str) -> None:
                   backend_options={"use_uvloop": worker == "uvloop"})
 
 
+def check_config(config: Config) -> None:
+    """Print the effective configuration as JSON."""
+    try:
+        print(json.dumps(effective(config), indent=2), flush=True)
+    except BrokenPipeError:
+        # The reader (``| head``) has gone: the configuration is still valid, so exit 0, and
+        # point stdout at /dev/null so the interpreter's last flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
-        config = _load(args.config)
-        print(json.dumps(effective(config), indent=2))
+        check_config(_load(args.config))
         return 0
     serve(_load(args.config, args.bind), args.worker)
     return 0

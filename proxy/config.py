@@ -7,20 +7,30 @@ allowed; nothing is clamped, and an unknown key is an error (a typo must not pas
 Environment variables: ``GATEWAY_<KEY>`` for ``[gateway]`` keys, ``GATEWAY_<SECTION>_<KEY>``
 for the other single sections, and the names operators already use: ``GATEWAY_HTTP_TIMEOUT``
 (``upstream.timeout``) and ``GATEWAY_ADMIN_TOKEN`` (``admin.token``). ``GATEWAY_CONFIG`` names
-the file. Any other ``GATEWAY_*`` variable is refused as unknown.
+the file. Any other ``GATEWAY_*`` variable is refused as unknown, and so are two variables for
+one key.
+
+``effective()`` is what ``check-config`` prints and the start-up log holds: ``admin.token``
+and whatever in a model's ``env``, ``command``, ``args`` or URL looks like a credential
+(``HF_TOKEN``, ``--api-key X``, ``user:password@``) are masked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
+import difflib
+import ipaddress
 import os
+import re
+import string
 import tomllib
 import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 ENV_PREFIX = "GATEWAY_"
 ENV_ALIASES = {
@@ -36,6 +46,9 @@ class ConfigError(Exception):
     """A configuration value that cannot be used; the message is one line for the operator."""
 
 
+_NO_BOUNDS = {"lo": None, "hi": None, "choices": (), "secret": False}
+
+
 def _spec(default: Any, *, lo: float | None = None, hi: float | None = None,
           choices: tuple[str, ...] = (), secret: bool = False) -> Any:
     """A field with its default and the bounds it is checked against."""
@@ -44,8 +57,7 @@ def _spec(default: Any, *, lo: float | None = None, hi: float | None = None,
 
 
 def _required(*, choices: tuple[str, ...] = ()) -> Any:
-    return dataclasses.field(metadata={"lo": None, "hi": None, "choices": choices,
-                                       "secret": False})
+    return dataclasses.field(metadata={**_NO_BOUNDS, "choices": choices})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -86,6 +98,10 @@ class EngineSettings:
     on_start: str = _spec("adopt", choices=("adopt", "remove"))
     on_shutdown: str = _spec("stop", choices=("stop", "keep"))
     stop_timeout: float = _spec(10.0, lo=0.0, hi=HOUR)
+    # Where model containers publish their port, and the host the gateway reaches them at:
+    # loopback for an engine on this host; for an engine on a GPU host, that host's address.
+    publish_ip: str = _spec("127.0.0.1")
+    host: str = _spec("127.0.0.1")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -95,7 +111,8 @@ class ModelSettings:
     served_name: str | None = _spec(None)
     aliases: tuple[str, ...] = ()
     command: tuple[str, ...] = ()
-    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    env: Mapping[str, str] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({}))
     url: str | None = _spec(None)
     health_path: str = _spec("/health")
     startup_timeout: float = _spec(600.0, lo=0.001, hi=DAY)
@@ -169,6 +186,20 @@ class _Sources:
         return f"environment variable {var}" if var else self.file
 
 
+MASK = "***"
+SHOWN_CHARS = 80
+# Names that mark a secret in a model's env, command or args: HF_TOKEN, --api-key, PGPASSWORD;
+# a whole word, so that --max-num-batched-tokens is no secret.
+_SECRET_NAME = re.compile(r"(?<![a-z])(token|secret|api[-_]?key|credentials?)(?![a-z])|passw",
+                          re.IGNORECASE)
+
+
+def _show(value: Any) -> str:
+    """The value as written (repr, so one line), cut short if it is a whole table."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
+
+
 def _describe(meta: Mapping[str, Any], kind: str) -> str:
     if meta["choices"]:
         return "one of " + ", ".join(repr(c) for c in meta["choices"])
@@ -179,25 +210,30 @@ def _describe(meta: Mapping[str, Any], kind: str) -> str:
 
 
 def _fail(path: str, value: Any, sources: _Sources, allowed: str) -> typing.NoReturn:
-    raise ConfigError(f"{path} = {value!r} (from {sources.of(path)}): must be {allowed}")
+    raise ConfigError(f"{path} = {_show(value)} (from {sources.of(path)}): must be {allowed}")
 
 
-_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+def _unknown(path: str, value: Any, source: str, allowed: typing.Iterable[str]) -> typing.NoReturn:
+    raise ConfigError(f"{path} = {_show(value)} (from {source}): unknown key; allowed keys: "
+                      f"{', '.join(allowed)}")
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string"}
+_LIST_NAMES = {int: "a list of integers", str: "a list of strings"}
 
 
 def _check_scalar(path: str, value: Any, kind: type, meta: Mapping[str, Any],
                   sources: _Sources) -> Any:
-    allowed = _describe(meta, _KIND_NAMES[kind])
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if type(value) is not kind:
-        _fail(path, value, sources, allowed)
-    if meta["choices"] and value not in meta["choices"]:
-        _fail(path, value, sources, allowed)
-    lo, hi = meta["lo"], meta["hi"]
-    if kind in (int, float) and ((lo is not None and value < lo) or (hi is not None and value > hi)
-                                 or value != value):
-        _fail(path, value, sources, allowed)
+    if kind is float and type(value) is int:
+        with contextlib.suppress(OverflowError):  # an int beyond any float stays out of bounds
+            value = float(value)
+    ok = type(value) is kind and (not meta["choices"] or value in meta["choices"])
+    if ok and kind is not str:
+        lo, hi = meta["lo"], meta["hi"]
+        ok = value == value and (lo is None or lo <= value) and (hi is None or value <= hi)
+    if not ok:
+        _fail(path, MASK if meta["secret"] else value, sources,
+              _describe(meta, _KIND_NAMES[kind]))
     return value
 
 
@@ -212,17 +248,17 @@ def _check_value(path: str, value: Any, hint: Any, meta: Mapping[str, Any],
                             sources)
     if origin is tuple:
         if not isinstance(value, list):
-            _fail(path, value, sources, f"a list of {_KIND_NAMES[args[0]]}s")
+            _fail(path, value, sources, _LIST_NAMES[args[0]])
         return tuple(_check_scalar(f"{path}[{i}]", item, args[0], meta, sources)
                      for i, item in enumerate(value))
     if origin is Mapping:
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
             _fail(path, value, sources, "a table of strings")
         return types.MappingProxyType(dict(value))
-    return _check_scalar(path, value, hint, meta, sources)
-
-
-_NO_BOUNDS = {"lo": None, "hi": None, "choices": ()}
+    value = _check_scalar(path, value, hint, meta, sources)
+    if value == "":
+        _fail(path, value, sources, "a non-empty string")
+    return value
 
 
 def _build(cls: type, table: Any, prefix: str, sources: _Sources) -> Any:
@@ -230,37 +266,36 @@ def _build(cls: type, table: Any, prefix: str, sources: _Sources) -> Any:
         _fail(prefix, table, sources, "a table")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in table:
+    for key, value in table.items():
         if key not in fields:
-            raise ConfigError(f"{prefix}.{key} (from {sources.of(f'{prefix}.{key}')}): unknown "
-                              f"key; allowed keys: {', '.join(fields)}")
+            _unknown(f"{prefix}.{key}", value, sources.of(f"{prefix}.{key}"), fields)
     values = {}
     for name, field in fields.items():
         path = f"{prefix}.{name}"
+        meta = field.metadata or _NO_BOUNDS
         if name in table:
-            values[name] = _check_value(path, table[name], hints[name], field.metadata or
-                                        _NO_BOUNDS, sources)
+            values[name] = _check_value(path, table[name], hints[name], meta, sources)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{path} (from {sources.file}): missing; it is required")
+            raise ConfigError(f"{path} is missing (from {sources.file}): it is required, "
+                              f"{_describe(meta, _KIND_NAMES[hints[name]])}")
     return cls(**values)
 
 
+def _table(data: dict[str, Any], section: str, sources: _Sources) -> dict[str, Any]:
+    """The section's table in the document, to override a key in."""
+    table = data.setdefault(section, {})
+    if not isinstance(table, dict):
+        _fail(section, table, sources, "a table")
+    return table
+
+
 def _env_value(raw: str, hint: Any) -> Any:
-    """Environment strings take the field's type; lists and tables are written as JSON."""
-    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
-    base = typing.get_origin(base) or base
+    """The variable as the field's type; a string that is not one stays a string, refused later."""
+    kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
     try:
-        if base is int:
-            return int(raw)
-        if base is float:
-            return float(raw)
-        if base is bool:
-            return {"true": True, "false": False}.get(raw.lower(), raw)
-        if base in (tuple, Mapping):
-            return json.loads(raw)
+        return kind(raw) if kind in (int, float) else raw
     except ValueError:
         return raw
-    return raw
 
 
 def _env_targets() -> dict[str, tuple[str, str]]:
@@ -278,22 +313,70 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str], sources: _Sourc
     for var, raw in sorted(environ.items()):
         if not var.startswith(ENV_PREFIX) or var in ENV_NOT_A_KEY:
             continue
+        near = difflib.get_close_matches(var, targets, n=1, cutoff=0.8)
+        # A misspelt GATEWAY_ADMIN_TOKEN holds a token: show no value that may be a secret.
+        secret = any(_SECRET_NAME.search(name) for name in (var, *near))
+        shown = _show(MASK if secret else raw)
         if var not in targets:
-            raise ConfigError(f"{var} = {raw!r} (from environment variable {var}): unknown "
-                              f"variable; allowed: {', '.join(sorted(targets))}, GATEWAY_CONFIG")
+            guess = f"did you mean {near[0]}? " if near else ""
+            raise ConfigError(f"{var} = {shown} (from environment variable {var}): unknown "
+                              f"variable; {guess}allowed: {', '.join(sorted(targets))}, "
+                              "GATEWAY_CONFIG")
         section, key = targets[var]
+        path = f"{section}.{key}"
+        if path in sources.env:
+            raise ConfigError(f"{var} = {shown} (from environment variable {var}): {path} is "
+                              f"already set by {sources.env[path]}; set only one of them")
         hint = typing.get_type_hints(SECTIONS[section])[key]
-        table = data.setdefault(section, {})
-        if not isinstance(table, dict):
-            _fail(section, table, sources, "a table")
-        table[key] = _env_value(raw, hint)
-        sources.env[f"{section}.{key}"] = var
+        _table(data, section, sources)[key] = _env_value(raw, hint)
+        sources.env[path] = var
+
+
+_BIND = re.compile(r"(?P<host>\[[^\]]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})")
 
 
 def _check_bind(bind: str, sources: _Sources) -> None:
-    host, sep, port = bind.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        _fail("gateway.bind", bind, sources, "HOST:PORT with a port from 0 to 65535")
+    match = _BIND.fullmatch(bind)
+    ok = match is not None and 1 <= int(match["port"]) <= 65535
+    if ok and match["host"].startswith("["):
+        try:
+            ipaddress.IPv6Address(match["host"][1:-1])
+        except ValueError:
+            ok = False
+    if not ok:
+        _fail("gateway.bind", bind, sources, "HOST:PORT: a host name, an IPv4 address or an "
+              "[IPv6] address, and a port from 1 to 65535")
+
+
+def _is_url(url: str, schemes: tuple[str, ...]) -> bool:
+    """A URL of one of the schemes with a host (a socket path for unix://)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError when the port is not a number in range
+    except ValueError:
+        return False
+    return parts.scheme in schemes and bool(parts.path if parts.scheme == "unix"
+                                            else parts.hostname)
+
+
+COMMAND_PLACEHOLDERS = ("port", "python", "name")  # what the process launcher fills in
+SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
+
+
+def parse_size(text: str) -> int:
+    """Docker's size notation: ``8g``, ``512m``, ``1024k`` or bytes; ValueError otherwise."""
+    match = re.fullmatch(r"([0-9]+)([bkmg]?)", text.lower())
+    if match is None or int(match[1]) == 0:
+        raise ValueError(text)
+    return int(match[1]) * SIZE_UNITS[match[2]]
+
+
+def _placeholders_ok(part: str) -> bool:
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(part)]
+    except ValueError:  # a lone { or }
+        return False
+    return all(field is None or field in COMMAND_PLACEHOLDERS for field in fields)
 
 
 def _check_model(model: ModelSettings, path: str, engines: Mapping[str, EngineSettings],
@@ -301,23 +384,37 @@ def _check_model(model: ModelSettings, path: str, engines: Mapping[str, EngineSe
     needs = {"process": ("command",), "static": ("url",), "container": ("engine", "image")}
     for key in needs[model.launcher]:
         if not getattr(model, key):
-            raise ConfigError(f"{path}.{key} (from {sources.file}): missing; a "
+            raise ConfigError(f"{path}.{key} is missing or empty (from {sources.file}): a "
                               f"{model.launcher} model requires it")
+    for i, part in enumerate(model.command):
+        if not _placeholders_ok(part):
+            _fail(f"{path}.command[{i}]", part, sources, "a string whose only placeholders are "
+                  + ", ".join(f"{{{p}}}" for p in COMMAND_PLACEHOLDERS)
+                  + " (write {{ and }} for a literal brace)")
     if model.launcher == "container" and model.engine not in engines:
         _fail(f"{path}.engine", model.engine, sources,
               "the name of an [engines.NAME] table: " + (", ".join(engines) or "none defined"))
-    if model.url is not None and not model.url.startswith(("http://", "https://")):
-        _fail(f"{path}.url", model.url, sources, "an http:// or https:// URL")
+    if model.url is not None and not _is_url(model.url, ("http", "https")):
+        _fail(f"{path}.url", model.url, sources, "an http:// or https:// URL with a host")
     if not model.health_path.startswith("/"):
         _fail(f"{path}.health_path", model.health_path, sources, "a path starting with /")
+    if model.shm_size is not None:
+        try:
+            parse_size(model.shm_size)
+        except ValueError:
+            _fail(f"{path}.shm_size", model.shm_size, sources,
+                  "a size like \"8g\", \"512m\" or a number of bytes")
     if any(g < 0 or g > 63 for g in model.gpus):
         _fail(f"{path}.gpus", list(model.gpus), sources, "GPU indexes from 0 to 63")
 
 
 def _build_models(raw: Any, engines: Mapping[str, EngineSettings],
                   sources: _Sources) -> tuple[ModelSettings, ...]:
+    allowed = "a non-empty array of [[models]] tables"
+    if raw is None:
+        raise ConfigError(f"models is missing (from {sources.file}): it is required, {allowed}")
     if not isinstance(raw, list) or not raw:
-        _fail("models", raw, sources, "a non-empty array of [[models]] tables")
+        _fail("models", raw, sources, allowed)
     models = []
     seen: dict[str, str] = {}
     for i, table in enumerate(raw):
@@ -326,11 +423,15 @@ def _build_models(raw: Any, engines: Mapping[str, EngineSettings],
         if model.served_name is None:
             model = dataclasses.replace(model, served_name=model.name)
         _check_model(model, path, engines, sources)
-        for key in (model.name, *model.aliases):
-            if not key or key in seen:
-                _fail(f"{path}.name", key, sources,
-                      f"a non-empty name not already used by {seen.get(key, 'another model')}")
-            seen[key] = model.name
+        names = [(f"{path}.name", model.name)]
+        names += [(f"{path}.aliases[{j}]", alias) for j, alias in enumerate(model.aliases)]
+        for key, name in names:
+            if not name:
+                _fail(key, name, sources, "a non-empty string")
+            if name in seen:
+                _fail(key, name, sources, "unique among model names and aliases (model "
+                      f"{seen[name]!r} has it already)")
+            seen[name] = model.name
         models.append(model)
     return tuple(models)
 
@@ -340,12 +441,16 @@ def _build_engines(raw: Any, sources: _Sources) -> Mapping[str, EngineSettings]:
         _fail("engines", raw, sources, "a table of [engines.NAME] tables")
     engines = {}
     for name, table in raw.items():
+        path = f"engines.{name}"
         if isinstance(table, dict):
+            if "name" in table:
+                raise ConfigError(f"{path}.name = {_show(table['name'])} (from {sources.file}): "
+                                  f"unknown key; an engine is named by its table, [{path}]")
             table = {"name": name, **table}
-        engine = _build(EngineSettings, table, f"engines.{name}", sources)
-        if not engine.url.startswith(("unix://", "tcp://", "http://", "https://")):
-            _fail(f"engines.{name}.url", engine.url, sources,
-                  "a unix://, tcp://, http:// or https:// URL")
+        engine = _build(EngineSettings, table, path, sources)
+        if not _is_url(engine.url, ("unix", "tcp", "http", "https")):
+            _fail(f"{path}.url", engine.url, sources,
+                  "a unix://PATH, tcp://, http:// or https:// URL with a host")
         engines[name] = engine
     return types.MappingProxyType(engines)
 
@@ -362,14 +467,13 @@ def config_from_mapping(data: dict[str, Any], *, source: str = "<mapping>",
     to value) override both."""
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     sources = _Sources(source)
-    for key in data:
+    for key, value in data.items():
         if key not in TOP_LEVEL:
-            raise ConfigError(f"{key} (from {source}): unknown key; allowed top-level keys: "
-                              f"{', '.join(TOP_LEVEL)}")
+            _unknown(key, value, source, TOP_LEVEL)
     _apply_env(data, environ if environ is not None else {}, sources)
     for path, value in (options or {}).items():
         section, key = path.split(".")
-        data.setdefault(section, {})[key] = value
+        _table(data, section, sources)[key] = value
         sources.options.add(path)
     sections = {name: _build(cls, data.get(name, {}), name, sources)
                 for name, cls in SECTIONS.items()}
@@ -381,24 +485,63 @@ def config_from_mapping(data: dict[str, Any], *, source: str = "<mapping>",
                   by_name=types.MappingProxyType(by_name), **sections)
 
 
-def config_path(cli_path: str | None, environ: Mapping[str, str]) -> Path:
-    return Path(cli_path or environ.get("GATEWAY_CONFIG") or "config.toml")
+def config_path(cli_path: str | None, environ: Mapping[str, str]) -> tuple[Path, str]:
+    """The file to read, and why that one (for the message when it cannot be read)."""
+    if cli_path is not None:
+        return Path(cli_path), "named by --config"
+    if "GATEWAY_CONFIG" in environ:
+        return Path(environ["GATEWAY_CONFIG"]), "named by GATEWAY_CONFIG"
+    return Path("config.toml"), "the default; name another with --config or GATEWAY_CONFIG"
 
 
 def load_config(cli_path: str | None = None, environ: Mapping[str, str] | None = None,
                 options: Mapping[str, Any] | None = None) -> Config:
     """Read, override and validate; raises ConfigError with a one-line message."""
     environ = os.environ if environ is None else environ
-    path = config_path(cli_path, environ)
+    path, why = config_path(cli_path, environ)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    try:
-        data = tomllib.loads(text)
+        raise ConfigError(f"config file {path} ({why}) cannot be read: "
+                          f"{exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} ({why}) is not UTF-8 text: {exc.reason} at "
+                          f"byte {exc.start}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        raise ConfigError(f"config file {path} ({why}) is not valid TOML: {exc}") from None
     return config_from_mapping(data, source=f"file {path}", environ=environ, options=options)
+
+
+def _mask_env(env: Mapping[str, str]) -> dict[str, str]:
+    return {name: MASK if _SECRET_NAME.search(name) else value for name, value in env.items()}
+
+
+def _mask_argv(argv: tuple[str, ...]) -> list[str]:
+    """``--api-key X`` and ``--api-key=X`` lose X."""
+    out: list[str] = []
+    secret_next = False
+    for arg in argv:
+        flag, eq, _ = arg.partition("=")
+        is_secret_flag = flag.startswith("-") and bool(_SECRET_NAME.search(flag))
+        if secret_next:
+            out.append(MASK)
+        elif eq and is_secret_flag:
+            out.append(f"{flag}={MASK}")
+        else:
+            out.append(arg)
+        secret_next = is_secret_flag and not eq
+    return out
+
+
+def _mask_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    return parts._replace(netloc=f"{userinfo.partition(':')[0]}:{MASK}@{host}").geturl()
+
+
+_MASKS = {"env": _mask_env, "command": _mask_argv, "args": _mask_argv, "url": _mask_url}
 
 
 def effective(config: Config) -> dict[str, Any]:
@@ -408,11 +551,11 @@ def effective(config: Config) -> dict[str, Any]:
         for field in dataclasses.fields(obj):
             value = getattr(obj, field.name)
             if field.metadata.get("secret") and value is not None:
-                value = "***"
+                value = MASK
+            elif field.name in _MASKS and value is not None:
+                value = _MASKS[field.name](value)
             elif isinstance(value, tuple):
                 value = list(value)
-            elif isinstance(value, Mapping):
-                value = dict(value)
             out[field.name] = value
         return out
 

@@ -26,20 +26,26 @@ ROOT = Path(__file__).resolve().parent.parent
 SIM = ["{python}", "-m", "backends.simulator", "--port", "{port}", "--model", "{name}"]
 
 
+# One client for the tests' polling: a fresh httpx2.get() builds a TLS context each call (~80 ms).
+HTTP = httpx2.Client(timeout=5)
+
+
 @dataclass
 class Simulator:
     process: subprocess.Popen[str]
     url: str
 
     def stats(self) -> dict[str, Any]:
-        return httpx2.get(self.url + "/sim/stats", timeout=5).json()
+        return HTTP.get(self.url + "/sim/stats").json()
 
 
 @contextlib.contextmanager
-def simulator(*args: str, model: str = "sim", ready: bool = True) -> Iterator[Simulator]:
-    """A simulator process on a free port, stopped and reaped at the end."""
+def simulator(*args: str, model: str = "sim", port: int = 0,
+              ready: bool = True) -> Iterator[Simulator]:
+    """A simulator process (on a free port unless given one), stopped and reaped at the end."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "backends.simulator", "--port", "0", "--model", model, *args],
+        [sys.executable, "-m", "backends.simulator", "--port", str(port), "--model", model,
+         *args],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert proc.stdout is not None
@@ -47,7 +53,7 @@ def simulator(*args: str, model: str = "sim", ready: bool = True) -> Iterator[Si
         assert line.startswith("listening on "), line
         sim = Simulator(proc, line.split()[-1].strip())
         if ready:
-            wait_until(lambda: httpx2.get(sim.url + "/health").status_code == 200)
+            wait_until(lambda: HTTP.get(sim.url + "/health").status_code == 200)
         yield sim
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -77,6 +83,11 @@ def sim_model(name: str, *sim_args: str, **settings: Any) -> dict[str, Any]:
             "startup_timeout": 20.0, **settings}
 
 
+def static_model(name: str, url: str, **settings: Any) -> dict[str, Any]:
+    """A [[models]] table for a server someone else runs."""
+    return {"name": name, "launcher": "static", "url": url, "startup_timeout": 5.0, **settings}
+
+
 def make_config(models: list[dict[str, Any]], **sections: dict[str, Any]) -> Config:
     return config_from_mapping({"models": models, **sections}, source="test")
 
@@ -89,20 +100,47 @@ def chat(model: str, *, max_tokens: int = 4, stream: bool = False, **extra: Any)
 @contextlib.asynccontextmanager
 async def serving(config: Config, **gateway_options: Any) -> AsyncIterator[tuple[str, Gateway]]:
     """The gateway on a real hypercorn socket in this event loop, with its lifespan."""
+    gateway = Gateway(config, **gateway_options)
+    async with serving_app(gateway) as url:
+        yield url, gateway
+
+
+class HeldBackend:
+    """An OpenAI-shaped backend whose answers wait until the test releases them."""
+
+    def __init__(self) -> None:
+        self.release = anyio.Event()
+        self.received = 0
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["method"] == "POST":
+            self.received += 1
+            await self.release.wait()
+        body = b'{"object": "chat.completion", "choices": []}'
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+@contextlib.asynccontextmanager
+async def serving_app(app: Any) -> AsyncIterator[str]:
+    """Any ASGI app on a real hypercorn socket in this event loop, with its lifespan."""
     if sniffio.current_async_library() == "trio":
         from hypercorn.trio import serve
     else:
         from hypercorn.asyncio import serve
-    gateway = Gateway(config, **gateway_options)
     port = free_port()
     hc = HypercornConfig()
     hc.bind = [f"127.0.0.1:{port}"]
     hc.accesslog = None
     hc.errorlog = None
     hc.graceful_timeout = 1.0
+    hc.backlog = 2048
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: serve(gateway, hc, shutdown_trigger=stop.wait))
+        tg.start_soon(lambda: serve(app, hc, shutdown_trigger=stop.wait))
         url = f"http://127.0.0.1:{port}"
         async with httpx2.AsyncClient() as client:
             for _ in range(500):
@@ -111,7 +149,7 @@ async def serving(config: Config, **gateway_options: Any) -> AsyncIterator[tuple
                         break
                 await anyio.sleep(0.01)
         try:
-            yield url, gateway
+            yield url
         finally:
             stop.set()
 
@@ -123,7 +161,7 @@ def gateway_process(config_text: str, tmp_path: Path, *args: str,
     path = tmp_path / "gateway.toml"
     path.write_text(config_text)
     port = free_port()
-    log = open(tmp_path / "gateway.log", "w")  # noqa: SIM115 - closed below
+    log = open(tmp_path / "gateway.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy.cli", "serve", "--config", str(path),
          "--bind", f"127.0.0.1:{port}", *args],
@@ -131,7 +169,7 @@ def gateway_process(config_text: str, tmp_path: Path, *args: str,
         env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: httpx2.get(url + "/health").status_code == 200, timeout=20)
+        wait_until(lambda: HTTP.get(url + "/health").status_code == 200, timeout=20)
         yield url, proc
     finally:
         if proc.poll() is None:

@@ -1,0 +1,173 @@
+"""The command line, as real processes: what an operator sees from ``vllm-gateway``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+
+from backends.launcher import free_port
+from tests.support import gateway_process
+
+ROOT = Path(__file__).resolve().parent.parent
+CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+GOOD = """
+[gateway]
+max_concurrent = 5
+max_models_concurrent = 2
+
+[[models]]
+name = "remote"
+launcher = "static"
+url = "http://127.0.0.1:9"
+"""
+
+
+def cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT,
+        stdout: Any = subprocess.PIPE) -> subprocess.Popen[str]:
+    """``vllm-gateway ARGS`` with no GATEWAY_* variable but those given."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", *args], cwd=cwd, text=True, stdout=stdout,
+        stderr=subprocess.PIPE, env={**CLEAN_ENV, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+def run(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    proc = cli(*args, **kwargs)
+    out, err = proc.communicate(timeout=30)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def write(folder: Path, text: str) -> Path:
+    path = folder / "gw.toml"
+    path.write_text(text)
+    return path
+
+
+# case: (appended to GOOD, environment, command, what follows "config error: ").
+# A plain "serve" gets --bind 127.0.0.1:PORT, the port the test watches.
+BAD = {
+    "file": ("[gateway.extra]\nx = 1\n", {}, ["serve"],
+             "gateway.extra = {{'x': 1}} (from file {path}): unknown key; allowed keys: "
+             "bind, max_queue_size, "),
+    "variable": ("", {"GATEWAY_MAX_MODELS_CONCURRENT": "0"}, ["serve"],
+                 "gateway.max_models_concurrent = 0 (from environment variable "
+                 "GATEWAY_MAX_MODELS_CONCURRENT): must be an integer from 1 to 1000"),
+    "variable-over-file": ("", {"GATEWAY_MAX_CONCURRENT": "-1"}, ["serve"],
+                           "gateway.max_concurrent = -1 (from environment variable "
+                           "GATEWAY_MAX_CONCURRENT): must be an integer from 1 to 10000"),
+    "bind-option": ("", {}, ["serve", "--bind", "127.0.0.1:http"],
+                    "gateway.bind = '127.0.0.1:http' (from command-line option --bind): must "
+                    "be HOST:PORT: a host name, an IPv4 address or an [IPv6] address, and a "
+                    "port from 1 to 65535"),
+    "check-config": ("", {"GATEWAY_HTTP_TIMEOUT": "-5"}, ["check-config"],
+                     "upstream.timeout = -5.0 (from environment variable GATEWAY_HTTP_TIMEOUT): "
+                     "must be a number from 0.001 to 86400.0"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_starts(tmp_path_factory: pytest.TempPathFactory):
+    """Every bad start at once: each costs a Python start-up, in parallel they cost about one."""
+    starts = {}
+    for case, (extra, env, args, _) in BAD.items():
+        path = write(tmp_path_factory.mktemp(case), GOOD + extra)
+        port = free_port()
+        command = [*args, "--bind", f"127.0.0.1:{port}"] if args == ["serve"] else args
+        starts[case] = (cli(*command, "--config", str(path), env=env), port, path)
+    yield starts
+    for proc, _, _ in starts.values():
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_config_exits_2_with_one_line_and_binds_nothing(bad_starts, case):
+    proc, port, path = bad_starts[case]
+    while proc.poll() is None:
+        assert not listening(port)
+        time.sleep(0.01)
+    out, err = proc.communicate(timeout=30)
+    assert (proc.returncode, out) == (2, "")
+    assert len(err.splitlines()) == 1 and err.endswith("\n"), err
+    assert err.startswith("vllm-gateway: config error: " + BAD[case][3].format(path=path)), err
+    assert not listening(port)
+
+
+@pytest.mark.parametrize(("args", "in_root", "expected"), [
+    (["--config", "nowhere.toml"], True, "nowhere.toml (named by --config)"),
+    ([], False, "config.toml (the default; name another with --config or GATEWAY_CONFIG)"),
+], ids=["option", "default"])
+def test_missing_config_file_is_one_clear_line(tmp_path, args, in_root, expected):
+    result = run("check-config", *args, cwd=ROOT if in_root else tmp_path)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (f"vllm-gateway: config error: config file {expected} cannot be "
+                             "read: No such file or directory\n")
+
+
+def test_check_config_prints_the_shipped_configuration_by_default():
+    result = run("check-config")
+    assert (result.returncode, result.stderr) == (0, "")
+    shown = json.loads(result.stdout)
+    assert shown["source"] == "file config.toml"
+    assert [m["name"] for m in shown["models"]] == ["sim-small", "sim-large"]
+    assert shown["derived"] == {"upstream_pool_size": 50 * 3, "upstream_keepalive_size": 50 * 3}
+
+
+def test_check_config_honours_variables_and_masks_secrets(tmp_path):
+    path = write(tmp_path, GOOD)
+    result = run("check-config", env={
+        "GATEWAY_CONFIG": str(path), "GATEWAY_MAX_CONCURRENT": "7",
+        "GATEWAY_MAX_MODELS_CONCURRENT": "4", "GATEWAY_HTTP_TIMEOUT": "900",
+        "GATEWAY_ADMIN_TOKEN": "s3cret-admin"})
+    assert (result.returncode, result.stderr) == (0, "")
+    assert "s3cret-admin" not in result.stdout
+    shown = json.loads(result.stdout)
+    assert shown["source"] == f"file {path}"
+    assert (shown["gateway"]["max_concurrent"], shown["gateway"]["max_models_concurrent"],
+            shown["upstream"]["timeout"], shown["admin"]["token"]) == (7, 4, 900.0, "***")
+    assert shown["derived"] == {"upstream_pool_size": 28, "upstream_keepalive_size": 28}
+
+
+def test_check_config_into_a_closed_pipe_is_quiet(tmp_path):
+    """``check-config | head -1``: the reader is gone before the output is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = cli("check-config", "--config", str(write(tmp_path, GOOD)), stdout=write_end)
+    finally:
+        os.close(write_end)
+    _, err = proc.communicate(timeout=30)
+    assert (proc.returncode, err) == (0, "")
+
+
+def test_serve_answers_health_and_exits_0_on_sigterm(tmp_path, monkeypatch):
+    for name in os.environ.keys() - CLEAN_ENV.keys():  # gateway_process passes os.environ on
+        monkeypatch.delenv(name)
+    env = {"GATEWAY_ADMIN_TOKEN": "s3cret-admin"}
+    with gateway_process(GOOD, tmp_path, env=env) as (url, proc):
+        assert httpx2.get(url + "/health").status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    assert not listening(int(url.rpartition(":")[2]))
+    log = (tmp_path / "gateway.log").read_text()
+    assert "s3cret-admin" not in log
+    started = [json.loads(line) for line in log.splitlines() if "effective configuration" in line]
+    assert len(started) == 1
+    assert started[0]["config"]["admin"] == {"token": "***"}
+    assert started[0]["config"]["derived"] == {"upstream_pool_size": 10,
+                                               "upstream_keepalive_size": 10}
