@@ -49,6 +49,7 @@ def _hypercorn_config(config: Config) -> HypercornConfig:
     hc = HypercornConfig()
     hc.bind = [config.gateway.bind]
     hc.graceful_timeout = config.gateway.shutdown_grace
+    hc.backlog = config.gateway.backlog
     hc.accesslog = None
     hc.errorlog = "-"
     return hc
@@ -102,7 +103,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         check_config(_load(args.config))
         return 0
-    serve(_load(args.config, args.bind), args.worker)
+    config = _load(args.config, args.bind)
+    containers = [m.name for m in config.models if m.launcher == "container"]
+    if args.worker == "trio" and containers:
+        print("vllm-gateway: config error: the trio worker cannot run container models "
+              f"({', '.join(containers)}): their engine client, aiodocker, runs on asyncio "
+              "only; use --worker asyncio or uvloop", file=sys.stderr)
+        return EXIT_CONFIG
+    serve(config, args.worker)
     return 0
 
 

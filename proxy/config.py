@@ -69,6 +69,8 @@ class GatewaySettings:
     max_concurrent_total: int | None = _spec(None, lo=1, hi=1_000_000)
     queue_timeout: float = _spec(60.0, lo=0.001, hi=DAY)
     max_body_bytes: int = _spec(10 * 1024 * 1024, lo=1, hi=1024 ** 3)
+    # Connections the kernel may hold for accept(): a burst beyond it waits for SYN retries.
+    backlog: int = _spec(2048, lo=1, hi=65535)
     placement_timeout: float = _spec(30.0, lo=0.001, hi=DAY)
     shutdown_grace: float = _spec(30.0, lo=0.0, hi=DAY)
     gpu_memory_mb: int | None = _spec(None, lo=1, hi=10_000_000)

@@ -171,3 +171,16 @@ def test_serve_answers_health_and_exits_0_on_sigterm(tmp_path, monkeypatch):
     assert started[0]["config"]["admin"] == {"token": "***"}
     assert started[0]["config"]["derived"] == {"upstream_pool_size": 10,
                                                "upstream_keepalive_size": 10}
+
+
+def test_trio_worker_refuses_container_models(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[engines.local]\nurl = "unix:///run/podman/podman.sock"\n'
+                      '[[models]]\nname = "m"\nlauncher = "container"\nengine = "local"\n'
+                      'image = "localhost/x:1"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config), "--worker", "trio"],
+        cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "trio worker cannot run container models (m)" in result.stderr
+    assert "aiodocker" in result.stderr
