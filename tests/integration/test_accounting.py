@@ -22,7 +22,6 @@ from tests.support import (
     serving,
     serving_app,
     sim_model,
-    static_model,
 )
 
 pytestmark = pytest.mark.anyio
