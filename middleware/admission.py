@@ -27,7 +27,11 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 
 class BodyTooLarge(Exception):
-    pass
+    """The body went past the limit; what is left of it is not read."""
+
+
+class ClientGone(Exception):
+    """The client disconnected before the request was fully read."""
 
 
 async def read_body(receive: Receive, limit: int) -> bytes:
@@ -45,10 +49,6 @@ async def read_body(receive: Receive, limit: int) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-class ClientGone(Exception):
-    """The client disconnected before the request was fully read."""
 
 
 def _too_large(limit: int) -> GatewayError:
@@ -103,7 +103,7 @@ class Admission:
             raise _too_large(self.limit) from None
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than json can go
             raise bad_request("The request body is not valid JSON.", code="invalid_json") from None
         if not isinstance(body, dict):
             raise bad_request("The request body must be a JSON object.", code="invalid_json")

@@ -19,13 +19,28 @@ from .disconnect import ClientWatch
 
 
 class _Slot:
-    """Acquires the model's semaphore, then the global one; releases what it holds, once."""
+    """Takes the model's semaphore, then the shared one; releases what it holds, once.
 
-    __slots__ = ("_held", "_sems")
+    A request counts as in flight only while it holds both: one that holds its model's
+    semaphore but waits for the shared one is still queued."""
 
-    def __init__(self, sems: tuple[anyio.Semaphore, ...]) -> None:
+    __slots__ = ("_held", "_in_flight", "_model", "_sems")
+
+    def __init__(self, sems: tuple[anyio.Semaphore, ...], in_flight: dict[str, int],
+                 model: str) -> None:
         self._sems = sems
+        self._in_flight = in_flight
+        self._model = model
         self._held = 0
+
+    @property
+    def taken(self) -> bool:
+        return self._held == len(self._sems)
+
+    def _took_one(self) -> None:
+        self._held += 1
+        if self.taken:
+            self._in_flight[self._model] += 1
 
     def try_acquire(self) -> bool:
         for sem in self._sems[self._held:]:
@@ -33,15 +48,17 @@ class _Slot:
                 sem.acquire_nowait()
             except anyio.WouldBlock:
                 return False
-            self._held += 1
+            self._took_one()
         return True
 
     async def acquire(self) -> None:
         for sem in self._sems[self._held:]:
             await sem.acquire()
-            self._held += 1
+            self._took_one()
 
     def release(self) -> None:
+        if self.taken:
+            self._in_flight[self._model] -= 1
         while self._held:
             self._held -= 1
             self._sems[self._held].release()
@@ -57,11 +74,12 @@ class ModelConcurrencyLimit:
         shared = (anyio.Semaphore(total),) if total else ()
         self._sems = {name: (anyio.Semaphore(limit), *shared)
                       for name, limit in self.limits.items()}
+        self._in_flight = dict.fromkeys(self.limits, 0)
         metrics.gauge("gateway_in_flight", "Requests of a model holding a slot.",
-                      lambda: ((name, self.in_flight(name)) for name in self.limits))
+                      self._in_flight.items)
 
     def in_flight(self, model: str) -> int:
-        return self.limits[model] - self._sems[model][0].value
+        return self._in_flight[model]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -70,26 +88,24 @@ class ModelConcurrencyLimit:
         state = request_state(scope)
         model = state["model"].name
         leave_queue = state.get("leave_queue", _nothing)
-        slot = _Slot(self._sems[model])
+        slot = _Slot(self._sems[model], self._in_flight, model)
         watch = ClientWatch(receive)
         try:
             if not slot.try_acquire():
-                try:
-                    with anyio.fail_after(self.timeout):
-                        got, _ = await watch.run(slot.acquire)
-                except TimeoutError:
-                    leave_queue()
-                    self.metrics.reject(model, "queue_timeout")
-                    await unavailable(
-                        f"No slot of model '{model}' became free within {self.timeout:g} s.",
-                        code="queue_timeout", retry_after=self.timeout,
-                    ).send(send)
-                    return
-                if not got:
-                    leave_queue()
+                # Not fail_after: a slot that came just as the time ran out is used, not refused.
+                with anyio.move_on_after(self.timeout):
+                    await watch.run(slot.acquire)
+            leave_queue()
+            if not slot.taken:
+                if watch.disconnected:
                     self.metrics.reject(model, "client_disconnected")
                     return
-            leave_queue()
+                self.metrics.reject(model, "queue_timeout")
+                await unavailable(
+                    f"No slot of model '{model}' became free within {self.timeout:g} s.",
+                    code="queue_timeout", retry_after=self.timeout,
+                ).send(send)
+                return
             await self.app(scope, watch.receive, send)
         finally:
             slot.release()

@@ -3,7 +3,8 @@
 A layer that makes a request wait (for a queue place, a slot, a backend) must let the request go
 the moment its client disconnects. ASGI only says so through ``receive()``, so while the layer
 waits it reads ``receive()`` in a sibling task; whatever it reads before the disconnect (the
-replayed body) is kept and handed to the inner app in order.
+replayed body) is kept and handed to the inner app in order. That read is cancelled when the
+wait ends, so ``receive`` must lose nothing when cancelled, as the servers' queues do.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ class RequestContext:
             nonlocal status, first_byte, sent
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message["headers"], header]
+                message["headers"] = [*message.get("headers", ()), header]
             else:
                 if not first_byte:
                     first_byte = time.perf_counter()
@@ -69,6 +69,7 @@ class RequestContext:
             await self.app(scope, receive, send_with_id)
         except GatewayError as exc:
             if status:
+                error = exc
                 raise
             await exc.send(send_with_id)
         except Exception as exc:
@@ -80,7 +81,7 @@ class RequestContext:
         finally:
             model = state.get("model")
             name = model.name if model is not None else "-"
-            self.metrics.requests.labels(name, str(status)).inc()
+            self.metrics.requests.labels(name, str(status) if status else "none").inc()
             ended = time.perf_counter()
             access_log.info(
                 "request", method=scope["method"], path=scope["path"], model=name,

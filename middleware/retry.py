@@ -50,7 +50,7 @@ class RetryBudget:
 
     def try_spend(self, now: float) -> bool:
         slot = self._advance(now)
-        if sum(self._retries) >= self.minimum + self.ratio * sum(self._requests):
+        if sum(self._retries) + 1 > self.minimum + self.ratio * sum(self._requests):
             return False
         self._retries[slot] += 1
         return True

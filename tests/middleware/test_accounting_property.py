@@ -1,0 +1,213 @@
+"""Queue depth and slots under random interleavings, against a model of what must be true.
+
+QueueDepthLimit(ModelConcurrencyLimit(inner)) with small limits meets a random list of steps:
+arrivals, completions, inner-app errors, client disconnects and cancellations, each aimed at a
+request that is queued or streaming. After every step, once every task waits, the counters the
+layers keep (``queue.depth``, ``semaphores.in_flight``) and the set of requests whose inner app
+runs must equal what the model says; at the end, with every request cancelled, all are zero.
+
+The model follows the layers' rules: a request takes its model's semaphore, then the shared one
+(``max_concurrent_total``), both FIFO; it is queued until it holds both; a freed slot goes to the
+first in line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import anyio
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from middleware.concurrency import ModelConcurrencyLimit
+from middleware.queue_depth import QueueDepthLimit
+from proxy.metrics import GatewayMetrics
+from proxy.types import Receive, Scope, Send
+from tests.support import make_config, sim_model
+
+from .asgi import Client, admitted_scope, settle
+
+MODELS = ("a", "b")
+WAITS_FOR_MODEL, WAITS_FOR_SHARED, RUNS = "waits for its model", "waits for shared", "runs"
+
+
+class Boom(Exception):
+    """The inner app failing in the middle of an answer."""
+
+
+class Truth:
+    """Where every live request should be, from the rules alone."""
+
+    def __init__(self, limits: dict[str, tuple[int, int]], total: int | None) -> None:
+        self.concurrent = {m: c for m, (c, _) in limits.items()}
+        self.queue_size = {m: q for m, (_, q) in limits.items()}
+        self.total = total
+        self.model_of: dict[int, str] = {}
+        self.stage: dict[int, str] = {}
+        self.model_line: dict[str, list[int]] = {m: [] for m in limits}
+        self.shared_line: list[int] = []
+
+    def count(self, model: str, *stages: str) -> int:
+        return sum(1 for n, s in self.stage.items() if self.model_of[n] == model and s in stages)
+
+    def depth(self, model: str) -> int:
+        return self.count(model, WAITS_FOR_MODEL, WAITS_FOR_SHARED)
+
+    def running(self) -> set[int]:
+        return {n for n, s in self.stage.items() if s == RUNS}
+
+    def arrive(self, number: int, model: str) -> bool:
+        """False: refused, the queue of the model is full."""
+        if self.depth(model) >= self.queue_size[model]:
+            return False
+        self.model_of[number] = model
+        if self.count(model, WAITS_FOR_SHARED, RUNS) < self.concurrent[model]:
+            self._has_model_slot(number)
+        else:
+            self.stage[number] = WAITS_FOR_MODEL
+            self.model_line[model].append(number)
+        return True
+
+    def _has_model_slot(self, number: int) -> None:
+        if self.total is None or len(self.running()) < self.total:
+            self.stage[number] = RUNS
+        else:
+            self.stage[number] = WAITS_FOR_SHARED
+            self.shared_line.append(number)
+
+    def leave(self, number: int) -> None:
+        stage = self.stage.pop(number)
+        line = self.model_line[self.model_of[number]]
+        if stage == WAITS_FOR_MODEL:
+            line.remove(number)
+            return
+        if stage == WAITS_FOR_SHARED:
+            self.shared_line.remove(number)
+        elif self.shared_line:
+            self.stage[self.shared_line.pop(0)] = RUNS
+        if line:
+            self._has_model_slot(line.pop(0))
+
+
+@dataclass
+class Request:
+    number: int
+    client: Client
+    cancel_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    verdict: anyio.Event = field(default_factory=anyio.Event)
+    fail: bool = False
+    running: bool = False
+    finished: bool = False
+
+
+async def scenario(limits: dict[str, tuple[int, int]], total: int | None,
+                   steps: list[tuple[str, int]]) -> None:
+    cfg = make_config(
+        [sim_model(m, max_concurrent=c, max_queue_size=q) for m, (c, q) in limits.items()],
+        gateway={"queue_timeout": 600.0, "max_concurrent_total": total})
+    requests: list[Request] = []
+
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        request = requests[scope["state"]["number"]]
+        request.running = True
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+            gone = False
+            async with anyio.create_task_group() as tg:
+
+                async def until_disconnect() -> None:
+                    nonlocal gone
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    gone = True
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(until_disconnect)
+                await request.verdict.wait()
+                tg.cancel_scope.cancel()
+            if gone:
+                return
+            if request.fail:
+                raise Boom
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            request.running = False
+
+    semaphores = ModelConcurrencyLimit(inner, config=cfg, metrics=GatewayMetrics())
+    queue = QueueDepthLimit(semaphores, config=cfg, metrics=GatewayMetrics())
+    truth = Truth(limits, total)
+
+    async def run(request: Request, model: str) -> None:
+        scope = admitted_scope(cfg, model)
+        scope["state"]["number"] = request.number
+        with request.cancel_scope:
+            try:
+                await queue(scope, request.client.receive, request.client.send)
+            except Boom:
+                pass
+        request.finished = True
+
+    def check() -> None:
+        for model in limits:
+            assert queue.depth(model) == truth.depth(model), model
+            assert semaphores.in_flight(model) == truth.count(model, RUNS), model
+        assert {r.number for r in requests if r.running} == truth.running()
+        assert {r.number for r in requests if not r.finished} == set(truth.stage)
+
+    async with anyio.create_task_group() as tg:
+        for kind, pick in steps:
+            if kind == "arrive":
+                request = Request(len(requests), Client.with_body())
+                requests.append(request)
+                model = MODELS[pick % len(MODELS)]
+                admitted = truth.arrive(request.number, model)
+                tg.start_soon(run, request, model)
+                await settle()
+                runs = truth.stage.get(request.number) == RUNS
+                assert request.client.status == (429 if not admitted else 200 if runs else None)
+            else:
+                action, _, when = kind.partition(" while ")
+                targets = sorted(n for n, stage in truth.stage.items()
+                                 if (stage == RUNS) == (when == "running"))
+                if not targets:
+                    continue
+                request = requests[targets[pick % len(targets)]]
+                if action == "disconnect":
+                    request.client.disconnect()
+                elif action == "cancel":
+                    request.cancel_scope.cancel()
+                else:
+                    request.fail = action == "fail"
+                    request.verdict.set()
+                truth.leave(request.number)
+                await settle()
+                if action == "complete":
+                    assert request.client.sent[-1].get("more_body") is False
+            check()
+        for request in requests:
+            request.cancel_scope.cancel()
+    for model in limits:
+        assert (queue.depth(model), semaphores.in_flight(model)) == (0, 0)
+    assert not any(r.running for r in requests)
+
+
+per_model = st.tuples(st.integers(1, 2), st.integers(1, 3))
+# Weighted so that lines form and requests leave them often: arrivals four times, leaving a
+# line twice, each way out of a running request once.
+KINDS = ["arrive", "disconnect while queued", "complete while running", "arrive",
+         "cancel while queued", "fail while running", "arrive", "disconnect while queued",
+         "disconnect while running", "arrive", "cancel while queued", "cancel while running"]
+step = st.tuples(st.sampled_from(KINDS), st.integers(0, 15))
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@settings(max_examples=100, deadline=None)
+@given(limits=st.fixed_dictionaries({m: per_model for m in MODELS}),
+       total=st.none() | st.integers(1, 3),
+       steps=st.lists(step, min_size=10, max_size=50))
+def test_counters_equal_the_truth_after_every_step(
+        backend: str, limits: dict[str, tuple[int, int]], total: int | None,
+        steps: list[tuple[str, int]]) -> None:
+    anyio.run(scenario, limits, total, steps, backend=backend)

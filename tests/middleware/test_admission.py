@@ -1,0 +1,188 @@
+"""Admission: bounded body read, JSON and model checks, state for the layers below, replay."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anyio
+import pytest
+
+from middleware.admission import Admission
+from proxy.types import Message, Receive, Scope, Send
+from tests.support import make_config, sim_model
+
+from .asgi import Client, http_scope
+
+pytestmark = pytest.mark.anyio
+
+LIMIT = 128
+
+
+def config() -> Any:
+    return make_config([sim_model("llama", aliases=["gpt-4"], served_name="meta/llama"),
+                        sim_model("qwen")], gateway={"max_body_bytes": LIMIT})
+
+
+class Inner:
+    """Records what reached it: the state and every message it read."""
+
+    def __init__(self, reads: int = 1) -> None:
+        self.reads = reads
+        self.state: dict[str, Any] | None = None
+        self.messages: list[Message] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.state = scope["state"]
+        for _ in range(self.reads):
+            self.messages.append(await receive())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def admit(client: Client, *, headers: list[tuple[bytes, bytes]] | None = None,
+                inner: Inner | None = None) -> Inner:
+    inner = inner or Inner()
+    with anyio.fail_after(1):  # reading more than the client sent would wait forever
+        await Admission(inner, config=config())(http_scope(headers=headers), client.receive,
+                                                client.send)
+    return inner
+
+
+async def test_an_admitted_request_carries_its_model_and_body_downstream() -> None:
+    body = {"model": "qwen", "messages": [{"role": "user", "content": "hi"}]}
+    client = Client.with_body(body)
+    inner = await admit(client)
+    assert client.status == 200
+    assert inner.state is not None
+    assert inner.state["model"].name == "qwen"
+    assert inner.state["body"] == body
+    assert json.loads(inner.state["body_bytes"]) == body
+
+
+async def test_the_body_is_replayed_to_the_inner_app_then_receive_goes_on() -> None:
+    raw = b'{"model": "qwen"}'
+    client = Client({"type": "http.request", "body": raw[:5], "more_body": True},
+                    {"type": "http.request", "body": raw[5:], "more_body": False},
+                    {"type": "http.disconnect"})
+    inner = await admit(client, inner=Inner(reads=2))
+    assert inner.messages == [{"type": "http.request", "body": raw, "more_body": False},
+                              {"type": "http.disconnect"}]
+
+
+async def test_an_alias_resolves_and_the_backend_gets_the_served_name() -> None:
+    client = Client.with_body({"model": "gpt-4", "stream": True})
+    inner = await admit(client)
+    assert inner.state is not None
+    assert inner.state["model"].name == "llama"
+    assert json.loads(inner.state["body_bytes"]) == {"model": "meta/llama", "stream": True}
+    assert json.loads(inner.messages[0]["body"]) == {"model": "meta/llama", "stream": True}
+
+
+async def test_a_content_type_with_parameters_is_json_too() -> None:
+    client = Client.with_body({"model": "qwen"})
+    await admit(client, headers=[(b"content-type", b"Application/JSON; charset=utf-8")])
+    assert client.status == 200
+
+
+async def test_a_declared_length_over_the_limit_is_refused_before_reading() -> None:
+    client = Client.with_body({"model": "qwen"})
+    inner = await admit(client, headers=[(b"content-type", b"application/json"),
+                                         (b"content-length", str(LIMIT + 1).encode())])
+    assert client.status == 413
+    assert client.error()["code"] == "request_too_large"
+    assert client.received == 0
+    assert inner.state is None
+
+
+async def test_reading_stops_at_the_limit() -> None:
+    chunk = b" " * 50
+    client = Client(*({"type": "http.request", "body": chunk, "more_body": True}
+                      for _ in range(5)))
+    inner = await admit(client)
+    assert client.status == 413
+    error = client.error()
+    assert error["type"] == "invalid_request_error"
+    assert error["code"] == "request_too_large"
+    assert client.received == 3
+    assert client.unread == 2
+    assert inner.state is None
+
+
+async def test_a_body_of_exactly_the_limit_is_read() -> None:
+    raw = b'{"model": "qwen"}'
+    client = Client.with_body(raw.ljust(LIMIT))
+    await admit(client)
+    assert client.status == 200
+
+
+@pytest.mark.parametrize("content_type", [b"text/plain", b"application/x-www-form-urlencoded",
+                                          None])
+async def test_a_body_that_is_not_json_by_type_is_refused(content_type: bytes | None) -> None:
+    client = Client.with_body({"model": "qwen"})
+    headers = [(b"content-type", content_type)] if content_type else []
+    inner = await admit(client, headers=headers)
+    assert client.status == 415
+    assert client.error()["code"] == "unsupported_media_type"
+    assert client.headers["x-should-retry"] == "false"
+    assert inner.state is None
+
+
+@pytest.mark.parametrize(("raw", "code"), [
+    (b"{not json", "invalid_json"),
+    (b"\xff\xfe\x00", "invalid_json"),
+    (b'["model", "qwen"]', "invalid_json"),
+    (b"[" * 50 + b"]" * 50, "invalid_json"),
+    (b'{"messages": []}', "invalid_model"),
+    (b'{"model": 7}', "invalid_model"),
+    (b'{"model": ""}', "invalid_model"),
+])
+async def test_a_body_that_is_not_an_object_with_a_model_is_a_400(raw: bytes, code: str) -> None:
+    client = Client.with_body(raw)
+    inner = await admit(client)
+    assert client.status == 400
+    error = client.error()
+    assert error["type"] == "invalid_request_error"
+    assert error["code"] == code
+    assert inner.state is None
+
+
+async def test_json_nested_too_deep_to_parse_is_a_400_not_a_crash() -> None:
+    nested = b'{"model": "qwen", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    client = Client.with_body(nested)
+    inner = Inner()
+    await Admission(inner, config=make_config([sim_model("qwen")]))(
+        http_scope(), client.receive, client.send)
+    assert client.status == 400
+    assert client.error()["code"] == "invalid_json"
+
+
+async def test_an_unknown_model_is_a_404_naming_the_param() -> None:
+    client = Client.with_body({"model": "gpt-5"})
+    inner = await admit(client)
+    assert client.status == 404
+    error = client.error()
+    assert error == {"message": "The model 'gpt-5' does not exist.",
+                     "type": "invalid_request_error", "param": "model",
+                     "code": "model_not_found"}
+    assert inner.state is None
+
+
+async def test_a_client_gone_before_the_body_ends_gets_nothing() -> None:
+    client = Client({"type": "http.request", "body": b'{"mo', "more_body": True},
+                    {"type": "http.disconnect"})
+    inner = await admit(client)
+    assert client.sent == []
+    assert inner.state is None
+
+
+async def test_other_scopes_pass_through_untouched() -> None:
+    seen: list[str] = []
+
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(scope["type"])
+
+    client = Client()
+    await Admission(inner, config=config())({"type": "lifespan"}, client.receive, client.send)
+    assert seen == ["lifespan"]
+    assert client.received == 0

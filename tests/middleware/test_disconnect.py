@@ -1,0 +1,98 @@
+"""ClientWatch: a wait that ends the moment the client disconnects, losing no message."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from anyio.lowlevel import checkpoint
+
+from middleware.disconnect import ClientWatch
+
+from .asgi import Client, settle
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_the_wait_result_comes_back_when_the_client_stays() -> None:
+    client = Client()
+    watch = ClientWatch(client.receive)
+
+    async def wait() -> str:
+        await checkpoint()
+        return "slot"
+
+    assert await watch.run(wait) == (True, "slot")
+    assert not watch.disconnected
+
+
+async def test_messages_read_while_waiting_reach_the_app_in_order() -> None:
+    client = Client({"type": "http.request", "body": b"a", "more_body": True},
+                    {"type": "http.request", "body": b"b", "more_body": False})
+    watch = ClientWatch(client.receive)
+    go = anyio.Event()
+
+    async def wait() -> None:
+        await go.wait()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch.run, wait)
+        await settle()
+        assert client.unread == 0
+        go.set()
+    client.push({"type": "http.disconnect"})
+    assert [(await watch.receive()).get("body") for _ in range(3)] == [b"a", b"b", None]
+
+
+async def test_a_disconnect_ends_the_wait_at_once() -> None:
+    client = Client.with_body()
+    watch = ClientWatch(client.receive)
+    cancelled = False
+
+    async def wait() -> None:
+        nonlocal cancelled
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled = True
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: watch.run(wait))
+        await settle()
+        client.disconnect()
+        await settle()
+        assert cancelled
+    assert watch.disconnected
+
+
+async def test_the_result_after_a_disconnect_says_the_client_left() -> None:
+    client = Client()
+    watch = ClientWatch(client.receive)
+    client.disconnect()
+    assert await watch.run(anyio.sleep_forever) == (False, None)
+    # The disconnect is kept for the app, and a later wait does not even start.
+    assert await watch.receive() == {"type": "http.disconnect"}
+    assert await watch.run(pytest.fail) == (False, None)
+
+
+async def test_an_error_of_the_wait_comes_out_as_itself() -> None:
+    watch = ClientWatch(Client().receive)
+
+    async def wait() -> None:
+        raise LookupError("no backend")
+
+    with pytest.raises(LookupError, match="no backend"):
+        await watch.run(wait)
+
+
+async def test_a_cancellation_from_outside_cancels_the_wait_and_propagates() -> None:
+    client = Client()
+    watch = ClientWatch(client.receive)
+    reached_end = False
+    with anyio.move_on_after(0.01) as scope:
+        await watch.run(anyio.sleep_forever)
+        reached_end = True
+    assert scope.cancelled_caught
+    assert not reached_end
+    # The cancelled receive lost nothing: the next message still reaches the app.
+    client.disconnect()
+    assert await watch.receive() == {"type": "http.disconnect"}
