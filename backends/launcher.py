@@ -30,8 +30,11 @@ class Launcher(Protocol):
     async def stop(self) -> None:
         """Stop the server and free what it held; safe to call when it is not running."""
 
-    def output_tail(self) -> str:
+    async def output_tail(self) -> str:
         """The last lines the server wrote, for the log when it fails."""
+
+    def has_running(self) -> bool:
+        """Whether a server of this model, left by an earlier run, is there to be adopted."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -6,12 +6,14 @@ from the start to the stop, so whatever ends it (idle, eviction, death, shutdown
 the same ``finally`` that stops the launcher.
 
 - ``lease(name)`` starts a stopped model (concurrent callers share one start), waits for it to
-  be healthy and counts the lease until the block exits; nothing stops a model with leases.
+  be healthy and counts the lease until the block exits; nothing stops a model with leases, nor
+  one that requests wait for (a model that just became ready is theirs before it is idle).
 - Starts are serialised: vLLM sizes its cache from the free memory it sees, and the memory a
   start took is measured as the devices' used memory before and after it.
 - Placement: before a start, if ``max_models_concurrent`` models are loaded or a device lacks
-  the model's VRAM, the least recently used idle models are stopped; if none is idle, the start
-  waits for one (bounded by ``placement_timeout``), then every waiting request gets 503.
+  the model's VRAM, the least recently used idle models are stopped (those on a short device
+  first); if none is idle, the start waits for one (bounded by ``placement_timeout``), then
+  every waiting request gets 503. A start that waits for room lets other starts go first.
 - The reaper stops a ready model with no leases after its ``idle_timeout``. It checks and
   changes the state in one synchronous step, so it cannot race a lease.
 """
@@ -70,6 +72,7 @@ class Backend:
     launcher: Launcher
     state: ModelState = ModelState.STOPPED
     leases: int = 0
+    waiting: int = 0
     last_used: float = 0.0
     placed: bool = False
     failure: str | None = None
@@ -92,6 +95,10 @@ class Backend:
     @property
     def vram_mb(self) -> int:
         return self.measured_vram_mb or self.settings.vram_mb
+
+    def is_idle(self) -> bool:
+        """Ready, and neither leased nor waited for by a request that is about to lease it."""
+        return self.state is ModelState.READY and self.leases == 0 and self.waiting == 0
 
     def occupies_slot(self) -> bool:
         return self.state in LOADED or (self.state is ModelState.STARTING and self.placed)
@@ -125,6 +132,9 @@ class BackendPool:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 tg.start_soon(self._reap)
+                for backend in self.backends.values():
+                    if backend.launcher.has_running():
+                        self._launch(backend)
                 try:
                     yield self
                 finally:
@@ -140,22 +150,11 @@ class BackendPool:
     async def lease(self, name: str) -> AsyncIterator[Backend]:
         """A ready backend of the model, kept from stopping until the block exits."""
         backend = self.backends[name]
-        while backend.state is not ModelState.READY:
-            if backend.state is ModelState.FAILED and anyio.current_time() < backend.retry_at:
-                raise unavailable(
-                    f"The model '{name}' failed to start: {backend.failure}",
-                    code="model_start_failed",
-                    retry_after=backend.retry_at - anyio.current_time())
-            if backend.state in (ModelState.STOPPED, ModelState.FAILED):
-                self._launch(backend)
-            start = backend.start
-            if backend.state is ModelState.STARTING and start is not None:
-                await start.done.wait()
-                if start.error is not None:
-                    raise start.error
-            else:
-                assert self._changed is not None
-                await self._changed.wait()
+        backend.waiting += 1
+        try:
+            await self._until_ready(backend)
+        finally:
+            backend.waiting -= 1
         backend.leases += 1
         backend.last_used = anyio.current_time()
         try:
@@ -166,49 +165,72 @@ class BackendPool:
             if backend.leases == 0:
                 self._notify()
 
+    async def _until_ready(self, backend: Backend) -> None:
+        while backend.state is not ModelState.READY:
+            if backend.state is ModelState.FAILED and anyio.current_time() < backend.retry_at:
+                raise unavailable(
+                    f"The model '{backend.name}' failed to start: {backend.failure}",
+                    code="model_start_failed",
+                    retry_after=backend.retry_at - anyio.current_time())
+            if backend.state in (ModelState.STOPPED, ModelState.FAILED):
+                self._launch(backend)
+            start = backend.start
+            if backend.state is ModelState.STARTING and start is not None:
+                await start.done.wait()
+                if start.error is not None:
+                    raise start.error.fresh()
+            else:
+                assert self._changed is not None
+                await self._changed.wait()
+
     def _launch(self, backend: Backend) -> None:
         assert self._tg is not None, "the pool is not running"
         backend.state = ModelState.STARTING
         backend.placed = False
         backend.stop_reason = None
         backend.start = _Start()
-        self._tg.start_soon(self._lifecycle, backend)
+        # Made here, not in the task, so that a stop requested before the task runs is kept.
+        backend.scope = anyio.CancelScope()
+        self._tg.start_soon(self._lifecycle, backend, backend.start, backend.scope)
         self._notify()
 
-    async def _lifecycle(self, backend: Backend) -> None:
+    async def _lifecycle(self, backend: Backend, start: _Start, scope: anyio.CancelScope) -> None:
         # This task outlives the request that launched it: its lines are the model's, not that
         # request's (the launching request logs its own id with "model starting").
         launched_by = structlog.contextvars.get_contextvars().get("request_id")
         structlog.contextvars.clear_contextvars()
-        start = backend.start
-        assert start is not None
         outcome: GatewayError | None = None
         try:
-            async with anyio.create_task_group() as helpers:
-                backend.scope = helpers.cancel_scope
-                try:
-                    await self._start(backend, helpers, launched_by)
-                except LaunchError as exc:
-                    outcome = unavailable(
-                        f"The model '{backend.name}' failed to start: {exc}",
-                        code="model_start_failed", retry_after=backend.settings.failure_backoff)
-                    backend.failure = str(exc)
-                    log.error("model failed to start", model=backend.name, reason=str(exc),
-                              output=backend.launcher.output_tail())
-                    return
-                except GatewayError as exc:
-                    outcome = exc
-                    return
-                self._become_ready(backend, start)
-                reason = await backend.launcher.wait_exit()
-                backend.failure = f"died: {reason}"
-                log.error("model died", model=backend.name, reason=reason,
-                          output=backend.launcher.output_tail())
-                helpers.cancel_scope.cancel()
+            with scope:
+                async with anyio.create_task_group() as helpers:
+                    outcome = await self._run(backend, start, helpers, launched_by)
+                    # The helpers (an output reader) end with the server, which is stopped below.
+                    helpers.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await backend.launcher.stop()
                 self._after_stop(backend, start, outcome)
+
+    async def _run(self, backend: Backend, start: _Start, helpers: TaskGroup,
+                   launched_by: str | None) -> GatewayError | None:
+        """Start the model and serve until it dies; return why the start failed, if it did."""
+        try:
+            await self._start(backend, helpers, launched_by)
+        except LaunchError as exc:
+            backend.failure = str(exc)
+            log.error("model failed to start", model=backend.name, reason=str(exc),
+                      output=await backend.launcher.output_tail())
+            return unavailable(f"The model '{backend.name}' failed to start: {exc}",
+                               code="model_start_failed",
+                               retry_after=backend.settings.failure_backoff)
+        except GatewayError as exc:
+            return exc
+        self._become_ready(backend, start)
+        reason = await backend.launcher.wait_exit()
+        backend.failure = f"died: {reason}"
+        log.error("model died", model=backend.name, reason=reason,
+                  output=await backend.launcher.output_tail())
+        return None
 
     def _become_ready(self, backend: Backend, start: _Start) -> None:
         backend.state = ModelState.READY
@@ -240,32 +262,43 @@ class BackendPool:
     async def _start(self, backend: Backend, helpers: TaskGroup,
                      launched_by: str | None) -> None:
         assert self._start_lock is not None
-        async with self._start_lock:
-            try:
-                with anyio.fail_after(self.placement_timeout):
-                    await self._make_room(backend)
-            except TimeoutError:
+        deadline: float | None = None
+        while True:
+            async with self._start_lock:
+                assert self._changed is not None
+                changed = self._changed
+                if await self._make_room(backend):
+                    await self._start_placed(backend, helpers, launched_by)
+                    return
+            # No room yet: wait without the lock, so that models that fit can start meanwhile.
+            now = anyio.current_time()
+            if deadline is None:
+                deadline = now + self.placement_timeout
+            if now >= deadline:
                 raise unavailable(
                     f"No capacity for model '{backend.name}': every loaded model is busy.",
-                    code="no_capacity", retry_after=self.placement_timeout) from None
-            before = self._used(backend)
-            log.info("model starting", model=backend.name, launcher=backend.settings.launcher,
-                     launched_by=launched_by)
-            timeout = backend.settings.startup_timeout
-            try:
-                with anyio.fail_after(timeout):
-                    address = await backend.launcher.start(helpers)
-                    await self._wait_healthy(backend, address)
-            except TimeoutError:
-                raise LaunchError(f"not healthy within {timeout:g} s") from None
-            self._measure(backend, before)
+                    code="no_capacity", retry_after=self.placement_timeout)
+            with anyio.move_on_after(min(MEMORY_POLL, deadline - now)):
+                await changed.wait()
+
+    async def _start_placed(self, backend: Backend, helpers: TaskGroup,
+                            launched_by: str | None) -> None:
+        before = self._used(backend)
+        log.info("model starting", model=backend.name, launcher=backend.settings.launcher,
+                 launched_by=launched_by)
+        timeout = backend.settings.startup_timeout
+        try:
+            with anyio.fail_after(timeout):
+                address = await backend.launcher.start(helpers)
+                await self._wait_healthy(backend, address)
+        except TimeoutError:
+            raise LaunchError(f"not healthy within {timeout:g} s") from None
+        self._measure(backend, before)
 
     async def _wait_healthy(self, backend: Backend, address: str) -> None:
         assert self._health is not None
         url = address + backend.settings.health_path
-        while True:
-            if not backend.launcher.is_alive():
-                raise LaunchError("it exited during start-up")
+        while backend.launcher.is_alive():
             try:
                 response = await self._health.get(url)
                 if response.status_code == 200:
@@ -273,6 +306,7 @@ class BackendPool:
             except httpx2.TransportError:
                 pass
             await anyio.sleep(HEALTH_INTERVAL)
+        raise LaunchError(f"{await backend.launcher.wait_exit()} during start-up")
 
     def _used(self, backend: Backend) -> dict[int, int | None]:
         return {g: self.gpu.used_mb(g) for g in backend.settings.gpus}
@@ -307,27 +341,25 @@ class BackendPool:
                 short.add(g)
         return short
 
-    async def _make_room(self, backend: Backend) -> None:
+    async def _make_room(self, backend: Backend) -> bool:
+        """Stop idle models until the model fits; False if it does not and none is idle."""
         while True:
             over_budget = sum(b.occupies_slot() for b in self.backends.values()) >= self.max_models
             short = self._short_devices(backend)
             if not over_budget and not short:
                 backend.placed = True
-                return
+                return True
+            # The least recently used first, but one on a short device frees a slot as well.
             idle = sorted((b for b in self.backends.values()
-                           if b.state is ModelState.READY and b.leases == 0
-                           and (over_budget or short & set(b.settings.gpus))),
-                          key=lambda b: b.last_used)
-            if idle:
-                victim = idle[0]
-                victim.evictions += 1
-                log.info("evicting idle model", model=victim.name, for_model=backend.name,
-                         reason="model budget" if over_budget else "GPU memory")
-                await self._stop_and_wait(victim, "evicted")
-                continue
-            assert self._changed is not None
-            with anyio.move_on_after(MEMORY_POLL):
-                await self._changed.wait()
+                           if b.is_idle() and (over_budget or short & set(b.settings.gpus))),
+                          key=lambda b: (not short & set(b.settings.gpus), b.last_used))
+            if not idle:
+                return False
+            victim = idle[0]
+            victim.evictions += 1
+            log.info("evicting idle model", model=victim.name, for_model=backend.name,
+                     reason="model budget" if over_budget else "GPU memory")
+            await self._stop_and_wait(victim, "evicted")
 
     def request_stop(self, backend: Backend, reason: str) -> None:
         """Begin stopping a starting or loaded model (synchronously: no lease can slip in)."""
@@ -365,6 +397,5 @@ class BackendPool:
             await anyio.sleep(self.reap_interval)
             now = anyio.current_time()
             for backend in self.backends.values():
-                if (backend.state is ModelState.READY and backend.leases == 0
-                        and now - backend.last_used >= backend.settings.idle_timeout):
+                if backend.is_idle() and now - backend.last_used >= backend.settings.idle_timeout:
                     self.request_stop(backend, "idle")

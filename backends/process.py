@@ -2,13 +2,17 @@
 
 ``{port}`` in the command becomes a free loopback port, ``{python}`` the running interpreter,
 ``{name}`` the model's name. The output is kept (last lines) for the log when a start fails.
-Stopping sends SIGTERM, waits ``stop_timeout``, then kills, and always reaps the process.
+The server runs in a session of its own (vLLM's workers are its children): stopping sends
+SIGTERM to that process group, waits ``stop_timeout`` for the server, then kills what is left
+of the group, and always reaps the server.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -21,6 +25,8 @@ from .launcher import LaunchError, free_port
 
 TAIL_LINES = 40
 STOP_TIMEOUT = 10.0
+# Seconds to read the rest of the output after the exit (a child may keep it open longer).
+OUTPUT_GRACE = 1.0
 
 
 class ProcessLauncher:
@@ -46,24 +52,35 @@ class ProcessLauncher:
                 command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 env={**os.environ, **self.model.env}, start_new_session=True)
         except OSError as exc:
-            raise LaunchError(f"cannot run {command[0]!r}: {exc.strerror}") from None
+            raise LaunchError(f"cannot run {command[0]!r}: {exc.strerror or exc}") from None
         self._process = process
-        task_group.start_soon(self._collect, process)
+        task_group.start_soon(self._watch, process)
         self.address = f"http://127.0.0.1:{port}"
         return self.address
 
-    async def _collect(self, process: Process) -> None:
-        """Keep the output's last lines and notice the exit; ends with the process."""
+    async def _watch(self, process: Process) -> None:
+        """Notice the exit, and keep the output's last lines until then."""
+        async with anyio.create_task_group() as reader:
+            reader.start_soon(self._read, process)
+            await process.wait()
+            reader.cancel_scope.deadline = anyio.current_time() + OUTPUT_GRACE
+        self._exited.set()
+
+    async def _read(self, process: Process) -> None:
         assert process.stdout is not None
         pending = b""
-        async for data in process.stdout:
-            pending += data
-            *lines, pending = pending.split(b"\n")
-            self._tail.extend(line.decode(errors="replace") for line in lines)
+        with contextlib.suppress(anyio.ClosedResourceError):  # stop() closed it under us
+            async for data in process.stdout:
+                pending += data
+                *lines, pending = pending.split(b"\n")
+                self._tail.extend(line.decode(errors="replace") for line in lines)
         if pending:
             self._tail.append(pending.decode(errors="replace"))
-        await process.wait()
-        self._exited.set()
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id (also its process group's), from its start to its stop."""
+        return None if self._process is None else self._process.pid
 
     def is_alive(self) -> bool:
         return self._process is not None and self._process.returncode is None
@@ -71,7 +88,11 @@ class ProcessLauncher:
     async def wait_exit(self) -> str:
         await self._exited.wait()
         assert self._process is not None
-        return f"the process exited with status {self._process.returncode}"
+        status = self._process.returncode
+        assert status is not None
+        if status < 0:
+            return f"the process was killed by signal {-status}"
+        return f"the process exited with status {status}"
 
     async def stop(self) -> None:
         process, self._process = self._process, None
@@ -80,13 +101,23 @@ class ProcessLauncher:
             return
         with anyio.CancelScope(shield=True):
             if process.returncode is None:
-                process.terminate()
+                _signal_group(process, signal.SIGTERM)
                 with anyio.move_on_after(self.stop_timeout):
                     await process.wait()
-                if process.returncode is None:
-                    process.kill()
+            # The group outlives its leader while a child is left (and then its id is not
+            # reused), so this also ends a worker that the server left behind.
+            _signal_group(process, signal.SIGKILL)
             await process.wait()
             await process.aclose()
 
-    def output_tail(self) -> str:
+    def has_running(self) -> bool:
+        return False
+
+    async def output_tail(self) -> str:
         return "\n".join(self._tail)
+
+
+def _signal_group(process: Process, signum: int) -> None:
+    """Signal the process group that the server leads (``start_new_session``)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone
+        os.killpg(process.pid, signum)

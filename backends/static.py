@@ -28,5 +28,8 @@ class StaticLauncher:
     async def stop(self) -> None:
         self.address = None
 
-    def output_tail(self) -> str:
+    def has_running(self) -> bool:
+        return False
+
+    async def output_tail(self) -> str:
         return ""

@@ -27,6 +27,13 @@ class GatewayError(Exception):
         self.retry_after = retry_after
         self.should_retry = should_retry
 
+    def fresh(self) -> GatewayError:
+        """The same error as a new object, for another request to raise: one object raised by
+        many requests would pile all their tracebacks onto itself."""
+        return GatewayError(self.status, self.message, type=self.type, code=self.code,
+                            param=self.param, retry_after=self.retry_after,
+                            should_retry=self.should_retry)
+
     def body(self) -> bytes:
         return error_body(self.message, type=self.type, code=self.code, param=self.param)
 

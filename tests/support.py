@@ -77,6 +77,13 @@ def wait_until(check: Any, timeout: float = 10.0, interval: float = 0.02) -> Non
         time.sleep(interval)
 
 
+async def eventually(check: Any, within: float = 10.0) -> None:
+    """Wait until ``check()`` is true (state that nothing signals); fail after ``within`` s."""
+    with anyio.fail_after(within):
+        while not check():
+            await anyio.sleep(0.01)
+
+
 def sim_model(name: str, *sim_args: str, **settings: Any) -> dict[str, Any]:
     """A [[models]] table for a simulator started by the process launcher."""
     return {"name": name, "launcher": "process", "command": [*SIM, *sim_args],
