@@ -5,7 +5,7 @@ with VLLM_GATEWAY_TEST_REQUIRE_ENGINE=1 (CI) they fail instead."""
 from __future__ import annotations
 
 import os
-import subprocess
+import json
 
 import httpx2
 import pytest
@@ -14,13 +14,16 @@ ENGINE_URL = os.environ.get("VLLM_GATEWAY_TEST_ENGINE", "unix:///run/podman/podm
 SIM_IMAGE = "localhost/vllm-gateway-sim:test"
 
 
+def _engine() -> httpx2.Client:
+    transport = httpx2.HTTPTransport(uds=ENGINE_URL.removeprefix("unix://"))
+    return httpx2.Client(transport=transport, base_url="http://engine", timeout=10)
+
+
 def _engine_problem() -> str | None:
-    path = ENGINE_URL.removeprefix("unix://")
     try:
-        transport = httpx2.HTTPTransport(uds=path)
-        with httpx2.Client(transport=transport, timeout=5) as client:
-            client.get("http://engine/_ping").raise_for_status()
-            images = client.get("http://engine/images/json").json()
+        with _engine() as client:
+            client.get("/_ping").raise_for_status()
+            images = client.get("/images/json").json()
     except (httpx2.HTTPError, OSError) as exc:
         return f"no container engine at {ENGINE_URL} ({exc}); run scripts/setup-podman.sh"
     tags = {tag for image in images for tag in image.get("RepoTags") or []}
@@ -40,9 +43,8 @@ def engine_url() -> str:
 
 
 def containers_of(instance: str) -> list[str]:
-    """Names of the containers carrying this gateway instance's label, as Podman lists them."""
-    out = subprocess.run(
-        ["podman", "ps", "-a", "--filter", f"label=vllm-gateway.instance={instance}",
-         "--format", "{{.Names}} {{.State}}"],
-        capture_output=True, text=True, check=True).stdout
-    return [line for line in out.splitlines() if line]
+    """``NAME STATE`` of each container carrying this gateway instance's label."""
+    filters = json.dumps({"label": [f"vllm-gateway.instance={instance}"]})
+    with _engine() as client:
+        found = client.get("/containers/json", params={"all": "1", "filters": filters}).json()
+    return sorted(f"{c['Names'][0].lstrip('/')} {c['State']}" for c in found)

@@ -1,0 +1,358 @@
+"""Container launcher: a model's server in a container, through the Docker-compatible API of
+Docker or Podman (aiodocker, so asyncio only).
+
+Every container carries labels naming the gateway instance and the model, so a restarted
+gateway finds what it left: it adopts a running one (no cold start) or removes it, by the
+engine's ``on_start`` policy, and removes any that stopped. Deaths are seen from the engine's
+event stream at once, not at the next request. The GPU request takes the shape the engine
+understands: Docker wants ``DeviceRequests`` with the nvidia driver; Podman honours CDI device
+requests from 5.4 on and ignores GPU requests before that (containers/podman#22645), so a GPU
+model on an older Podman is refused with that reason rather than started without its GPUs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiodocker
+import anyio
+import sniffio
+import structlog
+from anyio.abc import TaskGroup
+
+from proxy.config import Config, EngineSettings, ModelSettings, parse_size
+
+from .launcher import LaunchError
+
+log = structlog.get_logger("gateway.container")
+
+LABEL_INSTANCE = "vllm-gateway.instance"
+LABEL_MODEL = "vllm-gateway.model"
+LOG_TAIL = 40
+PODMAN_CDI_SINCE = (5, 4)
+RECONNECT_DELAY = 1.0
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split("."):
+        digits = "".join(c for c in piece if c.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def gpu_request(kind: str, version: tuple[int, ...], gpus: tuple[int, ...]) -> dict[str, Any]:
+    """The ``DeviceRequests`` entry that gives a container these GPUs on this engine."""
+    if kind == "docker":
+        return {"Driver": "nvidia", "DeviceIDs": [str(g) for g in gpus],
+                "Capabilities": [["gpu"]]}
+    if version < PODMAN_CDI_SINCE:
+        raise LaunchError(
+            f"Podman {'.'.join(map(str, version))} ignores GPU requests made through its "
+            "Docker-compatible API (containers/podman#22645); GPU models need Podman 5.4 or "
+            "newer, or Docker")
+    return {"Driver": "cdi", "DeviceIDs": [f"nvidia.com/gpu={g}" for g in gpus]}
+
+
+def create_request(model: ModelSettings, *, kind: str, version: tuple[int, ...],
+                   instance: str, publish_ip: str) -> dict[str, Any]:
+    """The body of ``POST /containers/create`` for a model."""
+    assert model.image is not None
+    port = f"{model.container_port}/tcp"
+    host_port = str(model.host_port) if model.host_port else ""
+    host_config: dict[str, Any] = {
+        "PortBindings": {port: [{"HostIp": publish_ip, "HostPort": host_port}]},
+        "Binds": list(model.volumes),
+    }
+    if model.shm_size:
+        host_config["ShmSize"] = parse_size(model.shm_size)
+    if model.gpus:
+        host_config["DeviceRequests"] = [gpu_request(kind, version, model.gpus)]
+    return {
+        "Image": model.image,
+        "Cmd": list(model.args),
+        "Env": [f"{k}={v}" for k, v in model.env.items()],
+        "Labels": {LABEL_INSTANCE: instance, LABEL_MODEL: model.name},
+        "ExposedPorts": {port: {}},
+        "HostConfig": host_config,
+    }
+
+
+def container_name(instance: str, model: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "_.-" else "-" for c in model)
+    return f"vllm-gateway-{instance}-{safe}"
+
+
+class Engine:
+    """One engine's API, shared by the models that name it, and its event stream."""
+
+    def __init__(self, settings: EngineSettings, instance: str) -> None:
+        self.settings = settings
+        self.instance = instance
+        self.kind = "docker"
+        self.version: tuple[int, ...] = ()
+        self.docker: aiodocker.Docker | None = None
+        self.shutting_down = False
+        self.adoptable: dict[str, dict[str, Any]] = {}
+        self._deaths: dict[str, anyio.Event] = {}
+        self._exit_codes: dict[str, str] = {}
+
+    @property
+    def api(self) -> aiodocker.Docker:
+        assert self.docker is not None, "the engine is not connected"
+        return self.docker
+
+    def label_filter(self) -> dict[str, list[str]]:
+        return {"label": [f"{LABEL_INSTANCE}={self.instance}"]}
+
+    async def connect(self) -> None:
+        self.docker = aiodocker.Docker(url=self.settings.url)
+        try:
+            info = await self.api.version()
+        except (aiodocker.DockerError, OSError) as exc:
+            await self.close()
+            raise RuntimeError(f"engine {self.settings.name!r} at {self.settings.url} does not "
+                               f"answer: {exc}") from None
+        names = [c.get("Name", "") for c in info.get("Components") or []]
+        podman = next((c for c in info.get("Components") or [] if c.get("Name") ==
+                       "Podman Engine"), None)
+        self.kind = "podman" if podman else "docker"
+        self.version = _version_tuple((podman or info).get("Version", ""))
+        log.info("engine connected", engine=self.settings.name, kind=self.kind,
+                 version=".".join(map(str, self.version)), components=names)
+
+    async def close(self) -> None:
+        if self.docker is not None:
+            await self.docker.close()
+            self.docker = None
+
+    async def tidy(self, models: dict[str, ModelSettings]) -> None:
+        """Adopt or remove the labelled containers an earlier run left, by policy."""
+        for container in await self.api.containers.list(all=True, filters=self.label_filter()):
+            data = container._container
+            model = (data.get("Labels") or {}).get(LABEL_MODEL, "")
+            running = data.get("State") == "running"
+            keep = (self.settings.on_start == "adopt" and running and model in models
+                    and models[model].engine == self.settings.name)
+            if keep:
+                self.adoptable[model] = data
+                log.info("adopting container", engine=self.settings.name, model=model,
+                         container=container.id[:12])
+            else:
+                log.info("removing container left by an earlier run",
+                         engine=self.settings.name, model=model, container=container.id[:12])
+                await self.remove(container.id)
+
+    async def remove(self, container_id: str) -> None:
+        try:
+            await self.api.containers.container(container_id).delete(force=True)
+        except aiodocker.DockerError as exc:
+            if exc.status != 404:
+                raise
+
+    def watch(self, container_id: str) -> anyio.Event:
+        event = self._deaths[container_id] = anyio.Event()
+        return event
+
+    def forget(self, container_id: str) -> None:
+        self._deaths.pop(container_id, None)
+        self._exit_codes.pop(container_id, None)
+
+    def exit_code(self, container_id: str) -> str:
+        return self._exit_codes.get(container_id, "unknown")
+
+    async def follow_events(self) -> None:
+        """Mark watched containers dead as the engine reports them; reconnects when the stream
+        ends, replaying from the last event seen so a death in between is not lost."""
+        since = time.time()
+        while True:
+            events = aiodocker.Docker(url=self.settings.url)
+            try:
+                # No "event" filter: Podman 4.3 then sends nothing; _on_event keeps the deaths.
+                subscriber = events.events.subscribe(
+                    since=str(int(since)), filters={**self.label_filter(), "type": ["container"]})
+                while (event := await subscriber.get()) is not None:
+                    since = max(since, event.get("timeNano", 0) / 1e9 or time.time())
+                    self._on_event(event)
+            except (aiodocker.DockerError, OSError) as exc:
+                log.warning("engine event stream failed", engine=self.settings.name,
+                            error=str(exc))
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await events.events.stop()
+                    await events.close()
+            await anyio.sleep(RECONNECT_DELAY)
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        if event.get("Action", event.get("status")) != "die":
+            return
+        container_id = event.get("id") or event.get("Actor", {}).get("ID", "")
+        death = self._deaths.get(container_id)
+        if death is not None and not death.is_set():
+            attributes = event.get("Actor", {}).get("Attributes", {})
+            self._exit_codes[container_id] = str(attributes.get("exitCode", "unknown"))
+            death.set()
+
+
+class ContainerEngines:
+    """The engines named in the configuration, connected for as long as the gateway runs."""
+
+    def __init__(self, config: Config) -> None:
+        self.instance = config.gateway.instance
+        self.models = {m.name: m for m in config.models if m.launcher == "container"}
+        used = {m.engine for m in self.models.values()}
+        self.engines = {name: Engine(settings, self.instance)
+                        for name, settings in config.engines.items() if name in used}
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[ContainerEngines]:
+        if not self.engines:
+            yield self
+            return
+        if sniffio.current_async_library() != "asyncio":
+            raise RuntimeError("container models need the asyncio (or uvloop) worker: aiodocker, "
+                               "the container engine client, runs on asyncio only")
+        try:
+            for engine in self.engines.values():
+                await engine.connect()
+                await engine.tidy(self.models)
+            async with anyio.create_task_group() as tg:
+                for engine in self.engines.values():
+                    tg.start_soon(engine.follow_events)
+                try:
+                    yield self
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                for engine in self.engines.values():
+                    await engine.close()
+
+    def begin_shutdown(self) -> None:
+        for engine in self.engines.values():
+            engine.shutting_down = True
+
+    def launcher(self, model: ModelSettings) -> ContainerLauncher:
+        assert model.engine is not None
+        return ContainerLauncher(model, self.engines[model.engine])
+
+
+class ContainerLauncher:
+    def __init__(self, model: ModelSettings, engine: Engine) -> None:
+        self.model = model
+        self.engine = engine
+        self.address: str | None = None
+        self._id: str | None = None
+        self._death: anyio.Event | None = None
+
+    def has_running(self) -> bool:
+        return self.model.name in self.engine.adoptable
+
+    async def start(self, task_group: TaskGroup) -> str:
+        adopted = self.engine.adoptable.pop(self.model.name, None)
+        if adopted is not None:
+            container_id = adopted["Id"]
+            self._death = self.engine.watch(container_id)
+            self._id = container_id
+        else:
+            await self._ensure_image()
+            container_id = await self._create_and_start()
+        port = await self._published_port(container_id)
+        self.address = f"http://{self.engine.settings.host}:{port}"
+        return self.address
+
+    async def _ensure_image(self) -> None:
+        image = self.model.image
+        assert image is not None
+        try:
+            await self.engine.api.images.inspect(image)
+            return
+        except aiodocker.DockerError as exc:
+            if exc.status != 404:
+                raise LaunchError(
+                    f"the engine cannot inspect image {image}: {exc.message}") from None
+        if self.model.pull == "never":
+            raise LaunchError(f"image {image} is not present on engine "
+                              f"{self.engine.settings.name!r} and pull = \"never\"")
+        log.info("pulling image", model=self.model.name, image=image)
+        try:
+            async for progress in self.engine.api.images.pull(image, stream=True):
+                if "status" in progress and "progressDetail" not in progress:
+                    log.info("pull progress", model=self.model.name, image=image,
+                             status=progress["status"], id=progress.get("id"))
+        except aiodocker.DockerError as exc:
+            raise LaunchError(f"pulling image {image} failed: {exc.message}") from None
+
+    async def _create_and_start(self) -> str:
+        engine = self.engine
+        request = create_request(self.model, kind=engine.kind, version=engine.version,
+                                 instance=engine.instance,
+                                 publish_ip=engine.settings.publish_ip)
+        name = container_name(engine.instance, self.model.name)
+        await engine.remove(name)
+        try:
+            container = await engine.api.containers.create(request, name=name)
+        except aiodocker.DockerError as exc:
+            raise LaunchError(f"the engine refused to create the container: {exc.message}") \
+                from None
+        self._id = container.id
+        self._death = engine.watch(container.id)
+        try:
+            await container.start()
+        except aiodocker.DockerError as exc:
+            raise LaunchError(f"the container did not start: {exc.message}") from None
+        log.info("container started", model=self.model.name, container=container.id[:12])
+        return container.id
+
+    async def _published_port(self, container_id: str) -> str:
+        info = await self.engine.api.containers.container(container_id).show()
+        bindings = (info.get("NetworkSettings", {}).get("Ports") or {}).get(
+            f"{self.model.container_port}/tcp") or []
+        for binding in bindings:
+            if binding.get("HostPort"):
+                return binding["HostPort"]
+        raise LaunchError(f"the container publishes no host port for {self.model.container_port}")
+
+    def is_alive(self) -> bool:
+        return self._death is not None and not self._death.is_set()
+
+    async def wait_exit(self) -> str:
+        assert self._death is not None and self._id is not None
+        await self._death.wait()
+        return f"the container exited with status {self.engine.exit_code(self._id)}"
+
+    async def output_tail(self) -> str:
+        if self._id is None:
+            return ""
+        try:
+            lines = await self.engine.api.containers.container(self._id).log(
+                stdout=True, stderr=True, tail=LOG_TAIL)
+        except aiodocker.DockerError as exc:
+            return f"(no logs: {exc.message})"
+        return "".join(lines)
+
+    async def stop(self) -> None:
+        container_id, self._id = self._id, None
+        self.address = None
+        if container_id is None:
+            return
+        with anyio.CancelScope(shield=True):
+            self.engine.forget(container_id)
+            if self.engine.shutting_down and self.engine.settings.on_shutdown == "keep":
+                log.info("leaving container running", model=self.model.name,
+                         container=container_id[:12])
+                return
+            container = self.engine.api.containers.container(container_id)
+            try:
+                await container.stop(t=int(self.engine.settings.stop_timeout))
+            except aiodocker.DockerError as exc:
+                if exc.status not in (304, 404):
+                    log.warning("container stop failed; removing it by force",
+                                model=self.model.name, error=exc.message)
+            await self.engine.remove(container_id)
+            log.info("container removed", model=self.model.name, container=container_id[:12])

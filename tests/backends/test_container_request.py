@@ -1,0 +1,74 @@
+"""The create request the container launcher sends, for Docker's and Podman's GPU shapes."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from backends.container import ContainerEngines, create_request
+from backends.launcher import LaunchError
+from tests.support import make_config
+
+ENGINES = {"local": {"url": "unix:///run/podman/podman.sock"}}
+
+
+def model(**settings: object) -> object:
+    table = {"name": "llama-8b", "launcher": "container", "engine": "local",
+             "image": "docker.io/vllm/vllm-openai:v0.11.0",
+             "args": ["--model", "meta-llama/Llama-3.1-8B-Instruct"],
+             "container_port": 8000, "volumes": ["/srv/hf:/root/.cache/huggingface"],
+             "env": {"HF_HUB_OFFLINE": "1"}, "shm_size": "8g", **settings}
+    return make_config([table], engines=ENGINES).models[0]
+
+
+def test_docker_gets_nvidia_device_requests() -> None:
+    request = create_request(model(gpus=[0, 1]), kind="docker", version=(28, 2),
+                             instance="gw1", publish_ip="127.0.0.1")
+    assert request["HostConfig"]["DeviceRequests"] == [
+        {"Driver": "nvidia", "DeviceIDs": ["0", "1"], "Capabilities": [["gpu"]]}]
+
+
+def test_podman_gets_cdi_device_requests() -> None:
+    request = create_request(model(gpus=[1]), kind="podman", version=(5, 4, 0),
+                             instance="gw1", publish_ip="127.0.0.1")
+    assert request["HostConfig"]["DeviceRequests"] == [
+        {"Driver": "cdi", "DeviceIDs": ["nvidia.com/gpu=1"]}]
+
+
+def test_an_old_podman_refuses_gpu_models_with_the_reason() -> None:
+    with pytest.raises(LaunchError, match=r"Podman 4\.3\.1 ignores GPU requests"):
+        create_request(model(gpus=[0]), kind="podman", version=(4, 3, 1), instance="gw1",
+                       publish_ip="127.0.0.1")
+
+
+def test_the_rest_of_the_request() -> None:
+    request = create_request(model(), kind="podman", version=(4, 3, 1), instance="gw1",
+                             publish_ip="10.0.0.5")
+    assert request["Image"] == "docker.io/vllm/vllm-openai:v0.11.0"
+    assert request["Cmd"] == ["--model", "meta-llama/Llama-3.1-8B-Instruct"]
+    assert request["Env"] == ["HF_HUB_OFFLINE=1"]
+    assert request["Labels"] == {"vllm-gateway.instance": "gw1", "vllm-gateway.model": "llama-8b"}
+    assert request["ExposedPorts"] == {"8000/tcp": {}}
+    host = request["HostConfig"]
+    assert host["PortBindings"] == {"8000/tcp": [{"HostIp": "10.0.0.5", "HostPort": ""}]}
+    assert host["Binds"] == ["/srv/hf:/root/.cache/huggingface"]
+    assert host["ShmSize"] == 8 * 1024 ** 3
+    assert "DeviceRequests" not in host
+
+
+def test_a_configured_host_port_is_used() -> None:
+    request = create_request(model(host_port=18000), kind="docker", version=(28,),
+                             instance="gw1", publish_ip="127.0.0.1")
+    assert request["HostConfig"]["PortBindings"]["8000/tcp"][0]["HostPort"] == "18000"
+
+
+def test_container_models_are_refused_under_trio() -> None:
+    config = make_config([{"name": "m", "launcher": "container", "engine": "local",
+                           "image": "x"}], engines=ENGINES)
+
+    async def enter() -> None:
+        async with ContainerEngines(config).running():
+            pass
+
+    with pytest.raises(RuntimeError, match="asyncio"):
+        anyio.run(enter, backend="trio")
