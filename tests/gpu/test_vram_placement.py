@@ -24,7 +24,7 @@ if not torch.cuda.is_available():
 from backends.gpu import NvmlMemory  # noqa: E402
 from backends.pool import BackendPool, ModelState  # noqa: E402
 from backends.process import ProcessLauncher  # noqa: E402
-from tests.support import make_config  # noqa: E402
+from proxy.config import config_from_mapping  # noqa: E402
 
 HOLDER = str(Path(__file__).with_name("gpu_holder.py"))
 
@@ -42,8 +42,9 @@ def test_measured_vram_drives_the_swap() -> None:
     assert total is not None
     hold = int(total * 0.55)
     estimate = int(total * 0.45)
-    config = make_config([holder_model("a", hold, estimate), holder_model("b", hold, estimate)],
-                         gateway={"max_models_concurrent": 2, "placement_timeout": 60.0})
+    config = config_from_mapping(
+        {"models": [holder_model("a", hold, estimate), holder_model("b", hold, estimate)],
+         "gateway": {"max_models_concurrent": 2, "placement_timeout": 60.0}}, source="test")
     log: list[str] = []
 
     def report(step: str, pool: BackendPool) -> None:
