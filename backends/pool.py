@@ -109,8 +109,10 @@ LauncherFactory = Callable[[ModelSettings], Launcher]
 
 class BackendPool:
     def __init__(self, config: Config, *, launchers: LauncherFactory,
-                 gpu: GpuMemory | None = None) -> None:
+                 gpu: GpuMemory | None = None,
+                 on_ready: Callable[[str, float], None] | None = None) -> None:
         self.config = config
+        self.on_ready = on_ready
         self.gpu = gpu or ConfiguredMemory(config.gateway.gpu_memory_mb)
         self.backends = {m.name: Backend(m, launchers(m)) for m in config.models}
         self.max_models = config.gateway.max_models_concurrent
@@ -287,6 +289,7 @@ class BackendPool:
         log.info("model starting", model=backend.name, launcher=backend.settings.launcher,
                  launched_by=launched_by)
         timeout = backend.settings.startup_timeout
+        began = anyio.current_time()
         try:
             with anyio.fail_after(timeout):
                 address = await backend.launcher.start(helpers)
@@ -294,6 +297,8 @@ class BackendPool:
         except TimeoutError:
             raise LaunchError(f"not healthy within {timeout:g} s") from None
         self._measure(backend, before)
+        if self.on_ready is not None:
+            self.on_ready(backend.name, anyio.current_time() - began)
 
     async def _wait_healthy(self, backend: Backend, address: str) -> None:
         assert self._health is not None

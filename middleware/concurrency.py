@@ -4,9 +4,13 @@ Requests wait in FIFO order (anyio's semaphores are fair), each wait bounded by
 ``queue_timeout`` (then 503 with ``Retry-After``); a client that disconnects while waiting
 leaves at once. The slot is held until the inner app returns (the last byte was sent or the
 client is gone) and released exactly once. ``max_concurrent_total`` bounds all models together.
+The wait of a request that got its slot is observed (``gateway_queue_wait_seconds``) and left
+in ``state["queue_wait"]`` for the access log.
 """
 
 from __future__ import annotations
+
+import time
 
 import anyio
 
@@ -90,6 +94,7 @@ class ModelConcurrencyLimit:
         leave_queue = state.get("leave_queue", _nothing)
         slot = _Slot(self._sems[model], self._in_flight, model)
         watch = ClientWatch(receive)
+        began = time.perf_counter()
         try:
             if not slot.try_acquire():
                 # Not fail_after: a slot that came just as the time ran out is used, not refused.
@@ -106,6 +111,8 @@ class ModelConcurrencyLimit:
                     code="queue_timeout", retry_after=self.timeout,
                 ).send(send)
                 return
+            state["queue_wait"] = waited = time.perf_counter() - began
+            self.metrics.queue_wait(model).observe(waited)
             await self.app(scope, watch.receive, send)
         finally:
             slot.release()

@@ -6,6 +6,11 @@ response and to the backend, and is bound into structlog's context for every lin
 the request runs. A ``GatewayError`` raised by an inner layer is answered here in the OpenAI
 shape if nothing went out yet; any other exception gets a 500 the same way and is re-raised so
 the server logs it and, if the response had started, cuts the connection.
+
+The access line says what happened to the request: model, status, the wait for a slot, the time
+to the first byte and to the end, bytes sent, retries, and whether the client went away before
+the answer was complete. For a request that got a slot, the time to the first byte and the
+duration are observed per model as well.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ def _request_id(scope: Scope) -> str:
     return os.urandom(12).hex()
 
 
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
+
+
 class RequestContext:
     def __init__(self, app: ASGIApp, *, metrics: GatewayMetrics) -> None:
         self.app = app
@@ -51,9 +60,18 @@ class RequestContext:
         status = 0
         first_byte = 0.0
         sent = 0
+        complete = False
+        disconnected = False
+
+        async def receive_watched() -> Message:
+            nonlocal disconnected
+            message = await receive()
+            if message["type"] == "http.disconnect" and not complete:
+                disconnected = True
+            return message
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status, first_byte, sent
+            nonlocal status, first_byte, sent, complete, disconnected
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", ()), header]
@@ -61,12 +79,17 @@ class RequestContext:
                 if not first_byte:
                     first_byte = time.perf_counter()
                 sent += len(message.get("body", b""))
-            await send(message)
+                complete = not message.get("more_body", False)
+            try:
+                await send(message)
+            except OSError:  # servers that raise on a send after the client left
+                disconnected = True
+                raise
 
         structlog.contextvars.bind_contextvars(request_id=request_id)
         error = None
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive_watched, send_with_id)
         except GatewayError as exc:
             if status:
                 error = exc
@@ -79,15 +102,21 @@ class RequestContext:
                                    type="internal_error", code="internal_error").send(send_with_id)
             raise
         finally:
+            ended = time.perf_counter()
             model = state.get("model")
             name = model.name if model is not None else "-"
-            self.metrics.requests.labels(name, str(status) if status else "none").inc()
-            ended = time.perf_counter()
+            self.metrics.answered(name, str(status) if status else "none").inc()
+            queue_wait = state.get("queue_wait")
+            if queue_wait is not None:
+                if first_byte:
+                    self.metrics.first_byte(name).observe(first_byte - began)
+                self.metrics.request_duration(name).observe(ended - began)
             access_log.info(
                 "request", method=scope["method"], path=scope["path"], model=name,
                 status=status, bytes=sent, retries=state.get("retries", 0),
-                ttfb_ms=round((first_byte - began) * 1000, 2) if first_byte else None,
-                duration_ms=round((ended - began) * 1000, 2),
+                queue_wait_ms=_ms(queue_wait) if queue_wait is not None else None,
+                ttfb_ms=_ms(first_byte - began) if first_byte else None,
+                duration_ms=_ms(ended - began), client_disconnected=disconnected,
                 client=scope["client"][0] if scope.get("client") else None,
                 error=repr(error) if error else None)
             structlog.contextvars.unbind_contextvars("request_id")

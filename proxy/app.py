@@ -1,10 +1,19 @@
-"""Assembling the gateway: the layers in the order of the architecture, and its lifespan.
+"""Assembling the gateway: the layers in the order of the architecture, its lifespan, and its
+graceful stop.
 
-Outermost first: request context, then either one of the gateway's own routes or, for the
-OpenAI paths that are forwarded, admission -> queue depth -> per-model semaphores -> retry ->
-streaming passthrough -> backend pool. Everything that runs in the background (the pool, its
-reaper, the model servers) lives inside ``Gateway.running()``; the ASGI lifespan enters it, and
-an application that mounts the gateway enters it from its own lifespan.
+Outermost first: request context, then one of three surfaces. The open routes (``/health``,
+``/ready``, ``/metrics``) answer anyone; ``/admin`` answers the operator's token
+(``proxy.admin``); everything else is the clients' surface, behind their API keys when there are
+keys: the model list, and the OpenAI paths of ``FORWARDED``, which go on through draining ->
+admission -> queue depth -> per-model semaphores -> retry -> streaming passthrough -> backend
+pool. No other path reaches a backend: vLLM's development endpoints (``/sleep``,
+``/collective_rpc``, ``/v1/load_lora_adapter``, ...) are 404 here.
+
+Everything that runs in the background (the pool, its reaper, the model servers) lives inside
+``Gateway.running()``; the ASGI lifespan enters it, and an application that mounts the gateway
+enters it from its own lifespan. ``wind_down()`` is the graceful stop that ``vllm-gateway
+serve`` runs on SIGTERM before the server closes: stop admitting, let what is in flight finish
+within ``gateway.shutdown_grace``, end the rest.
 """
 
 from __future__ import annotations
@@ -13,37 +22,51 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
+import structlog
 
+from backends.container import ContainerEngines
 from backends.gpu import GpuMemory, probe_gpus
+from backends.launcher import Launcher
 from backends.pool import BackendPool, LauncherFactory
 from backends.process import ProcessLauncher
 from backends.static import StaticLauncher
 from middleware.admission import Admission
+from middleware.auth import ClientKeys
 from middleware.concurrency import ModelConcurrencyLimit
+from middleware.draining import Draining
 from middleware.queue_depth import QueueDepthLimit
 from middleware.request_context import RequestContext
 from middleware.retry import RetryConnectFailures
 
 from . import routes
+from .admin import AdminApi
 from .config import Config, ModelSettings
-from .errors import GatewayError
 from .metrics import GatewayMetrics
 from .passthrough import StreamingPassthrough
-from .types import Receive, Scope, Send
+from .routes import EnginePings, method_not_allowed, no_route
+from .types import ASGIApp, Receive, Scope, Send
 from .upstream import make_client
+
+log = structlog.get_logger("gateway")
 
 FORWARDED = frozenset({
     "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
     "/v1/rerank", "/v1/score", "/tokenize", "/detokenize",
 })
+# Seconds the requests ended after the grace get to send their last words (an SSE error event
+# to a client that reads slowly) before the server closes what is left.
+END_TIMEOUT = 2.0
 
 
-def default_launchers(model: ModelSettings) -> object:
-    if model.launcher == "process":
-        return ProcessLauncher(model)
-    if model.launcher == "static":
-        return StaticLauncher(model)
-    raise NotImplementedError(f"launcher {model.launcher!r}")
+def launchers_for(engines: ContainerEngines) -> LauncherFactory:
+    def launcher(model: ModelSettings) -> Launcher:
+        if model.launcher == "process":
+            return ProcessLauncher(model)
+        if model.launcher == "static":
+            return StaticLauncher(model)
+        return engines.launcher(model)
+
+    return launcher
 
 
 class Gateway:
@@ -54,31 +77,67 @@ class Gateway:
         self.config = config
         self.metrics = GatewayMetrics()
         self.gpu = gpu
-        self.pool = BackendPool(config, launchers=launchers or default_launchers, gpu=gpu)
+        self.engines = ContainerEngines(config)
+        self.engine_pings = EnginePings(self.engines)
+        self.pool = BackendPool(config, launchers=launchers or launchers_for(self.engines),
+                                gpu=gpu, on_ready=self._started)
+        self.metrics.watch_pool(self.pool)
         self.client = make_client(config)
         self.running_now = False
-        self.draining = False
         passthrough = StreamingPassthrough(pool=self.pool, client=self.client)
         retry = RetryConnectFailures(passthrough, config=config, metrics=self.metrics)
         self.semaphores = ModelConcurrencyLimit(retry, config=config, metrics=self.metrics)
         self.queue = QueueDepthLimit(self.semaphores, config=config, metrics=self.metrics)
-        self._forward = Admission(self.queue, config=config)
+        self._draining = Draining(Admission(self.queue, config=config))
+        self._clients: ASGIApp = self._client_routes
+        if config.client_keys:
+            self._clients = ClientKeys(self._client_routes, keys=config.client_keys)
+        self.admin = AdminApi(self)
         self._app = RequestContext(self._route, metrics=self.metrics)
 
-    def is_ready(self) -> bool:
-        return self.running_now and not self.draining
+    def _started(self, model: str, seconds: float) -> None:
+        self.metrics.start_duration(model).observe(seconds)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining.draining
+
+    @property
+    def in_flight(self) -> int:
+        """Forwarded requests in the gateway now: queued, waiting for a start, or answering."""
+        return self._draining.in_flight
+
+    def drain(self) -> None:
+        """Take no more requests (``/ready`` and new requests answer 503); for good."""
+        if not self.draining:
+            log.info("draining", in_flight=self.in_flight)
+        self._draining.drain()
+
+    def end_in_flight(self) -> None:
+        """End the requests in flight now (a stream gets an SSE error event)."""
+        self._draining.end_in_flight()
+
+    async def wind_down(self) -> None:
+        """Drain, let what is in flight finish within ``gateway.shutdown_grace``, end the rest."""
+        self.drain()
+        with anyio.move_on_after(self.config.gateway.shutdown_grace):
+            await self._draining.until_idle()
+        self.end_in_flight()
+        with anyio.move_on_after(END_TIMEOUT):
+            await self._draining.until_idle()
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Gateway]:
         if self.gpu is None:
             self.gpu = self.pool.gpu = probe_gpus(self.config.gateway.gpu_memory_mb)
         try:
-            async with self.pool.running():
+            async with self.engines.running(), self.pool.running():
                 self.running_now = True
                 try:
                     yield self
                 finally:
                     self.running_now = False
+                    self.engines.begin_shutdown()
         finally:
             with anyio.CancelScope(shield=True):
                 await self.client.aclose()
@@ -97,20 +156,29 @@ class Gateway:
         if root and path.startswith(root):
             path = path[len(root):]
             scope = {**scope, "path": path}
-        method = scope["method"]
+        handler = routes.OPEN_ROUTES.get(path)
+        if handler is not None:
+            await self._get(handler, scope, send)
+        elif path == "/admin" or path.startswith("/admin/"):
+            await self.admin(scope, receive, send)
+        else:
+            await self._clients(scope, receive, send)
+
+    async def _client_routes(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
         if path in FORWARDED:
-            if method != "POST":
-                raise GatewayError(405, f"{path} accepts POST only.",
-                                   type="invalid_request_error", code="method_not_allowed")
-            await self._forward(scope, receive, send)
+            if scope["method"] != "POST":
+                raise method_not_allowed(path, "POST")
+            await self._draining(scope, receive, send)
             return
-        handler = routes.GET_ROUTES.get(path)
+        handler = routes.CLIENT_ROUTES.get(path)
         if handler is None:
-            raise GatewayError(404, f"No route {path}.", type="invalid_request_error",
-                               code="not_found")
-        if method not in ("GET", "HEAD"):
-            raise GatewayError(405, f"{path} accepts GET only.", type="invalid_request_error",
-                               code="method_not_allowed")
+            raise no_route(path)
+        await self._get(handler, scope, send)
+
+    async def _get(self, handler: routes.Handler, scope: Scope, send: Send) -> None:
+        if scope["method"] not in ("GET", "HEAD"):
+            raise method_not_allowed(scope["path"], "GET")
         await handler(self, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

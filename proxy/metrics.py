@@ -1,21 +1,44 @@
 """Prometheus metrics of one gateway, on a registry of its own (several apps can share a process).
 
-Gauges that mirror a counter kept by a layer (queue depth, in flight) are read at scrape time
-from that layer, so the number exposed is the number in force and is changed in one place only.
+Figures that a layer or the pool already keeps (queue depth, in flight, each model's state,
+starts, evictions, measured VRAM) are read at scrape time from their owner, so the number
+exposed is the number in force and is changed in one place only. What only exists as an event
+(a request's timings, a rejection) is counted here, on children resolved once per label set:
+``.labels()`` formats and locks on every call, so the hot path never calls it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from importlib.metadata import version
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from backends.pool import BackendPool, ModelState
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MIB = 1024 * 1024
 
 # The *_created series double every counter on the hot scrape path and nobody graphs them.
 disable_created_metrics()
+
+# Seconds. A slot comes in milliseconds or after up to queue_timeout (60 s by default); a first
+# token in milliseconds to a minute; a whole answer up to upstream.timeout; vLLM starts in tens
+# of seconds to many minutes.
+QUEUE_WAIT_BUCKETS = (.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120)
+FIRST_BYTE_BUCKETS = (.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120)
+DURATION_BUCKETS = (.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+START_BUCKETS = (.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200)
 
 PerModel = Callable[[], Iterable[tuple[str, float]]]
 
@@ -35,6 +58,51 @@ class _ReadAtScrape(Collector):
             yield family
 
 
+class _PoolAtScrape(Collector):
+    """Each model's state, starts, evictions and measured VRAM, as the pool has them now."""
+
+    def __init__(self, pool: BackendPool) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        state = GaugeMetricFamily("gateway_backend_state",
+                                  "1 for the state each model's backend is in, 0 for the others.",
+                                  labels=["model", "state"])
+        starts = CounterMetricFamily("gateway_cold_starts_total",
+                                     "Times a model's server was started and became ready.",
+                                     labels=["model"])
+        evictions = CounterMetricFamily("gateway_evictions_total",
+                                        "Times an idle model was stopped to make room for another.",
+                                        labels=["model"])
+        vram = GaugeMetricFamily("gateway_backend_measured_vram_bytes",
+                                 "GPU memory a model took when it started, as measured (NVML).",
+                                 labels=["model"])
+        for name, backend in self.pool.backends.items():
+            for each in ModelState:
+                state.add_metric([name, each.value], 1.0 if backend.state is each else 0.0)
+            starts.add_metric([name], backend.starts)
+            evictions.add_metric([name], backend.evictions)
+            if backend.measured_vram_mb is not None:
+                vram.add_metric([name], backend.measured_vram_mb * MIB)
+        yield from (state, starts, evictions, vram)
+
+
+class _Children:
+    """The children of a labelled family, each resolved on first use and kept."""
+
+    __slots__ = ("_children", "_family")
+
+    def __init__(self, family: Counter | Histogram) -> None:
+        self._family = family
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *labels: str) -> Any:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self._family.labels(*labels)
+        return child
+
+
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -49,13 +117,38 @@ class GatewayMetrics:
         self.retries = Counter(
             "gateway_upstream_retries_total", "Upstream attempts repeated after a connect failure.",
             ["model"], registry=self.registry)
+        self.answered = _Children(self.requests)
+        self._rejected = _Children(self.rejected)
+        self.queue_wait = _Children(Histogram(
+            "gateway_queue_wait_seconds", "Seconds a request waited for a slot of its model.",
+            ["model"], buckets=QUEUE_WAIT_BUCKETS, registry=self.registry))
+        self.first_byte = _Children(Histogram(
+            "gateway_time_to_first_byte_seconds",
+            "Seconds from a request's arrival to the first byte of its answer's body (for a "
+            "stream, about the first token), for requests that got a slot.",
+            ["model"], buckets=FIRST_BYTE_BUCKETS, registry=self.registry))
+        self.request_duration = _Children(Histogram(
+            "gateway_request_duration_seconds",
+            "Seconds from a request's arrival to the end of its answer, for requests that got "
+            "a slot.", ["model"], buckets=DURATION_BUCKETS, registry=self.registry))
+        self.start_duration = _Children(Histogram(
+            "gateway_backend_start_seconds",
+            "Seconds from the request that started a stopped model until it was ready (room "
+            "made, server started, healthy).", ["model"], buckets=START_BUCKETS,
+            registry=self.registry))
+        Gauge("gateway_build_info", "The gateway's version; always 1.", ["version"],
+              registry=self.registry).labels(version("vllm-gateway")).set(1)
 
     def gauge(self, name: str, documentation: str, read: PerModel) -> None:
         """Expose a per-model figure that a layer owns; read when Prometheus scrapes."""
         self._gauges.add(name, documentation, read)
 
+    def watch_pool(self, pool: BackendPool) -> None:
+        """Expose the pool's per-model figures; read when Prometheus scrapes."""
+        self.registry.register(_PoolAtScrape(pool))
+
     def reject(self, model: str, reason: str) -> None:
-        self.rejected.labels(model, reason).inc()
+        self._rejected(model, reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

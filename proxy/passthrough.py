@@ -67,12 +67,17 @@ class StreamingPassthrough:
         self.client = client
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The client is watched from the first wait on: a cold start and a backend that is slow
+        # to answer are waits it may leave, and its leaving cancels them at once.
+        await ClientWatch(receive).run(lambda: self._forward(scope, send))
+
+    async def _forward(self, scope: Scope, send: Send) -> None:
         state = request_state(scope)
         model = state["model"]
         async with self.pool.lease(model.name) as backend:
             response = await self._open(scope, state, backend.address, model.name)
             try:
-                await ClientWatch(receive).run(lambda: self._relay(response, send, model.name))
+                await self._relay(response, send, model.name)
             finally:
                 with anyio.CancelScope(shield=True):
                     await response.aclose()

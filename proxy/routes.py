@@ -1,15 +1,43 @@
-"""The gateway's own routes: liveness, readiness, metrics and the model list."""
+"""The gateway's own routes: liveness, readiness, metrics and the model list.
+
+``/health`` says the process serves HTTP, nothing more (a liveness probe that failed while a
+model is down would restart the gateway for nothing). ``/ready`` says it should get traffic: it
+runs, it is not draining, and every container engine it uses answers a ping, asked at most once
+a second however often the probes come.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+import aiodocker
+import aiohttp
+import anyio
+
+from backends.container import ContainerEngines, Engine
+
+from .errors import GatewayError, not_found
 from .metrics import CONTENT_TYPE
 from .types import Send
 
 if TYPE_CHECKING:
     from .app import Gateway
+
+# Seconds: a probe's own timeout is commonly 1 s, and a ping's answer is kept as long.
+PING_TIMEOUT = 1.0
+PING_TTL = 1.0
+
+
+def no_route(path: str) -> GatewayError:
+    return not_found(f"No route {path}.")
+
+
+def method_not_allowed(path: str, method: str) -> GatewayError:
+    return GatewayError(405, f"{path} accepts {method} only.", type="invalid_request_error",
+                        code="method_not_allowed", should_retry=False)
 
 
 async def respond(send: Send, status: int, body: bytes, content_type: bytes) -> None:
@@ -22,15 +50,50 @@ async def respond_json(send: Send, status: int, payload: object) -> None:
     await respond(send, status, json.dumps(payload).encode(), b"application/json")
 
 
+async def _answers(engine: Engine) -> bool:
+    """Whether the engine answers ``GET /_ping``. aiodocker has no public ping, and its
+    ``version()`` takes a second on Podman 4, so the ping goes through its request method
+    (unversioned: asking for the API version would call ``/version`` first)."""
+    with anyio.move_on_after(PING_TIMEOUT):
+        try:
+            async with engine.api._query("_ping", versioned_api=False):
+                return True  # an error status raised DockerError
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError):
+            return False
+    return False
+
+
+class EnginePings:
+    """Which container engines do not answer, found out at most once per ``PING_TTL``."""
+
+    def __init__(self, engines: ContainerEngines) -> None:
+        self.engines = engines
+        self._pinged_at = -math.inf
+        self._silent: list[str] = []
+
+    async def silent(self) -> list[str]:
+        if anyio.current_time() - self._pinged_at >= PING_TTL:
+            self._silent = [name for name, engine in self.engines.engines.items()
+                            if not await _answers(engine)]
+            self._pinged_at = anyio.current_time()
+        return self._silent
+
+
 async def health(gateway: Gateway, send: Send) -> None:
     await respond_json(send, 200, {"status": "ok"})
 
 
 async def ready(gateway: Gateway, send: Send) -> None:
-    if gateway.is_ready():
-        await respond_json(send, 200, {"status": "ready"})
+    if not gateway.running_now:
+        reason = "not started"
+    elif gateway.draining:
+        reason = "draining"
+    elif silent := await gateway.engine_pings.silent():
+        reason = f"container engine not answering: {', '.join(silent)}"
     else:
-        await respond_json(send, 503, {"status": "not ready"})
+        await respond_json(send, 200, {"status": "ready"})
+        return
+    await respond_json(send, 503, {"status": "not ready", "reason": reason})
 
 
 async def metrics(gateway: Gateway, send: Send) -> None:
@@ -43,4 +106,8 @@ async def models(gateway: Gateway, send: Send) -> None:
     await respond_json(send, 200, {"object": "list", "data": data})
 
 
-GET_ROUTES = {"/health": health, "/ready": ready, "/metrics": metrics, "/v1/models": models}
+Handler = Callable[["Gateway", Send], Awaitable[None]]
+# Open to anyone who reaches the gateway: probes and the scraper carry no key.
+OPEN_ROUTES: dict[str, Handler] = {"/health": health, "/ready": ready, "/metrics": metrics}
+# Behind the client API keys, when there are keys.
+CLIENT_ROUTES: dict[str, Handler] = {"/v1/models": models}

@@ -62,6 +62,7 @@ def simulator(*args: str, model: str = "sim", port: int = 0,
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        proc.stdout.close()
 
 
 def wait_until(check: Any, timeout: float = 10.0, interval: float = 0.02) -> None:

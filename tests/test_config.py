@@ -54,7 +54,7 @@ def assert_names(message: str, key: str, value: str, source: str, allowed: str) 
 
 @pytest.mark.parametrize(("doc", "key", "value", "allowed"), [
     ({"gatway": {"bind": "127.0.0.1:1"}}, "gatway", "{'bind': '127.0.0.1:1'}",
-     "allowed keys: gateway, upstream, admin, engines, models"),
+     "allowed keys: gateway, upstream, admin, auth, engines, models"),
     ({"gateway": {"max_concurent": 5}}, "gateway.max_concurent", "5", "max_concurrent"),
     ({"upstream": {"read_timeout": 5.0}}, "upstream.read_timeout", "5.0", "timeout"),
     ({"admin": {"password": "x"}}, "admin.password", "'x'", "allowed keys: token"),

@@ -4,8 +4,8 @@ with VLLM_GATEWAY_TEST_REQUIRE_ENGINE=1 (CI) they fail instead."""
 
 from __future__ import annotations
 
-import os
 import json
+import os
 
 import httpx2
 import pytest

@@ -109,8 +109,10 @@ url = "{backend_url}"
                 async with anyio.create_task_group() as tg:
                     for _ in range(1000):
                         tg.start_soon(one)
+                    # The excess is refused at once; the admitted reach the backend once the
+                    # model's first health check passes.
                     with anyio.fail_after(60):
-                        while len(statuses) < 750:
+                        while len(statuses) < 750 or backend.received < 50:
                             await anyio.sleep(0.05)
                     metrics = (await client.get(url + "/metrics")).text
                     assert backend.received == 50

@@ -68,3 +68,33 @@ async def test_request_id_is_echoed_and_forwarded() -> None:
 def test_wait_until_helper_reports_failure() -> None:
     with pytest.raises(AssertionError):
         wait_until(lambda: False, timeout=0.05)
+
+
+async def test_leaving_before_the_first_byte_frees_the_slot_and_aborts_the_generation() -> None:
+    # A non-streamed answer of 20 tokens at 2 tokens/s: the headers would come after 10 s.
+    config = make_config([sim_model("slow", "--tokens-per-second", "2")])
+    async with serving(config) as (url, gateway), httpx2.AsyncClient(timeout=30) as client:
+        await gateway.pool.load("slow")
+        with anyio.move_on_after(0.5):
+            await client.post(url + "/v1/chat/completions", json=chat("slow", max_tokens=20))
+        backend = gateway.pool.backends["slow"]
+        with anyio.fail_after(2):
+            while gateway.semaphores.in_flight("slow") or backend.leases:
+                await anyio.sleep(0.01)
+        stats_url = backend.address + "/sim/stats"
+        with anyio.fail_after(2):
+            while (await client.get(stats_url)).json()["aborted"] != 1:
+                await anyio.sleep(0.02)
+
+
+async def test_leaving_during_a_cold_start_frees_the_slot_and_the_start_goes_on() -> None:
+    config = make_config([sim_model("cold", "--startup-delay", "1.5")])
+    async with serving(config) as (url, gateway), httpx2.AsyncClient(timeout=30) as client:
+        with anyio.move_on_after(0.3):
+            await client.post(url + "/v1/chat/completions", json=chat("cold"))
+        with anyio.fail_after(1):
+            while gateway.semaphores.in_flight("cold") or gateway.pool.backends["cold"].waiting:
+                await anyio.sleep(0.01)
+        response = await client.post(url + "/v1/chat/completions", json=chat("cold"))
+        assert response.status_code == 200
+        assert gateway.pool.backends["cold"].starts == 1

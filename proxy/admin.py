@@ -1,0 +1,131 @@
+"""The operator's API under ``/admin``: the models and their state, load, unload, drain.
+
+It exists only when ``[admin] token`` (or ``GATEWAY_ADMIN_TOKEN``) is set; otherwise ``/admin``
+is an unknown path (404) like any other. Every request must carry ``Authorization: Bearer
+TOKEN``: none gets 401, another token 403 (compared as in ``middleware.auth``). Errors have the
+OpenAI shape.
+
+- ``GET /admin/models``: each model's state, leases, queue depth, requests in flight, last use,
+  VRAM, address, launcher and last failure; and whether the gateway drains.
+- ``POST /admin/models/{name}/load``: start the model as a request would; answers once it is
+  ready (or with the error a request would get).
+- ``POST /admin/models/{name}/unload``: no new leases, those in flight finish, then the server
+  stops; answers once it has stopped. A request that comes meanwhile starts it again.
+- ``POST /admin/drain``: the whole gateway stops taking requests, as on SIGTERM, but keeps
+  running; answers at once (202). ``GET /admin/models`` then shows what is still in flight.
+
+A model's name may hold slashes (``org/model``): the name is what lies between
+``/admin/models/`` and the last segment.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from middleware.auth import Keys, bearer_token
+from middleware.draining import shutting_down
+
+from .errors import GatewayError, not_found
+from .routes import method_not_allowed, no_route, respond_json
+from .types import Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+MODELS = "/admin/models"
+
+
+class AdminApi:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        token = gateway.config.admin.token
+        self.token = Keys([token]) if token else None
+        self._actions: dict[str, Callable[[str], Awaitable[None]]] = {
+            "load": self._load, "unload": self._unload}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        if self.token is None:
+            raise no_route(path)
+        token = bearer_token(scope)
+        if token is None:
+            raise GatewayError(401, "The admin API needs 'Authorization: Bearer TOKEN'.",
+                               type="authentication_error", code="missing_admin_token",
+                               should_retry=False)
+        if token not in self.token:
+            raise GatewayError(403, "The admin token is not the configured one.",
+                               type="permission_error", code="invalid_admin_token",
+                               should_retry=False)
+        if path == MODELS:
+            _allow(scope, "GET")
+            await respond_json(send, 200, self._models())
+        elif path == "/admin/drain":
+            _allow(scope, "POST")
+            self.gateway.drain()
+            await respond_json(send, 202, {"status": "draining",
+                                           "in_flight": self.gateway.in_flight})
+        else:
+            await self._model_action(scope, send)
+
+    async def _model_action(self, scope: Scope, send: Send) -> None:
+        path = scope["path"]
+        name, _, action = path.removeprefix(MODELS + "/").rpartition("/")
+        run = self._actions.get(action)
+        if not path.startswith(MODELS + "/") or not name or run is None:
+            raise no_route(path)
+        _allow(scope, "POST")
+        model = self.gateway.config.by_name.get(name)
+        if model is None:
+            raise not_found(f"The model '{name}' does not exist.", code="model_not_found")
+        await run(model.name)
+        await respond_json(send, 200, self._model(model.name))
+
+    async def _load(self, name: str) -> None:
+        if self.gateway.draining:
+            raise shutting_down()
+        await self.gateway.pool.load(name)
+
+    async def _unload(self, name: str) -> None:
+        # Shielded: the pool's unload marks the model draining first, and a cancellation
+        # during that wait would leave it draining, neither serving nor stopped.
+        with anyio.CancelScope(shield=True):
+            await self.gateway.pool.unload(name)
+
+    def _models(self) -> dict[str, Any]:
+        return {"object": "list", "draining": self.gateway.draining,
+                "in_flight": self.gateway.in_flight,
+                "data": [self._model(name) for name in self.gateway.pool.backends]}
+
+    def _model(self, name: str) -> dict[str, Any]:
+        backend = self.gateway.pool.backends[name]
+        return {
+            "name": name,
+            "state": backend.state.value,
+            "launcher": backend.settings.launcher,
+            "address": backend.address,
+            "leases": backend.leases,
+            "queue_depth": self.gateway.queue.depth(name),
+            "in_flight": self.gateway.semaphores.in_flight(name),
+            "last_used": _wall_clock(backend.last_used),
+            "vram_mb": backend.vram_mb,
+            "measured_vram_mb": backend.measured_vram_mb,
+            "starts": backend.starts,
+            "evictions": backend.evictions,
+            "failure": backend.failure,
+        }
+
+
+def _allow(scope: Scope, method: str) -> None:
+    if scope["method"] != method:
+        raise method_not_allowed(scope["path"], method)
+
+
+def _wall_clock(loop_time: float) -> float | None:
+    """A time of the event loop's clock as Unix time; the pool's 0 (never) as None."""
+    if not loop_time:
+        return None
+    return round(time.time() - (anyio.current_time() - loop_time), 3)
