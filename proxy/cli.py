@@ -7,6 +7,7 @@ and one line that names the key, the value, where it came from and what is allow
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import signal
@@ -19,9 +20,13 @@ from hypercorn.config import Config as HypercornConfig
 
 from .app import build_app
 from .config import Config, ConfigError, effective, load_config
+from .forwarded import behind_proxies
 from .logs import configure_logging
 
 EXIT_CONFIG = 2
+# Seconds the server gives the connections still open after the wind-down (an admin call, a
+# scrape) before it cancels them and the lifespan stops the models.
+CLOSE_TIMEOUT = 5.0
 WORKERS = ("asyncio", "uvloop", "trio")
 
 
@@ -48,27 +53,48 @@ def _load(path: str | None, bind: str | None = None) -> Config:
 def _hypercorn_config(config: Config) -> HypercornConfig:
     hc = HypercornConfig()
     hc.bind = [config.gateway.bind]
-    hc.graceful_timeout = config.gateway.shutdown_grace
+    # The gateway winds down by itself first (``_serve``): what is left is closed quickly.
+    hc.graceful_timeout = CLOSE_TIMEOUT
     hc.backlog = config.gateway.backlog
+    hc.keep_alive_timeout = config.gateway.keep_alive_timeout
     hc.accesslog = None
     hc.errorlog = "-"
     return hc
 
 
 async def _serve(config: Config, worker: str) -> None:
-    app = build_app(config)
+    gateway = build_app(config)
+    app = behind_proxies(gateway, config.gateway.trusted_proxies)
     hc = _hypercorn_config(config)
     stop = anyio.Event()
+    log = structlog.get_logger("gateway")
 
-    async def on_signal() -> None:
+    async def on_signals() -> None:
+        # The first signal winds down within the grace (the server keeps answering meanwhile:
+        # /ready and new requests get 503, so a balancer moves on); a second one ends the
+        # requests still in flight at once. This task ends by itself once the server may stop:
+        # cancelling a task still running here would cancel _serve on Python 3.11, whose
+        # asyncio.TaskGroup (in hypercorn) leaves the task marked as cancelling.
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
-                structlog.get_logger("gateway").info("shutting down", signal=signum.name)
-                stop.set()
-                return
+                log.info("shutting down", signal=signum.name, in_flight=gateway.in_flight,
+                         grace_s=config.gateway.shutdown_grace)
+                break
+
+            async def end_at_once() -> None:
+                async for signum in signals:
+                    log.warning("shutting down now", signal=signum.name,
+                                in_flight=gateway.in_flight)
+                    gateway.end_in_flight()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(end_at_once)
+                await gateway.wind_down()
+                tg.cancel_scope.cancel()
+        stop.set()
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(on_signal)
+        tg.start_soon(on_signals)
         if worker == "trio":
             from hypercorn.trio import serve as hypercorn_serve
         else:
@@ -77,10 +103,30 @@ async def _serve(config: Config, worker: str) -> None:
         tg.cancel_scope.cancel()
 
 
-def serve(config: Config, worker: str) -> None:
-    configure_logging(config.gateway.log_format)
+def _is_loopback(bind: str) -> bool:
+    host = bind.rpartition(":")[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return host == "localhost"
+
+
+def log_start_up(config: Config) -> None:
+    """The effective configuration, secrets masked, and a loud warning when any client that
+    can reach the gateway may use it: it listens beyond loopback with no client API keys."""
     log = structlog.get_logger("gateway")
     log.info("effective configuration", config=effective(config))
+    if config.client_keys:
+        log.info("client API keys required", keys=len(config.client_keys))
+    elif not _is_loopback(config.gateway.bind):
+        log.warning("ANYONE WHO CAN REACH THIS ADDRESS CAN USE EVERY MODEL: the gateway listens "
+                    "beyond loopback with no client API keys; set [auth] api_keys or "
+                    "api_keys_file", bind=config.gateway.bind)
+
+
+def serve(config: Config, worker: str) -> None:
+    configure_logging(config.gateway.log_format)
+    log_start_up(config)
     if worker == "trio":
         anyio.run(_serve, config, worker, backend="trio")
     else:

@@ -10,9 +10,9 @@ for the other single sections, and the names operators already use: ``GATEWAY_HT
 the file. Any other ``GATEWAY_*`` variable is refused as unknown, and so are two variables for
 one key.
 
-``effective()`` is what ``check-config`` prints and the start-up log holds: ``admin.token``
-and whatever in a model's ``env``, ``command``, ``args`` or URL looks like a credential
-(``HF_TOKEN``, ``--api-key X``, ``user:password@``) are masked.
+``effective()`` is what ``check-config`` prints and the start-up log holds: ``admin.token``,
+``auth.api_keys`` and whatever in a model's ``env``, ``command``, ``args`` or URL looks like a
+credential (``HF_TOKEN``, ``--api-key X``, ``user:password@``) are masked.
 """
 
 from __future__ import annotations
@@ -76,6 +76,12 @@ class GatewaySettings:
     gpu_memory_mb: int | None = _spec(None, lo=1, hi=10_000_000)
     instance: str = _spec("default")
     log_format: str = _spec("auto", choices=("auto", "json", "console"))
+    # Seconds an idle client connection stays open: above a proxy's own upstream keep-alive
+    # (nginx: 60 s), so that the proxy, never the gateway, closes an idle connection; otherwise
+    # the proxy may send a request down a connection the gateway is closing and answer 502.
+    keep_alive_timeout: float = _spec(75.0, lo=0.001, hi=DAY)
+    # Peers (addresses or networks) whose X-Forwarded-For/-Proto/-Host are believed.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -140,14 +146,24 @@ class AdminSettings:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class AuthSettings:
+    # Client API keys: the OpenAI routes answer only requests that carry one of them. The
+    # file holds one key per line and is read once, at start-up (``Config.client_keys``).
+    api_keys: tuple[str, ...] = _spec((), secret=True)
+    api_keys_file: str | None = _spec(None)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Config:
     gateway: GatewaySettings
     upstream: UpstreamSettings
     admin: AdminSettings
+    auth: AuthSettings
     engines: Mapping[str, EngineSettings]
     models: tuple[ModelSettings, ...]
     source: str
     by_name: Mapping[str, ModelSettings]
+    client_keys: frozenset[str] = frozenset()
 
     @property
     def upstream_pool_size(self) -> int:
@@ -170,6 +186,7 @@ SECTIONS: dict[str, type] = {
     "gateway": GatewaySettings,
     "upstream": UpstreamSettings,
     "admin": AdminSettings,
+    "auth": AuthSettings,
 }
 
 
@@ -192,7 +209,7 @@ MASK = "***"
 SHOWN_CHARS = 80
 # Names that mark a secret in a model's env, command or args: HF_TOKEN, --api-key, PGPASSWORD;
 # a whole word, so that --max-num-batched-tokens is no secret.
-_SECRET_NAME = re.compile(r"(?<![a-z])(token|secret|api[-_]?key|credentials?)(?![a-z])|passw",
+_SECRET_NAME = re.compile(r"(?<![a-z])(token|secret|api[-_]?keys?|credentials?)(?![a-z])|passw",
                           re.IGNORECASE)
 
 
@@ -250,7 +267,7 @@ def _check_value(path: str, value: Any, hint: Any, meta: Mapping[str, Any],
                             sources)
     if origin is tuple:
         if not isinstance(value, list):
-            _fail(path, value, sources, _LIST_NAMES[args[0]])
+            _fail(path, MASK if meta["secret"] else value, sources, _LIST_NAMES[args[0]])
         return tuple(_check_scalar(f"{path}[{i}]", item, args[0], meta, sources)
                      for i, item in enumerate(value))
     if origin is Mapping:
@@ -292,7 +309,10 @@ def _table(data: dict[str, Any], section: str, sources: _Sources) -> dict[str, A
 
 
 def _env_value(raw: str, hint: Any) -> Any:
-    """The variable as the field's type; a string that is not one stays a string, refused later."""
+    """The variable as the field's type; a string that is not one stays a string, refused later.
+    A list is written comma-separated: ``GATEWAY_TRUSTED_PROXIES=127.0.0.1,10.0.0.0/8``."""
+    if typing.get_origin(hint) is tuple:
+        return [part.strip() for part in raw.split(",") if part.strip()]
     kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
     try:
         return kind(raw) if kind in (int, float) else raw
@@ -348,6 +368,54 @@ def _check_bind(bind: str, sources: _Sources) -> None:
     if not ok:
         _fail("gateway.bind", bind, sources, "HOST:PORT: a host name, an IPv4 address or an "
               "[IPv6] address, and a port from 1 to 65535")
+
+
+def _check_trusted_proxies(proxies: tuple[str, ...], sources: _Sources) -> None:
+    for i, proxy in enumerate(proxies):
+        try:
+            ipaddress.ip_network(proxy)
+        except ValueError:
+            raise ConfigError(
+                f"gateway.trusted_proxies[{i}] = {_show(proxy)} (from "
+                f"{sources.of('gateway.trusted_proxies')}): must be an IP address or a network "
+                "like 10.0.0.0/8 (no host bits set)") from None
+
+
+# A token as HTTP's bearer scheme allows it (RFC 6750), so that any client can send it as is.
+_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+TOKEN_RULE = "letters, digits and - . _ ~ + / (then = padding), as in an HTTP bearer token"
+
+
+def _check_token(path: str, token: str | None, sources: _Sources) -> None:
+    if token is not None and not _TOKEN.fullmatch(token):
+        _fail(path, MASK, sources, TOKEN_RULE)
+
+
+def _client_keys(auth: AuthSettings, sources: _Sources) -> frozenset[str]:
+    """The keys of ``auth.api_keys`` and of ``auth.api_keys_file`` (one per line; blank lines
+    and ``#`` comments are skipped). A file that holds no key is refused: it would lock out
+    every client."""
+    for i, key in enumerate(auth.api_keys):
+        _check_token(f"auth.api_keys[{i}]", key, sources)
+    keys = set(auth.api_keys)
+    if auth.api_keys_file is None:
+        return frozenset(keys)
+    path = "auth.api_keys_file"
+    where = f"{path} = {_show(auth.api_keys_file)} (from {sources.of(path)})"
+    try:
+        text = Path(auth.api_keys_file).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: is not UTF-8 text") from None
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
+    found = [(n, key) for n, key in lines if key and not key.startswith("#")]
+    if not found:
+        raise ConfigError(f"{where}: holds no API key; write one key per line")
+    for n, key in found:
+        if not _TOKEN.fullmatch(key):
+            raise ConfigError(f"{where}: line {n} is not an API key: must be {TOKEN_RULE}")
+    return frozenset(keys | {key for _, key in found})
 
 
 def _is_url(url: str, schemes: tuple[str, ...]) -> bool:
@@ -457,7 +525,7 @@ def _build_engines(raw: Any, sources: _Sources) -> Mapping[str, EngineSettings]:
     return types.MappingProxyType(engines)
 
 
-TOP_LEVEL = ("gateway", "upstream", "admin", "engines", "models")
+TOP_LEVEL = ("gateway", "upstream", "admin", "auth", "engines", "models")
 
 
 def config_from_mapping(data: dict[str, Any], *, source: str = "<mapping>",
@@ -480,11 +548,14 @@ def config_from_mapping(data: dict[str, Any], *, source: str = "<mapping>",
     sections = {name: _build(cls, data.get(name, {}), name, sources)
                 for name, cls in SECTIONS.items()}
     _check_bind(sections["gateway"].bind, sources)
+    _check_trusted_proxies(sections["gateway"].trusted_proxies, sources)
+    _check_token("admin.token", sections["admin"].token, sources)
+    client_keys = _client_keys(sections["auth"], sources)
     engines = _build_engines(data.get("engines", {}), sources)
     models = _build_models(data.get("models"), engines, sources)
     by_name = {key: m for m in models for key in (m.name, *m.aliases)}
     return Config(engines=engines, models=models, source=source,
-                  by_name=types.MappingProxyType(by_name), **sections)
+                  by_name=types.MappingProxyType(by_name), client_keys=client_keys, **sections)
 
 
 def config_path(cli_path: str | None, environ: Mapping[str, str]) -> tuple[Path, str]:
@@ -552,7 +623,7 @@ def effective(config: Config) -> dict[str, Any]:
         out = {}
         for field in dataclasses.fields(obj):
             value = getattr(obj, field.name)
-            if field.metadata.get("secret") and value is not None:
+            if field.metadata.get("secret") and value:  # an empty one shows that none is set
                 value = MASK
             elif field.name in _MASKS and value is not None:
                 value = _MASKS[field.name](value)

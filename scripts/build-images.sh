@@ -2,19 +2,23 @@
 # Build the container images the tests and deployment need, without any registry:
 #   localhost/vllm-gateway-base:bookworm  Debian bookworm (debootstrap) + python3 3.11 + aiohttp, uvloop
 #   localhost/vllm-gateway-sim:test       tests/containers/Containerfile.simulator + backends/
+#   localhost/vllm-gateway:latest         ./Containerfile: the gateway, from wheels built here
 # Each image carries a content-hash label; an image whose label matches is not rebuilt, so a warm
 # run takes under a second. Cold: 2-4 min (debootstrap 70-170 s, load-dependent). Run as root after
-# scripts/setup-podman.sh.
+# scripts/setup-podman.sh and scripts/bootstrap.sh (the gateway's wheels come from .venv's pip).
 #
 # Env: DEBIAN_MIRROR (default: this machine's apt source for bookworm),
 #      SIM_BASE (e.g. python:3.11-slim where a registry is reachable; skips the debootstrap image),
+#      IMAGE_BASE (the gateway image's base; default: SIM_BASE),
 #      BACKENDS_DIR (default: backends; the package copied into the simulator image).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 BASE_IMAGE=localhost/vllm-gateway-base:bookworm
 SIM_IMAGE=localhost/vllm-gateway-sim:test
+GATEWAY_IMAGE=localhost/vllm-gateway:latest
 SIM_BASE="${SIM_BASE:-$BASE_IMAGE}"
+IMAGE_BASE="${IMAGE_BASE:-$SIM_BASE}"
 BACKENDS_DIR="${BACKENDS_DIR:-backends}"
 SUITE=bookworm
 PKGS=python3,python3-venv,python3-pip,ca-certificates
@@ -34,6 +38,7 @@ id_of() { podman image inspect --format '{{.Id}}' "$1" 2>/dev/null || true; }
 [[ $(id -u) -eq 0 ]] || die "must run as root (rootful Podman, debootstrap)"
 for c in podman debootstrap; do command -v "$c" >/dev/null || die "$c missing: run scripts/setup-podman.sh"; done
 [[ -f $BACKENDS_DIR/__init__.py ]] || die "$BACKENDS_DIR is not a Python package"
+[[ -x .venv/bin/python ]] || die ".venv missing: run scripts/bootstrap.sh"
 
 # One build at a time (parallel test workers may all call this script).
 mkdir -p /run/lock
@@ -65,7 +70,7 @@ mirror() {
 
 # --- a. base image: key = recipe (suite, variant, packages, cleanup). The mirror is not part of it.
 t=$(now)
-if [[ $SIM_BASE == "$BASE_IMAGE" ]]; then
+if [[ $SIM_BASE == "$BASE_IMAGE" || $IMAGE_BASE == "$BASE_IMAGE" ]]; then
     key=$(printf '%s\n' "$SUITE" minbase "$PKGS" "$PY_PKGS" "rm-apt-caches v1" | sha256sum | cut -c1-16)
     if [[ $(key_of "$BASE_IMAGE") == "$key" ]]; then
         took "$BASE_IMAGE up to date" "$t"
@@ -117,5 +122,59 @@ else
         -f "$ctx/Containerfile" "$ctx" >/dev/null
     [[ -z $old ]] || podman rmi "$old" >/dev/null 2>&1 || true
     took "podman build $SIM_IMAGE" "$t"
+fi
+
+# --- c. gateway image. pip cannot reach PyPI inside `podman build` here, so the wheels are built
+# on the host into the staged context, pinned to the versions in .venv (the ones the tests ran
+# with), and ./Containerfile installs them with --no-index. Key: the project's files, the
+# Containerfile, the pins and the base image id; the wheels themselves are built only on a miss.
+t=$(now)
+ctx="$work/gateway-context"
+mkdir -p "$ctx/src"
+cp Containerfile "$ctx/Containerfile"
+tar -c --exclude=__pycache__ --exclude='*.pyc' pyproject.toml README.md proxy middleware backends |
+    tar -C "$ctx/src" -x
+# The runtime dependencies of vllm-gateway in .venv, followed through their requirements.
+.venv/bin/python - >"$work/pins.txt" <<'PY'
+from importlib.metadata import distribution
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+pins, todo = {}, [("vllm-gateway", frozenset({""}))]
+while todo:
+    name, extras = todo.pop()
+    dist = distribution(name)
+    key = canonicalize_name(dist.metadata["Name"])
+    if key in pins and extras <= pins[key][1]:
+        continue
+    pins[key] = (dist.version, pins.get(key, ("", frozenset()))[1] | extras)
+    for req in map(Requirement, dist.requires or []):
+        if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in extras):
+            todo.append((req.name, frozenset({"", *req.extras})))
+pins.pop("vllm-gateway")
+print("\n".join(f"{name}=={version}" for name, (version, _) in sorted(pins.items())))
+PY
+# README.md only feeds the wheel's description: editing it does not rebuild the image.
+key=$({ echo "$IMAGE_BASE $(id_of "$IMAGE_BASE")"; cat "$work/pins.txt"
+        cd "$ctx" && find . -type f ! -path ./src/README.md -print0 | LC_ALL=C sort -z |
+            xargs -0 sha256sum; } | sha256sum | cut -c1-16)
+if [[ $(key_of "$GATEWAY_IMAGE") == "$key" ]]; then
+    took "$GATEWAY_IMAGE up to date" "$t"
+else
+    # The project's own wheel is built from the staged copy: nothing is written into the tree.
+    .venv/bin/python -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$ctx/wheels" \
+        --constraint "$work/pins.txt" "$ctx/src" 2>"$work/pip.log" ||
+        { tail -n 30 "$work/pip.log" >&2; die "pip wheel of the gateway failed"; }
+    rm -rf "$ctx/src"
+    took "pip wheel (host) for $GATEWAY_IMAGE" "$t"
+    t=$(now)
+    old=$(id_of "$GATEWAY_IMAGE")
+    # docker format: the OCI format drops the HEALTHCHECK. --layers=false: no image of the
+    # build stage is left behind (the key already decides when to build).
+    podman build --quiet --layers=false --format docker --build-arg "BASE=$IMAGE_BASE" \
+        --label "$LABEL=$key" -t "$GATEWAY_IMAGE" -f "$ctx/Containerfile" "$ctx" >/dev/null
+    [[ -z $old ]] || podman rmi "$old" >/dev/null 2>&1 || true
+    took "podman build $GATEWAY_IMAGE" "$t"
 fi
 took "total" "$t_all"

@@ -1,0 +1,33 @@
+"""The gateway for an ASGI server's own command line:
+
+    GATEWAY_CONFIG=config.toml hypercorn --config deploy/hypercorn.toml proxy.asgi:app
+
+The configuration is read and validated at import, as ``vllm-gateway serve`` reads it: the file
+named by ``GATEWAY_CONFIG`` (else ``./config.toml``) with the ``GATEWAY_*`` overrides; a bad one
+exits with status 2 and its one-line message. The server's settings are then the server's own
+(hypercorn's ``bind``, ``backlog``, ``graceful_timeout``, ``keep_alive_timeout``): the gateway's
+``bind``, ``backlog``, ``shutdown_grace`` and ``keep_alive_timeout`` apply to
+``vllm-gateway serve`` only. Run one worker process: the queues, the slots and the models it
+started are that process's state.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import structlog
+
+from .app import build_app
+from .cli import EXIT_CONFIG
+from .config import ConfigError, effective, load_config
+from .forwarded import behind_proxies
+from .logs import configure_logging
+
+try:
+    config = load_config()
+except ConfigError as exc:
+    print(f"vllm-gateway: config error: {exc}", file=sys.stderr)
+    raise SystemExit(EXIT_CONFIG) from None
+configure_logging(config.gateway.log_format)
+structlog.get_logger("gateway").info("effective configuration", config=effective(config))
+app = behind_proxies(build_app(config), config.gateway.trusted_proxies)
