@@ -9,6 +9,8 @@ die() { echo "setup-system: ERROR: $*" >&2; exit 1; }
 
 missing=()
 command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || missing+=(nginx-light)
+# wrk: the load generator of benchmarks/ (its smoke test runs in the suite).
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 if ((${#missing[@]})); then
     echo "setup-system: installing ${missing[*]}"
     # The package would start the distribution's nginx on port 80; the tests start their own.

@@ -1,0 +1,236 @@
+"""The systems compared, each in front of the same two backends (a fast one and a paced one).
+
+- ``direct``: the client talks to the backend itself; the baseline every "added" figure uses.
+- ``nginx``: nginx-light as a plain reverse proxy, one worker, its own prefix directory,
+  upstream keep-alive, no response buffering (so SSE is relayed as it comes), access log on
+  (buffered), as an operator would run it.
+- ``litellm``: LiteLLM's proxy from its own virtualenv (``benchmarks/.venv-litellm``), the two
+  backends as OpenAI-compatible models, the master key sent with every request.
+- ``gateway``: ``python -m proxy.cli serve --worker uvloop`` with its full middleware stack and
+  access log (to a file), the two backends as static models.
+- ``hypercorn-bare``: not a proxy but a reference for (a): hypercorn answering a canned
+  completion itself (``benchmarks/bare_asgi.py``), the ceiling of anything built on hypercorn
+  on the proxy core at that moment.
+
+Each proxy runs pinned to core 0; backends and load generators run on core 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .procs import PROXY_CORE, Proc, free_port, start, wait_http
+
+ROOT = Path(__file__).resolve().parent.parent
+LITELLM_VENV = ROOT / "benchmarks" / ".venv-litellm"
+MASTER_KEY = "sk-bench-master-key"
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+CHAT = "/v1/chat/completions"
+
+
+@dataclass
+class Target:
+    """Where a load generator sends requests for one backend, through one system."""
+
+    host: str
+    port: int
+    path: str
+    model: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def spec(self) -> dict[str, object]:
+        return {"host": self.host, "port": self.port, "path": self.path, "model": self.model,
+                "headers": self.headers}
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}{self.path}"
+
+
+@dataclass
+class System:
+    name: str
+    fast: Target
+    paced: Target
+    proc: Proc | None = None
+    startup_s: float = 0.0
+    version: str = ""
+    # A reference point that answers by itself (no backend): scenario (a) only.
+    reference: bool = False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+
+def available(name: str) -> str | None:
+    """Why ``name`` cannot run here, or None."""
+    if name == "nginx" and not Path(NGINX).exists():
+        return "nginx is not installed (apt-get install nginx-light)"
+    if name == "litellm" and not (LITELLM_VENV / "bin" / "litellm").exists():
+        return ("LiteLLM is not installed: python -m benchmarks.setup_litellm "
+                "(makes benchmarks/.venv-litellm)")
+    return None
+
+
+def direct(fast_port: int, paced_port: int) -> System:
+    return System("direct", Target("127.0.0.1", fast_port, CHAT, "fast"),
+                  Target("127.0.0.1", paced_port, CHAT, "paced"), version="responder")
+
+
+def nginx(fast_port: int, paced_port: int, work: Path) -> System:
+    prefix = work / "nginx"
+    (prefix / "logs").mkdir(parents=True, exist_ok=True)
+    port_fast, port_paced = free_port(), free_port()
+    conf = prefix / "nginx.conf"
+    location = """
+        location / {{
+            proxy_pass http://{upstream};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}"""
+    conf.write_text(f"""
+daemon off;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/logs/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log {prefix}/logs/access.log combined buffer=64k flush=1s;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy_temp;
+    keepalive_requests 1000000;
+    upstream fast {{ server 127.0.0.1:{fast_port}; keepalive 512; keepalive_requests 1000000; }}
+    upstream paced {{ server 127.0.0.1:{paced_port}; keepalive 1024; keepalive_requests 1000000; }}
+    server {{
+        listen 127.0.0.1:{port_fast} backlog=4096;{location.format(upstream="fast")}
+    }}
+    server {{
+        listen 127.0.0.1:{port_paced} backlog=4096;{location.format(upstream="paced")}
+    }}
+}}
+""")
+    proc = start("nginx", [NGINX, "-p", str(prefix), "-c", str(conf), "-e", "stderr"],
+                 core=PROXY_CORE, logs=work)
+    system = System("nginx", Target("127.0.0.1", port_fast, CHAT, "fast"),
+                    Target("127.0.0.1", port_paced, CHAT, "paced"), proc)
+    system.startup_s = wait_http(proc, f"http://127.0.0.1:{port_fast}/health")
+    return system
+
+
+def hypercorn_bare(work: Path) -> System:
+    port = free_port()
+    proc = start("hypercorn-bare", [sys.executable, "-m", "benchmarks.bare_asgi", "--bind",
+                                    f"127.0.0.1:{port}"], core=PROXY_CORE, logs=work, cwd=ROOT)
+    target = Target("127.0.0.1", port, CHAT, "fast")
+    system = System("hypercorn-bare", target, target, proc, reference=True)
+    system.startup_s = wait_http(proc, f"http://127.0.0.1:{port}/health")
+    return system
+
+
+def litellm(fast_port: int, paced_port: int, work: Path) -> System:
+    port = free_port()
+    conf = work / "litellm.yaml"
+    models = "".join(f"""
+  - model_name: {name}
+    litellm_params:
+      model: openai/{name}
+      api_base: http://127.0.0.1:{backend}/v1
+      api_key: unused
+""" for name, backend in (("fast", fast_port), ("paced", paced_port)))
+    conf.write_text(f"""model_list:{models}
+litellm_settings:
+  drop_params: true
+  telemetry: false
+general_settings:
+  master_key: {MASTER_KEY}
+""")
+    env = {"LITELLM_MASTER_KEY": MASTER_KEY, "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+           "LITELLM_TELEMETRY": "False", "NO_COLOR": "1"}
+    proc = start("litellm", [str(LITELLM_VENV / "bin" / "litellm"), "--config", str(conf),
+                             "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"],
+                 core=PROXY_CORE, logs=work, env=env, cwd=work, stop_timeout=15.0)
+    auth = {"authorization": f"Bearer {MASTER_KEY}"}
+    system = System("litellm", Target("127.0.0.1", port, CHAT, "fast", auth),
+                    Target("127.0.0.1", port, CHAT, "paced", auth), proc)
+    system.startup_s = wait_http(proc, f"http://127.0.0.1:{port}/health/liveliness",
+                                 timeout=90)
+    system.version = _litellm_version()
+    return system
+
+
+def _litellm_version() -> str:
+    for meta in (LITELLM_VENV / "lib").glob("python*/site-packages/litellm-*.dist-info"):
+        return meta.name.removeprefix("litellm-").removesuffix(".dist-info")
+    return ""
+
+
+def gateway_config(models: dict[str, int], *, max_concurrent: int, max_queue_size: int,
+                   max_models_concurrent: int | None = None) -> str:
+    """A gateway config with static models at local ports."""
+    tables = "".join(f"""
+[[models]]
+name = "{name}"
+launcher = "static"
+url = "http://127.0.0.1:{port}"
+startup_timeout = 10.0
+idle_timeout = 86400.0
+""" for name, port in models.items())
+    return f"""[gateway]
+max_concurrent = {max_concurrent}
+max_queue_size = {max_queue_size}
+max_models_concurrent = {max_models_concurrent or len(models)}
+queue_timeout = 60.0
+log_format = "json"
+{tables}"""
+
+
+PACKAGES = ("proxy", "middleware", "backends")
+
+
+def snapshot(work: Path) -> tuple[Path, str]:
+    """Copy the gateway's packages as they are now, so every gateway of one run runs the same
+    code while others keep editing the tree; returns the copy and a hash of its sources."""
+    src = work / "src"
+    digest = hashlib.sha256()
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, src / package,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        for path in sorted((src / package).rglob("*.py")):
+            digest.update(str(path.relative_to(src)).encode() + b"\0" + path.read_bytes())
+    return src, digest.hexdigest()[:12]
+
+
+def gateway(models: dict[str, int], work: Path, *, src: Path, name: str = "gateway",
+            max_concurrent: int = 1000, max_queue_size: int = 5000) -> System:
+    port = free_port()
+    conf = work / f"{name}.toml"
+    conf.write_text(gateway_config(models, max_concurrent=max_concurrent,
+                                   max_queue_size=max_queue_size))
+    proc = start(name, [sys.executable, "-m", "proxy.cli", "serve", "--config", str(conf),
+                        "--bind", f"127.0.0.1:{port}", "--worker", "uvloop"],
+                 core=PROXY_CORE, logs=work, cwd=src)
+    names = list(models)
+    system = System(name, Target("127.0.0.1", port, CHAT, names[0]),
+                    Target("127.0.0.1", port, CHAT, names[-1]), proc)
+    system.startup_s = wait_http(proc, f"http://127.0.0.1:{port}/ready")
+    system.version = _git_describe()
+    return system
+
+
+def _git_describe() -> str:
+    import subprocess
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=5).stdout
+    except OSError:
+        return ""
+    return rev + ("+dirty" if dirty.strip() else "")

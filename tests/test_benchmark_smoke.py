@@ -1,0 +1,121 @@
+"""The benchmark harness runs end to end (``benchmarks.run --quick``, direct and gateway) and
+writes a table and a JSON document with sane figures; nginx and LiteLLM, when installed, answer
+through the harness's configuration of them. Timings are not asserted: this is no benchmark."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import run, systems
+from benchmarks.procs import LOAD_CORE, PROXY_CORE
+from benchmarks.run import _responder, check_system
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _needs() -> str | None:
+    if len(os.sched_getaffinity(0)) < 2 or not {PROXY_CORE, LOAD_CORE} <= os.sched_getaffinity(0):
+        return "needs cores 0 and 1 (the proxy and the load are pinned apart)"
+    for tool in ("wrk", "taskset"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (apt-get install wrk util-linux)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_needs() is not None, reason=_needs() or "")
+
+
+@pytest.mark.timeout(240)
+def test_quick_run_writes_table_and_json(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--systems", "direct,gateway",
+         "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    table = (out / "results.txt").read_text()
+    for heading in ("(a) non-streaming", "(b) streaming", "(c) concurrent streams",
+                    "(d) the predecessor's load tests", "targets (gateway, one core)"):
+        assert heading in table
+    assert table in proc.stdout
+
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["mode"] == "quick"
+    summary = doc["summary"]
+    a = {(r["system"], r["concurrency"]): r for r in summary["nonstream"]}
+    assert set(a) == {(s, c) for s in ("direct", "gateway") for c in run.QUICK.concurrencies}
+    for system in ("direct", "gateway"):
+        row = a[(system, 1)]
+        assert row["errors"] == 0
+        assert row["rps"] > 5 and 0 < row["p50_ms"] <= row["p99_ms"]
+    assert a[("direct", 1)]["rps"] > 100
+    assert a[("gateway", 1)]["added_p50_ms"] is not None
+    assert a[("gateway", 1)]["proxy_cpu_us_per_req"] > 0
+
+    b = {r["system"]: r for r in summary["streams"]}
+    for system in ("direct", "gateway"):
+        assert b[system]["streams_per_s"] > 0
+        assert b[system]["errors"] == 0
+        # The role chunk, 32 tokens and [DONE], whatever the relay did to the framing.
+        assert b[system]["events_per_stream"] == 34
+
+    c = {r["system"]: r for r in summary["paced"]}
+    for system in ("direct", "gateway"):
+        assert c[system]["errors"] == 0
+        assert c[system]["events_per_s"] > 0
+        assert c[system]["gap_p50_ms"] is not None and c[system]["delay_p99_ms"] is not None
+    assert c["direct"]["events_per_s"] > 0.5 * c["direct"]["offered_per_s"]
+    assert c["gateway"]["proxy_cpu_s_per_1000_chunks"] > 0
+    assert c["gateway"]["proxy_rss_mb"] > 10
+    # Every stream the client finished or dropped has ended at the backend too.
+    assert c["gateway"]["backend_streams_left"] == 0
+
+    soak = doc["load_tests"]["soak"]
+    assert soak["requests_ok"] > 0
+    assert soak["checks"]["no_errors"], soak["client_statuses"]
+    assert soak["checks"]["gateway_counted_every_answer"], soak["gateway_answered"]
+    assert soak["checks"]["counters_back_to_zero"], soak["counters_after"]
+    burst = doc["load_tests"]["burst"]
+    assert burst["admitted"] + burst["refused"] == burst["sent"] == run.QUICK.burst_count
+    assert burst["checks"]["only_200_and_429"], burst["statuses"]
+    assert burst["checks"]["gateway_counted_429s"] and burst["checks"]["gateway_counted_200s"]
+    assert burst["checks"]["retry_after_on_every_429"]
+    assert burst["checks"]["counters_back_to_zero"], burst["counters_after"]
+
+    assert set(summary["targets"]) >= {"a_rps_c32", "a_added_p50_c1_ms", "b_streams_per_s"}
+    png = out / "results.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not png.exists()
+    else:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("name", ["nginx", "litellm"])
+def test_other_proxies_answer_through_the_harness(name: str, tmp_path: Path) -> None:
+    why = systems.available(name)
+    if why:
+        pytest.skip(why)
+    fast, fast_port = _responder("responder-fast", 0, tmp_path)
+    paced, paced_port = _responder("responder-paced", 50, tmp_path)
+    system = None
+    try:
+        if name == "nginx":
+            system = systems.nginx(fast_port, paced_port, tmp_path)
+        else:
+            system = systems.litellm(fast_port, paced_port, tmp_path)
+        check_system(system)
+    finally:
+        if system is not None:
+            system.stop()
+        fast.stop()
+        paced.stop()
