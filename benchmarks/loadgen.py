@@ -29,6 +29,7 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 mono = time.monotonic
@@ -284,6 +285,32 @@ async def sleep_until(t: float) -> None:
         await asyncio.sleep(delay)
 
 
+async def closed_loop(spec: dict[str, Any], request: bytes, end: float, each_within: float,
+                      pause: float, errors: Counter[str],
+                      record: Callable[[Exchange], None]) -> None:
+    """One client on one keep-alive connection, sending ``request`` again as soon as the last
+    answer is in, until ``end``; a failed exchange is counted by exception name, the connection
+    dropped, and a new one made after ``pause`` seconds."""
+    conn: Connection | None = None
+    try:
+        while mono() < end:
+            try:
+                if conn is None or conn.transport is None:
+                    conn = await connect(spec["host"], spec["port"])
+                ex = await asyncio.wait_for(conn.exchange(request), each_within)
+            except (OSError, HTTPError, TimeoutError) as exc:
+                errors[type(exc).__name__] += 1
+                if conn is not None:
+                    conn.close()
+                conn = None
+                await asyncio.sleep(pause)
+                continue
+            record(ex)
+    finally:
+        if conn is not None:
+            conn.close()
+
+
 # -- modes ----------------------------------------------------------------------------------
 
 
@@ -293,28 +320,15 @@ async def run_streams(spec: dict[str, Any]) -> dict[str, Any]:
     done: list[tuple[float, float, float, int, int]] = []  # started, first, ended, events, reads
     errors: Counter[str] = Counter()
 
-    async def worker() -> None:
-        conn: Connection | None = None
-        while mono() < end:
-            try:
-                if conn is None or conn.transport is None:
-                    conn = await connect(spec["host"], spec["port"])
-                ex = await asyncio.wait_for(conn.exchange(request), spec.get("timeout", 30))
-            except (OSError, HTTPError, TimeoutError) as exc:
-                errors[type(exc).__name__] += 1
-                if conn is not None:
-                    conn.close()
-                conn = None
-                await asyncio.sleep(0.01)
-                continue
-            if not _stream_ok(ex):
-                errors[f"status {ex.status}" if ex.status != 200 else "incomplete"] += 1
-                continue
-            done.append((ex.started, ex.first, ex.ended, ex.events, ex.reads))
-        if conn is not None:
-            conn.close()
+    def record(ex: Exchange) -> None:
+        if not _stream_ok(ex):
+            errors[f"status {ex.status}" if ex.status != 200 else "incomplete"] += 1
+            return
+        done.append((ex.started, ex.first, ex.ended, ex.events, ex.reads))
 
-    await asyncio.gather(*(worker() for _ in range(spec["concurrency"])))
+    await asyncio.gather(*(closed_loop(spec, request, end, spec.get("timeout", 30), 0.01,
+                                       errors, record)
+                           for _ in range(spec["concurrency"])))
     inside = [d for d in done if start <= d[2] <= end]
     window = end - start
     return {
@@ -455,29 +469,18 @@ async def run_soak(spec: dict[str, Any]) -> dict[str, Any]:
     ok = 0
 
     async def worker(model: str, i: int) -> None:
-        nonlocal ok
         stream = i % 2 == 0
         request = build_request(spec, chat_body(model, spec["max_tokens"], stream))
-        conn: Connection | None = None
-        while mono() < end:
-            try:
-                if conn is None or conn.transport is None:
-                    conn = await connect(spec["host"], spec["port"])
-                ex = await asyncio.wait_for(conn.exchange(request), spec.get("timeout", 60))
-            except (OSError, HTTPError, TimeoutError) as exc:
-                statuses[type(exc).__name__] += 1
-                if conn is not None:
-                    conn.close()
-                conn = None
-                await asyncio.sleep(0.05)
-                continue
+
+        def record(ex: Exchange) -> None:
+            nonlocal ok
             good = ex.status == 200 and ex.complete and (not stream or _stream_ok(ex))
             statuses[str(ex.status) if good or ex.status != 200 else "incomplete"] += 1
             if good:
                 ok += 1
                 per_second[int(ex.ended - began)] += 1
-        if conn is not None:
-            conn.close()
+
+        await closed_loop(spec, request, end, spec.get("timeout", 60), 0.05, statuses, record)
 
     await asyncio.gather(*(worker(m, i) for m in spec["models"]
                            for i in range(spec["per_model"])))
