@@ -392,9 +392,17 @@ class BackendPool:
         if backend.state is ModelState.READY:
             backend.state = ModelState.DRAINING
             self._notify()
-            while backend.leases:
-                assert self._changed is not None
-                await self._changed.wait()
+            try:
+                while backend.leases:
+                    assert self._changed is not None
+                    await self._changed.wait()
+            except BaseException:
+                # Whoever asked is gone: the model serves again rather than stay half-drained,
+                # with its new requests waiting for a stop that nobody will make.
+                if backend.state is ModelState.DRAINING:
+                    backend.state = ModelState.READY
+                    self._notify()
+                raise
         await self._stop_and_wait(backend, "unloaded")
 
     async def _reap(self) -> None:

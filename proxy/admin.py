@@ -90,8 +90,8 @@ class AdminApi:
         await self.gateway.pool.load(name)
 
     async def _unload(self, name: str) -> None:
-        # Shielded: the pool's unload marks the model draining first, and a cancellation
-        # during that wait would leave it draining, neither serving nor stopped.
+        # Shielded: an unload the operator asked for goes through even if their connection
+        # drops while the model drains.
         with anyio.CancelScope(shield=True):
             await self.gateway.pool.unload(name)
 

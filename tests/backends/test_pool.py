@@ -272,6 +272,19 @@ async def test_a_leased_model_is_never_stopped_for_idleness() -> None:
         assert not running(pid)
 
 
+async def test_an_unload_given_up_while_draining_leaves_the_model_serving() -> None:
+    config = make_config([healthy_model("a")])
+    async with running_pool(config) as pool, pool.lease("a"):
+        pid = pid_of(pool, "a")
+        with anyio.move_on_after(0.3):
+            await pool.unload("a")
+        assert pool.backends["a"].state is ModelState.READY
+        with anyio.fail_after(2):
+            async with pool.lease("a") as backend:
+                assert backend.state is ModelState.READY
+        assert running(pid)
+
+
 async def test_unload_drains_the_leases_then_stops() -> None:
     config = make_config([healthy_model("a")])
     async with running_pool(config) as pool:
