@@ -27,7 +27,7 @@ SIM = ["{python}", "-m", "backends.simulator", "--port", "{port}", "--model", "{
 
 
 # One client for the tests' polling: a fresh httpx2.get() builds a TLS context each call (~80 ms).
-HTTP = httpx2.Client(timeout=5)
+HTTP = httpx2.Client(timeout=5, limits=httpx2.Limits(keepalive_expiry=300))
 
 
 @dataclass

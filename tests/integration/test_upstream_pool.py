@@ -39,18 +39,15 @@ async def test_three_models_by_fifty_streams_stay_within_the_pool_and_reuse_it()
             for i in range(3):
                 await gateway.pool.load(f"m{i}")
             # What the simulators have seen so far: the pool's health checks and this test's
-            # own reads of their stats, each on a connection of its own.
+            # own reads of their stats (tests.support.HTTP keeps its connection alive).
             before = [sim.stats() for sim in sims]
             await round_of_150()
             await round_of_150()
             after = [sim.stats() for sim in sims]
         assert statuses == [200] * 300
         opened = [a["connections"] - b["connections"] for a, b in zip(after, before, strict=True)]
-        kept = [a["open_connections"] - b["open_connections"]
-                for a, b in zip(after, before, strict=True)]
-        # Each simulator served 100 streams, at most 50 at a time: the gateway keeps at most 50
-        # connections to it (150 in all, the pool), and the streams ran on reused connections,
-        # not one connection each.
-        assert all(0 < n <= 50 for n in kept)
-        assert sum(kept) <= config.upstream_pool_size
-        assert sum(opened) < 300 * 2 // 3
+        # Each simulator served 100 streams, at most 50 at a time: the gateway opened at most 50
+        # connections to it (150 in all, the pool), and the second round ran on the first
+        # round's connections.
+        assert all(0 < n <= 50 for n in opened)
+        assert sum(opened) <= config.upstream_pool_size
