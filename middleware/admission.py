@@ -14,16 +14,9 @@ from typing import Any
 
 from proxy.config import Config
 from proxy.errors import GatewayError, bad_request, not_found
-from proxy.types import ASGIApp, Message, Receive, Scope, Send, request_state
+from proxy.types import ASGIApp, Message, Receive, Scope, Send, header, request_state
 
 JSON_TYPES = (b"application/json",)
-
-
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value
-    return None
 
 
 class BodyTooLarge(Exception):
@@ -89,12 +82,12 @@ class Admission:
         await self.app(scope, replay, send)
 
     async def _admit(self, scope: Scope, receive: Receive) -> tuple[bytes, dict[str, Any], Any]:
-        content_type = (_header(scope, b"content-type") or b"").split(b";")[0].strip().lower()
+        content_type = (header(scope, b"content-type") or b"").split(b";")[0].strip().lower()
         if content_type not in JSON_TYPES:
             raise GatewayError(415, "Content-Type must be application/json.",
                                type="invalid_request_error", code="unsupported_media_type",
                                should_retry=False)
-        declared = _header(scope, b"content-length")
+        declared = header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             raise _too_large(self.limit)
         try:

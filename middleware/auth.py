@@ -14,17 +14,17 @@ import hashlib
 from collections.abc import Iterable
 
 from proxy.errors import GatewayError
-from proxy.types import ASGIApp, Receive, Scope, Send
+from proxy.types import ASGIApp, Receive, Scope, Send, header
 
 
 def bearer_token(scope: Scope) -> bytes | None:
     """The token of the request's ``Authorization: Bearer`` header, if it has one."""
-    for key, value in scope["headers"]:
-        if key == b"authorization":
-            scheme, _, token = value.partition(b" ")
-            token = token.strip()
-            return token if scheme.lower() == b"bearer" and token else None
-    return None
+    value = header(scope, b"authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.partition(b" ")
+    token = token.strip()
+    return token if scheme.lower() == b"bearer" and token else None
 
 
 class Keys:

@@ -22,7 +22,7 @@ import structlog
 
 from proxy.errors import GatewayError
 from proxy.metrics import GatewayMetrics
-from proxy.types import ASGIApp, Message, Receive, Scope, Send, request_state
+from proxy.types import ASGIApp, Message, Receive, Scope, Send, header, request_state
 
 access_log = structlog.get_logger("gateway.access")
 
@@ -30,12 +30,11 @@ MAX_ID_LENGTH = 128
 
 
 def _request_id(scope: Scope) -> str:
-    for key, value in scope["headers"]:
-        if key == b"x-request-id":
-            text = value.decode("latin-1")
-            if 0 < len(text) <= MAX_ID_LENGTH and text.isascii() and text.isprintable():
-                return text
-            break
+    value = header(scope, b"x-request-id")
+    if value is not None:
+        text = value.decode("latin-1")
+        if 0 < len(text) <= MAX_ID_LENGTH and text.isascii() and text.isprintable():
+            return text
     return os.urandom(12).hex()
 
 

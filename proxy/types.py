@@ -12,6 +12,14 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+def header(scope: Scope, name: bytes) -> bytes | None:
+    """The value of the request's first header called ``name`` (lower case), if any."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
 def request_state(scope: Scope) -> dict[str, Any]:
     """The per-request state dict that the layers share (``scope["state"]``)."""
     state = scope.get("state")
