@@ -13,21 +13,15 @@ started are that process's state.
 
 from __future__ import annotations
 
-import sys
-
 import structlog
 
 from .app import build_app
-from .cli import EXIT_CONFIG
-from .config import ConfigError, effective, load_config
+from .cli import load_or_exit
+from .config import effective
 from .forwarded import behind_proxies
 from .logs import configure_logging
 
-try:
-    config = load_config()
-except ConfigError as exc:
-    print(f"vllm-gateway: config error: {exc}", file=sys.stderr)
-    raise SystemExit(EXIT_CONFIG) from None
+config = load_or_exit()
 configure_logging(config.gateway.log_format)
 structlog.get_logger("gateway").info("effective configuration", config=effective(config))
 app = behind_proxies(build_app(config), config.gateway.trusted_proxies)

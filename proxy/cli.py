@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(path: str | None, bind: str | None = None) -> Config:
+def load_or_exit(path: str | None = None, bind: str | None = None) -> Config:
+    """The validated configuration, or exit with status 2 and its one-line message."""
     try:
         return load_config(path, options={"gateway.bind": bind} if bind is not None else None)
     except ConfigError as exc:
@@ -147,9 +148,9 @@ def check_config(config: Config) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
-        check_config(_load(args.config))
+        check_config(load_or_exit(args.config))
         return 0
-    config = _load(args.config, args.bind)
+    config = load_or_exit(args.config, args.bind)
     containers = [m.name for m in config.models if m.launcher == "container"]
     if args.worker == "trio" and containers:
         print("vllm-gateway: config error: the trio worker cannot run container models "
