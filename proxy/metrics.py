@@ -133,8 +133,8 @@ class GatewayMetrics:
             "a slot.", ["model"], buckets=DURATION_BUCKETS, registry=self.registry))
         self.start_duration = _Children(Histogram(
             "gateway_backend_start_seconds",
-            "Seconds from the request that started a stopped model until it was ready (room "
-            "made, server started, healthy).", ["model"], buckets=START_BUCKETS,
+            "Seconds from starting a model's server (room already made) until it answered its "
+            "health check.", ["model"], buckets=START_BUCKETS,
             registry=self.registry))
         Gauge("gateway_build_info", "The gateway's version; always 1.", ["version"],
               registry=self.registry).labels(version("vllm-gateway")).set(1)
