@@ -98,7 +98,7 @@ class RetryConnectFailures:
                         or not self.budget.try_spend(now)):
                     raise
             state["retries"] = attempt
-            self.metrics.retries.labels(model).inc()
+            self.metrics.retried(model).inc()
             log.info("retrying upstream connect", model=model, attempt=attempt,
                      delay=round(delay, 4))
             await anyio.sleep(delay)

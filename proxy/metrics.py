@@ -118,6 +118,7 @@ class GatewayMetrics:
             "gateway_upstream_retries_total", "Upstream attempts repeated after a connect failure.",
             ["model"], registry=self.registry)
         self.answered = _Children(self.requests)
+        self.retried = _Children(self.retries)
         self._rejected = _Children(self.rejected)
         self.queue_wait = _Children(Histogram(
             "gateway_queue_wait_seconds", "Seconds a request waited for a slot of its model.",
