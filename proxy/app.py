@@ -45,7 +45,7 @@ from .metrics import GatewayMetrics
 from .passthrough import StreamingPassthrough
 from .routes import EnginePings, method_not_allowed, no_route
 from .types import ASGIApp, Receive, Scope, Send
-from .upstream import make_client
+from .upstream import Upstream
 
 log = structlog.get_logger("gateway")
 
@@ -82,9 +82,9 @@ class Gateway:
         self.pool = BackendPool(config, launchers=launchers or launchers_for(self.engines),
                                 gpu=gpu, on_ready=self._started)
         self.metrics.watch_pool(self.pool)
-        self.client = make_client(config)
+        self.upstream = Upstream(config)
         self.running_now = False
-        passthrough = StreamingPassthrough(pool=self.pool, client=self.client)
+        passthrough = StreamingPassthrough(pool=self.pool, upstream=self.upstream)
         retry = RetryConnectFailures(passthrough, config=config, metrics=self.metrics)
         self.semaphores = ModelConcurrencyLimit(retry, config=config, metrics=self.metrics)
         self.queue = QueueDepthLimit(self.semaphores, config=config, metrics=self.metrics)
@@ -130,17 +130,13 @@ class Gateway:
     async def running(self) -> AsyncIterator[Gateway]:
         if self.gpu is None:
             self.gpu = self.pool.gpu = probe_gpus(self.config.gateway.gpu_memory_mb)
-        try:
-            async with self.engines.running(), self.pool.running():
-                self.running_now = True
-                try:
-                    yield self
-                finally:
-                    self.running_now = False
-                    self.engines.begin_shutdown()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.client.aclose()
+        async with self.engines.running(), self.pool.running(), self.upstream.running():
+            self.running_now = True
+            try:
+                yield self
+            finally:
+                self.running_now = False
+                self.engines.begin_shutdown()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

@@ -28,14 +28,7 @@ from middleware.disconnect import ClientWatch
 
 from .errors import GatewayError, sse_error_event
 from .types import Receive, Scope, Send, request_state
-from .upstream import (
-    Client,
-    ConnectFailure,
-    NoFirstByte,
-    PoolExhausted,
-    Response,
-    TransportError,
-)
+from .upstream import Answer, Broken, ConnectFailed, NoFirstByte, PoolExhausted, Upstream
 
 log = structlog.get_logger("gateway.proxy")
 
@@ -62,9 +55,9 @@ class UpstreamCutOff(Exception):
 
 
 class StreamingPassthrough:
-    def __init__(self, *, pool: BackendPool, client: Client) -> None:
+    def __init__(self, *, pool: BackendPool, upstream: Upstream) -> None:
         self.pool = pool
-        self.client = client
+        self.upstream = upstream
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The client is watched from the first wait on: a cold start and a backend that is slow
@@ -75,28 +68,25 @@ class StreamingPassthrough:
         state = request_state(scope)
         model = state["model"]
         async with self.pool.lease(model.name) as backend:
-            response = await self._open(scope, state, backend.address, model.name)
+            answer = await self._open(scope, state, backend.address, model.name)
             try:
-                await self._relay(response, send, model.name)
+                await self._relay(answer, send, model.name)
             finally:
                 with anyio.CancelScope(shield=True):
-                    await response.aclose()
+                    await answer.aclose()
 
     async def _open(self, scope: Scope, state: dict[str, Any], address: str,
-                    model: str) -> Response:
+                    model: str) -> Answer:
         headers = [(k, v) for k, v in scope["headers"] if k not in REQUEST_DROP]
         if "request_id" in state:
             headers.append((b"x-request-id", state["request_id"].encode()))
         url = address + scope["path"]
         if scope["query_string"]:
             url += "?" + scope["query_string"].decode("latin-1")
-        request = self.client.build_request(scope["method"], url, headers=headers,
-                                            content=state["body_bytes"])
         try:
-            return await self.client.send(request, stream=True)
-        except ConnectFailure as exc:
-            log.warning("upstream connect failed", model=model, address=address,
-                        error=repr(exc))
+            return await self.upstream.open(scope["method"], url, headers, state["body_bytes"])
+        except ConnectFailed as exc:
+            log.warning("upstream connect failed", model=model, address=address, error=str(exc))
             raise UpstreamConnectError(model) from exc
         except PoolExhausted:
             log.warning("upstream connection pool exhausted", model=model)
@@ -107,25 +97,31 @@ class StreamingPassthrough:
             log.warning("upstream sent nothing in time", model=model, address=address)
             raise GatewayError(504, f"The backend of model '{model}' did not answer in time.",
                                type="timeout_error", code="upstream_timeout") from None
-        except TransportError as exc:
+        except Broken as exc:
             log.warning("upstream failed after the request was sent", model=model,
-                        address=address, error=repr(exc))
+                        address=address, error=str(exc))
             raise GatewayError(502, f"The backend of model '{model}' failed to answer.",
                                type="upstream_error", code="upstream_failed",
                                should_retry=False) from None
 
-    async def _relay(self, response: Response, send: Send, model: str) -> None:
-        headers = [(k, v) for k, v in response.headers.raw if k.lower() not in RESPONSE_DROP]
-        sse = response.headers.get("content-type", "").encode().startswith(SSE)
+    async def _relay(self, answer: Answer, send: Send, model: str) -> None:
+        headers = []
+        sse = False
+        for key, value in answer.headers:
+            name = key.lower()
+            if name not in RESPONSE_DROP:
+                headers.append((key, value))
+                if name == b"content-type":
+                    sse = value.startswith(SSE)
         if sse:
             headers.append((b"x-accel-buffering", b"no"))
         try:
-            await send({"type": "http.response.start", "status": response.status_code,
+            await send({"type": "http.response.start", "status": answer.status,
                         "headers": headers})
             try:
-                async for chunk in response.aiter_raw():
+                async for chunk in answer.chunks():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except TransportError as exc:
+            except self.upstream.broken as exc:
                 log.warning("upstream failed mid-answer", model=model, error=repr(exc))
                 if not sse:
                     raise UpstreamCutOff(model) from exc
