@@ -14,7 +14,7 @@ body is read (``Upstream.broken``, so relaying a chunk costs no translation).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from typing import Any, Protocol
 
 import aiohttp
@@ -28,6 +28,7 @@ from .config import Config
 KEEPALIVE_EXPIRY = 60.0
 # Headers aiohttp would add on its own; the backend gets the client's, not ours.
 AIOHTTP_OWN_HEADERS = ("Accept", "Accept-Encoding", "User-Agent")
+AIOHTTP_WRITE_BUFFER = 2**16  # aiohttp.http_writer.LIMIT: larger writes wait for the socket
 
 
 class ConnectFailed(Exception):
@@ -95,8 +96,6 @@ class AiohttpTransport:
         up = config.upstream
         self._slots = anyio.Semaphore(config.upstream_pool_size)
         self._pool_timeout = up.pool_timeout
-        # aiohttp has no write timeout: its read timer starts once the body is written, so the
-        # send and the wait for the first byte together are bounded here.
         self._open_timeout = up.write_timeout + up.timeout
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_EXPIRY),
@@ -114,8 +113,14 @@ class AiohttpTransport:
                     await self._slots.acquire()
             except TimeoutError:
                 raise PoolExhausted from None
+        # aiohttp has no write timeout, and its read timer starts once the body is written. A
+        # body that fits aiohttp's write buffer is handed to the socket without waiting; a larger
+        # one can stall on a backend that does not read, so its send and the wait for the first
+        # byte are bounded together.
+        deadline = (anyio.fail_after(self._open_timeout) if len(body) > AIOHTTP_WRITE_BUFFER
+                    else nullcontext())
         try:
-            with anyio.fail_after(self._open_timeout):
+            with deadline:
                 response = await self._session.request(
                     method, URL(url, encoded=True), data=body, allow_redirects=False,
                     headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers])
@@ -180,7 +185,7 @@ class HttpxTransport:
             raise ConnectFailed(repr(exc)) from exc
         except httpx2.PoolTimeout as exc:
             raise PoolExhausted from exc
-        except httpx2.ReadTimeout as exc:
+        except (httpx2.ReadTimeout, httpx2.WriteTimeout) as exc:
             raise NoFirstByte(repr(exc)) from exc
         except httpx2.TransportError as exc:
             raise Broken(repr(exc)) from exc

@@ -75,6 +75,47 @@ async def test_no_first_byte_in_time_is_504() -> None:
         assert gateway.semaphores.in_flight("m") == 0
 
 
+def _not_reading_server(server: socket.socket, stop: threading.Event) -> None:
+    """A backend that is healthy, but never reads a request body nor answers it."""
+    server.settimeout(0.1)
+    held = []
+    while not stop.is_set():
+        try:
+            conn, _ = server.accept()
+        except TimeoutError:
+            continue
+        if conn.recv(65536).startswith(b"GET"):
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            conn.close()
+        else:
+            held.append(conn)
+    for conn in held:
+        conn.close()
+
+
+async def test_a_backend_that_does_not_take_the_request_is_504_after_the_write_timeout() -> None:
+    stop = threading.Event()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        thread = threading.Thread(target=_not_reading_server, args=(server, stop), daemon=True)
+        thread.start()
+        try:
+            config = make_config(
+                [static_model("m", f"http://127.0.0.1:{server.getsockname()[1]}")],
+                gateway={"max_body_bytes": 64 << 20},
+                upstream={"write_timeout": 0.5, "timeout": 0.5, "retries": 0})
+            body = chat("m", messages=[{"role": "user", "content": "x" * (24 << 20)}])
+            async with serving(config) as (url, gateway):
+                with anyio.fail_after(10):
+                    response = await post(url, body)
+                assert response.status_code == 504
+                assert response.json()["error"]["code"] == "upstream_timeout"
+                assert gateway.semaphores.in_flight("m") == 0
+        finally:
+            stop.set()
+            thread.join()
+
+
 async def test_backend_dying_mid_stream_ends_the_stream_with_an_error_event() -> None:
     config = make_config([sim_model("m", "--die-after-tokens", "3")])
     async with serving(config) as (url, _), httpx2.AsyncClient(timeout=30) as client:
