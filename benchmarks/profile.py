@@ -30,6 +30,7 @@ from .systems import ROOT
 # Which package a frame's file belongs to (py-spy names files relative to site-packages or the
 # working directory), first match wins.
 PACKAGES = (
+    ("aiohttp", "aiohttp/"), ("yarl", "yarl/"), ("multidict", "multidict/"),
     ("httpx2", "httpx2/"), ("httpcore2", "httpcore2/"), ("httpcore", "httpcore/"),
     ("h11", "h11/"), ("hypercorn", "hypercorn/"), ("structlog", "structlog/"),
     ("prometheus_client", "prometheus_client/"), ("anyio", "anyio/"), ("sniffio", "sniffio/"),
@@ -77,17 +78,17 @@ def bucket(frames: list[str]) -> str:
     if _has(s, "build_request", "_merge_url", "_merge_headers"):
         return "httpx2 build_request (URL parse, header merge)"
     if _has(s, "_relay"):
-        if _has(s, "aiter_raw"):
-            return "relay: upstream body read (httpx2/httpcore2/h11 client, chunked decode)"
+        if _has(s, "aiter_raw", "iter_any", "aiohttp/"):
+            return "relay: upstream body read (aiohttp or httpx2 client, chunked decode)"
         if _has(s, "hypercorn/"):
             return "relay: downstream write (hypercorn + h11 server, socket write)"
         if _has(s, "send_with_id", "tracking_send"):
             return "relay: nested send wrappers (own code)"
         return "relay: other (header filter, loop)"
-    if _has(s, "Response.aclose"):
+    if _has(s, "Answer.aclose"):
         return "upstream response close / connection release"
     if _has(s, "StreamingPassthrough._open"):
-        return "upstream request send + response head (httpx2/httpcore2/h11)"
+        return "upstream request send + response head (aiohttp or httpx2)"
     if _has(s, "disconnect.py"):
         return "ClientWatch: task group + cancel scope per request"
     if _has(s, "Gateway.__call__"):
@@ -98,6 +99,8 @@ def bucket(frames: list[str]) -> str:
         return "anyio/asyncio inside the middleware chain (semaphores, scopes, pool lease)"
     if _has(s, "hypercorn/"):
         return "hypercorn + h11 server (accept, parse request, keep-alive)"
+    if _has(s, "aiohttp/"):
+        return "upstream client callbacks (aiohttp: bytes received, parsed, pooled)"
     return "event loop / other"
 
 

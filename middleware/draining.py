@@ -18,6 +18,8 @@ from proxy.errors import GatewayError, sse_error_event, unavailable
 from proxy.passthrough import SSE
 from proxy.types import ASGIApp, Message, Receive, Scope, Send
 
+from .progress import progress
+
 log = structlog.get_logger("gateway.draining")
 
 # Seconds a refused client is told to wait: at once, to another replica behind the balancer.
@@ -69,32 +71,22 @@ class Draining:
         if self.draining:
             await shutting_down().send(send)
             return
-        start: Message | None = None
-        finished = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal start, finished
-            if message["type"] == "http.response.start":
-                start = message
-            else:
-                finished = not message.get("more_body", False)
-            await send(message)
-
+        response, send = progress(scope, send)
         with anyio.CancelScope() as cancel:
             self._running.add(cancel)
             try:
-                await self.app(scope, receive, tracking_send)
+                await self.app(scope, receive, send)
             finally:
                 self._running.discard(cancel)
                 if not self._running and self._idle is not None:
                     self._idle.set()
                     self._idle = None
-        if not cancel.cancelled_caught or finished:
+        if not cancel.cancelled_caught or response.complete:
             return
         try:
-            if start is None:
+            if response.start is None:
                 await shutting_down().send(send)
-            elif _is_sse(start):
+            elif _is_sse(response.start):
                 await send({"type": "http.response.body", "more_body": False,
                             "body": sse_error_event(
                                 "The gateway is shutting down; the answer was cut short.",

@@ -24,6 +24,8 @@ from proxy.errors import GatewayError
 from proxy.metrics import GatewayMetrics
 from proxy.types import ASGIApp, Message, Receive, Scope, Send, header, request_state
 
+from .progress import progress
+
 access_log = structlog.get_logger("gateway.access")
 
 MAX_ID_LENGTH = 128
@@ -53,55 +55,38 @@ class RequestContext:
             return
         began = time.perf_counter()
         request_id = _request_id(scope)
-        header = (b"x-request-id", request_id.encode())
         state = request_state(scope)
         state["request_id"] = request_id
-        status = 0
-        first_byte = 0.0
-        sent = 0
-        complete = False
-        disconnected = False
+        response, send = progress(scope, send)
+        response.extra_headers.append((b"x-request-id", request_id.encode()))
+        left_early = False
 
         async def receive_watched() -> Message:
-            nonlocal disconnected
+            nonlocal left_early
             message = await receive()
-            if message["type"] == "http.disconnect" and not complete:
-                disconnected = True
+            if message["type"] == "http.disconnect" and not response.complete:
+                left_early = True
             return message
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status, first_byte, sent, complete, disconnected
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", ()), header]
-            else:
-                if not first_byte:
-                    first_byte = time.perf_counter()
-                sent += len(message.get("body", b""))
-                complete = not message.get("more_body", False)
-            try:
-                await send(message)
-            except OSError:  # servers that raise on a send after the client left
-                disconnected = True
-                raise
 
         structlog.contextvars.bind_contextvars(request_id=request_id)
         error = None
         try:
-            await self.app(scope, receive_watched, send_with_id)
+            await self.app(scope, receive_watched, send)
         except GatewayError as exc:
-            if status:
+            if response.started:
                 error = exc
                 raise
-            await exc.send(send_with_id)
+            await exc.send(send)
         except Exception as exc:
             error = exc
-            if not status:
+            if not response.started:
                 await GatewayError(500, "The gateway failed to handle the request.",
-                                   type="internal_error", code="internal_error").send(send_with_id)
+                                   type="internal_error", code="internal_error").send(send)
             raise
         finally:
             ended = time.perf_counter()
+            first_byte = response.first_byte
+            status = response.status
             model = state.get("model")
             name = model.name if model is not None else "-"
             self.metrics.answered(name, str(status) if status else "none").inc()
@@ -112,10 +97,11 @@ class RequestContext:
                 self.metrics.request_duration(name).observe(ended - began)
             access_log.info(
                 "request", method=scope["method"], path=scope["path"], model=name,
-                status=status, bytes=sent, retries=state.get("retries", 0),
+                status=status, bytes=response.sent, retries=state.get("retries", 0),
                 queue_wait_ms=_ms(queue_wait) if queue_wait is not None else None,
                 ttfb_ms=_ms(first_byte - began) if first_byte else None,
-                duration_ms=_ms(ended - began), client_disconnected=disconnected,
+                duration_ms=_ms(ended - began),
+                client_disconnected=left_early or response.send_failed,
                 client=scope["client"][0] if scope.get("client") else None,
                 error=repr(error) if error else None)
             structlog.contextvars.unbind_contextvars("request_id")

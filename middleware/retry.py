@@ -18,7 +18,9 @@ import structlog
 from proxy.config import Config
 from proxy.metrics import GatewayMetrics
 from proxy.passthrough import UpstreamConnectError
-from proxy.types import ASGIApp, Message, Receive, Scope, Send, request_state
+from proxy.types import ASGIApp, Receive, Scope, Send, request_state
+
+from .progress import progress
 
 log = structlog.get_logger("gateway.retry")
 
@@ -74,22 +76,16 @@ class RetryConnectFailures:
             return
         state = request_state(scope)
         model = state["model"].name
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = True
-            await send(message)
-
+        response, send = progress(scope, send)
         begun = anyio.current_time()
         self.budget.record_request(begun)
         attempt = 0
         while True:
             try:
-                await self.app(scope, receive, tracking_send)
+                await self.app(scope, receive, send)
                 return
             except UpstreamConnectError:
-                if started:
+                if response.started:
                     raise
                 attempt += 1
                 delay = random.uniform(0, min(self.cap, self.base * 2 ** (attempt - 1)))
