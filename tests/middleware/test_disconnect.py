@@ -96,3 +96,13 @@ async def test_a_cancellation_from_outside_cancels_the_wait_and_propagates() -> 
     # The cancelled receive lost nothing: the next message still reaches the app.
     client.disconnect()
     assert await watch.receive() == {"type": "http.disconnect"}
+
+
+async def test_a_failing_receive_ends_the_wait_and_comes_out_as_itself() -> None:
+    async def receive() -> dict:
+        await checkpoint()
+        raise ConnectionError("server gone")
+
+    watch = ClientWatch(receive)
+    with anyio.fail_after(5), pytest.raises(ConnectionError, match="server gone"):
+        await watch.run(anyio.sleep_forever)
