@@ -120,6 +120,12 @@ class StreamingPassthrough:
                         "headers": headers})
             try:
                 async for chunk in answer.chunks():
+                    # The last chunk says so itself: one message fewer through every layer and
+                    # the server (a plain answer usually comes in one chunk).
+                    if answer.at_eof():
+                        await send({"type": "http.response.body", "body": chunk,
+                                    "more_body": False})
+                        return
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except self.upstream.broken as exc:
                 log.warning("upstream failed mid-answer", model=model, error=repr(exc))

@@ -54,6 +54,10 @@ class Answer(Protocol):
     def chunks(self) -> AsyncIterator[bytes]:
         """The body's bytes as they arrive (transfer coding removed, content coding kept)."""
 
+    def at_eof(self) -> bool:
+        """Whether the body has been read to its end (False where the library cannot tell
+        before its iterator ends)."""
+
     async def aclose(self) -> None:
         """Give the connection back, or close it (aborting the answer) if not read to the end."""
 
@@ -78,6 +82,9 @@ class _AiohttpAnswer:
 
     def chunks(self) -> AsyncIterator[bytes]:
         return self._response.content.iter_any()
+
+    def at_eof(self) -> bool:
+        return self._response.content.is_eof()
 
     async def aclose(self) -> None:
         if self._release is not None:
@@ -156,6 +163,9 @@ class _HttpxAnswer:
 
     def chunks(self) -> AsyncIterator[bytes]:
         return self._response.aiter_raw()
+
+    def at_eof(self) -> bool:
+        return False
 
     async def aclose(self) -> None:
         await self._response.aclose()
