@@ -16,11 +16,13 @@ from proxy.types import Message, Scope, Send, request_state
 
 
 class ResponseProgress:
-    __slots__ = ("_send", "complete", "extra_headers", "first_byte", "send_failed", "sent",
-                 "start")
+    """The record, kept in ``scope["state"]``. It holds no reference to the server's ``send``:
+    the scope belongs to the server's stream object, and a reference back to it would make every
+    request a reference cycle that only the garbage collector frees."""
 
-    def __init__(self, send: Send) -> None:
-        self._send = send
+    __slots__ = ("complete", "extra_headers", "first_byte", "send_failed", "sent", "start")
+
+    def __init__(self) -> None:
         # The ``http.response.start`` message once it went out, with the headers added here.
         self.start: Message | None = None
         # Headers added to the response's own (the request id).
@@ -39,30 +41,31 @@ class ResponseProgress:
     def status(self) -> int:
         return self.start["status"] if self.start is not None else 0
 
-    async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            if self.extra_headers:
-                message["headers"] = [*message.get("headers", ()), *self.extra_headers]
-            self.start = message
-        else:
-            if not self.first_byte:
-                self.first_byte = time.perf_counter()
-            body = message.get("body")
-            if body:
-                self.sent += len(body)
-            self.complete = not message.get("more_body", False)
-        try:
-            await self._send(message)
-        except OSError:
-            self.send_failed = True
-            raise
-
 
 def progress(scope: Scope, send: Send) -> tuple[ResponseProgress, Send]:
     """The request's tracker, and the ``send`` to use: wrapped only where none tracks yet."""
     state = request_state(scope)
     tracker = state.get("progress")
-    if tracker is None:
-        tracker = state["progress"] = ResponseProgress(send)
-        return tracker, tracker.send
-    return tracker, send
+    if tracker is not None:
+        return tracker, send
+    tracker = state["progress"] = ResponseProgress()
+
+    async def tracked(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            if tracker.extra_headers:
+                message["headers"] = [*message.get("headers", ()), *tracker.extra_headers]
+            tracker.start = message
+        else:
+            if not tracker.first_byte:
+                tracker.first_byte = time.perf_counter()
+            body = message.get("body")
+            if body:
+                tracker.sent += len(body)
+            tracker.complete = not message.get("more_body", False)
+        try:
+            await send(message)
+        except OSError:
+            tracker.send_failed = True
+            raise
+
+    return tracker, tracked
