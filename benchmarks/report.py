@@ -295,7 +295,7 @@ def _failed(checks: dict[str, bool]) -> str:
     return ", ".join(k for k, v in checks.items() if not v)
 
 
-ORDER = ("direct", "hypercorn-bare", "nginx", "gateway", "litellm")
+ORDER = ("direct", "hypercorn-bare", "aiohttp-bare", "nginx", "gateway", "litellm")
 
 
 def _order(system: str) -> int:

@@ -33,7 +33,7 @@ from .systems import ROOT, System
 
 # Also the order each scenario visits them in: LiteLLM last, since a proxy that does not cancel
 # its upstream streams when the client goes leaves the shared backend busy for a while.
-ALL_SYSTEMS = ("direct", "hypercorn-bare", "nginx", "gateway", "litellm")
+ALL_SYSTEMS = ("direct", "hypercorn-bare", "aiohttp-bare", "nginx", "gateway", "litellm")
 
 
 @dataclass(frozen=True)
@@ -190,6 +190,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 system = systems.litellm(fast_port, paced_port, work)
             elif name == "hypercorn-bare":
                 system = systems.hypercorn_bare(work)
+            elif name == "aiohttp-bare":
+                system = systems.hypercorn_bare(work, backends=(fast_port, paced_port))
             else:
                 system = systems.gateway({"fast": fast_port, "paced": paced_port}, work,
                                          src=src)

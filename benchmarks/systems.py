@@ -123,12 +123,19 @@ http {{
     return system
 
 
-def hypercorn_bare(work: Path) -> System:
+def hypercorn_bare(work: Path, *, backends: tuple[int, int] | None = None) -> System:
+    """hypercorn answering by itself, or, given the backends' ports, the bare aiohttp
+    passthrough (``/paced/...`` goes to the paced backend)."""
     port = free_port()
-    proc = start("hypercorn-bare", [sys.executable, "-m", "benchmarks.bare_asgi", "--bind",
-                                    f"127.0.0.1:{port}"], core=PROXY_CORE, logs=work, cwd=ROOT)
-    target = Target("127.0.0.1", port, CHAT, "fast")
-    system = System("hypercorn-bare", target, target, proc, reference=True)
+    name = "hypercorn-bare" if backends is None else "aiohttp-bare"
+    extra = [] if backends is None else [
+        "--upstream", f"http://127.0.0.1:{backends[0]}",
+        "--paced-upstream", f"http://127.0.0.1:{backends[1]}"]
+    proc = start(name, [sys.executable, "-m", "benchmarks.bare_asgi", "--bind",
+                        f"127.0.0.1:{port}", *extra], core=PROXY_CORE, logs=work, cwd=ROOT)
+    fast = Target("127.0.0.1", port, CHAT, "fast")
+    paced = Target("127.0.0.1", port, "/paced" + CHAT, "paced")
+    system = System(name, fast, paced if backends else fast, proc, reference=backends is None)
     system.startup_s = wait_http(proc, f"http://127.0.0.1:{port}/health")
     return system
 

@@ -100,7 +100,7 @@ def test_quick_run_writes_table_and_json(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("name", ["nginx", "litellm"])
+@pytest.mark.parametrize("name", ["nginx", "litellm", "aiohttp-bare"])
 def test_other_proxies_answer_through_the_harness(name: str, tmp_path: Path) -> None:
     why = systems.available(name)
     if why:
@@ -111,6 +111,8 @@ def test_other_proxies_answer_through_the_harness(name: str, tmp_path: Path) -> 
     try:
         if name == "nginx":
             system = systems.nginx(fast_port, paced_port, tmp_path)
+        elif name == "aiohttp-bare":
+            system = systems.hypercorn_bare(tmp_path, backends=(fast_port, paced_port))
         else:
             system = systems.litellm(fast_port, paced_port, tmp_path)
         check_system(system)
