@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import anyio
 import structlog
 
 from backends.pool import BackendPool
@@ -72,8 +71,7 @@ class StreamingPassthrough:
             try:
                 await self._relay(answer, send, model.name)
             finally:
-                with anyio.CancelScope(shield=True):
-                    await answer.aclose()
+                await answer.aclose()
 
     async def _open(self, scope: Scope, state: dict[str, Any], address: str,
                     model: str) -> Answer:

@@ -59,7 +59,8 @@ class Answer(Protocol):
         before its iterator ends)."""
 
     async def aclose(self) -> None:
-        """Give the connection back, or close it (aborting the answer) if not read to the end."""
+        """Give the connection back, or close it (aborting the answer) if not read to the end;
+        completes even when the caller is being cancelled."""
 
 
 class Transport(Protocol):
@@ -87,6 +88,7 @@ class _AiohttpAnswer:
         return self._response.content.is_eof()
 
     async def aclose(self) -> None:
+        # Never suspends, so a cancellation cannot cut it short (no shield needed).
         if self._release is not None:
             self._response.release()
             self._release()
@@ -168,7 +170,8 @@ class _HttpxAnswer:
         return False
 
     async def aclose(self) -> None:
-        await self._response.aclose()
+        with anyio.CancelScope(shield=True):
+            await self._response.aclose()
 
 
 class HttpxTransport:
