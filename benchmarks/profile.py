@@ -64,33 +64,28 @@ def _has(stack: str, *keys: str) -> bool:
 
 def bucket(frames: list[str]) -> str:
     """Which cost a sample belongs to, judged from its whole stack (the first rule that
-    matches wins, so e.g. anyio work done for the connection pool counts as the pool's)."""
+    matches wins, so e.g. json work done for the access log counts as the log's)."""
     s, leaf = ";".join(frames), frames[-1]
-    if _has(s, "_assign_requests_to_connections", "has_expired", "_close_connections",
-            "is_socket_readable"):
-        return "httpcore2 pool bookkeeping (scan of all pooled connections, socket probe each)"
     if _has(s, "structlog/"):
         return "structlog access log"
     if _has(s, "prometheus_client/"):
         return "prometheus_client counters/histograms"
     if _has(s, "json/"):
         return "json parse/dump"
-    if _has(s, "build_request", "_merge_url", "_merge_headers"):
-        return "httpx2 build_request (URL parse, header merge)"
     if _has(s, "_relay"):
         if _has(s, "aiter_raw", "iter_any", "aiohttp/"):
             return "relay: upstream body read (aiohttp or httpx2 client, chunked decode)"
         if _has(s, "hypercorn/"):
             return "relay: downstream write (hypercorn + h11 server, socket write)"
-        if _has(s, "send_with_id", "tracking_send"):
-            return "relay: nested send wrappers (own code)"
+        if _has(s, "progress.py"):
+            return "relay: the response tracker's send wrapper (own code)"
         return "relay: other (header filter, loop)"
     if _has(s, "Answer.aclose"):
         return "upstream response close / connection release"
     if _has(s, "StreamingPassthrough._open"):
         return "upstream request send + response head (aiohttp or httpx2)"
     if _has(s, "disconnect.py"):
-        return "ClientWatch: task group + cancel scope per request"
+        return "ClientWatch and the pool lease under it (watcher task, cancel scope, lease)"
     if _has(s, "Gateway.__call__"):
         if _has(leaf, "hypercorn/"):
             return "hypercorn + h11 server (send path outside the relay)"
