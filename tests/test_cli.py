@@ -173,6 +173,16 @@ def test_serve_answers_health_and_exits_0_on_sigterm(tmp_path, monkeypatch):
                                                "upstream_keepalive_size": 10}
 
 
+def test_serve_runs_on_uvloop_unless_told_otherwise(tmp_path: Path) -> None:
+    def uvloop_mapped(pid: int) -> bool:  # anyio imports uvloop only to run on it
+        return "/uvloop/loop." in Path(f"/proc/{pid}/maps").read_text()
+
+    with gateway_process(GOOD, tmp_path) as (_, proc):
+        assert uvloop_mapped(proc.pid)
+    with gateway_process(GOOD, tmp_path, "--worker", "asyncio") as (_, proc):
+        assert not uvloop_mapped(proc.pid)
+
+
 def test_trio_worker_refuses_container_models(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text('[engines.local]\nurl = "unix:///run/podman/podman.sock"\n'

@@ -6,7 +6,8 @@ import anyio
 import httpx2
 import pytest
 
-from tests.support import chat, make_config, serving, sim_model, wait_until
+from proxy.app import Gateway
+from tests.support import chat, make_config, serving, serving_app, sim_model, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -98,3 +99,29 @@ async def test_leaving_during_a_cold_start_frees_the_slot_and_the_start_goes_on(
         response = await client.post(url + "/v1/chat/completions", json=chat("cold"))
         assert response.status_code == 200
         assert gateway.pool.backends["cold"].starts == 1
+
+
+async def test_a_plain_answer_leaves_the_gateway_in_one_body_message(
+        anyio_backend: str) -> None:
+    """aiohttp (asyncio) says when the body is read to its end, so the last chunk ends the
+    answer itself; httpx2 (trio) cannot tell until its iterator ends, so a closing message
+    follows. Either way the client gets the whole answer."""
+    gateway = Gateway(make_config([sim_model("m")]))
+    bodies: list[dict] = []
+
+    async def recording(scope: dict, receive: object, send: object) -> None:
+        async def record(message: dict) -> None:
+            if message["type"] == "http.response.body":
+                bodies.append(message)
+            await send(message)  # type: ignore[operator]
+
+        await gateway(scope, receive, record)
+
+    async with serving_app(recording) as url, httpx2.AsyncClient(timeout=30) as client:
+        bodies.clear()
+        response = await client.post(url + "/v1/chat/completions", json=chat("m"))
+    assert response.status_code == 200
+    assert response.json()["object"] == "chat.completion"
+    more = [message.get("more_body", False) for message in bodies]
+    assert more == ([False] if anyio_backend == "asyncio" else [True, False])
+    assert b"".join(message.get("body", b"") for message in bodies) == response.content
