@@ -13,9 +13,9 @@ body is read (``Upstream.broken``, so relaying a chunk costs no translation).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, nullcontext
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiohttp
 import anyio
@@ -75,7 +75,7 @@ class Transport(Protocol):
 class _AiohttpAnswer:
     __slots__ = ("_release", "_response", "headers", "status")
 
-    def __init__(self, response: aiohttp.ClientResponse, release: Any) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, release: Callable[[], None]) -> None:
         self._response = response
         self._release = release
         self.status = response.status
