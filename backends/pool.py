@@ -410,5 +410,11 @@ class BackendPool:
             await anyio.sleep(self.reap_interval)
             now = anyio.current_time()
             for backend in self.backends.values():
-                if backend.is_idle() and now - backend.last_used >= backend.settings.idle_timeout:
+                if should_reap(backend, now):
                     self.request_stop(backend, "idle")
+
+
+def should_reap(backend: Backend, now: float) -> bool:
+    """The reaper's decision: stop a backend idle (no lease, no request waiting for it) for its
+    ``idle_timeout``."""
+    return backend.is_idle() and now - backend.last_used >= backend.settings.idle_timeout

@@ -119,12 +119,20 @@ class HeldBackend:
     def __init__(self) -> None:
         self.release = anyio.Event()
         self.received = 0
+        # The client address of each connection a POST came on: one per TCP connection.
+        self.connections: set[tuple[str, int]] = set()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":
+            # Answered, not ignored: hypercorn's trio worker can fail to start an app whose
+            # lifespan returns before the server sends the start-up message.
+            while (await receive())["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
             return
         if scope["method"] == "POST":
             self.received += 1
+            self.connections.add(tuple(scope["client"]))
             await self.release.wait()
         body = b'{"object": "chat.completion", "choices": []}'
         await send({"type": "http.response.start", "status": 200,

@@ -22,7 +22,7 @@ import pytest
 from anyio.abc import TaskGroup
 
 from backends.gpu import GpuMemory
-from backends.pool import BackendPool, LauncherFactory, ModelState
+from backends.pool import Backend, BackendPool, LauncherFactory, ModelState, should_reap
 from backends.process import ProcessLauncher
 from proxy.config import Config, ModelSettings
 from proxy.errors import GatewayError
@@ -267,9 +267,26 @@ async def test_a_leased_model_is_never_stopped_for_idleness() -> None:
                 await anyio.sleep(0.1)
                 assert pool.backends["a"].state is ModelState.READY
             assert running(pid)
+        released = anyio.current_time()
         await eventually(lambda: pool.backends["a"].state is ModelState.STOPPED)
-        assert anyio.current_time() - pool.backends["a"].last_used >= 0.3
+        # Idle counts from the end of the lease, not its start.
+        assert anyio.current_time() - released >= 0.3
         assert not running(pid)
+
+
+def test_the_reaper_spares_a_model_that_a_request_waits_for() -> None:
+    # A request that waits (say, while an unload drains, then is given up) is about to lease
+    # the model: stopping it now would cold-start it again for that request.
+    model = make_config([healthy_model("a", idle_timeout=10.0)]).models[0]
+    backend = Backend(model, RecordingLauncher(model), state=ModelState.READY, last_used=100.0)
+    assert should_reap(backend, now=110.0)
+    assert not should_reap(backend, now=109.9)
+    backend.waiting = 1
+    assert not should_reap(backend, now=1000.0)
+    backend.waiting, backend.leases = 0, 1
+    assert not should_reap(backend, now=1000.0)
+    backend.leases, backend.state = 0, ModelState.DRAINING
+    assert not should_reap(backend, now=1000.0)
 
 
 async def test_an_unload_given_up_while_draining_leaves_the_model_serving() -> None:

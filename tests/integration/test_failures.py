@@ -6,9 +6,12 @@ switches; static models point at simulators the test runs, so the test can kill 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import socket
 import threading
+from collections.abc import Iterator
 
 import anyio
 import httpx2
@@ -130,8 +133,22 @@ async def test_backend_dying_mid_stream_ends_the_stream_with_an_error_event() ->
     assert sum("tok" in e for e in events) == 3
 
 
-def _cut_off_server(server: socket.socket, stop: threading.Event) -> None:
-    """A backend that is healthy, but starts a plain JSON answer, sends part of it, and dies."""
+def _read_request(conn: socket.socket) -> bytes:
+    """One whole HTTP/1.1 request: the head, and the body its content-length announces."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    while length and len(body) < int(length[1]):
+        body += conn.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def _faulty_server(server: socket.socket, stop: threading.Event, reply: bytes,
+                   requests: list[bytes]) -> None:
+    """A backend that is healthy, but takes each model request whole, records it, sends
+    ``reply`` (the start of an answer, or nothing) and closes the connection."""
     server.settimeout(0.1)
     while not stop.is_set():
         try:
@@ -139,29 +156,58 @@ def _cut_off_server(server: socket.socket, stop: threading.Event) -> None:
         except TimeoutError:
             continue
         with conn:
-            request = conn.recv(65536)
+            conn.settimeout(5)
+            request = _read_request(conn)
             if request.startswith(b"GET"):
                 conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
                 continue
-            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                         b"content-length: 1000\r\n\r\n{\"partial\": ")
+            requests.append(request)
+            conn.sendall(reply)
             stop.wait(0.2)
 
 
-async def test_backend_dying_mid_body_cuts_the_client_connection() -> None:
+@contextlib.contextmanager
+def faulty_backend(reply: bytes) -> Iterator[tuple[str, list[bytes]]]:
+    """The URL of a ``_faulty_server`` and the model requests it took."""
     stop = threading.Event()
+    requests: list[bytes] = []
     with socket.create_server(("127.0.0.1", 0)) as server:
-        port = server.getsockname()[1]
-        thread = threading.Thread(target=_cut_off_server, args=(server, stop), daemon=True)
+        thread = threading.Thread(target=_faulty_server, args=(server, stop, reply, requests),
+                                  daemon=True)
         thread.start()
         try:
-            config = make_config([static_model("m", f"http://127.0.0.1:{port}")])
-            async with serving(config) as (url, _), httpx2.AsyncClient(timeout=30) as client:
-                with pytest.raises(httpx2.RemoteProtocolError):
-                    await client.post(url + "/v1/chat/completions", json=chat("m"))
+            yield f"http://127.0.0.1:{server.getsockname()[1]}", requests
         finally:
             stop.set()
             thread.join()
+
+
+@pytest.mark.parametrize("reply", [b"", b"HTTP/1.1 200 OK\r\n"],
+                         ids=["no-answer", "status-line-only"])
+async def test_a_backend_that_fails_after_taking_the_request_is_502_and_never_retried(
+        reply: bytes) -> None:
+    # The generation may be running: a second try would run (and bill) it twice.
+    with faulty_backend(reply) as (backend_url, requests):
+        config = make_config([static_model("m", backend_url)], upstream=FAST_RETRIES)
+        async with serving(config) as (url, gateway):
+            response = await post(url, chat("m"))
+            assert response.status_code == 502
+            assert response.json()["error"]["code"] == "upstream_failed"
+            assert "127.0.0.1" not in response.text
+            assert len(requests) == 1
+            assert json.loads(requests[0].split(b"\r\n\r\n", 1)[1]) == chat("m")
+            assert gateway.metrics.retries.labels("m")._value.get() == 0
+            assert gateway.semaphores.in_flight("m") == 0
+
+
+async def test_backend_dying_mid_body_cuts_the_client_connection() -> None:
+    reply = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+             b"content-length: 1000\r\n\r\n{\"partial\": ")
+    with faulty_backend(reply) as (backend_url, _):
+        config = make_config([static_model("m", backend_url)])
+        async with serving(config) as (url, _), httpx2.AsyncClient(timeout=30) as client:
+            with pytest.raises(httpx2.RemoteProtocolError):
+                await client.post(url + "/v1/chat/completions", json=chat("m"))
 
 
 async def test_backend_500_is_passed_through_once_unchanged() -> None:

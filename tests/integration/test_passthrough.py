@@ -6,8 +6,17 @@ import anyio
 import httpx2
 import pytest
 
+from backends.pool import ModelState
 from proxy.app import Gateway
-from tests.support import chat, make_config, serving, serving_app, sim_model, wait_until
+from tests.support import (
+    chat,
+    eventually,
+    make_config,
+    serving,
+    serving_app,
+    sim_model,
+    wait_until,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -125,3 +134,25 @@ async def test_a_plain_answer_leaves_the_gateway_in_one_body_message(
     more = [message.get("more_body", False) for message in bodies]
     assert more == ([False] if anyio_backend == "asyncio" else [True, False])
     assert b"".join(message.get("body", b"") for message in bodies) == response.content
+
+
+async def test_a_stream_longer_than_the_idle_timeout_is_use_until_its_end() -> None:
+    # 30 tokens at 10/s: the stream outlasts the idle timeout by half.
+    idle_timeout = 2.0
+    config = make_config([sim_model("m", "--tokens-per-second", "10",
+                                    idle_timeout=idle_timeout)])
+    async with serving(config) as (url, gateway), httpx2.AsyncClient(timeout=30) as client:
+        await gateway.pool.load("m")
+        backend = gateway.pool.backends["m"]
+        began = anyio.current_time()
+        async with client.stream("POST", url + "/v1/chat/completions",
+                                 json=chat("m", max_tokens=30, stream=True)) as response:
+            lines = [line async for line in response.aiter_lines() if line.startswith("data: ")]
+        ended = anyio.current_time()
+        assert lines[-1] == "data: [DONE]"
+        assert ended - began > idle_timeout
+        await anyio.sleep(idle_timeout * 0.75)
+        assert backend.state is ModelState.READY
+        await eventually(lambda: backend.state is ModelState.STOPPED)
+        assert anyio.current_time() - ended >= idle_timeout
+        assert backend.stop_reason == "idle"

@@ -8,7 +8,16 @@ import anyio
 import httpx2
 import pytest
 
-from tests.support import chat, make_config, serving, simulator, static_model
+from tests.support import (
+    HeldBackend,
+    chat,
+    eventually,
+    make_config,
+    serving,
+    serving_app,
+    simulator,
+    static_model,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -51,3 +60,38 @@ async def test_three_models_by_fifty_streams_stay_within_the_pool_and_reuse_it()
         # round's connections.
         assert all(0 < n <= 50 for n in opened)
         assert sum(opened) <= config.upstream_pool_size
+
+
+async def test_a_full_pool_is_kept_alive_for_the_next_round() -> None:
+    """Every connection of a full pool is open at once (the answers are held), and all of them
+    are kept: the second round opens none (on trio the keep-alive size is httpx2's own limit)."""
+    backend = HeldBackend()
+    async with contextlib.AsyncExitStack() as stack:
+        urls = [await stack.enter_async_context(serving_app(backend)) for _ in range(3)]
+        config = make_config([static_model(f"m{i}", u) for i, u in enumerate(urls)],
+                             gateway={"max_concurrent": 10, "max_models_concurrent": 3})
+        full = config.upstream_pool_size
+        url, gateway = await stack.enter_async_context(serving(config))
+        client = await stack.enter_async_context(httpx2.AsyncClient(
+            timeout=30, limits=httpx2.Limits(max_connections=2 * full)))
+        statuses: list[int] = []
+
+        async def one(model: str) -> None:
+            response = await client.post(url + "/v1/chat/completions", json=chat(model))
+            statuses.append(response.status_code)
+
+        async def held_round() -> None:
+            backend.release = anyio.Event()
+            expected = backend.received + full
+            async with anyio.create_task_group() as tg:
+                for i in range(full):
+                    tg.start_soon(one, f"m{i % 3}")
+                await eventually(lambda: backend.received == expected)
+                assert len(backend.connections) == full
+                backend.release.set()
+            # The last lease ends after its connection went back to the pool.
+            await eventually(lambda: not any(b.leases for b in gateway.pool.backends.values()))
+
+        await held_round()
+        await held_round()
+    assert statuses == [200] * 2 * full
