@@ -674,8 +674,8 @@ class Simulator:
     #
     # Shaped after vLLM 0.32 (vllm/entrypoints/anthropic/, openai/responses/, pooling/,
     # speech_to_text/). These generations are paced by --tokens-per-second and counted in
-    # ``running``/``completed``/``aborted``; --max-concurrency and the fault switches apply to
-    # chat and completions only.
+    # ``running``/``completed``/``aborted``; a stream is cut by --die-after-tokens;
+    # --max-concurrency and the other fault switches apply to chat and completions only.
 
     async def anthropic_messages(self, request: web.Request) -> web.StreamResponse:
         return await self._model_endpoint(
@@ -793,14 +793,19 @@ class Simulator:
         tokens: int,
         tail: Callable[[], Sequence[bytes]],
     ) -> tuple[web.StreamResponse, bool]:
-        """An SSE answer: ``head``, then ``token(i)`` for each token, paced, then ``tail()``."""
+        """An SSE answer: ``head``, then ``token(i)`` for each token, paced, then ``tail()``;
+        cut like the chat streams by ``--die-after-tokens``."""
         resp = web.StreamResponse(headers=_SSE_HEADERS)
+        die_after = self.config.die_after_tokens
         try:
             async with self._generation(tokens) as next_token:
                 await resp.prepare(request)
                 for event in head:
                     await resp.write(event)
                 for i in range(tokens):
+                    if i == die_after:
+                        _abort_connection(request)
+                        return resp, False
                     await next_token()
                     await resp.write(token(i))
                 for event in tail():

@@ -65,7 +65,9 @@ class Admission:
         self.app = app
         self.models = config.by_name
         self.limit = config.gateway.max_body_bytes
-        self.response_ids = response_ids or ResponseIds(config.gateway.max_response_ids)
+        if response_ids is None:
+            response_ids = ResponseIds(config.gateway.max_response_ids)
+        self.response_ids = response_ids
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
