@@ -304,12 +304,6 @@ def _output_message(response_id: str, text: str, status: str) -> dict[str, Any]:
     }
 
 
-def _response_not_found(response_id: str) -> _ApiError:
-    return _ApiError(
-        404, f"Response with id '{response_id}' not found.", type="invalid_request_error"
-    )
-
-
 def _texts(body: dict[str, Any]) -> list[str]:
     """The ``input`` of a pooling request: a string or a list of strings."""
     inputs = body.get("input")
@@ -697,28 +691,36 @@ class Simulator:
         return await self._model_endpoint(request, CLASSIFY_PATH, self._classify_body)
 
     async def retrieve_response(self, request: web.Request) -> web.Response:
-        self._count(RESPONSES_PATH + "/{id}")
-        response_id = request.match_info["response_id"]
-        stored = self._stored_responses.get(response_id)
-        if stored is None:
-            return _response_not_found(response_id).response()
-        return web.json_response(stored)
+        try:
+            return web.json_response(self._stored(request, "/{id}"))
+        except _ApiError as exc:
+            return exc.response()
 
     async def cancel_response(self, request: web.Request) -> web.Response:
-        self._count(RESPONSES_PATH + "/{id}/cancel")
-        response_id = request.match_info["response_id"]
-        stored = self._stored_responses.get(response_id)
-        if stored is None:
-            return _response_not_found(response_id).response()
-        if stored["status"] not in ("queued", "in_progress"):
-            return _ApiError(
-                400, "Cannot cancel a synchronous response.", type="invalid_request_error"
-            ).response()
+        try:
+            stored = self._stored(request, "/{id}/cancel")
+            if stored["status"] not in ("queued", "in_progress"):
+                raise _ApiError(
+                    400, "Cannot cancel a synchronous response.", type="invalid_request_error"
+                )
+        except _ApiError as exc:
+            return exc.response()
         stored["status"] = "cancelled"
-        task = self._background.pop(response_id, None)
+        task = self._background.pop(stored["id"], None)
         if task is not None:
             task.cancel()
         return web.json_response(stored)
+
+    def _stored(self, request: web.Request, route: str) -> dict[str, Any]:
+        """Count the request; the stored response its path names, else vLLM's 404."""
+        self._count(RESPONSES_PATH + route)
+        response_id = request.match_info["response_id"]
+        stored = self._stored_responses.get(response_id)
+        if stored is None:
+            raise _ApiError(
+                404, f"Response with id '{response_id}' not found.", type="invalid_request_error"
+            )
+        return stored
 
     async def transcriptions(self, request: web.Request) -> web.Response:
         return await self._audio(request, TRANSCRIPTIONS_PATH, transcribe=True)
