@@ -149,3 +149,19 @@ def test_pooling_and_classify(gateway: str) -> None:
     assert classified.status_code == 200
     assert classified.json()["model"] == "sim-a"
     assert classified.json()["data"][0]["num_classes"] == 2
+
+
+def test_the_same_under_the_trio_worker(tmp_path: Path) -> None:
+    """httpx2 carries the upstream requests there: an upload, a stored response, an Anthropic
+    error."""
+    with gateway_process(CONFIG, tmp_path, "--worker", "trio") as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        audio = os.urandom(LIMIT // 2)
+        answer = client.audio.transcriptions.create(model="whisper", file=("a.wav", audio))
+        assert answer.text == hashlib.sha256(audio).hexdigest()
+        events = list(client.responses.create(model="sim-b", input="hi", max_output_tokens=2,
+                                              stream=True))
+        assert client.responses.retrieve(events[0].response.id).status == "completed"
+        refused = HTTP.post(url + "/v1/messages", json={"model": "nope", "max_tokens": 1,
+                                                        "messages": []})
+        assert (refused.status_code, refused.json()["error"]["type"]) == (404, "not_found_error")
