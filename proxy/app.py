@@ -181,9 +181,7 @@ class Gateway:
                 await self._draining(scope, receive, send)
             return
         stored = stored_response(path)
-        if stored is not None:
-            if scope["method"] != stored[1]:
-                raise method_not_allowed(path, stored[1])
+        if stored is not None and scope["method"] == stored[1]:
             await self._draining(scope, receive, send)
             return
         handler = routes.CLIENT_ROUTES.get(path)

@@ -21,7 +21,10 @@ DEV_PATHS = ["/sleep", "/wake_up", "/is_sleeping", "/collective_rpc", "/reset_pr
              "/stop_profile", "/server_info", "/scale_elastic_ep", "/reset_mm_cache",
              "/pause", "/resume", "/is_paused", "/v1/chat/completions/render",
              "/v1/completions/render", "/inference/v1/generate", "/v1/messages/batches",
-             "/v1/responses/resp_1/input_items", "/v1/audio/speech", "/invocations"]
+             "/v1/responses/resp_1/input_items", "/v1/audio/speech", "/invocations",
+             "/v1/messages/render", "/v1/chat/completions/batch",
+             "/v1/chat/completions/derender", "/v2/embed", "/v2/rerank", "/cohere/v2/chat",
+             "/update_weights", "/abort_requests", "/version", "/load"]
 
 
 def error_code(response: httpx2.Response) -> str:
