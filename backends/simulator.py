@@ -193,17 +193,20 @@ class _ApiError(Exception):
         500: "InternalServerError",
     }
 
-    def __init__(self, status: int, message: str, *, type: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, *, type: str | None = None, param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type or self.TYPES[status]
+        self.param = param
 
     def response(self) -> web.Response:
         error = {
             "message": self.message,
             "type": self.type,
-            "param": None,
+            "param": self.param,
             "code": self.status,
         }
         return web.Response(
@@ -289,8 +292,9 @@ def _count_tokens(value: object) -> int:
 
 
 def _event(kind: str, data: dict[str, Any]) -> bytes:
-    """One event of an SSE stream with ``event:`` lines (the Anthropic and Responses APIs)."""
-    return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+    """One event of an SSE stream with ``event:`` lines (the Anthropic and Responses APIs),
+    its data as compact as pydantic's ``model_dump_json``."""
+    return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
 def _output_message(response_id: str, text: str, status: str) -> dict[str, Any]:
@@ -701,7 +705,10 @@ class Simulator:
             stored = self._stored(request, "/{id}/cancel")
             if stored["status"] not in ("queued", "in_progress"):
                 raise _ApiError(
-                    400, "Cannot cancel a synchronous response.", type="invalid_request_error"
+                    400,
+                    "Cannot cancel a synchronous response.",
+                    type="invalid_request_error",
+                    param="response_id",
                 )
         except _ApiError as exc:
             return exc.response()
@@ -718,7 +725,10 @@ class Simulator:
         stored = self._stored_responses.get(response_id)
         if stored is None:
             raise _ApiError(
-                404, f"Response with id '{response_id}' not found.", type="invalid_request_error"
+                404,
+                f"Response with id '{response_id}' not found.",
+                type="invalid_request_error",
+                param="response_id",
             )
         return stored
 
@@ -843,39 +853,33 @@ class Simulator:
                     "usage": usage,
                 }
             ), True
+        # vLLM 0.32 dumps each event with exclude_unset: the fields it sets, in field order.
         start = {
             "id": message_id,
+            "type": "message",
+            "role": "assistant",
             "content": [],
             "model": self.config.model,
             "stop_reason": None,
             "stop_sequence": None,
             "usage": {"input_tokens": prompt, "output_tokens": 0},
         }
+        text_block = {"type": "text", "text": ""}
         head = (
             _event("message_start", {"type": "message_start", "message": start}),
             _event(
                 "content_block_start",
-                {
-                    "index": 0,
-                    "type": "content_block_start",
-                    "content_block": {"type": "text", "text": ""},
-                },
+                {"type": "content_block_start", "content_block": text_block, "index": 0},
             ),
         )
+        text_delta = {"type": "text_delta", "text": "tok "}
         delta = _event(
-            "content_block_delta",
-            {
-                "index": 0,
-                "type": "content_block_delta",
-                "delta": {"type": "text_delta", "text": "tok "},
-            },
+            "content_block_delta", {"type": "content_block_delta", "delta": text_delta, "index": 0}
         )
+        stop = {"stop_reason": "max_tokens", "stop_sequence": None}
         tail = (
-            _event("content_block_stop", {"index": 0, "type": "content_block_stop"}),
-            _event(
-                "message_delta",
-                {"type": "message_delta", "delta": {"stop_reason": "max_tokens"}, "usage": usage},
-            ),
+            _event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            _event("message_delta", {"type": "message_delta", "delta": stop, "usage": usage}),
             _event("message_stop", {"type": "message_stop"}),
         )
         return await self._events(request, head, lambda i: delta, max_tokens, lambda: tail)

@@ -102,7 +102,7 @@ def test_a_stream_arrives_as_the_tokens_are_made(gateway: str) -> None:
     assert arrivals[-1] - arrivals[0] > 0.3
     assert text.startswith(b"event: message_start\ndata: {")
     assert text.count(b"event: content_block_delta\n") == 5
-    assert text.endswith(b'event: message_stop\ndata: {"type": "message_stop"}\n\n')
+    assert text.endswith(b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
 
 
 def test_count_tokens(client: anthropic.Anthropic) -> None:
