@@ -19,6 +19,19 @@ Endpoints (shaped like vLLM's):
   with the first token; each token then has its own chunk, the last one with
   ``finish_reason: "length"``.
 * ``POST /v1/embeddings``: deterministic 8-dimensional vectors.
+* ``POST /v1/messages`` (Anthropic Messages, streamed with ``event:`` lines
+  as vLLM converts a chat stream: ``message_start``, ``content_block_start``,
+  ``content_block_delta`` per token, ``content_block_stop``,
+  ``message_delta``, ``message_stop``; errors in Anthropic's shape) and
+  ``POST /v1/messages/count_tokens``.
+* ``POST /v1/responses`` (plain, ``stream`` with vLLM's ``response.*`` events,
+  or ``background``), ``GET /v1/responses/{id}`` and
+  ``POST /v1/responses/{id}/cancel``: the server stores its responses, as
+  vLLM does with ``VLLM_ENABLE_RESPONSES_API_STORE=1``.
+* ``POST /pooling``, ``POST /classify``: deterministic vectors and labels.
+* ``POST /v1/audio/transcriptions``, ``/translations`` (multipart forms): the
+  text answered is the SHA-256 of the uploaded ``file``, so a test sees what
+  arrived.
 * ``GET /metrics``: ``vllm:num_requests_running`` / ``vllm:num_requests_waiting``.
 * ``GET /sim/stats``, ``POST /sim/reset``: counters for tests (see
   :class:`SimulatorStats`).
@@ -37,6 +50,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import itertools
 import json
 import os
@@ -45,6 +59,7 @@ import signal
 import sys
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -65,6 +80,18 @@ __all__ = [
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 EMBEDDINGS_PATH = "/v1/embeddings"
+MESSAGES_PATH = "/v1/messages"
+COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
+RESPONSES_PATH = "/v1/responses"
+POOLING_PATH = "/pooling"
+CLASSIFY_PATH = "/classify"
+TRANSCRIPTIONS_PATH = "/v1/audio/transcriptions"
+TRANSLATIONS_PATH = "/v1/audio/translations"
+# Responses kept for GET /v1/responses/{id} (vLLM keeps them all; a test tool needs fewer).
+STORED_RESPONSES = 10_000
+CLASS_LABELS = ("LABEL_0", "LABEL_1")
+# The "duration" of an upload in a transcription's usage: 16 kHz, 16-bit mono.
+AUDIO_BYTES_PER_SECOND = 32_000
 DEFAULT_MAX_TOKENS = 16
 EMBEDDING_DIM = 8
 TOKEN = b"tok "
@@ -166,16 +193,20 @@ class _ApiError(Exception):
         500: "InternalServerError",
     }
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(
+        self, status: int, message: str, *, type: str | None = None, param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.type = type or self.TYPES[status]
+        self.param = param
 
     def response(self) -> web.Response:
         error = {
             "message": self.message,
-            "type": self.TYPES[self.status],
-            "param": None,
+            "type": self.type,
+            "param": self.param,
             "code": self.status,
         }
         return web.Response(
@@ -183,6 +214,11 @@ class _ApiError(Exception):
             body=json.dumps({"error": error}).encode(),
             content_type="application/json",
         )
+
+    def anthropic_response(self) -> web.Response:
+        """The error as vLLM's Anthropic routes say it (``translate_error_response``)."""
+        error = {"type": self.type, "message": self.message}
+        return web.json_response({"type": "error", "error": error}, status=self.status)
 
 
 @dataclass(frozen=True)
@@ -255,6 +291,33 @@ def _count_tokens(value: object) -> int:
     return 1 if type(value) is int else 0
 
 
+def _event(kind: str, data: dict[str, Any]) -> bytes:
+    """One event of an SSE stream with ``event:`` lines (the Anthropic and Responses APIs),
+    its data as compact as pydantic's ``model_dump_json``."""
+    return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def _output_message(response_id: str, text: str, status: str) -> dict[str, Any]:
+    content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": None}]
+    return {
+        "id": f"msg_{response_id[5:]}",
+        "type": "message",
+        "role": "assistant",
+        "status": status,
+        "content": content if text else [],
+    }
+
+
+def _texts(body: dict[str, Any]) -> list[str]:
+    """The ``input`` of a pooling request: a string or a list of strings."""
+    inputs = body.get("input")
+    if isinstance(inputs, str):
+        return [inputs]
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(t, str) for t in inputs):
+        raise _ApiError(400, "Field required: 'input' (a string or list of strings)")
+    return inputs
+
+
 def _embedding(text: str) -> list[float]:
     crc = zlib.crc32(text.encode())
     return [((crc >> (4 * i)) & 0xF) / 15.0 - 0.5 for i in range(EMBEDDING_DIM)]
@@ -295,6 +358,8 @@ class Simulator:
         self._ids = itertools.count()
         self._chat = _templates("chat", config.model)
         self._completion = _templates("completion", config.model)
+        self._stored_responses: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._background: dict[str, asyncio.Task[None]] = {}
         self._models_body = json.dumps(
             {
                 "object": "list",
@@ -333,6 +398,15 @@ class Simulator:
         app.router.add_post(CHAT_PATH, self.chat_completions)
         app.router.add_post(COMPLETIONS_PATH, self.completions)
         app.router.add_post(EMBEDDINGS_PATH, self.embeddings)
+        app.router.add_post(MESSAGES_PATH, self.anthropic_messages)
+        app.router.add_post(COUNT_TOKENS_PATH, self.anthropic_count_tokens)
+        app.router.add_post(RESPONSES_PATH, self.responses)
+        app.router.add_get(RESPONSES_PATH + "/{response_id}", self.retrieve_response)
+        app.router.add_post(RESPONSES_PATH + "/{response_id}/cancel", self.cancel_response)
+        app.router.add_post(POOLING_PATH, self.pooling)
+        app.router.add_post(CLASSIFY_PATH, self.classify)
+        app.router.add_post(TRANSCRIPTIONS_PATH, self.transcriptions)
+        app.router.add_post(TRANSLATIONS_PATH, self.translations)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/sim/stats", self.sim_stats)
         app.router.add_post("/sim/reset", self.sim_reset)
@@ -389,8 +463,10 @@ class Simulator:
             [web.Request, dict[str, Any]],
             Awaitable[tuple[web.StreamResponse, bool]],
         ],
+        shape: Callable[[_ApiError], web.Response] = _ApiError.response,
     ) -> web.StreamResponse:
-        """Count, parse, validate and answer; ``handle`` says if it answered."""
+        """Count, parse, validate and answer; ``handle`` says if it answered; errors are said
+        by ``shape``."""
         self.stats.requests += 1
         self._count(path)
         try:
@@ -405,7 +481,7 @@ class Simulator:
                 raise _ApiError(404, f"The model `{model}` does not exist.")
             resp, answered = await handle(request, body)
         except _ApiError as exc:
-            resp, answered = exc.response(), True
+            resp, answered = shape(exc), True
         if answered and self.config.exit_after_requests is not None:
             self._answered += 1
             if self._answered >= self.config.exit_after_requests:
@@ -591,6 +667,411 @@ class Simulator:
         except ConnectionError:
             return resp, _ABORTED
         return resp, _COMPLETED
+
+    # -- the rest of vLLM's API: Anthropic Messages, responses, pooling, audio --------------
+    #
+    # Shaped after vLLM 0.32 (vllm/entrypoints/anthropic/, openai/responses/, pooling/,
+    # speech_to_text/). These generations are paced by --tokens-per-second and counted in
+    # ``running``/``completed``/``aborted``; a stream is cut by --die-after-tokens;
+    # --max-concurrency and the other fault switches apply to chat and completions only.
+
+    async def anthropic_messages(self, request: web.Request) -> web.StreamResponse:
+        return await self._model_endpoint(
+            request, MESSAGES_PATH, self._messages_body, _ApiError.anthropic_response
+        )
+
+    async def anthropic_count_tokens(self, request: web.Request) -> web.StreamResponse:
+        return await self._model_endpoint(
+            request, COUNT_TOKENS_PATH, self._count_tokens_body, _ApiError.anthropic_response
+        )
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        return await self._model_endpoint(request, RESPONSES_PATH, self._responses_body)
+
+    async def pooling(self, request: web.Request) -> web.StreamResponse:
+        return await self._model_endpoint(request, POOLING_PATH, self._pooling_body)
+
+    async def classify(self, request: web.Request) -> web.StreamResponse:
+        return await self._model_endpoint(request, CLASSIFY_PATH, self._classify_body)
+
+    async def retrieve_response(self, request: web.Request) -> web.Response:
+        try:
+            return web.json_response(self._stored(request, "/{id}"))
+        except _ApiError as exc:
+            return exc.response()
+
+    async def cancel_response(self, request: web.Request) -> web.Response:
+        try:
+            stored = self._stored(request, "/{id}/cancel")
+            if stored["status"] not in ("queued", "in_progress"):
+                raise _ApiError(
+                    400,
+                    "Cannot cancel a synchronous response.",
+                    type="invalid_request_error",
+                    param="response_id",
+                )
+        except _ApiError as exc:
+            return exc.response()
+        stored["status"] = "cancelled"
+        task = self._background.pop(stored["id"], None)
+        if task is not None:
+            task.cancel()
+        return web.json_response(stored)
+
+    def _stored(self, request: web.Request, route: str) -> dict[str, Any]:
+        """Count the request; the stored response its path names, else vLLM's 404."""
+        self._count(RESPONSES_PATH + route)
+        response_id = request.match_info["response_id"]
+        stored = self._stored_responses.get(response_id)
+        if stored is None:
+            raise _ApiError(
+                404,
+                f"Response with id '{response_id}' not found.",
+                type="invalid_request_error",
+                param="response_id",
+            )
+        return stored
+
+    async def transcriptions(self, request: web.Request) -> web.Response:
+        return await self._audio(request, TRANSCRIPTIONS_PATH, transcribe=True)
+
+    async def translations(self, request: web.Request) -> web.Response:
+        return await self._audio(request, TRANSLATIONS_PATH, transcribe=False)
+
+    async def _audio(self, request: web.Request, path: str, *, transcribe: bool) -> web.Response:
+        """The text "answered" for an upload is its SHA-256: a test sees it arrived intact."""
+        self.stats.requests += 1
+        self._count(path)
+        try:
+            try:
+                form = await request.post()
+            except ValueError as exc:
+                raise _ApiError(400, f"Request body is not a valid form: {exc}") from None
+            model = form.get("model")
+            if model is not None and model != self.config.model:
+                raise _ApiError(404, f"The model `{model}` does not exist.")
+            upload = form.get("file")
+            if not isinstance(upload, web.FileField):
+                raise _ApiError(400, "Field required: 'file' (the audio, as a file upload)")
+            audio = upload.file.read()
+        except _ApiError as exc:
+            return exc.response()
+        text = hashlib.sha256(audio).hexdigest()
+        async with self._generation(1):
+            pass
+        if not transcribe:
+            return web.json_response({"text": text})
+        seconds = max(1, len(audio) // AUDIO_BYTES_PER_SECOND)
+        return web.json_response({"text": text, "usage": {"type": "duration", "seconds": seconds}})
+
+    @contextlib.asynccontextmanager
+    async def _generation(self, tokens: int) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+        """Count one generation of ``tokens`` tokens; yields the wait before each next token
+        (non-streaming answers wait for all of them on the way out)."""
+        stats = self.stats
+        rate = self.config.tokens_per_second
+        loop = asyncio.get_running_loop()
+        deadline = loop.time()
+        streamed = False
+
+        async def next_token() -> None:
+            nonlocal deadline, streamed
+            streamed = True
+            if rate:
+                deadline += 1.0 / rate
+                delay = deadline - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+
+        stats.running += 1
+        outcome = _ABORTED
+        try:
+            yield next_token
+            if rate and not streamed:
+                await asyncio.sleep(tokens / rate)
+            outcome = _COMPLETED
+        finally:
+            stats.running -= 1
+            if outcome is _COMPLETED:
+                stats.completed += 1
+            else:
+                stats.aborted += 1
+
+    async def _events(
+        self,
+        request: web.Request,
+        head: Sequence[bytes],
+        token: Callable[[int], bytes],
+        tokens: int,
+        tail: Callable[[], Sequence[bytes]],
+    ) -> tuple[web.StreamResponse, bool]:
+        """An SSE answer: ``head``, then ``token(i)`` for each token, paced, then ``tail()``;
+        cut like the chat streams by ``--die-after-tokens``."""
+        resp = web.StreamResponse(headers=_SSE_HEADERS)
+        die_after = self.config.die_after_tokens
+        try:
+            async with self._generation(tokens) as next_token:
+                await resp.prepare(request)
+                for event in head:
+                    await resp.write(event)
+                for i in range(tokens):
+                    if i == die_after:
+                        _abort_connection(request)
+                        return resp, False
+                    await next_token()
+                    await resp.write(token(i))
+                for event in tail():
+                    await resp.write(event)
+                await resp.write_eof()
+        except ConnectionError:
+            return resp, False
+        return resp, True
+
+    async def _messages_body(
+        self, request: web.Request, body: dict[str, Any]
+    ) -> tuple[web.StreamResponse, bool]:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _ApiError(400, "Field required: 'messages' (a non-empty list)")
+        if body.get("max_tokens") is None:
+            raise _ApiError(400, "Field required: 'max_tokens'")
+        max_tokens = _max_tokens(body.get("max_tokens"))
+        prompt = _count_tokens(messages) + _count_tokens(body.get("system"))
+        message_id = f"chatcmpl-{os.urandom(8).hex()}"  # vLLM answers with the chat id
+        usage = {"input_tokens": prompt, "output_tokens": max_tokens}
+        if not body.get("stream"):
+            async with self._generation(max_tokens):
+                pass
+            return web.json_response(
+                {
+                    "id": message_id,
+                    "type": "message",
+                    "role": "assistant",
+                    "content": [{"type": "text", "text": "tok " * max_tokens}],
+                    "model": self.config.model,
+                    "stop_reason": "max_tokens",
+                    "usage": usage,
+                }
+            ), True
+        # vLLM 0.32 dumps each event with exclude_unset: the fields it sets, in field order.
+        start = {
+            "id": message_id,
+            "type": "message",
+            "role": "assistant",
+            "content": [],
+            "model": self.config.model,
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": prompt, "output_tokens": 0},
+        }
+        text_block = {"type": "text", "text": ""}
+        head = (
+            _event("message_start", {"type": "message_start", "message": start}),
+            _event(
+                "content_block_start",
+                {"type": "content_block_start", "content_block": text_block, "index": 0},
+            ),
+        )
+        text_delta = {"type": "text_delta", "text": "tok "}
+        delta = _event(
+            "content_block_delta", {"type": "content_block_delta", "delta": text_delta, "index": 0}
+        )
+        stop = {"stop_reason": "max_tokens", "stop_sequence": None}
+        tail = (
+            _event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            _event("message_delta", {"type": "message_delta", "delta": stop, "usage": usage}),
+            _event("message_stop", {"type": "message_stop"}),
+        )
+        return await self._events(request, head, lambda i: delta, max_tokens, lambda: tail)
+
+    async def _count_tokens_body(
+        self, request: web.Request, body: dict[str, Any]
+    ) -> tuple[web.StreamResponse, bool]:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _ApiError(400, "Field required: 'messages' (a non-empty list)")
+        tokens = _count_tokens(messages) + _count_tokens(body.get("system"))
+        return web.json_response(
+            {
+                "input_tokens": tokens,
+                "context_management": {"original_input_tokens": tokens},
+            }
+        ), True
+
+    def _response(
+        self, response_id: str, body: dict[str, Any], status: str, prompt: int, tokens: int
+    ) -> dict[str, Any]:
+        """A ``response`` object as vLLM dumps it (``ResponsesResponse``), with the text of
+        ``tokens`` tokens once it is done."""
+        done = status == "completed"
+        output = [_output_message(response_id, "tok " * tokens, "completed")] if done else []
+        usage = (
+            {
+                "input_tokens": prompt,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": tokens,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": prompt + tokens,
+            }
+            if done
+            else None
+        )
+        return {
+            "id": response_id,
+            "created_at": int(time.time()),
+            "incomplete_details": None,
+            "instructions": body.get("instructions"),
+            "metadata": body.get("metadata"),
+            "model": self.config.model,
+            "object": "response",
+            "output": output,
+            "parallel_tool_calls": True,
+            "temperature": body.get("temperature", 1.0),
+            "tool_choice": "auto",
+            "tools": [],
+            "top_p": body.get("top_p", 1.0),
+            "background": bool(body.get("background")),
+            "max_output_tokens": body.get("max_output_tokens"),
+            "previous_response_id": body.get("previous_response_id"),
+            "reasoning": None,
+            "service_tier": "auto",
+            "status": status,
+            "text": None,
+            "truncation": "disabled",
+            "usage": usage,
+            "user": None,
+        }
+
+    def _store(self, response: dict[str, Any]) -> None:
+        stored = self._stored_responses
+        stored[response["id"]] = response
+        while len(stored) > STORED_RESPONSES:
+            stored.popitem(last=False)
+
+    async def _responses_body(
+        self, request: web.Request, body: dict[str, Any]
+    ) -> tuple[web.StreamResponse, bool]:
+        inputs = body.get("input")
+        if not isinstance(inputs, str | list) or not inputs:
+            raise _ApiError(400, "Field required: 'input' (a string or a list of items)")
+        tokens = _max_tokens(body.get("max_output_tokens"))
+        prompt = _count_tokens(inputs)
+        response_id = f"resp_{os.urandom(16).hex()}"
+        store = body.get("store", True)
+        if body.get("background"):
+            if not store:
+                raise _ApiError(400, "background can only be used when `store` is true")
+            queued = self._response(response_id, body, "queued", prompt, 0)
+            self._store(queued)
+            self._background[response_id] = asyncio.create_task(
+                self._run_in_background(queued, body, prompt, tokens)
+            )
+            return web.json_response(queued), True
+        if not body.get("stream"):
+            async with self._generation(tokens):
+                pass
+            done = self._response(response_id, body, "completed", prompt, tokens)
+            if store:
+                self._store(done)
+            return web.json_response(done), True
+        return await self._stream_response(request, response_id, body, prompt, tokens, store)
+
+    async def _run_in_background(
+        self, queued: dict[str, Any], body: dict[str, Any], prompt: int, tokens: int
+    ) -> None:
+        queued["status"] = "in_progress"
+        try:
+            async with self._generation(tokens):
+                pass
+        finally:
+            self._background.pop(queued["id"], None)
+        self._store(self._response(queued["id"], body, "completed", prompt, tokens))
+
+    async def _stream_response(
+        self,
+        request: web.Request,
+        response_id: str,
+        body: dict[str, Any],
+        prompt: int,
+        tokens: int,
+        store: bool,
+    ) -> tuple[web.StreamResponse, bool]:
+        """vLLM's event stream of a response: ``event: TYPE`` and ``data: {...}`` per event,
+        each with its ``sequence_number``."""
+        item_id = f"msg_{response_id[5:]}"
+        where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+        running = self._response(response_id, body, "in_progress", prompt, 0)
+        numbers = itertools.count()
+
+        def event(kind: str, **fields: Any) -> bytes:
+            return _event(kind, {"type": kind, "sequence_number": next(numbers), **fields})
+
+        text = "tok " * tokens
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        head = (
+            event("response.created", response=running),
+            event("response.in_progress", response=running),
+            event(
+                "response.output_item.added",
+                output_index=0,
+                item=_output_message(response_id, "", "in_progress"),
+            ),
+            event("response.content_part.added", **where, part=part),
+        )
+
+        def delta(i: int) -> bytes:
+            return event("response.output_text.delta", **where, delta="tok ", logprobs=[])
+
+        def tail() -> list[bytes]:
+            done = self._response(response_id, body, "completed", prompt, tokens)
+            if store:
+                self._store(done)
+            return [
+                event("response.output_text.done", **where, text=text, logprobs=[]),
+                event("response.content_part.done", **where, part={**part, "text": text}),
+                event("response.output_item.done", output_index=0, item=done["output"][0]),
+                event("response.completed", response=done),
+            ]
+
+        return await self._events(request, head, delta, tokens, tail)
+
+    async def _pooling_body(
+        self, request: web.Request, body: dict[str, Any]
+    ) -> tuple[web.StreamResponse, bool]:
+        inputs = _texts(body)
+        return web.json_response(
+            self._pooled(
+                "pool",
+                inputs,
+                [
+                    {"index": i, "object": "pooling", "data": _embedding(text)}
+                    for i, text in enumerate(inputs)
+                ],
+            )
+        ), True
+
+    async def _classify_body(
+        self, request: web.Request, body: dict[str, Any]
+    ) -> tuple[web.StreamResponse, bool]:
+        inputs = _texts(body)
+        data = []
+        for i, text in enumerate(inputs):
+            first = (zlib.crc32(text.encode()) % 100) / 100
+            probs = [first, 1.0 - first]
+            label = CLASS_LABELS[probs.index(max(probs))]
+            data.append({"index": i, "label": label, "probs": probs, "num_classes": 2})
+        return web.json_response(self._pooled("classify", inputs, data)), True
+
+    def _pooled(self, kind: str, inputs: list[str], data: list[Any]) -> dict[str, Any]:
+        tokens = sum(map(_count_tokens, inputs))
+        return {
+            "id": f"{kind}-{os.urandom(8).hex()}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": self.config.model,
+            "data": data,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0},
+        }
 
 
 SIMULATOR_KEY = web.AppKey("simulator", Simulator)

@@ -1,11 +1,12 @@
 """Client API keys: with keys configured, the OpenAI routes answer only requests that carry one.
 
 The keys come from ``[auth] api_keys`` and ``[auth] api_keys_file``, validated and read once at
-start-up by the configuration. A request must send ``Authorization: Bearer KEY``; without one,
-or with a key that is not among them, it gets 401 ``invalid_api_key`` in the OpenAI shape. Keys
-are held and compared as SHA-256 digests, so the time a comparison takes tells nothing about
-how much of a key a guess got right. The header is removed before the request goes on: the key
-is the gateway's, and a backend never sees it.
+start-up by the configuration. A request must send ``Authorization: Bearer KEY`` (the OpenAI
+clients) or ``x-api-key: KEY`` (the Anthropic clients); without one, or with a key that is not
+among them, it gets 401 ``invalid_api_key``. Keys are held and compared as SHA-256 digests, so
+the time a comparison takes tells nothing about how much of a key a guess got right. Both
+headers are removed before the request goes on: the key is the gateway's, and a backend never
+sees it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import Iterable
 from proxy.errors import GatewayError
 from proxy.types import ASGIApp, Receive, Scope, Send, header
 
+KEY_HEADERS = frozenset({b"authorization", b"x-api-key"})
+
 
 def bearer_token(scope: Scope) -> bytes | None:
     """The token of the request's ``Authorization: Bearer`` header, if it has one."""
@@ -25,6 +28,14 @@ def bearer_token(scope: Scope) -> bytes | None:
     scheme, _, token = value.partition(b" ")
     token = token.strip()
     return token if scheme.lower() == b"bearer" and token else None
+
+
+def client_key(scope: Scope) -> bytes | None:
+    """The key the request carries: its bearer token, else its ``x-api-key``."""
+    token = bearer_token(scope)
+    if token is None:
+        token = (header(scope, b"x-api-key") or b"").strip() or None
+    return token
 
 
 class Keys:
@@ -51,13 +62,13 @@ class ClientKeys:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        token = bearer_token(scope)
+        token = client_key(scope)
         if token is None:
-            await _invalid_key("No API key provided: send it as 'Authorization: Bearer KEY'."
-                               ).send(send)
+            await _invalid_key("No API key provided: send it as 'Authorization: Bearer KEY' "
+                               "or 'x-api-key: KEY'.").send(send)
             return
         if token not in self.keys:
             await _invalid_key("Incorrect API key provided.").send(send)
             return
-        headers = [(key, value) for key, value in scope["headers"] if key != b"authorization"]
+        headers = [(key, value) for key, value in scope["headers"] if key not in KEY_HEADERS]
         await self.app({**scope, "headers": headers}, receive, send)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import anyio
 import structlog
 
-from proxy.errors import GatewayError, sse_error_event, unavailable
+from proxy.errors import GatewayError, unavailable
 from proxy.passthrough import SSE
 from proxy.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -87,9 +87,7 @@ class Draining:
             if response.start is None:
                 await shutting_down().send(send)
             elif _is_sse(response.start):
-                await send({"type": "http.response.body", "more_body": False,
-                            "body": sse_error_event(
-                                "The gateway is shutting down; the answer was cut short.",
-                                type="service_unavailable_error", code="shutting_down")})
+                await send(unavailable("The gateway is shutting down; the answer was cut short.",
+                                       code="shutting_down").sse_message())
         except OSError:  # the client is gone as well (servers that raise on such a send)
             return

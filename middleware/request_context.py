@@ -20,7 +20,7 @@ import time
 
 import structlog
 
-from proxy.errors import GatewayError
+from proxy.errors import GatewayError, internal_error
 from proxy.metrics import GatewayMetrics
 from proxy.types import ASGIApp, Message, Receive, Scope, Send, header, request_state
 
@@ -80,8 +80,7 @@ class RequestContext:
         except Exception as exc:
             error = exc
             if not response.started:
-                await GatewayError(500, "The gateway failed to handle the request.",
-                                   type="internal_error", code="internal_error").send(send)
+                await internal_error().send(send)
             raise
         finally:
             ended = time.perf_counter()

@@ -4,10 +4,12 @@ graceful stop.
 Outermost first: request context, then one of three surfaces. The open routes (``/health``,
 ``/ready``, ``/metrics``) answer anyone; ``/admin`` answers the operator's token
 (``proxy.admin``); everything else is the clients' surface, behind their API keys when there are
-keys: the model list, and the OpenAI paths of ``FORWARDED``, which go on through draining ->
-admission -> queue depth -> per-model semaphores -> retry -> streaming passthrough -> backend
-pool. No other path reaches a backend: vLLM's development endpoints (``/sleep``,
-``/collective_rpc``, ``/v1/load_lora_adapter``, ...) are 404 here.
+keys: the model list, and the paths of ``FORWARDED`` (POST) and of the stored responses
+(``GET /v1/responses/{id}``, ``POST /v1/responses/{id}/cancel``), which go on through draining
+-> admission -> queue depth -> per-model semaphores -> retry -> streaming passthrough -> backend
+pool. The Anthropic paths (``proxy.anthropic.PATHS``) are among them, with their errors in
+Anthropic's shape. No other path reaches a backend: vLLM's development, render and management
+endpoints (``/sleep``, ``/collective_rpc``, ``/v1/load_lora_adapter``, ...) are 404 here.
 
 Everything that runs in the background (the pool, its reaper, the model servers) lives inside
 ``Gateway.running()``; the ASGI lifespan enters it, and an application that mounts the gateway
@@ -36,9 +38,10 @@ from middleware.concurrency import ModelConcurrencyLimit
 from middleware.draining import Draining
 from middleware.queue_depth import QueueDepthLimit
 from middleware.request_context import RequestContext
+from middleware.response_ids import CREATE_PATH, RememberResponseIds, ResponseIds, stored_response
 from middleware.retry import RetryConnectFailures
 
-from . import routes
+from . import anthropic, routes
 from .admin import AdminApi
 from .config import Config, ModelSettings
 from .metrics import GatewayMetrics
@@ -51,7 +54,8 @@ log = structlog.get_logger("gateway")
 
 FORWARDED = frozenset({
     "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
-    "/v1/rerank", "/v1/score", "/tokenize", "/detokenize",
+    "/v1/rerank", "/v1/score", "/tokenize", "/detokenize", "/pooling", "/classify",
+    "/v1/audio/transcriptions", "/v1/audio/translations", *anthropic.PATHS,
 })
 # Seconds the requests ended after the grace get to send their last words (an SSE error event
 # to a client that reads slowly) before the server closes what is left.
@@ -88,10 +92,14 @@ class Gateway:
         retry = RetryConnectFailures(passthrough, config=config, metrics=self.metrics)
         self.semaphores = ModelConcurrencyLimit(retry, config=config, metrics=self.metrics)
         self.queue = QueueDepthLimit(self.semaphores, config=config, metrics=self.metrics)
-        self._draining = Draining(Admission(self.queue, config=config))
+        self.response_ids = ResponseIds(config.gateway.max_response_ids)
+        self._draining = Draining(Admission(self.queue, config=config,
+                                            response_ids=self.response_ids))
+        self._remembering = RememberResponseIds(self._draining, ids=self.response_ids)
         self._clients: ASGIApp = self._client_routes
         if config.client_keys:
             self._clients = ClientKeys(self._client_routes, keys=config.client_keys)
+        self._anthropic_clients = anthropic.AnthropicErrors(self._clients)
         self.admin = AdminApi(self)
         self._app = RequestContext(self._route, metrics=self.metrics)
 
@@ -157,6 +165,8 @@ class Gateway:
             await self._get(handler, scope, send)
         elif path == "/admin" or path.startswith("/admin/"):
             await self.admin(scope, receive, send)
+        elif path in anthropic.PATHS:
+            await self._anthropic_clients(scope, receive, send)
         else:
             await self._clients(scope, receive, send)
 
@@ -165,6 +175,13 @@ class Gateway:
         if path in FORWARDED:
             if scope["method"] != "POST":
                 raise method_not_allowed(path, "POST")
+            if path == CREATE_PATH:
+                await self._remembering(scope, receive, send)
+            else:
+                await self._draining(scope, receive, send)
+            return
+        stored = stored_response(path)
+        if stored is not None and scope["method"] == stored[1]:
             await self._draining(scope, receive, send)
             return
         handler = routes.CLIENT_ROUTES.get(path)

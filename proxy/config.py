@@ -69,6 +69,9 @@ class GatewaySettings:
     max_concurrent_total: int | None = _spec(None, lo=1, hi=1_000_000)
     queue_timeout: float = _spec(60.0, lo=0.001, hi=DAY)
     max_body_bytes: int = _spec(10 * 1024 * 1024, lo=1, hi=1024 ** 3)
+    # Response ids remembered with the model that made them (a few hundred bytes each), so
+    # that GET /v1/responses/{id} and its cancel reach that model.
+    max_response_ids: int = _spec(10_000, lo=1, hi=10_000_000)
     # Connections the kernel may hold for accept(): a burst beyond it waits for SYN retries.
     backlog: int = _spec(2048, lo=1, hi=65535)
     placement_timeout: float = _spec(30.0, lo=0.001, hi=DAY)

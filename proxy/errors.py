@@ -3,13 +3,19 @@
 A client reads ``{"error": {"message", "type", "param", "code"}}`` and the status; ``Retry-After``
 says when trying again makes sense and ``x-should-retry: false`` says when it cannot help.
 Internal details (addresses, tracebacks) never go here; they go to the log with the request id.
+
+The messages that carry an error also carry the error itself under ``ERROR_KEY``, so that a
+layer answering clients of another API (``proxy/anthropic.py``) can tell the gateway's own
+errors from a backend's and say them in its clients' shape. Servers ignore the extra key.
 """
 
 from __future__ import annotations
 
 import json
 
-from .types import Send
+from .types import Message, Send
+
+ERROR_KEY = "vllm_gateway.error"
 
 
 class GatewayError(Exception):
@@ -49,18 +55,20 @@ class GatewayError(Exception):
         body = self.body()
         headers = self.headers()
         headers.append((b"content-length", str(len(body)).encode()))
-        await send({"type": "http.response.start", "status": self.status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send({"type": "http.response.start", "status": self.status, "headers": headers,
+                    ERROR_KEY: self})
+        await send({"type": "http.response.body", "body": body, ERROR_KEY: self})
+
+    def sse_message(self) -> Message:
+        """What a stream that already started gets instead of a status: the last body message,
+        one SSE error event."""
+        event = b"data: " + error_body(self.message, type=self.type, code=self.code) + b"\n\n"
+        return {"type": "http.response.body", "body": event, "more_body": False, ERROR_KEY: self}
 
 
 def error_body(message: str, *, type: str, code: str, param: str | None = None) -> bytes:
     return json.dumps({"error": {"message": message, "type": type, "param": param,
                                  "code": code}}).encode()
-
-
-def sse_error_event(message: str, *, type: str, code: str) -> bytes:
-    """What a stream that already started gets instead of a status: one SSE error event."""
-    return b"data: " + error_body(message, type=type, code=code) + b"\n\n"
 
 
 def bad_request(message: str, *, code: str = "invalid_request", param: str | None = None,
@@ -72,6 +80,12 @@ def bad_request(message: str, *, code: str = "invalid_request", param: str | Non
 def not_found(message: str, *, code: str = "not_found", param: str | None = None) -> GatewayError:
     return GatewayError(404, message, type="invalid_request_error", code=code, param=param,
                         should_retry=False)
+
+
+def internal_error() -> GatewayError:
+    """What the client gets when a layer failed in a way nobody foresaw (the log has more)."""
+    return GatewayError(500, "The gateway failed to handle the request.", type="internal_error",
+                        code="internal_error")
 
 
 def unavailable(message: str, *, code: str, retry_after: float | None = None,

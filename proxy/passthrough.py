@@ -25,7 +25,7 @@ import structlog
 from backends.pool import BackendPool
 from middleware.disconnect import ClientWatch
 
-from .errors import GatewayError, sse_error_event
+from .errors import GatewayError
 from .types import Receive, Scope, Send, request_state
 from .upstream import Answer, Broken, ConnectFailed, NoFirstByte, PoolExhausted, Upstream
 
@@ -129,10 +129,9 @@ class StreamingPassthrough:
                 log.warning("upstream failed mid-answer", model=model, error=repr(exc))
                 if not sse:
                     raise UpstreamCutOff(model) from exc
-                await send({"type": "http.response.body", "more_body": False,
-                            "body": sse_error_event(
-                                f"The backend of model '{model}' failed during the answer.",
-                                type="upstream_error", code="upstream_failed")})
+                await send(GatewayError(
+                    502, f"The backend of model '{model}' failed during the answer.",
+                    type="upstream_error", code="upstream_failed").sse_message())
                 return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:

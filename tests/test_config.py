@@ -118,6 +118,7 @@ BOUNDED = [
     ("gateway", "max_queue_size", int, "an integer from 1 to 1000000"),
     ("gateway", "max_concurrent", int, "an integer from 1 to 10000"),
     ("gateway", "max_models_concurrent", int, "an integer from 1 to 1000"),
+    ("gateway", "max_response_ids", int, "an integer from 1 to 10000000"),
     ("upstream", "timeout", float, "a number from 0.001 to 86400.0"),
 ]
 
@@ -155,6 +156,7 @@ def test_float_field_refuses_an_integer_too_large_for_a_float():
     ("gateway", "max_queue_size", 1, 1_000_000),
     ("gateway", "max_concurrent", 1, 10_000),
     ("gateway", "max_models_concurrent", 1, 1_000),
+    ("gateway", "max_response_ids", 1, 10_000_000),
     ("upstream", "timeout", 0.001, 86_400.0),
 ])
 def test_bounds_are_inclusive_and_exact(section, key, lo, hi):

@@ -9,6 +9,7 @@ import anyio
 import pytest
 
 from middleware.admission import Admission
+from middleware.response_ids import ResponseIds
 from proxy.types import Message, Receive, Scope, Send
 from tests.support import make_config, sim_model
 
@@ -174,6 +175,52 @@ async def test_a_client_gone_before_the_body_ends_gets_nothing() -> None:
     inner = await admit(client)
     assert client.sent == []
     assert inner.state is None
+
+
+def form(model: bytes, audio: bytes) -> bytes:
+    return (b'--XyZ\r\nContent-Disposition: form-data; name="model"\r\n\r\n' + model
+            + b'\r\n--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.wav"'
+            + b"\r\n\r\n" + audio + b"\r\n--XyZ--\r\n")
+
+
+FORM = (b"content-type", b"multipart/form-data; boundary=XyZ")
+
+
+async def test_a_form_upload_goes_on_byte_for_byte_with_an_alias_replaced() -> None:
+    audio = bytes(range(40))
+    inner = Inner()
+    client = Client.with_body(form(b"qwen", audio))
+    await Admission(inner, config=make_config([sim_model("qwen")]))(
+        http_scope(headers=[FORM], path="/v1/audio/transcriptions"), client.receive,
+        client.send)
+    assert inner.state is not None and inner.state["body_bytes"] == form(b"qwen", audio)
+    client = Client.with_body(form(b"gpt-4", audio))
+    inner = Inner()
+    aliased = make_config([sim_model("llama", aliases=["gpt-4"], served_name="meta/llama")])
+    await Admission(inner, config=aliased)(
+        http_scope(headers=[FORM], path="/v1/audio/translations"), client.receive, client.send)
+    assert inner.state is not None and inner.state["model"].name == "llama"
+    assert inner.state["body_bytes"] == form(b"meta/llama", audio)
+
+
+async def test_a_form_path_refuses_json() -> None:
+    client = Client.with_body({"model": "qwen"})
+    await Admission(Inner(), config=config())(
+        http_scope(path="/v1/audio/transcriptions"), client.receive, client.send)
+    assert (client.status, client.error()["code"]) == (415, "unsupported_media_type")
+
+
+async def test_a_stored_response_goes_to_its_model_without_reading_a_body() -> None:
+    ids = ResponseIds(4)
+    ids.remember("resp_1", config().by_name["qwen"])
+    admission = Admission(Inner(reads=0), config=config(), response_ids=ids)
+    client = Client.with_body(b"ignored")
+    await admission(http_scope(headers=[], method="GET", path="/v1/responses/resp_1"),
+                    client.receive, client.send)
+    assert client.status == 200 and client.received == 0
+    client = Client.with_body()
+    await admission(http_scope(path="/v1/responses/resp_2/cancel"), client.receive, client.send)
+    assert (client.status, client.error()["code"]) == (404, "response_not_found")
 
 
 async def test_other_scopes_pass_through_untouched() -> None:

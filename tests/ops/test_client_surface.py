@@ -15,10 +15,16 @@ from .helpers import with_lifespan
 
 pytestmark = pytest.mark.anyio
 
-# vLLM's development and management endpoints: a client must never reach them.
+# vLLM's development, render and management endpoints: a client must never reach them.
 DEV_PATHS = ["/sleep", "/wake_up", "/is_sleeping", "/collective_rpc", "/reset_prefix_cache",
              "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/start_profile",
-             "/stop_profile", "/server_info", "/scale_elastic_ep", "/reset_mm_cache"]
+             "/stop_profile", "/server_info", "/scale_elastic_ep", "/reset_mm_cache",
+             "/pause", "/resume", "/is_paused", "/v1/chat/completions/render",
+             "/v1/completions/render", "/inference/v1/generate", "/v1/messages/batches",
+             "/v1/responses/resp_1/input_items", "/v1/audio/speech", "/invocations",
+             "/v1/messages/render", "/v1/chat/completions/batch",
+             "/v1/chat/completions/derender", "/v2/embed", "/v2/rerank", "/cohere/v2/chat",
+             "/update_weights", "/abort_requests", "/version", "/load"]
 
 
 def error_code(response: httpx2.Response) -> str:
@@ -83,6 +89,11 @@ async def test_api_keys_from_the_list_and_the_file_guard_the_client_routes(
                     "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}
             for key in ("key-from-list", "key-from-file", "key-two-from-file"):
                 assert (await post("/v1/chat/completions", f"Bearer {key}")).status_code == 200
+            # The Anthropic clients send the key as x-api-key.
+            for key, status in (("key-from-list", 200), ("key-from-lis", 401)):
+                response = await client.post(url + "/v1/chat/completions", json=chat("m"),
+                                             headers={"x-api-key": key})
+                assert response.status_code == status
             # Unknown paths are refused before they are looked up, like any request without a key.
             assert (await post("/sleep", None)).status_code == 401
             assert (await post("/sleep", "Bearer key-from-list")).status_code == 404
@@ -99,8 +110,9 @@ async def test_api_keys_from_the_list_and_the_file_guard_the_client_routes(
                     ).status_code == 403
             assert (await client.get(admin, headers={"authorization": "Bearer adm1n"})
                     ).status_code == 200
-    assert len(backend.headers) == 3
-    assert all(b"authorization" not in headers for headers in backend.headers)
+    assert len(backend.headers) == 4
+    assert all(b"authorization" not in headers and b"x-api-key" not in headers
+               for headers in backend.headers)
 
 
 async def test_without_gateway_keys_the_clients_authorization_goes_to_the_backend() -> None:

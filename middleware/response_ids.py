@@ -1,0 +1,138 @@
+"""Stored responses: ``GET /v1/responses/{id}`` and ``POST /v1/responses/{id}/cancel`` go to the
+model that created the response.
+
+A response lives in the memory of the vLLM server that made it, and those requests name no
+model, so the gateway remembers which model answered each response id it relayed: from the
+JSON answer of ``POST /v1/responses``, or from the first event of its stream
+(``response.created``). It keeps the last ``gateway.max_response_ids`` of them (least recently
+used out first); an id it does not know is 404. Only a successful answer is read, and only so
+much of it (``PEEK_BYTES``): the id comes first.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+
+from proxy.config import ModelSettings
+from proxy.errors import not_found
+from proxy.passthrough import SSE
+from proxy.types import ASGIApp, Message, Receive, Scope, Send, request_state
+
+CREATE_PATH = "/v1/responses"
+PREFIX = CREATE_PATH + "/"
+CANCEL = "/cancel"
+# An answer (or a stream's first event) longer than this is not read for its id.
+PEEK_BYTES = 1024 * 1024
+
+
+def stored_response(path: str) -> tuple[str, str] | None:
+    """``(id, method)`` for a path of a stored response: GET to retrieve, POST to cancel."""
+    if not path.startswith(PREFIX):
+        return None
+    rest = path[len(PREFIX):]
+    rest, cancel = (rest[:-len(CANCEL)], True) if rest.endswith(CANCEL) else (rest, False)
+    if not rest or "/" in rest:
+        return None
+    return rest, "POST" if cancel else "GET"
+
+
+class ResponseIds:
+    """Which model answered each of the last ``size`` response ids."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._models: OrderedDict[str, ModelSettings] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def remember(self, response_id: str, model: ModelSettings) -> None:
+        self._models[response_id] = model
+        self._models.move_to_end(response_id)
+        if len(self._models) > self.size:
+            self._models.popitem(last=False)
+
+    def model_of(self, response_id: str) -> ModelSettings:
+        model = self._models.get(response_id)
+        if model is None:
+            raise not_found(f"No response with id '{response_id}' was made through this "
+                            "gateway (or it is no longer remembered).",
+                            code="response_not_found", param="response_id")
+        self._models.move_to_end(response_id)
+        return model
+
+
+def _id_of(payload: bytes) -> str | None:
+    try:
+        answer = json.loads(payload)
+    except ValueError:
+        return None
+    if isinstance(answer, dict) and isinstance(answer.get("response"), dict):
+        answer = answer["response"]  # the response.created event
+    response_id = answer.get("id") if isinstance(answer, dict) else None
+    return response_id if isinstance(response_id, str) and response_id else None
+
+
+def _first_event_data(stream: bytes) -> bytes:
+    event = stream.split(b"\n\n", 1)[0]
+    return b"\n".join(line[5:].lstrip(b" ") for line in event.splitlines()
+                      if line.startswith(b"data:"))
+
+
+class _IdReader:
+    """Reads one answer for its response id, as it goes by."""
+
+    __slots__ = ("chunks", "size", "sse")
+
+    def __init__(self, sse: bool) -> None:
+        self.sse = sse
+        self.chunks: list[bytes] = []
+        self.size = 0
+
+    def feed(self, body: bytes, ended: bool) -> tuple[bool, str | None]:
+        """Whether reading is over, and the id if it was found."""
+        self.chunks.append(body)
+        self.size += len(body)
+        if not (ended or self.sse):
+            return self.size > PEEK_BYTES, None
+        seen = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        if not self.sse:
+            return True, _id_of(seen)
+        if b"\n\n" in seen:
+            return True, _id_of(_first_event_data(seen))
+        self.chunks = [seen]
+        return ended or self.size > PEEK_BYTES, None
+
+
+class RememberResponseIds:
+    """Wraps ``POST /v1/responses``: reads the id off the answer the backend gives."""
+
+    def __init__(self, app: ASGIApp, *, ids: ResponseIds) -> None:
+        self.app = app
+        self.ids = ids
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        reader: _IdReader | None = None
+
+        async def remembering(message: Message) -> None:
+            nonlocal reader
+            if message["type"] == "http.response.start":
+                if message["status"] == 200:
+                    reader = _IdReader(any(
+                        key.lower() == b"content-type" and value.startswith(SSE)
+                        for key, value in message.get("headers", ())))
+            elif reader is not None:
+                done, response_id = reader.feed(message.get("body", b""),
+                                                not message.get("more_body", False))
+                if done:
+                    reader = None
+                    model = request_state(scope).get("model")
+                    if response_id is not None and model is not None:
+                        self.ids.remember(response_id, model)
+            await send(message)
+
+        await self.app(scope, receive, remembering)
