@@ -4,10 +4,10 @@ graceful stop.
 Outermost first: request context, then one of three surfaces. The open routes (``/health``,
 ``/ready``, ``/metrics``) answer anyone; ``/admin`` answers the operator's token
 (``proxy.admin``); everything else is the clients' surface, behind their API keys when there are
-keys: the model list, and the OpenAI paths of ``FORWARDED``, which go on through draining ->
-admission -> queue depth -> per-model semaphores -> retry -> streaming passthrough -> backend
-pool. No other path reaches a backend: vLLM's development endpoints (``/sleep``,
-``/collective_rpc``, ``/v1/load_lora_adapter``, ...) are 404 here.
+keys: the model list and each model's entry, and the OpenAI paths of ``FORWARDED``, which go on
+through draining -> admission -> queue depth -> per-model semaphores -> retry -> streaming
+passthrough -> backend pool. No other path reaches a backend: vLLM's development endpoints
+(``/sleep``, ``/collective_rpc``, ``/v1/load_lora_adapter``, ...) are 404 here.
 
 Everything that runs in the background (the pool, its reaper, the model servers) lives inside
 ``Gateway.running()``; the ASGI lifespan enters it, and an application that mounts the gateway
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 import anyio
 import structlog
@@ -168,6 +169,8 @@ class Gateway:
             await self._draining(scope, receive, send)
             return
         handler = routes.CLIENT_ROUTES.get(path)
+        if handler is None and path.startswith(routes.MODEL_PREFIX):
+            handler = partial(routes.model, name=path[len(routes.MODEL_PREFIX):])
         if handler is None:
             raise no_route(path)
         await self._get(handler, scope, send)
