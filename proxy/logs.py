@@ -58,7 +58,7 @@ class _Console:
     """structlog's console renderer; a ``config`` table follows its line as a block."""
 
     def __init__(self) -> None:
-        self._render = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        self._render = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty(), sort_keys=False)
 
     def __call__(self, logger: Any, name: str, event: dict[str, Any]) -> str:
         config = event.pop(CONFIG_KEY, None)
