@@ -140,6 +140,8 @@ class BackendPool:
                 try:
                     yield self
                 finally:
+                    for backend in self.backends.values():
+                        self.request_stop(backend, "gateway stopping")
                     tg.cancel_scope.cancel()
             self._tg = None
 

@@ -106,6 +106,26 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         r["kept_up"] = r["events_per_s"] >= KEEP_UP * r["offered_per_s"]
     out["paced"] = c
     out["targets"] = targets(out)
+    out["relative"] = relative(out)
+    return out
+
+
+REFERENCES = ("aiohttp-bare", "nginx")
+
+
+def relative(summary: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """The gateway's throughput as a share of the references' in the same run: what holds from
+    run to run on a shared machine, where the absolute figures move with the neighbours."""
+    a = {r["system"]: r["rps"] for r in summary["nonstream"] if r["concurrency"] == 32}
+    b = {r["system"]: r["streams_per_s"] for r in summary["streams"]}
+    most = max((r["streams"] for r in summary["paced"]), default=None)
+    c = {r["system"]: r["events_per_s"] for r in summary["paced"] if r["streams"] == most}
+    out = {}
+    for key, figures in (("(a) req/s at concurrency 32", a), ("(b) streams/s", b),
+                         (f"(c) chunks/s at {most} streams", c)):
+        gateway = figures.get("gateway")
+        out[key] = {ref: gateway / figures[ref] if gateway and figures.get(ref) else None
+                    for ref in REFERENCES}
     return out
 
 
@@ -186,6 +206,12 @@ def render(doc: dict[str, Any]) -> str:
              f"command: {doc['command']}",
              "proxy on core 0; backend (benchmarks/responder.py) and load generators on core 1. "
              "Medians over reps; (±) is (max-min)/median over reps.", ""]
+    rows = [[key, *(_pct(share.get(ref)) for ref in REFERENCES)]
+            for key, share in s.get("relative", {}).items()]
+    lines += ["the gateway as a share of the references in this run (what holds from run to run;"
+              " the absolute figures move with the machine's load)"]
+    lines += _table(["figure", *(f"of {ref}" for ref in REFERENCES)], rows)
+    lines += [""]
     lines.append("(a) non-streaming chat completion, wrk closed loop")
     rows = []
     for r in sorted(s["nonstream"], key=lambda r: (r["concurrency"], _order(r["system"]))):
@@ -238,7 +264,8 @@ def render(doc: dict[str, Any]) -> str:
                      "core1 other", "errors", "cut"], rows)
     load = doc.get("load_tests") or {}
     if load:
-        lines += ["", "(d) the predecessor's load tests, gateway only"]
+        lines += ["", "(d) load tests, gateway alone: a soak of several models at full "
+                  "concurrency, and a burst beyond the queue"]
         sk = load.get("soak")
         if sk:
             lines.append(
@@ -260,10 +287,15 @@ def render(doc: dict[str, Any]) -> str:
                 + ("PASS" if bu["passed"] else "FAIL " + _failed(bu["checks"])))
         for name, why in load.get("skipped", {}).items():
             lines.append(f"{name}: skipped ({why})")
-    lines += ["", "targets (gateway, one core)"]
+    quick = doc["mode"] == "quick"
+    lines += ["", "targets (gateway, one core)" + (
+        ": a --quick run is too short to judge them (one repetition, a few seconds each); "
+        "the verdicts are indicative only" if quick else "")]
     rows = []
     for t in s["targets"].values():
         verdict = {True: "met", False: "NOT met", None: "n/a"}[t["met"]]
+        if quick and t["met"] is not None:
+            verdict = f"indicative: {verdict}"
         if t.get("fell_behind"):
             verdict += " (fell behind the offered rate)"
         if t["load_core_saturated"]:

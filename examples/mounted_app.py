@@ -23,13 +23,18 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
 from proxy.app import build_app
-from proxy.config import load_config
+from proxy.cli import load_or_exit
+from proxy.logs import configure_logging, log_configuration
 
 
 def create_app() -> Starlette:
     """The host application; the gateway's configuration as ``vllm-gateway serve`` reads it
-    (``GATEWAY_CONFIG``, else ``./config.toml``, and the ``GATEWAY_*`` variables)."""
-    gateway = build_app(load_config())
+    (``GATEWAY_CONFIG``, else ``./config.toml``, and the ``GATEWAY_*`` variables; a bad one
+    exits with status 2 and its one-line message), logged as ``serve`` logs it."""
+    config = load_or_exit()
+    configure_logging(config.gateway.log_format)
+    log_configuration(config)
+    gateway = build_app(config)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -4,10 +4,10 @@ graceful stop.
 Outermost first: request context, then one of three surfaces. The open routes (``/health``,
 ``/ready``, ``/metrics``) answer anyone; ``/admin`` answers the operator's token
 (``proxy.admin``); everything else is the clients' surface, behind their API keys when there are
-keys: the model list, and the paths of ``FORWARDED`` (POST) and of the stored responses
-(``GET /v1/responses/{id}``, ``POST /v1/responses/{id}/cancel``), which go on through draining
--> admission -> queue depth -> per-model semaphores -> retry -> streaming passthrough -> backend
-pool. The Anthropic paths (``proxy.anthropic.PATHS``) are among them, with their errors in
+keys: the model list and each model's entry, the paths of ``FORWARDED`` (POST) and of the
+stored responses (``GET /v1/responses/{id}``, ``POST /v1/responses/{id}/cancel``), which go on
+through draining -> admission -> queue depth -> per-model semaphores -> retry -> streaming
+passthrough -> backend pool. The Anthropic paths (``proxy.anthropic.PATHS``) are among them, with their errors in
 Anthropic's shape. No other path reaches a backend: vLLM's development, render and management
 endpoints (``/sleep``, ``/collective_rpc``, ``/v1/load_lora_adapter``, ...) are 404 here.
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 import anyio
 import structlog
@@ -185,6 +186,8 @@ class Gateway:
             await self._draining(scope, receive, send)
             return
         handler = routes.CLIENT_ROUTES.get(path)
+        if handler is None and path.startswith(routes.MODEL_PREFIX):
+            handler = partial(routes.model, name=path[len(routes.MODEL_PREFIX):])
         if handler is None:
             raise no_route(path)
         await self._get(handler, scope, send)

@@ -13,15 +13,12 @@ started are that process's state.
 
 from __future__ import annotations
 
-import structlog
-
 from .app import build_app
 from .cli import load_or_exit
-from .config import effective
 from .forwarded import behind_proxies
-from .logs import configure_logging
+from .logs import configure_logging, log_configuration
 
 config = load_or_exit()
 configure_logging(config.gateway.log_format)
-structlog.get_logger("gateway").info("effective configuration", config=effective(config))
+log_configuration(config)
 app = behind_proxies(build_app(config), config.gateway.trusted_proxies)

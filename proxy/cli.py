@@ -1,20 +1,24 @@
 """The command line: ``vllm-gateway serve`` and ``vllm-gateway check-config``.
 
 The configuration is validated before anything binds a port; a bad value exits with status 2
-and one line that names the key, the value, where it came from and what is allowed.
+and one line that names the key, the value, where it came from and what is allowed. So does an
+address the gateway cannot listen on (in use, not this host's), before any model is touched.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import importlib.util
 import ipaddress
 import json
+import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import anyio
 import structlog
@@ -23,7 +27,7 @@ from hypercorn.config import Config as HypercornConfig
 from .app import build_app
 from .config import Config, ConfigError, effective, load_config
 from .forwarded import behind_proxies
-from .logs import configure_logging
+from .logs import SERVER_LOGGER, configure_logging, log_configuration
 
 EXIT_CONFIG = 2
 # Seconds the server gives the connections still open after the wind-down (an admin call, a
@@ -57,22 +61,60 @@ def load_or_exit(path: str | None = None, bind: str | None = None) -> Config:
         raise SystemExit(EXIT_CONFIG) from None
 
 
+def _listener(port: int) -> str | None:
+    """Which process listens on the TCP port, as far as /proc lets this user see (Linux)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:  # LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                argv = (proc / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+                return f"pid {proc.name}: {' '.join(a.decode(errors='replace') for a in argv)}"
+        except OSError:  # gone, or not ours to look at
+            continue
+    return None
+
+
+def _listen(bind: str, hc: HypercornConfig) -> None:
+    """Bind the gateway's address now, before the lifespan starts (or adopts, or removes) any
+    model, and hand the socket to hypercorn; exit 2 with one line if it cannot be bound."""
+    hc.bind = [bind]
+    try:
+        sockets = hc.create_sockets()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            user = _listener(int(bind.rpartition(":")[2]))
+            reason = f"the address is in use{f' (by {user})' if user else ''}"
+        print(f"vllm-gateway: cannot listen on {bind}: {reason}; choose another with --bind "
+              "or gateway.bind", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+    hc.bind = [f"fd://{sock.detach()}" for sock in sockets.insecure_sockets]
+
+
 def _hypercorn_config(config: Config) -> HypercornConfig:
     hc = HypercornConfig()
-    hc.bind = [config.gateway.bind]
+    _listen(config.gateway.bind, hc)
     # The gateway winds down by itself first (``_serve``): what is left is closed quickly.
     hc.graceful_timeout = CLOSE_TIMEOUT
     hc.backlog = config.gateway.backlog
     hc.keep_alive_timeout = config.gateway.keep_alive_timeout
     hc.accesslog = None
-    hc.errorlog = "-"
+    hc.errorlog = logging.getLogger(SERVER_LOGGER)
     return hc
 
 
-async def _serve(config: Config, worker: str) -> None:
+async def _serve(config: Config, worker: str, hc: HypercornConfig) -> None:
     gateway = build_app(config)
     app = behind_proxies(gateway, config.gateway.trusted_proxies)
-    hc = _hypercorn_config(config)
     stop = anyio.Event()
     log = structlog.get_logger("gateway")
 
@@ -125,7 +167,7 @@ def log_start_up(config: Config) -> None:
     """The effective configuration, secrets masked, and a loud warning when any client that
     can reach the gateway may use it: it listens beyond loopback with no client API keys."""
     log = structlog.get_logger("gateway")
-    log.info("effective configuration", config=effective(config))
+    log_configuration(config)
     if config.client_keys:
         log.info("client API keys required", keys=len(config.client_keys))
     elif not _is_loopback(config.gateway.bind):
@@ -135,13 +177,15 @@ def log_start_up(config: Config) -> None:
 
 
 def serve(config: Config, worker: str) -> None:
+    hc = _hypercorn_config(config)
     configure_logging(config.gateway.log_format)
     log_start_up(config)
     if worker == "trio":
-        anyio.run(_serve, config, worker, backend="trio")
+        anyio.run(_serve, config, worker, hc, backend="trio")
     else:
-        anyio.run(_serve, config, worker, backend="asyncio",
+        anyio.run(_serve, config, worker, hc, backend="asyncio",
                   backend_options={"use_uvloop": worker == "uvloop"})
+    structlog.get_logger("gateway").info("gateway stopped", exit_status=0)
 
 
 def check_config(config: Config) -> None:

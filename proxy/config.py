@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import difflib
 import ipaddress
+import json
 import os
 import re
 import string
@@ -236,8 +237,11 @@ def _fail(path: str, value: Any, sources: _Sources, allowed: str) -> typing.NoRe
 
 
 def _unknown(path: str, value: Any, source: str, allowed: typing.Iterable[str]) -> typing.NoReturn:
-    raise ConfigError(f"{path} = {_show(value)} (from {source}): unknown key; allowed keys: "
-                      f"{', '.join(allowed)}")
+    allowed = list(allowed)
+    near = difflib.get_close_matches(path.rpartition(".")[2], allowed, n=1, cutoff=0.85)
+    guess = f"did you mean {near[0]}? " if near else ""
+    raise ConfigError(f"{path} = {_show(value)} (from {source}): unknown key; {guess}allowed "
+                      f"keys: {', '.join(allowed)}")
 
 
 _KIND_NAMES = {int: "an integer", float: "a number", str: "a string"}
@@ -491,7 +495,10 @@ def _build_models(raw: Any, engines: Mapping[str, EngineSettings],
     models = []
     seen: dict[str, str] = {}
     for i, table in enumerate(raw):
-        path = f"models[{i}]"
+        # Named by its name where it has one of its own: models["sim-small"].idle_timeout.
+        name = table.get("name") if isinstance(table, dict) else None
+        named = isinstance(name, str) and name and name not in seen
+        path = f"models[{json.dumps(name)}]" if named else f"models[{i}]"
         model = _build(ModelSettings, table, path, sources)
         if model.served_name is None:
             model = dataclasses.replace(model, served_name=model.name)

@@ -1,4 +1,4 @@
-"""The gateway's own routes: liveness, readiness, metrics and the model list.
+"""The gateway's own routes: liveness, readiness, metrics, the model list and one model.
 
 ``/health`` says the process serves HTTP, nothing more (a liveness probe that failed while a
 model is down would restart the gateway for nothing). ``/ready`` says it should get traffic: it
@@ -19,6 +19,7 @@ import anyio
 
 from backends.container import ContainerEngines, Engine
 
+from .config import ModelSettings
 from .errors import GatewayError, not_found
 from .metrics import CONTENT_TYPE
 from .types import Send
@@ -100,10 +101,24 @@ async def metrics(gateway: Gateway, send: Send) -> None:
     await respond(send, 200, gateway.metrics.render(), CONTENT_TYPE.encode())
 
 
+def _entry(model: ModelSettings) -> dict[str, object]:
+    return {"id": model.name, "object": "model", "created": 0, "owned_by": "vllm-gateway",
+            "aliases": list(model.aliases)}
+
+
 async def models(gateway: Gateway, send: Send) -> None:
-    data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "vllm-gateway",
-             "aliases": list(m.aliases)} for m in gateway.config.models]
+    data = [_entry(m) for m in gateway.config.models]
     await respond_json(send, 200, {"object": "list", "data": data})
+
+
+async def model(gateway: Gateway, send: Send, *, name: str) -> None:
+    """``GET /v1/models/{name}``: the configured model's entry, found by its name or an alias
+    (a name may hold slashes: ``org/model``), whether or not it is running."""
+    found = gateway.config.by_name.get(name)
+    if found is None:
+        raise not_found(f"The model '{name}' does not exist.", code="model_not_found",
+                        param="model")
+    await respond_json(send, 200, _entry(found))
 
 
 Handler = Callable[["Gateway", Send], Awaitable[None]]
@@ -111,3 +126,4 @@ Handler = Callable[["Gateway", Send], Awaitable[None]]
 OPEN_ROUTES: dict[str, Handler] = {"/health": health, "/ready": ready, "/metrics": metrics}
 # Behind the client API keys, when there are keys.
 CLIENT_ROUTES: dict[str, Handler] = {"/v1/models": models}
+MODEL_PREFIX = "/v1/models/"  # then a model's name: ``model``

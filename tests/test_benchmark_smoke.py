@@ -42,7 +42,8 @@ def test_quick_run_writes_table_and_json(tmp_path: Path) -> None:
 
     table = (out / "results.txt").read_text()
     for heading in ("(a) non-streaming", "(b) streaming", "(c) concurrent streams",
-                    "(d) the predecessor's load tests", "targets (gateway, one core)"):
+                    "(d) load tests, gateway alone", "targets (gateway, one core): a --quick",
+                    "the gateway as a share of the references"):
         assert heading in table
     assert table in proc.stdout
 

@@ -16,7 +16,7 @@ import httpx2
 import pytest
 
 from backends.launcher import free_port
-from tests.support import gateway_process
+from tests.support import HTTP, chat, gateway_process
 
 ROOT = Path(__file__).resolve().parent.parent
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
@@ -171,6 +171,59 @@ def test_serve_answers_health_and_exits_0_on_sigterm(tmp_path, monkeypatch):
     assert started[0]["config"]["admin"] == {"token": "***"}
     assert started[0]["config"]["derived"] == {"upstream_pool_size": 10,
                                                "upstream_keepalive_size": 10}
+
+
+SIMULATED = """
+[[models]]
+name = "sim"
+launcher = "process"
+command = ["{python}", "-m", "backends.simulator", "--port", "{port}", "--model", "{name}"]
+startup_timeout = 20.0
+"""
+
+
+def test_serve_logs_json_lines_to_the_end_of_a_shutdown(tmp_path: Path) -> None:
+    """Not a terminal: every line is JSON, hypercorn's own included; after ``draining`` the
+    model it started is logged stopped, and the last line says the gateway stopped."""
+    with gateway_process(SIMULATED, tmp_path) as (url, proc):
+        assert HTTP.post(url + "/v1/chat/completions", json=chat("sim")).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    lines = [json.loads(line) for line in (tmp_path / "gateway.log").read_text().splitlines()]
+    events = [line["event"] for line in lines]
+    assert any(event.startswith("Running on http://127.0.0.1:") for event in events)
+    assert events[events.index("draining"):] == ["draining", "model stopped", "gateway stopped"]
+    assert lines[-2]["model"] == "sim" and lines[-2]["reason"] == "gateway stopping"
+    assert lines[-1]["exit_status"] == 0
+
+
+def test_serve_shows_the_configuration_as_a_block_in_the_console_format(tmp_path: Path) -> None:
+    with gateway_process(SIMULATED, tmp_path, env={"GATEWAY_LOG_FORMAT": "console"}):
+        pass
+    log = (tmp_path / "gateway.log").read_text().splitlines()
+    head = next(i for i, line in enumerate(log) if "effective configuration" in line)
+    block = log[head + 1:head + 1 + 4]
+    assert block[0] == f"  source: file {tmp_path / 'gateway.toml'}"
+    assert block[1].startswith("  [gateway] bind=127.0.0.1:")
+    assert all(len(line) <= 100 for line in log[head + 1:] if line.startswith(" "))
+    assert any(line.startswith("  [[models]] name=sim launcher=process") for line in log)
+    assert not any(line.startswith("{") for line in log)
+    assert "\x1b[" not in "".join(log)  # no colours in a file
+
+
+def test_serve_on_an_address_in_use_exits_2_with_one_line_naming_the_user(
+        tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("serve", "--config", str(write(tmp_path, SIMULATED)),
+                     "--bind", f"127.0.0.1:{port}")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"vllm-gateway: cannot listen on 127.0.0.1:{port}: the address is in use (by pid "
+        f"{os.getpid()}: {' '.join(Path('/proc/self/cmdline').read_text().split(chr(0))[:-1])}"
+        "); choose another with --bind or gateway.bind\n")
 
 
 def test_serve_runs_on_uvloop_unless_told_otherwise(tmp_path: Path) -> None:

@@ -55,10 +55,13 @@ def assert_names(message: str, key: str, value: str, source: str, allowed: str) 
 @pytest.mark.parametrize(("doc", "key", "value", "allowed"), [
     ({"gatway": {"bind": "127.0.0.1:1"}}, "gatway", "{'bind': '127.0.0.1:1'}",
      "allowed keys: gateway, upstream, admin, auth, engines, models"),
-    ({"gateway": {"max_concurent": 5}}, "gateway.max_concurent", "5", "max_concurrent"),
-    ({"upstream": {"read_timeout": 5.0}}, "upstream.read_timeout", "5.0", "timeout"),
-    ({"admin": {"password": "x"}}, "admin.password", "'x'", "allowed keys: token"),
-    ({"models": [sim_model("m", idle_timout=5)]}, "models[0].idle_timout", "5", "idle_timeout"),
+    ({"gateway": {"max_concurent": 5}}, "gateway.max_concurent", "5",
+     "unknown key; did you mean max_concurrent? allowed keys: bind, "),
+    ({"upstream": {"read_timeout": 5.0}}, "upstream.read_timeout", "5.0",
+     "unknown key; allowed keys: connect_timeout, timeout, "),
+    ({"admin": {"password": "x"}}, "admin.password", "'x'", "unknown key; allowed keys: token"),
+    ({"models": [sim_model("m", idle_timout=5)]}, 'models["m"].idle_timout', "5",
+     "unknown key; did you mean idle_timeout? allowed keys: name, "),
     ({"engines": {"docker": {"url": "unix:///d.sock", "sockett": "x"}}},
      "engines.docker.sockett", "'x'", "allowed keys: name, url"),
 ], ids=["top-level", "gateway", "upstream", "admin", "model", "engine"])
@@ -87,10 +90,10 @@ WRONG_TYPE = [
     ({"gateway": 5}, "gateway", "5", "must be a table"),
     ({"upstream": {"timeout": "300"}}, "upstream.timeout", "'300'",
      "must be a number from 0.001 to 86400.0"),
-    ({"models": [sim_model("m", aliases="small")]}, "models[0].aliases", "'small'",
+    ({"models": [sim_model("m", aliases="small")]}, 'models["m"].aliases', "'small'",
      "must be a list of strings"),
-    ({"models": [sim_model("m", gpus=["0"])]}, "models[0].gpus[0]", "'0'", "must be an integer"),
-    ({"models": [sim_model("m", env={"CUDA_VISIBLE_DEVICES": 0})]}, "models[0].env",
+    ({"models": [sim_model("m", gpus=["0"])]}, 'models["m"].gpus[0]', "'0'", "must be an integer"),
+    ({"models": [sim_model("m", env={"CUDA_VISIBLE_DEVICES": 0})]}, 'models["m"].env',
      "{'CUDA_VISIBLE_DEVICES': 0}", "must be a table of strings"),
     ({"models": {"name": "m"}}, "models", "{'name': 'm'}",
      "must be a non-empty array of [[models]] tables"),
@@ -202,13 +205,20 @@ def test_good_bind_is_accepted(bind):
 
 def test_bad_launcher_is_refused():
     message = refusal({"models": [{**STATIC, "launcher": "docker"}]})
-    assert_names(message, "models[0].launcher", "'docker'", FILE,
+    assert_names(message, 'models["remote"].launcher', "'docker'", FILE,
                  "must be one of 'process', 'static', 'container'")
+
+
+def test_a_model_without_a_name_of_its_own_is_named_by_its_place():
+    assert refusal({"models": [{"launcher": "static", "url": "http://h:1"}]}) == (
+        f"models[0].name is missing (from {FILE}): it is required, a string")
+    assert_names(refusal({"models": [sim_model("a"), sim_model("a", vram_mb=-1)]}),
+                 "models[1].vram_mb", "-1", FILE, "must be an integer from 0 to")
 
 
 def test_missing_launcher_is_refused():
     message = refusal({"models": [{"name": "m", "url": "http://h:1"}]})
-    assert message == (f"models[0].launcher is missing (from {FILE}): it is required, "
+    assert message == (f'models["m"].launcher is missing (from {FILE}): it is required, '
                        "one of 'process', 'static', 'container'")
 
 
@@ -225,7 +235,7 @@ ENGINES = {"docker": {"url": "unix:///run/docker.sock"}}
         "container-no-image"])
 def test_launcher_without_what_it_needs_is_refused(model, key):
     message = refusal({"models": [model], "engines": ENGINES})
-    assert message == (f"models[0].{key} is missing or empty (from {FILE}): a "
+    assert message == (f'models["m"].{key} is missing or empty (from {FILE}): a '
                        f"{model['launcher']} model requires it")
 
 
@@ -233,16 +243,16 @@ def test_launcher_without_what_it_needs_is_refused(model, key):
 def test_unknown_engine_name_is_refused(engines, allowed):
     model = {"name": "m", "launcher": "container", "engine": "podman", "image": "vllm"}
     message = refusal({"models": [model], "engines": engines})
-    assert_names(message, "models[0].engine", "'podman'", FILE,
+    assert_names(message, 'models["m"].engine', "'podman'", FILE,
                  f"must be the name of an [engines.NAME] table: {allowed}")
 
 
 @pytest.mark.parametrize(("models", "key", "value", "owner"), [
     ([sim_model("a"), sim_model("a")], "models[1].name", "a", "a"),
-    ([sim_model("a"), sim_model("b", aliases=["a"])], "models[1].aliases[0]", "a", "a"),
-    ([sim_model("a", aliases=["x"]), sim_model("b", aliases=["x"])], "models[1].aliases[0]",
+    ([sim_model("a"), sim_model("b", aliases=["a"])], 'models["b"].aliases[0]', "a", "a"),
+    ([sim_model("a", aliases=["x"]), sim_model("b", aliases=["x"])], 'models["b"].aliases[0]',
      "x", "a"),
-    ([sim_model("a", aliases=["a"])], "models[0].aliases[0]", "a", "a"),
+    ([sim_model("a", aliases=["a"])], 'models["a"].aliases[0]', "a", "a"),
     ([sim_model("a", aliases=["x"]), sim_model("x")], "models[1].name", "x", "a"),
 ], ids=["name-twice", "alias-is-a-name", "alias-twice", "alias-is-own-name", "name-is-alias"])
 def test_duplicate_model_names_and_aliases_are_refused(models, key, value, owner):
@@ -252,7 +262,7 @@ def test_duplicate_model_names_and_aliases_are_refused(models, key, value, owner
 
 def test_empty_alias_is_refused():
     message = refusal({"models": [sim_model("a", aliases=[""])]})
-    assert_names(message, "models[0].aliases[0]", "''", FILE, "must be a non-empty string")
+    assert_names(message, 'models["a"].aliases[0]', "''", FILE, "must be a non-empty string")
 
 
 def test_empty_model_list_is_refused():
@@ -278,7 +288,7 @@ def test_missing_model_list_is_refused():
 ], ids=["url-no-scheme", "url-no-host", "url-bad-port", "health-path", "gpus", "container-port",
         "model-max-concurrent"])
 def test_bad_model_value_is_refused(model, key, value, allowed):
-    assert_names(refusal({"models": [model]}), f"models[0].{key}", value, FILE, allowed)
+    assert_names(refusal({"models": [model]}), f'models["remote"].{key}', value, FILE, allowed)
 
 
 @pytest.mark.parametrize("url", ["/run/docker.sock", "unix://", "tcp://[::1", "tcp://h:99999",
@@ -292,7 +302,7 @@ def test_bad_engine_url_is_refused(url):
 @pytest.mark.parametrize("part", ["{pyton}", "--x={0}", '{"temperature": 0}', "{port.real}", "}"])
 def test_command_placeholder_typo_is_refused(part):
     message = refusal({"models": [sim_model("m", command=["vllm", part])]})
-    assert_names(message, "models[0].command[1]", repr(part), FILE,
+    assert_names(message, 'models["m"].command[1]', repr(part), FILE,
                  "must be a string whose only placeholders are {port}, {python}, {name} "
                  "(write {{ and }} for a literal brace)")
 
@@ -525,7 +535,7 @@ def test_file_that_is_not_utf8_is_refused(tmp_path):
 @pytest.mark.parametrize("size", ["0", "8x", "-1g", "g", "1.5g"])
 def test_a_bad_shm_size_is_refused(size: str) -> None:
     model = {"name": "m", "launcher": "container", "engine": "e", "image": "i", "shm_size": size}
-    with pytest.raises(ConfigError, match=r"models\[0\]\.shm_size"):
+    with pytest.raises(ConfigError, match=r'models\["m"\]\.shm_size'):
         config_from_mapping({"models": [model], "engines": {"e": {"url": "unix:///x.sock"}}},
                             environ={})
 

@@ -218,10 +218,10 @@ async def test_a_model_that_dies_while_ready_is_noticed_and_started_again() -> N
     config = make_config([sim_model("a", "--exit-after-requests", "1")])
     async with running_pool(config) as pool, client() as http:
         async with pool.lease("a") as backend:
+            first = pid_of(pool, "a")  # before the request: the server exits right after it
             response = await http.post(f"{backend.address}/v1/chat/completions",
                                          json=chat("a"))
             assert response.status_code == 200
-            first = pid_of(pool, "a")
         await eventually(lambda: pool.backends["a"].state is ModelState.STOPPED)
         assert pool.backends["a"].failure == "died: the process exited with status 0"
         assert not running(first)

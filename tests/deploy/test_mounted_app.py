@@ -7,6 +7,7 @@ import json
 import time
 import uuid
 from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
 from tests.support import HTTP, ROOT, chat
@@ -15,7 +16,7 @@ from .conftest import processes_with, stop
 
 
 def test_mounted_gateway_serves_under_its_prefix_and_lives_in_the_host_lifespan(
-        hypercorn_cli: Any) -> None:
+        hypercorn_cli: Any, tmp_path: Path) -> None:
     model = "mounted-" + uuid.uuid4().hex[:8]
     url, proc = hypercorn_cli(f"""
 [[models]]
@@ -48,3 +49,9 @@ startup_timeout = 20.0
     # The host's lifespan shutdown leaves Gateway.running(): the model's server is stopped.
     assert stop(proc, timeout=10) == 0
     assert processes_with(f"--model {model}") == []
+    # Logged as `vllm-gateway serve` logs (not a terminal: JSON lines), configuration first.
+    logged = [json.loads(line) for line in (tmp_path / "hypercorn.log").read_text().splitlines()
+              if line.startswith("{")]
+    assert logged[0]["event"] == "effective configuration"
+    assert [m["name"] for m in logged[0]["config"]["models"]] == [model]
+    assert "model stopped" in [line["event"] for line in logged]

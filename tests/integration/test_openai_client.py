@@ -63,6 +63,17 @@ def test_models_list(client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list()] == ["sim-chat"]
 
 
+def test_models_retrieve_by_name_or_alias(client: openai.OpenAI) -> None:
+    for name in ("sim-chat", "chat"):
+        model = client.models.retrieve(name)
+        assert (model.id, model.object, model.owned_by) == ("sim-chat", "model", "vllm-gateway")
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("no-such-model")
+    assert caught.value.body == {"message": "The model 'no-such-model' does not exist.",
+                                 "type": "invalid_request_error", "param": "model",
+                                 "code": "model_not_found"}
+
+
 def test_unknown_model_raises_not_found(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
         client.chat.completions.create(

@@ -102,6 +102,7 @@ async def test_api_keys_from_the_list_and_the_file_guard_the_client_routes(
             assert (await client.get(models)).status_code == 401
             assert (await client.get(models, headers={"authorization": "Bearer key-from-file"})
                     ).status_code == 200
+            assert (await client.get(models + "/m")).status_code == 401
             for path in ("/health", "/ready", "/metrics"):
                 assert (await client.get(url + path)).status_code == 200, path
             # The admin API has its own token, not a client key.
