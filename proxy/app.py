@@ -7,9 +7,10 @@ Outermost first: request context, then one of three surfaces. The open routes (`
 keys: the model list and each model's entry, the paths of ``FORWARDED`` (POST) and of the
 stored responses (``GET /v1/responses/{id}``, ``POST /v1/responses/{id}/cancel``), which go on
 through draining -> admission -> queue depth -> per-model semaphores -> retry -> streaming
-passthrough -> backend pool. The Anthropic paths (``proxy.anthropic.PATHS``) are among them, with their errors in
-Anthropic's shape. No other path reaches a backend: vLLM's development, render and management
-endpoints (``/sleep``, ``/collective_rpc``, ``/v1/load_lora_adapter``, ...) are 404 here.
+passthrough -> backend pool. The Anthropic paths (``proxy.anthropic.PATHS``) are among them,
+with their errors in Anthropic's shape. No other path reaches a backend: vLLM's development,
+render and management endpoints (``/sleep``, ``/collective_rpc``, ``/v1/load_lora_adapter``,
+...) are 404 here.
 
 Everything that runs in the background (the pool, its reaper, the model servers) lives inside
 ``Gateway.running()``; the ASGI lifespan enters it, and an application that mounts the gateway
