@@ -15,6 +15,8 @@ OpenAI shape.
   running; answers at once (202). ``GET /admin/models`` then shows what is still in flight.
 - ``GET /admin/events``: the same state, and each request as it ends, as a live stream of
   server-sent events (``proxy.events``).
+- ``GET /admin/ui``: the dashboard (``proxy.dashboard``), a page that asks for the token
+  itself: it is the one path here that needs none (a browser cannot send it on navigation).
 
 Each model lists the ``actions`` (verbs) it offers now; the dashboard shows a button for each.
 
@@ -34,6 +36,7 @@ from backends.gpu import NvmlMemory
 from middleware.auth import Keys, bearer_token
 from middleware.draining import shutting_down
 
+from . import dashboard
 from .errors import GatewayError, not_found
 from .routes import method_not_allowed, no_route, respond_json
 from .types import Receive, Scope, Send
@@ -60,6 +63,10 @@ class AdminApi:
         path = scope["path"]
         if self.token is None:
             raise no_route(path)
+        if path == "/admin/ui":
+            _allow(scope, "GET")
+            await dashboard.page(send)
+            return
         token = bearer_token(scope)
         if token is None:
             raise GatewayError(401, "The admin API needs 'Authorization: Bearer TOKEN'.",

@@ -4,6 +4,7 @@ what the stream says as things happen, and what a subscriber that stops reading 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -48,11 +49,12 @@ async def next_event(stream: AsyncIterator[tuple[str, Any]], name: str,
     raise AssertionError(f"the stream ended before a {name!r} event")
 
 
-async def test_the_stream_needs_the_admin_api() -> None:
+async def test_the_stream_and_the_page_need_the_admin_api() -> None:
     config = make_config([static_model("m", UNREACHABLE)])
     async with serving(config) as (url, _), httpx2.AsyncClient() as client:
-        response = await client.get(url + "/admin/events", headers=ADMIN)
-        assert (response.status_code, error_of(response)["code"]) == (404, "not_found")
+        for path in ("/admin/events", "/admin/ui"):
+            response = await client.get(url + path, headers=ADMIN)
+            assert (response.status_code, error_of(response)["code"]) == (404, "not_found")
 
 
 async def test_the_stream_needs_the_token() -> None:
@@ -66,6 +68,22 @@ async def test_the_stream_needs_the_token() -> None:
         assert not gateway.events.listening
         refused = await client.post(url + "/admin/events", headers=ADMIN)
         assert refused.status_code == 405
+
+
+async def test_the_page_is_self_contained_and_loads_nothing_from_outside() -> None:
+    config = make_config([static_model("m", UNREACHABLE)], admin={"token": TOKEN})
+    async with serving(config) as (url, _), httpx2.AsyncClient() as client:
+        page = await client.get(url + "/admin/ui")  # no token: the page asks for it
+    assert page.status_code == 200
+    assert page.headers["content-type"] == "text/html; charset=utf-8"
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy
+    assert re.search(r"script-src 'sha256-[A-Za-z0-9+/=]+';", policy)
+    assert "connect-src 'self'" in policy
+    html = page.text
+    assert not re.search(r"\b(src|href)=\"(https?:)?//", html)
+    assert "@import" not in html and "url(" not in html
+    assert "sessionStorage" in html
 
 
 async def test_state_changes_and_requests_arrive_as_they_happen() -> None:
