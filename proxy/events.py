@@ -49,17 +49,20 @@ def sse(event: str, data: bytes) -> bytes:
 
 
 def error_code(error: BaseException | None, status: int, body: bytes | None) -> str | None:
-    """The OpenAI ``code`` (else ``type``) of an error answer: the exception's when one ended the
-    request, else the one in the body of an error status (the gateway's or the backend's)."""
+    """What went wrong, in a word: the code of the exception that ended the request, else the
+    one in the body of an error status: the gateway's ``code``, or vLLM's ``type`` (its code is
+    the status again)."""
     if error is not None:
         return error.code if isinstance(error, GatewayError) else type(error).__name__
     if status < 400 or not body:
         return None
     try:
         detail = json.loads(body)["error"]
-        return str(detail.get("code") or detail.get("type"))
+        code = detail.get("code")
+        word = code if isinstance(code, str) and code else detail.get("type")
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
+    return str(word) if word else None
 
 
 class Subscriber:

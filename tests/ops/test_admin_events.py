@@ -13,6 +13,8 @@ import anyio.lowlevel
 import httpx2
 import pytest
 
+from proxy.errors import error_body, unavailable
+from proxy.events import error_code
 from tests.support import (
     HeldBackend,
     chat,
@@ -221,3 +223,16 @@ async def test_the_streams_end_when_the_gateway_winds_down() -> None:
             async for _ in stream:
                 pass
         await eventually(lambda: not gateway.events.listening)
+
+
+def test_the_error_code_of_a_summary_names_what_went_wrong() -> None:
+    refused = error_body("Queue full.", type="rate_limit_error", code="queue_full")
+    vllm = (b'{"error": {"message": "The model `x` does not exist.", "type": "NotFoundError", '
+            b'"param": "model", "code": 404}}')
+    assert error_code(None, 429, refused) == "queue_full"
+    assert error_code(None, 404, vllm) == "NotFoundError"
+    assert error_code(None, 502, b"<html>Bad Gateway</html>") is None
+    assert error_code(None, 500, b'{"error": "boom"}') is None
+    assert error_code(None, 200, refused) is None
+    assert error_code(unavailable("x", code="shutting_down"), 200, None) == "shutting_down"
+    assert error_code(OSError("gone"), 200, None) == "OSError"
