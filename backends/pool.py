@@ -110,9 +110,12 @@ LauncherFactory = Callable[[ModelSettings], Launcher]
 class BackendPool:
     def __init__(self, config: Config, *, launchers: LauncherFactory,
                  gpu: GpuMemory | None = None,
-                 on_ready: Callable[[str, float], None] | None = None) -> None:
+                 on_ready: Callable[[str, float], None] | None = None,
+                 on_change: Callable[[], None] | None = None) -> None:
         self.config = config
         self.on_ready = on_ready
+        # Told after every change of a model's state (the admin API's event stream).
+        self.on_change = on_change
         self.gpu = gpu or ConfiguredMemory(config.gateway.gpu_memory_mb)
         self.backends = {m.name: Backend(m, launchers(m)) for m in config.models}
         self.max_models = config.gateway.max_models_concurrent
@@ -149,6 +152,8 @@ class BackendPool:
         assert self._changed is not None
         self._changed, changed = anyio.Event(), self._changed
         changed.set()
+        if self.on_change is not None:
+            self.on_change()
 
     @asynccontextmanager
     async def lease(self, name: str) -> AsyncIterator[Backend]:

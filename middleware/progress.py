@@ -20,7 +20,8 @@ class ResponseProgress:
     the scope belongs to the server's stream object, and a reference back to it would make every
     request a reference cycle that only the garbage collector frees."""
 
-    __slots__ = ("complete", "extra_headers", "first_byte", "send_failed", "sent", "start")
+    __slots__ = ("complete", "error_body", "extra_headers", "first_byte", "send_failed", "sent",
+                 "start")
 
     def __init__(self) -> None:
         # The ``http.response.start`` message once it went out, with the headers added here.
@@ -29,6 +30,8 @@ class ResponseProgress:
         self.extra_headers: list[tuple[bytes, bytes]] = []
         self.first_byte = 0.0  # perf_counter of the first body message
         self.sent = 0
+        # The first body message of an error status (it holds the error's code).
+        self.error_body: bytes | None = None
         self.complete = False
         # The server raised on a send: the client is gone (servers that raise rather than drop).
         self.send_failed = False
@@ -58,6 +61,8 @@ def progress(scope: Scope, send: Send) -> tuple[ResponseProgress, Send]:
         else:
             if not tracker.first_byte:
                 tracker.first_byte = time.perf_counter()
+                if tracker.status >= 400:
+                    tracker.error_body = message.get("body")
             body = message.get("body")
             if body:
                 tracker.sent += len(body)

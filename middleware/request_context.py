@@ -10,7 +10,8 @@ the server logs it and, if the response had started, cuts the connection.
 The access line says what happened to the request: model, status, the wait for a slot, the time
 to the first byte and to the end, bytes sent, retries, and whether the client went away before
 the answer was complete. For a request that got a slot, the time to the first byte and the
-duration are observed per model as well.
+duration are observed per model as well, and while the admin API's event stream has
+subscribers, the request's start and a summary of its end go to them (``proxy.events``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 import structlog
 
 from proxy.errors import GatewayError, internal_error
+from proxy.events import EventHub, error_code
 from proxy.metrics import GatewayMetrics
 from proxy.types import ASGIApp, Message, Receive, Scope, Send, header, request_state
 
@@ -45,9 +47,11 @@ def _ms(seconds: float) -> float:
 
 
 class RequestContext:
-    def __init__(self, app: ASGIApp, *, metrics: GatewayMetrics) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: GatewayMetrics,
+                 events: EventHub | None = None) -> None:
         self.app = app
         self.metrics = metrics
+        self.events = events or EventHub()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -69,6 +73,8 @@ class RequestContext:
             return message
 
         structlog.contextvars.bind_contextvars(request_id=request_id)
+        if self.events.listening:
+            self.events.changed()
         error = None
         try:
             await self.app(scope, receive_watched, send)
@@ -94,13 +100,21 @@ class RequestContext:
                 if first_byte:
                     self.metrics.first_byte(name).observe(first_byte - began)
                 self.metrics.request_duration(name).observe(ended - began)
+            queue_wait_ms = _ms(queue_wait) if queue_wait is not None else None
+            ttfb_ms = _ms(first_byte - began) if first_byte else None
+            duration_ms = _ms(ended - began)
+            client_disconnected = left_early or response.send_failed
             access_log.info(
                 "request", method=scope["method"], path=scope["path"], model=name,
                 status=status, bytes=response.sent, retries=state.get("retries", 0),
-                queue_wait_ms=_ms(queue_wait) if queue_wait is not None else None,
-                ttfb_ms=_ms(first_byte - began) if first_byte else None,
-                duration_ms=_ms(ended - began),
-                client_disconnected=left_early or response.send_failed,
+                queue_wait_ms=queue_wait_ms, ttfb_ms=ttfb_ms, duration_ms=duration_ms,
+                client_disconnected=client_disconnected,
                 client=scope["client"][0] if scope.get("client") else None,
                 error=repr(error) if error else None)
+            if self.events.listening:
+                self.events.request_ended(
+                    scope, request_id=request_id, model=name, status=status,
+                    duration_ms=duration_ms, ttfb_ms=ttfb_ms, queue_wait_ms=queue_wait_ms,
+                    error=error_code(error, status, response.error_body),
+                    client_disconnected=client_disconnected)
             structlog.contextvars.unbind_contextvars("request_id")

@@ -13,6 +13,12 @@ OpenAI shape.
   stops; answers once it has stopped. A request that comes meanwhile starts it again.
 - ``POST /admin/drain``: the whole gateway stops taking requests, as on SIGTERM, but keeps
   running; answers at once (202). ``GET /admin/models`` then shows what is still in flight.
+- ``GET /admin/events``: the same state, and each request as it ends, as a live stream of
+  server-sent events (``proxy.events``).
+- ``GET /admin/ui``: the dashboard (``proxy.dashboard``), a page that asks for the token
+  itself: it is the one path here that needs none (a browser cannot send it on navigation).
+
+Each model lists the ``actions`` (verbs) it offers now; the dashboard shows a button for each.
 
 A model's name may hold slashes (``org/model``): the name is what lies between
 ``/admin/models/`` and the last segment.
@@ -26,14 +32,18 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from backends.gpu import NvmlMemory
 from middleware.auth import Keys, bearer_token
 from middleware.draining import shutting_down
 
+from . import dashboard
 from .errors import GatewayError, not_found
 from .routes import method_not_allowed, no_route, respond_json
 from .types import Receive, Scope, Send
 
 if TYPE_CHECKING:
+    from backends.pool import Backend
+
     from .app import Gateway
 
 MODELS = "/admin/models"
@@ -44,13 +54,19 @@ class AdminApi:
         self.gateway = gateway
         token = gateway.config.admin.token
         self.token = Keys([token]) if token else None
-        self._actions: dict[str, Callable[[str], Awaitable[None]]] = {
-            "load": self._load, "unload": self._unload}
+        # Each verb, and whether a backend offers it (sleep and wake will, for some models).
+        self._actions: dict[str, tuple[Callable[[str], Awaitable[None]],
+                                       Callable[[Backend], bool]]] = {
+            "load": (self._load, _always), "unload": (self._unload, _always)}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"]
         if self.token is None:
             raise no_route(path)
+        if path == "/admin/ui":
+            _allow(scope, "GET")
+            await dashboard.page(send)
+            return
         token = bearer_token(scope)
         if token is None:
             raise GatewayError(401, "The admin API needs 'Authorization: Bearer TOKEN'.",
@@ -63,6 +79,9 @@ class AdminApi:
         if path == MODELS:
             _allow(scope, "GET")
             await respond_json(send, 200, self._models())
+        elif path == "/admin/events":
+            _allow(scope, "GET")
+            await self.gateway.events.stream(receive, send, self.snapshot)
         elif path == "/admin/drain":
             _allow(scope, "POST")
             self.gateway.drain()
@@ -74,9 +93,10 @@ class AdminApi:
     async def _model_action(self, scope: Scope, send: Send) -> None:
         path = scope["path"]
         name, _, action = path.removeprefix(MODELS + "/").rpartition("/")
-        run = self._actions.get(action)
-        if not path.startswith(MODELS + "/") or not name or run is None:
+        verb = self._actions.get(action)
+        if not path.startswith(MODELS + "/") or not name or verb is None:
             raise no_route(path)
+        run, _ = verb
         _allow(scope, "POST")
         model = self.gateway.config.by_name.get(name)
         if model is None:
@@ -100,6 +120,27 @@ class AdminApi:
                 "in_flight": self.gateway.in_flight,
                 "data": [self._model(name) for name in self.gateway.pool.backends]}
 
+    def snapshot(self) -> dict[str, Any]:
+        """What the event stream's ``state`` event holds: the models, and each GPU's memory."""
+        return {**self._models(), "time": round(time.time(), 3), "gpus": self._gpus()}
+
+    def _gpus(self) -> list[dict[str, Any]]:
+        """Each device a model is placed on (or NVML sees): its size, what is used and by whom.
+        Without NVML the used figure is the configured VRAM of the models loaded there."""
+        pool = self.gateway.pool
+        devices = {g for b in pool.backends.values() for g in b.settings.gpus}
+        if isinstance(pool.gpu, NvmlMemory):
+            devices.update(range(pool.gpu.devices))
+        gpus = []
+        for g in sorted(devices):
+            models = [{"name": b.name, "vram_mb": b.vram_mb} for b in pool.backends.values()
+                      if g in b.settings.gpus and b.occupies_slot()]
+            used = pool.gpu.used_mb(g)
+            gpus.append({"index": g, "total_mb": pool.gpu.total_mb(g), "measured": used is not None,
+                         "used_mb": sum(m["vram_mb"] for m in models) if used is None else used,
+                         "models": models})
+        return gpus
+
     def _model(self, name: str) -> dict[str, Any]:
         backend = self.gateway.pool.backends[name]
         return {
@@ -116,7 +157,12 @@ class AdminApi:
             "starts": backend.starts,
             "evictions": backend.evictions,
             "failure": backend.failure,
+            "actions": [verb for verb, (_, offered) in self._actions.items() if offered(backend)],
         }
+
+
+def _always(backend: Backend) -> bool:
+    return True
 
 
 def _allow(scope: Scope, method: str) -> None:

@@ -46,6 +46,7 @@ from middleware.retry import RetryConnectFailures
 from . import anthropic, routes
 from .admin import AdminApi
 from .config import Config, ModelSettings
+from .events import EventHub
 from .metrics import GatewayMetrics
 from .passthrough import StreamingPassthrough
 from .routes import EnginePings, method_not_allowed, no_route
@@ -85,8 +86,9 @@ class Gateway:
         self.gpu = gpu
         self.engines = ContainerEngines(config)
         self.engine_pings = EnginePings(self.engines)
+        self.events = EventHub.from_settings(config.admin)
         self.pool = BackendPool(config, launchers=launchers or launchers_for(self.engines),
-                                gpu=gpu, on_ready=self._started)
+                                gpu=gpu, on_ready=self._started, on_change=self.events.changed)
         self.metrics.watch_pool(self.pool)
         self.upstream = Upstream(config)
         self.running_now = False
@@ -103,7 +105,7 @@ class Gateway:
             self._clients = ClientKeys(self._client_routes, keys=config.client_keys)
         self._anthropic_clients = anthropic.AnthropicErrors(self._clients)
         self.admin = AdminApi(self)
-        self._app = RequestContext(self._route, metrics=self.metrics)
+        self._app = RequestContext(self._route, metrics=self.metrics, events=self.events)
 
     def _started(self, model: str, seconds: float) -> None:
         self.metrics.start_duration(model).observe(seconds)
@@ -122,6 +124,7 @@ class Gateway:
         if not self.draining:
             log.info("draining", in_flight=self.in_flight)
         self._draining.drain()
+        self.events.changed()
 
     def end_in_flight(self) -> None:
         """End the requests in flight now (a stream gets an SSE error event)."""
@@ -135,6 +138,8 @@ class Gateway:
         self.end_in_flight()
         with anyio.move_on_after(END_TIMEOUT):
             await self._draining.until_idle()
+        # The dashboards' streams would hold the server's close for its whole timeout.
+        self.events.close()
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Gateway]:
@@ -146,6 +151,7 @@ class Gateway:
                 yield self
             finally:
                 self.running_now = False
+                self.events.close()
                 self.engines.begin_shutdown()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

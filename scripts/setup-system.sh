@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the system tools that the deployment tests (tests/deploy) run for real: nginx.
+# Install the system tools that the deployment tests (tests/deploy) run for real: nginx; and
+# the browser of the dashboard's tests.
 # Podman comes from scripts/setup-podman.sh, podman-compose from the test extras (bootstrap.sh).
 # Idempotent; run as root. A warm run makes no network calls.
 set -euo pipefail
@@ -11,6 +12,9 @@ missing=()
 command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || missing+=(nginx-light)
 # wrk: the load generator of benchmarks/ (its smoke test runs in the suite).
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+# chromium and its chromedriver: the dashboard's browser tests (tests/dashboard).
+[[ -x /usr/bin/chromium ]] || missing+=(chromium)
+[[ -x /usr/bin/chromedriver ]] || missing+=(chromium-driver)
 if ((${#missing[@]})); then
     echo "setup-system: installing ${missing[*]}"
     # The package would start the distribution's nginx on port 80; the tests start their own.

@@ -168,7 +168,7 @@ def test_serve_answers_health_and_exits_0_on_sigterm(tmp_path, monkeypatch):
     assert "s3cret-admin" not in log
     started = [json.loads(line) for line in log.splitlines() if "effective configuration" in line]
     assert len(started) == 1
-    assert started[0]["config"]["admin"] == {"token": "***"}
+    assert started[0]["config"]["admin"]["token"] == "***"
     assert started[0]["config"]["derived"] == {"upstream_pool_size": 10,
                                                "upstream_keepalive_size": 10}
 
