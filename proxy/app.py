@@ -5,9 +5,9 @@ Outermost first: request context, then one of three surfaces. The open routes (`
 ``/ready``, ``/metrics``) answer anyone; ``/admin`` answers the operator's token
 (``proxy.admin``); everything else is the clients' surface, behind their API keys when there are
 keys: the model list, and the OpenAI paths of ``FORWARDED``, which go on through draining ->
-admission -> queue depth -> per-model semaphores -> retry -> streaming passthrough -> backend
-pool. No other path reaches a backend: vLLM's development endpoints (``/sleep``,
-``/collective_rpc``, ``/v1/load_lora_adapter``, ...) are 404 here.
+admission -> loading feedback (streams) -> queue depth -> per-model semaphores -> retry ->
+streaming passthrough -> backend pool. No other path reaches a backend: vLLM's development
+endpoints (``/sleep``, ``/collective_rpc``, ``/v1/load_lora_adapter``, ...) are 404 here.
 
 Everything that runs in the background (the pool, its reaper, the model servers) lives inside
 ``Gateway.running()``; the ASGI lifespan enters it, and an application that mounts the gateway
@@ -19,7 +19,7 @@ within ``gateway.shutdown_grace``, end the rest.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 
 import anyio
 import structlog
@@ -34,6 +34,7 @@ from middleware.admission import Admission
 from middleware.auth import ClientKeys
 from middleware.concurrency import ModelConcurrencyLimit
 from middleware.draining import Draining
+from middleware.feedback import StreamFeedback
 from middleware.queue_depth import QueueDepthLimit
 from middleware.request_context import RequestContext
 from middleware.retry import RetryConnectFailures
@@ -88,7 +89,9 @@ class Gateway:
         retry = RetryConnectFailures(passthrough, config=config, metrics=self.metrics)
         self.semaphores = ModelConcurrencyLimit(retry, config=config, metrics=self.metrics)
         self.queue = QueueDepthLimit(self.semaphores, config=config, metrics=self.metrics)
-        self._draining = Draining(Admission(self.queue, config=config))
+        self.feedback = (StreamFeedback(self.queue, config=config, pool=self.pool)
+                         if config.gateway.stream_keepalive else None)
+        self._draining = Draining(Admission(self.feedback or self.queue, config=config))
         self._clients: ASGIApp = self._client_routes
         if config.client_keys:
             self._clients = ClientKeys(self._client_routes, keys=config.client_keys)
@@ -130,7 +133,9 @@ class Gateway:
     async def running(self) -> AsyncIterator[Gateway]:
         if self.gpu is None:
             self.gpu = self.pool.gpu = probe_gpus(self.config.gateway.gpu_memory_mb)
-        async with self.engines.running(), self.pool.running(), self.upstream.running():
+        feedback = self.feedback.running() if self.feedback else nullcontext()
+        async with (self.engines.running(), self.pool.running(), self.upstream.running(),
+                    feedback):
             self.running_now = True
             try:
                 yield self
