@@ -24,7 +24,8 @@ the pool, never changed.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -72,8 +73,8 @@ class _Stream:
     """One streaming request: whether feedback began, and the ``send`` its answer goes
     through."""
 
-    __slots__ = ("_done", "_error", "_lock", "_scope", "_send", "_status", "answered", "began",
-                 "due", "fed", "model", "state")
+    __slots__ = ("_done", "_error", "_feeding", "_lock", "_scope", "_send", "_status",
+                 "answered", "began", "due", "fed", "model", "shown", "state", "stopped")
 
     def __init__(self, send: Send, state: dict[str, Any], model: str, began: float,
                  due: float) -> None:
@@ -83,21 +84,25 @@ class _Stream:
         self.began = began
         self.due = due
         self.answered = False  # the inner app sent its first message
-        self.fed = False  # feedback began: the 200 went out
+        self.fed = False  # feedback began: the comment task owns the start
+        self.shown = False  # the feedback's 200 went out
+        self.stopped = False  # no more comments
         self._lock: anyio.Lock | None = None
         self._scope: anyio.CancelScope | None = None
         self._done: anyio.Event | None = None
+        self._feeding = False  # the comment task runs: it sets _done when it ends
         self._error: bytearray | None = None  # an error answer after feedback, being collected
         self._status = 0
 
-    async def send(self, message: Message) -> None:
+    def send(self, message: Message) -> Awaitable[None]:
+        # A plain function that hands back the next send's awaitable: a stream that did not
+        # wait pays a call per message here, not a coroutine.
         if not self.fed:
             self.answered = True
-            await self._send(message)
-        elif self.answered and self._error is None:
-            await self._send(message)
-        else:
-            await self._answer_after_feedback(message)
+            return self._send(message)
+        if self.answered and self._error is None:
+            return self._send(message)
+        return self._answer_after_feedback(message)
 
     def begin(self, tg: TaskGroup, every: float, describe: Callable[[_Stream], bytes]) -> None:
         """Begin feedback: from here on the 200 and the comments are this object's to send."""
@@ -109,14 +114,18 @@ class _Stream:
 
     async def _feed(self, every: float, describe: Callable[[_Stream], bytes]) -> None:
         assert self._lock is not None and self._scope is not None and self._done is not None
+        self._feeding = True
         try:
             with self._scope:
                 async with self._lock:
+                    if self.answered or self.stopped:
+                        return
                     await self._send({"type": "http.response.start", "status": 200,
                                       "headers": list(HEADERS)})
+                    self.shown = True
                 while True:
                     async with self._lock:
-                        if self.answered:
+                        if self.answered or self.stopped:
                             return
                         await self._send({"type": "http.response.body",
                                           "body": describe(self), "more_body": True})
@@ -128,10 +137,14 @@ class _Stream:
 
     async def _answer_after_feedback(self, message: Message) -> None:
         assert self._lock is not None and self._scope is not None
-        if not self.answered:  # the answer's start: the 200 went out already
+        if not self.answered:  # the answer's start
             async with self._lock:
                 self.answered = True
                 self._scope.cancel()
+            if not self.shown:  # feedback was due, but nothing went out: pass the answer on
+                self.fed = False
+                await self._send(message)
+                return
             headers = message.get("headers", ())
             if not any(k.lower() == b"content-type" and v.startswith(SSE) for k, v in headers):
                 self._error = bytearray()
@@ -146,8 +159,7 @@ class _Stream:
                               "body": _error_event(bytes(error), self._status, self.model)})
 
     async def fail(self, error: GatewayError) -> None:
-        """End a stream whose feedback began with the error the wait ended in."""
-        await self.stop()
+        """End a stream whose feedback went out with the error its wait ended in."""
         log.warning("stream ended with an error after loading feedback", model=self.model,
                     code=error.code, error=error.message)
         await self._send({"type": "http.response.body", "more_body": False,
@@ -156,12 +168,14 @@ class _Stream:
                               param=error.param))})
 
     async def stop(self) -> None:
-        """No more comments: end the comment task and wait until it has (even if cancelled)."""
-        self.answered = True
+        """No more comments: end the comment task and wait until it has (even if cancelled),
+        so that nothing else sends while it does."""
+        self.stopped = True
         if self._scope is not None and self._done is not None:
             self._scope.cancel()
-            with anyio.CancelScope(shield=True):
-                await self._done.wait()
+            if self._feeding:
+                with anyio.CancelScope(shield=True):
+                    await self._done.wait()
 
 
 class StreamFeedback:
@@ -207,28 +221,38 @@ class StreamFeedback:
 
     async def _stream(self, scope: Scope, receive: Receive, send: Send, state: dict[str, Any],
                       model: str, key: int) -> None:
-        now = anyio.current_time()
+        now = time.monotonic()
         stream = _Stream(send, state, model, now, now + self.every)
         self._pending[key] = stream
         try:
             await self.app(scope, receive, stream.send)
         except GatewayError as exc:
-            if not stream.fed or stream.answered:
+            if not await self._failed_after_feedback(stream):
                 raise
             await stream.fail(exc)
         except Exception:
-            if stream.fed and not stream.answered:
+            if await self._failed_after_feedback(stream):
                 await stream.fail(GatewayError(500, "The gateway failed to handle the request.",
                                                type="internal_error", code="internal_error"))
             raise
         finally:
             self._pending.pop(key, None)
-            await stream.stop()
+            if stream.fed:
+                await stream.stop()
+
+    @staticmethod
+    async def _failed_after_feedback(stream: _Stream) -> bool:
+        """Whether a failure is the stream's to tell (feedback went out, the answer did not
+        start); the comments are over either way."""
+        if not stream.fed:
+            return False
+        await stream.stop()
+        return stream.shown and not stream.answered
 
     async def _tick(self) -> None:
         while True:
             await anyio.sleep(self.every / TICKS)
-            now = anyio.current_time()
+            now = time.monotonic()
             tg = self._tg
             for key, stream in list(self._pending.items()):
                 if stream.answered:
@@ -248,7 +272,7 @@ class StreamFeedback:
 
     def _comment(self, stream: _Stream) -> bytes:
         model = stream.model.replace("\r", " ").replace("\n", " ")
-        seconds = round(anyio.current_time() - stream.began)
+        seconds = round(time.monotonic() - stream.began)
         if "queue_wait" in stream.state:
             what = f"model '{model}': {self.pool.backends[stream.model].state.value}"
         else:

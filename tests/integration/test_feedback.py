@@ -216,3 +216,17 @@ async def test_answers_that_do_not_wait_are_unchanged_byte_for_byte(anyio_backen
         assert seen[0][0].startswith(b"HTTP/1.1 200") and b"x-fixed: 1" in seen[0][0]
         assert all(chunk in seen[0][0] for chunk in FixedStream.BODY)
         assert seen[0][2].startswith(b"HTTP/1.1 404")
+
+
+async def test_a_client_that_leaves_during_feedback_frees_everything(anyio_backend: str) -> None:
+    config = make_config([sim_model("m", "--startup-delay", "3")],
+                         gateway={"stream_keepalive": EVERY})
+    async with serving(config) as (url, gateway), httpx2.AsyncClient(timeout=30) as client:
+        async with client.stream("POST", url + "/v1/chat/completions",
+                                 json=chat("m", stream=True)) as response:
+            assert response.status_code == 200
+            async for chunk in response.aiter_raw():
+                assert chunk.startswith(b": waiting for model 'm': starting")
+                break
+        await eventually(lambda: back_to_zero(gateway))
+        assert gateway.pool.backends["m"].state.value == "starting"  # the start goes on
