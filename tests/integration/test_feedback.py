@@ -230,3 +230,20 @@ async def test_a_client_that_leaves_during_feedback_frees_everything(anyio_backe
                 break
         await eventually(lambda: back_to_zero(gateway))
         assert gateway.pool.backends["m"].state.value == "starting"  # the start goes on
+
+
+async def test_a_queue_timeout_after_feedback_is_an_error_event(anyio_backend: str) -> None:
+    config = make_config([sim_model("m", "--tokens-per-second", "10", max_concurrent=1)],
+                         gateway={"stream_keepalive": EVERY, "queue_timeout": 1.2})
+    async with serving(config) as (url, gateway), httpx2.AsyncClient(timeout=30) as client:
+        await gateway.pool.load("m")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: client.post(url + "/v1/chat/completions",
+                                              json=chat("m", max_tokens=25)))
+            await eventually(lambda: gateway.semaphores.in_flight("m") == 1)
+            status, _, chunks = await read_timed(client, url, chat("m", stream=True))
+        body = b"".join(c for _, c in chunks)
+        assert status == 200 and comments(chunks)
+        event = body.rpartition(b"\n\n\n\ndata: ")[2]
+        assert json.loads(event)["error"]["code"] == "queue_timeout"
+        await eventually(lambda: back_to_zero(gateway))
