@@ -15,7 +15,15 @@ import openai
 import pytest
 
 from proxy.app import Gateway
-from tests.support import chat, eventually, make_config, serving, serving_app, sim_model
+from tests.support import (
+    answer_lifespan,
+    chat,
+    eventually,
+    make_config,
+    serving,
+    serving_app,
+    sim_model,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -158,9 +166,7 @@ class FixedStream:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await answer_lifespan(receive, send)
             return
         if scope["method"] == "GET":
             await send({"type": "http.response.start", "status": 200, "headers": []})
