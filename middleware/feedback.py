@@ -23,6 +23,7 @@ the pool, never changed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -162,10 +163,11 @@ class _Stream:
         """End a stream whose feedback went out with the error its wait ended in."""
         log.warning("stream ended with an error after loading feedback", model=self.model,
                     code=error.code, error=error.message)
-        await self._send({"type": "http.response.body", "more_body": False,
-                          "body": standalone_error_event(error_body(
-                              error.message, type=error.type, code=error.code,
-                              param=error.param))})
+        with contextlib.suppress(OSError):  # the client is gone as well
+            await self._send({"type": "http.response.body", "more_body": False,
+                              "body": standalone_error_event(error_body(
+                                  error.message, type=error.type, code=error.code,
+                                  param=error.param))})
 
     async def stop(self) -> None:
         """No more comments: end the comment task and wait until it has (even if cancelled),
