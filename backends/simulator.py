@@ -35,6 +35,10 @@ Endpoints (shaped like vLLM's):
 * ``GET /metrics``: ``vllm:num_requests_running`` / ``vllm:num_requests_waiting``.
 * ``GET /sim/stats``, ``POST /sim/reset``: counters for tests (see
   :class:`SimulatorStats`).
+* With ``--enable-sleep-mode`` and ``VLLM_SERVER_DEV_MODE=1`` (as vLLM): vLLM's
+  sleep API (``/sleep``, ``/wake_up``, ``/is_sleeping``, ``/collective_rpc``),
+  generations held while asleep, ``vllm:engine_sleep_state``; see
+  :mod:`backends.simulator_sleep`.
 
 Prompt token counts in ``usage`` are whitespace-separated words of the
 prompt (token-id prompts count one per id).
@@ -65,6 +69,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from aiohttp import web
+
+from .simulator_sleep import SleepMode
 
 __all__ = [
     "SIMULATOR_KEY",
@@ -118,6 +124,12 @@ class SimulatorConfig:
     seed: int = 0
     die_after_tokens: int | None = None
     exit_after_requests: int | None = None
+    # vLLM's sleep mode: served only with both, as vLLM (``--enable-sleep-mode`` and
+    # ``VLLM_SERVER_DEV_MODE=1``); see backends/simulator_sleep.py.
+    enable_sleep_mode: bool = False
+    server_dev_mode: bool = False
+    sleep_delay: float = 0.0
+    wake_delay: float = 0.0
 
     def __post_init__(self) -> None:
         problems = [
@@ -129,6 +141,8 @@ class SimulatorConfig:
                 ("max_concurrency", self.max_concurrency >= 0, ">= 0"),
                 ("max_model_len", self.max_model_len > 0, "> 0"),
                 ("fail_health", self.fail_health >= 0, ">= 0"),
+                ("sleep_delay", self.sleep_delay >= 0, ">= 0"),
+                ("wake_delay", self.wake_delay >= 0, ">= 0"),
                 ("error_rate", 0.0 <= self.error_rate <= 1.0, "in [0, 1]"),
                 (
                     "die_after_tokens",
@@ -355,6 +369,11 @@ class Simulator:
             asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
         )
         self._answered = 0
+        self.sleep_mode = (
+            SleepMode(config.sleep_delay, config.wake_delay)
+            if config.enable_sleep_mode and config.server_dev_mode
+            else None
+        )
         self._ids = itertools.count()
         self._chat = _templates("chat", config.model)
         self._completion = _templates("completion", config.model)
@@ -391,8 +410,11 @@ class Simulator:
                 ("num_requests_waiting", "Number of requests waiting to be processed."),
             )
         ).encode()
+        self._label = label
 
     def add_routes(self, app: web.Application) -> None:
+        if self.sleep_mode is not None:
+            self.sleep_mode.add_routes(app)
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post(CHAT_PATH, self.chat_completions)
@@ -435,6 +457,8 @@ class Simulator:
     async def metrics(self, request: web.Request) -> web.Response:
         self._count("/metrics")
         body = self._metrics_template % (self.stats.running, self.stats.waiting)
+        if self.sleep_mode is not None:
+            body += self.sleep_mode.metrics(self._label).encode()
         return web.Response(body=body, headers={"Content-Type": _METRICS_CONTENT_TYPE})
 
     async def sim_stats(self, request: web.Request) -> web.Response:
@@ -562,6 +586,13 @@ class Simulator:
         if self.config.error_rate and self._rng.random() < self.config.error_rate:
             stats.errors += 1
             raise _ApiError(500, "Simulated internal server error")
+        sleep = self.sleep_mode
+        if sleep is not None and sleep.sleeping:
+            stats.waiting += 1
+            try:
+                await sleep.hold()  # as vLLM: held, not answered, until awake
+            finally:
+                stats.waiting -= 1
         semaphore = self._semaphore
         if semaphore is not None:
             stats.waiting += 1
@@ -574,6 +605,8 @@ class Simulator:
                 stats.waiting -= 1
         stats.running += 1
         outcome = _ABORTED
+        task = asyncio.current_task()
+        ended = sleep.generating(task) if sleep is not None and task is not None else None
         try:
             args = (templates.id_prefix + b"%x" % next(self._ids), int(time.time()))
             if body.get("stream"):
@@ -587,6 +620,8 @@ class Simulator:
                     request, templates, args, max_tokens, prompt_tokens
                 )
         finally:
+            if ended is not None:
+                ended()
             stats.running -= 1
             if semaphore is not None:
                 semaphore.release()
@@ -642,11 +677,15 @@ class Simulator:
         token = templates.token % args
         interval = 1.0 / self.config.tokens_per_second if self.config.tokens_per_second else 0.0
         loop = asyncio.get_running_loop()
+        sleep = self.sleep_mode
         try:
             await resp.prepare(request)
             write = resp.write
             deadline = loop.time()
             for i in range(1, emitted + 1):
+                if sleep is not None and sleep.keeping:
+                    await sleep.hold()  # a sleep with mode=keep pauses it until the wake
+                    deadline = loop.time()  # and the pace goes on from there
                 if interval:
                     deadline += interval
                     delay = deadline - loop.time()
@@ -1265,6 +1304,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="fault: exit (status 0) once N model requests have been answered",
     )
+    add(
+        "--enable-sleep-mode",
+        action="store_true",
+        help="serve vLLM's sleep API (with VLLM_SERVER_DEV_MODE=1, as vLLM needs)",
+    )
+    add("--sleep-delay", type=float, default=0.0, metavar="S", help="seconds a sleep takes")
+    add("--wake-delay", type=float, default=0.0, metavar="S", help="seconds a wake_up takes")
     return parser
 
 
@@ -1295,6 +1341,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             die_after_tokens=args.die_after_tokens,
             exit_after_requests=args.exit_after_requests,
+            enable_sleep_mode=args.enable_sleep_mode,
+            server_dev_mode=os.environ.get("VLLM_SERVER_DEV_MODE", "0") not in ("", "0"),
+            sleep_delay=args.sleep_delay,
+            wake_delay=args.wake_delay,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -6,11 +6,11 @@ Outermost first: request context, then one of three surfaces. The open routes (`
 (``proxy.admin``); everything else is the clients' surface, behind their API keys when there are
 keys: the model list and each model's entry, the paths of ``FORWARDED`` (POST) and of the
 stored responses (``GET /v1/responses/{id}``, ``POST /v1/responses/{id}/cancel``), which go on
-through draining -> admission -> queue depth -> per-model semaphores -> retry -> streaming
-passthrough -> backend pool. The Anthropic paths (``proxy.anthropic.PATHS``) are among them,
-with their errors in Anthropic's shape. No other path reaches a backend: vLLM's development,
-render and management endpoints (``/sleep``, ``/collective_rpc``, ``/v1/load_lora_adapter``,
-...) are 404 here.
+through draining -> admission -> loading feedback (streams) -> queue depth -> per-model
+semaphores -> retry -> streaming passthrough -> backend pool. The Anthropic paths
+(``proxy.anthropic.PATHS``) are among them, with their errors in Anthropic's shape. No other
+path reaches a backend: vLLM's development, render and management endpoints (``/sleep``,
+``/collective_rpc``, ``/v1/load_lora_adapter``, ...) are 404 here.
 
 Everything that runs in the background (the pool, its reaper, the model servers) lives inside
 ``Gateway.running()``; the ASGI lifespan enters it, and an application that mounts the gateway
@@ -22,7 +22,7 @@ within ``gateway.shutdown_grace``, end the rest.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from functools import partial
 
 import anyio
@@ -38,6 +38,7 @@ from middleware.admission import Admission
 from middleware.auth import ClientKeys
 from middleware.concurrency import ModelConcurrencyLimit
 from middleware.draining import Draining
+from middleware.feedback import StreamFeedback
 from middleware.queue_depth import QueueDepthLimit
 from middleware.request_context import RequestContext
 from middleware.response_ids import CREATE_PATH, RememberResponseIds, ResponseIds, stored_response
@@ -97,7 +98,9 @@ class Gateway:
         self.semaphores = ModelConcurrencyLimit(retry, config=config, metrics=self.metrics)
         self.queue = QueueDepthLimit(self.semaphores, config=config, metrics=self.metrics)
         self.response_ids = ResponseIds(config.gateway.max_response_ids)
-        self._draining = Draining(Admission(self.queue, config=config,
+        self.feedback = (StreamFeedback(self.queue, config=config, pool=self.pool)
+                         if config.gateway.stream_keepalive else None)
+        self._draining = Draining(Admission(self.feedback or self.queue, config=config,
                                             response_ids=self.response_ids))
         self._remembering = RememberResponseIds(self._draining, ids=self.response_ids)
         self._clients: ASGIApp = self._client_routes
@@ -145,7 +148,9 @@ class Gateway:
     async def running(self) -> AsyncIterator[Gateway]:
         if self.gpu is None:
             self.gpu = self.pool.gpu = probe_gpus(self.config.gateway.gpu_memory_mb)
-        async with self.engines.running(), self.pool.running(), self.upstream.running():
+        feedback = self.feedback.running() if self.feedback else nullcontext()
+        async with (self.engines.running(), self.pool.running(), self.upstream.running(),
+                    feedback):
             self.running_now = True
             try:
                 yield self

@@ -77,6 +77,9 @@ class GatewaySettings:
     backlog: int = _spec(2048, lo=1, hi=65535)
     placement_timeout: float = _spec(30.0, lo=0.001, hi=DAY)
     shutdown_grace: float = _spec(30.0, lo=0.0, hi=DAY)
+    # Seconds a stream may wait (for its model or a slot) before it gets its 200 and an SSE
+    # comment every as many seconds; 0: no feedback, the status waits for the answer.
+    stream_keepalive: float = _spec(2.0, lo=0.0, hi=HOUR)
     gpu_memory_mb: int | None = _spec(None, lo=1, hi=10_000_000)
     instance: str = _spec("default")
     log_format: str = _spec("auto", choices=("auto", "json", "console"))

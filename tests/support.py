@@ -113,6 +113,14 @@ async def serving(config: Config, **gateway_options: Any) -> AsyncIterator[tuple
         yield url, gateway
 
 
+async def answer_lifespan(receive: Any, send: Any) -> None:
+    """A test backend's lifespan: answered, not ignored, since hypercorn's trio worker can fail
+    to start an app whose lifespan returns before the server sends the start-up message."""
+    while (await receive())["type"] == "lifespan.startup":
+        await send({"type": "lifespan.startup.complete"})
+    await send({"type": "lifespan.shutdown.complete"})
+
+
 class HeldBackend:
     """An OpenAI-shaped backend whose answers wait until the test releases them."""
 
@@ -124,11 +132,7 @@ class HeldBackend:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            # Answered, not ignored: hypercorn's trio worker can fail to start an app whose
-            # lifespan returns before the server sends the start-up message.
-            while (await receive())["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await answer_lifespan(receive, send)
             return
         if scope["method"] == "POST":
             self.received += 1

@@ -1,0 +1,291 @@
+"""Loading feedback: a stream that waits for its model or a slot hears what it waits for.
+
+A request with ``"stream": true`` that has not begun its answer after ``stream_keepalive``
+seconds, because it waits for a slot of its model or for the model itself (starting, or
+stopping to make room), gets its 200 and SSE headers then, and an SSE comment every
+``stream_keepalive`` seconds (``: waiting for model 'x': starting, 12 s``, ``: waiting for a
+slot of model 'x': number 3 in the queue, 4 s``). SSE clients ignore comments, and the bytes
+keep proxies and clients from timing out while a model loads.
+
+The trade-off: once feedback went out, the status is committed. The answer's own start is then
+swallowed (its SSE events follow the comments), and what would have been an error status (a
+start that failed, a queue timeout, a backend's 4xx) arrives as one SSE error event in the
+OpenAI shape, standing alone after a blank line, and the stream ends. A request that does not
+wait is not touched: its messages pass as they are.
+
+The layer sits around the waiting layers (queue, slots, retry, lease). One ticker task per
+gateway looks at the streams that have not started every quarter of ``stream_keepalive``;
+only a stream that waits gets a task of its own, which sends the comments. The two never send
+at once: the comments and the answer's first messages share a lock, and the comment task is
+ended (and waited for) before the request leaves this layer. The model's state is read from
+the pool, never changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup
+
+from backends.pool import BackendPool, ModelState
+from proxy.config import Config
+from proxy.errors import GatewayError, error_body
+from proxy.passthrough import SSE
+from proxy.types import ASGIApp, Message, Receive, Scope, Send, request_state
+
+log = structlog.get_logger("gateway.feedback")
+
+HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
+           (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+# Ticks per stream_keepalive: feedback begins within a quarter of it after it is due.
+TICKS = 4
+# What is kept of an error answer that arrives after feedback began, to pass on its message.
+ERROR_BODY_MAX = 64 * 1024
+
+
+def standalone_error_event(body: bytes) -> bytes:
+    """An SSE error event that stands alone: a blank line first, so that it cannot glue to a
+    partial event before it, and ``data:`` on one line."""
+    return b"\n\ndata: " + body + b"\n\n"
+
+
+def _error_event(answer: bytes, status: int, model: str) -> bytes:
+    """The error event for an error answer (its OpenAI envelope, on one line), or a generic one
+    for an answer that is not an error envelope."""
+    try:
+        envelope = json.loads(answer)
+    except (ValueError, RecursionError):
+        envelope = None
+    if isinstance(envelope, dict) and isinstance(envelope.get("error"), dict):
+        return standalone_error_event(json.dumps(envelope, separators=(",", ":")).encode())
+    return standalone_error_event(error_body(
+        f"The backend of model '{model}' answered the stream with status {status}.",
+        type="upstream_error", code="upstream_failed"))
+
+
+class _Stream:
+    """One streaming request: whether feedback began, and the ``send`` its answer goes
+    through."""
+
+    __slots__ = ("_done", "_error", "_feeding", "_lock", "_scope", "_send", "_status",
+                 "answered", "began", "due", "fed", "model", "shown", "state", "stopped")
+
+    def __init__(self, send: Send, state: dict[str, Any], model: str, began: float,
+                 due: float) -> None:
+        self._send = send
+        self.state = state
+        self.model = model
+        self.began = began
+        self.due = due
+        self.answered = False  # the inner app sent its first message
+        self.fed = False  # feedback began: the comment task owns the start
+        self.shown = False  # the feedback's 200 went out
+        self.stopped = False  # no more comments
+        self._lock: anyio.Lock | None = None
+        self._scope: anyio.CancelScope | None = None
+        self._done: anyio.Event | None = None
+        self._feeding = False  # the comment task runs: it sets _done when it ends
+        self._error: bytearray | None = None  # an error answer after feedback, being collected
+        self._status = 0
+
+    def send(self, message: Message) -> Awaitable[None]:
+        # A plain function that hands back the next send's awaitable: a stream that did not
+        # wait pays a call per message here, not a coroutine.
+        if not self.fed:
+            self.answered = True
+            return self._send(message)
+        if self.answered and self._error is None:
+            return self._send(message)
+        return self._answer_after_feedback(message)
+
+    def begin(self, tg: TaskGroup, every: float, describe: Callable[[_Stream], bytes]) -> None:
+        """Begin feedback: from here on the 200 and the comments are this object's to send."""
+        self.fed = True
+        self._lock = anyio.Lock()
+        self._scope = anyio.CancelScope()
+        self._done = anyio.Event()
+        tg.start_soon(self._feed, every, describe)
+
+    async def _feed(self, every: float, describe: Callable[[_Stream], bytes]) -> None:
+        assert self._lock is not None and self._scope is not None and self._done is not None
+        self._feeding = True
+        try:
+            with self._scope:
+                async with self._lock:
+                    if self.answered or self.stopped:
+                        return
+                    await self._send({"type": "http.response.start", "status": 200,
+                                      "headers": list(HEADERS)})
+                    self.shown = True
+                while True:
+                    async with self._lock:
+                        if self.answered or self.stopped:
+                            return
+                        await self._send({"type": "http.response.body",
+                                          "body": describe(self), "more_body": True})
+                    await anyio.sleep(every)
+        except OSError:
+            return  # the client is gone; the request's own layers see it leave
+        finally:
+            self._done.set()
+
+    async def _answer_after_feedback(self, message: Message) -> None:
+        assert self._lock is not None and self._scope is not None
+        if not self.answered:  # the answer's start
+            async with self._lock:
+                self.answered = True
+                self._scope.cancel()
+            if not self.shown:  # feedback was due, but nothing went out: pass the answer on
+                self.fed = False
+                await self._send(message)
+                return
+            headers = message.get("headers", ())
+            if not any(k.lower() == b"content-type" and v.startswith(SSE) for k, v in headers):
+                self._error = bytearray()
+                self._status = message["status"]
+            return
+        error = self._error
+        assert error is not None
+        # Kept up to the bound: an envelope cut there does not parse, and gets a generic event.
+        error += message.get("body", b"")[:ERROR_BODY_MAX - len(error)]
+        if not message.get("more_body", False):
+            await self._send({"type": "http.response.body", "more_body": False,
+                              "body": _error_event(bytes(error), self._status, self.model)})
+
+    async def fail(self, error: GatewayError) -> None:
+        """End a stream whose feedback went out with the error its wait ended in."""
+        log.warning("stream ended with an error after loading feedback", model=self.model,
+                    code=error.code, error=error.message)
+        with contextlib.suppress(OSError):  # the client is gone as well
+            await self._send({"type": "http.response.body", "more_body": False,
+                              "body": standalone_error_event(error_body(
+                                  error.message, type=error.type, code=error.code,
+                                  param=error.param))})
+
+    async def stop(self) -> None:
+        """No more comments: end the comment task and wait until it has (even if cancelled),
+        so that nothing else sends while it does."""
+        self.stopped = True
+        if self._scope is not None and self._done is not None:
+            self._scope.cancel()
+            if self._feeding:
+                with anyio.CancelScope(shield=True):
+                    await self._done.wait()
+
+
+class StreamFeedback:
+    def __init__(self, app: ASGIApp, *, config: Config, pool: BackendPool) -> None:
+        self.app = app
+        self.pool = pool
+        self.every = config.gateway.stream_keepalive
+        # Every request of a model in the order it came (waiting for a slot is FIFO), for a
+        # stream's place in the queue.
+        self._arrived: dict[str, dict[int, dict[str, Any]]] = {m.name: {} for m in config.models}
+        # Streams that have not begun their answer, in the order they came.
+        self._pending: dict[int, _Stream] = {}
+        self._tg: TaskGroup | None = None
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[StreamFeedback]:
+        """Run the ticker; without it (the layer not running) no stream gets feedback."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            tg.start_soon(self._tick)
+            try:
+                yield self
+            finally:
+                self._tg = None
+                tg.cancel_scope.cancel()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = request_state(scope)
+        model = state["model"].name
+        arrived = self._arrived[model]
+        key = id(state)
+        arrived[key] = state
+        try:
+            if state["body"].get("stream") is True and self._tg is not None:
+                await self._stream(scope, receive, send, state, model, key)
+            else:
+                await self.app(scope, receive, send)
+        finally:
+            del arrived[key]
+
+    async def _stream(self, scope: Scope, receive: Receive, send: Send, state: dict[str, Any],
+                      model: str, key: int) -> None:
+        now = time.monotonic()
+        stream = _Stream(send, state, model, now, now + self.every)
+        self._pending[key] = stream
+        try:
+            await self.app(scope, receive, stream.send)
+        except GatewayError as exc:
+            if not await self._failed_after_feedback(stream):
+                raise
+            await stream.fail(exc)
+        except Exception:
+            if await self._failed_after_feedback(stream):
+                await stream.fail(GatewayError(500, "The gateway failed to handle the request.",
+                                               type="internal_error", code="internal_error"))
+            raise
+        finally:
+            self._pending.pop(key, None)
+            if stream.fed:
+                await stream.stop()
+
+    @staticmethod
+    async def _failed_after_feedback(stream: _Stream) -> bool:
+        """Whether a failure is the stream's to tell (feedback went out, the answer did not
+        start); the comments are over either way."""
+        if not stream.fed:
+            return False
+        await stream.stop()
+        return stream.shown and not stream.answered
+
+    async def _tick(self) -> None:
+        while True:
+            await anyio.sleep(self.every / TICKS)
+            now = time.monotonic()
+            tg = self._tg
+            for key, stream in list(self._pending.items()):
+                if stream.answered:
+                    del self._pending[key]
+                elif stream.due <= now:
+                    if self._waits(stream) and tg is not None:
+                        del self._pending[key]
+                        stream.begin(tg, self.every, self._comment)
+                    else:
+                        # Forwarded, and the backend has not answered yet: not a wait for the
+                        # model or a slot. Look again later (a retry may wait for a start).
+                        stream.due = now + self.every
+
+    def _waits(self, stream: _Stream) -> bool:
+        return ("queue_wait" not in stream.state
+                or self.pool.backends[stream.model].state is not ModelState.READY)
+
+    def _comment(self, stream: _Stream) -> bytes:
+        model = stream.model.replace("\r", " ").replace("\n", " ")
+        seconds = round(time.monotonic() - stream.began)
+        if "queue_wait" in stream.state:
+            what = f"model '{model}': {self.pool.backends[stream.model].state.value}"
+        else:
+            what = f"a slot of model '{model}': number {self._place(stream)} in the queue"
+        return f": waiting for {what}, {seconds} s\n\n".encode()
+
+    def _place(self, stream: _Stream) -> int:
+        place = 1
+        for state in self._arrived[stream.model].values():
+            if state is stream.state:
+                return place
+            if "queue_wait" not in state:
+                place += 1
+        return place

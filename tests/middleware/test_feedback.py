@@ -1,0 +1,125 @@
+"""The loading feedback layer alone, around a tiny inner app that waits, driven by hand, on
+asyncio and trio: what an answer after feedback becomes, and what a request that is not a
+stream gets."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+from typing import Any
+
+import anyio
+import pytest
+
+from backends.pool import ModelState
+from middleware.feedback import StreamFeedback
+from proxy.types import Message
+from tests.middleware.asgi import Client, admitted_scope, call
+from tests.support import make_config, static_model
+
+pytestmark = pytest.mark.anyio
+
+EVERY = 0.1
+WAIT = 0.45  # the inner app's wait: feedback begins within EVERY * 1.25
+
+
+CONFIG = make_config([static_model("m", "http://127.0.0.1:9")],
+                     gateway={"stream_keepalive": EVERY})
+
+
+def layer(inner: Any) -> StreamFeedback:
+    pool = SimpleNamespace(backends={"m": SimpleNamespace(state=ModelState.STARTING)})
+    return StreamFeedback(inner, config=CONFIG, pool=pool)  # type: ignore[arg-type]
+
+
+def stream_scope(stream: bool = True) -> Any:
+    scope = admitted_scope(CONFIG, "m")
+    scope["state"]["body"]["stream"] = stream
+    return scope
+
+
+def answering_after(wait: float, *messages: Message) -> Any:
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        await anyio.sleep(wait)
+        for message in messages:
+            await send(message)
+    return inner
+
+
+async def run(inner: Any, *, stream: bool = True) -> Client:
+    app = layer(inner)
+    async with app.running():
+        return await call(app, stream_scope(stream))
+
+
+def start(status: int, content_type: bytes) -> Message:
+    return {"type": "http.response.start", "status": status,
+            "headers": [(b"content-type", content_type)]}
+
+
+def body(data: bytes, more: bool = False) -> Message:
+    return {"type": "http.response.body", "body": data, "more_body": more}
+
+
+def last_event(client: Client) -> dict[str, Any]:
+    assert client.sent[-1]["more_body"] is False
+    final = client.sent[-1]["body"]
+    assert final.startswith(b"\n\ndata: ") and final.endswith(b"\n\n")
+    assert final.count(b"\n") == 4  # the blank line, then data on one line
+    return json.loads(final.removeprefix(b"\n\ndata: "))
+
+
+async def test_an_error_answer_after_feedback_is_one_error_event(anyio_backend: str) -> None:
+    envelope = {"error": {"message": "max_tokens is too large", "type": "BadRequestError",
+                          "param": "max_tokens", "code": 400}}
+    pretty = json.dumps(envelope, indent=2).encode()  # on several lines, as a backend may
+    client = await run(answering_after(WAIT, start(400, b"application/json"),
+                                       body(pretty[:20], more=True), body(pretty[20:])))
+    assert client.status == 200
+    assert client.headers["content-type"].startswith("text/event-stream")
+    assert client.body.startswith(b": waiting for a slot of model 'm': number 1 in the queue")
+    assert last_event(client) == envelope
+
+
+async def test_an_answer_that_is_no_error_envelope_gets_a_generic_event(
+        anyio_backend: str) -> None:
+    client = await run(answering_after(WAIT, start(502, b"text/plain"), body(b"bad gateway")))
+    error = last_event(client)["error"]
+    assert error["code"] == "upstream_failed" and "status 502" in error["message"]
+
+
+async def test_a_streamed_answer_follows_the_comments(anyio_backend: str) -> None:
+    events = [b'data: {"n": 1}\n\n', b"data: [DONE]\n\n"]
+    client = await run(answering_after(WAIT, start(200, b"text/event-stream"),
+                                       body(events[0], more=True), body(events[1])))
+    assert client.status == 200
+    comments, answer = client.body.split(b"data: ", 1)
+    assert len(comments.split(b"\n\n")) > 2  # two comments or more, and nothing else
+    assert all(c.startswith(b": waiting") for c in comments.split(b"\n\n") if c)
+    assert b"data: " + answer == b"".join(events)
+
+
+async def test_a_request_that_is_no_stream_gets_no_feedback(anyio_backend: str) -> None:
+    messages = [start(200, b"application/json"), body(b"{}")]
+    client = await run(answering_after(WAIT, *messages), stream=False)
+    assert client.sent == messages
+
+
+async def test_a_stream_that_does_not_wait_is_passed_as_it_is(anyio_backend: str) -> None:
+    messages = [start(200, b"text/event-stream"), body(b"data: [DONE]\n\n")]
+    client = await run(answering_after(EVERY / 2, *messages))
+    assert client.sent == messages
+
+
+async def test_a_failure_after_feedback_ends_the_stream_and_is_raised(anyio_backend: str) -> None:
+    async def failing(scope: Any, receive: Any, send: Any) -> None:
+        await anyio.sleep(WAIT)
+        raise RuntimeError("a bug")
+
+    client = Client.with_body()
+    app = layer(failing)
+    async with app.running():
+        with pytest.raises(RuntimeError, match="a bug"):
+            await app(stream_scope(), client.receive, client.send)
+    assert client.status == 200
+    assert last_event(client)["error"]["code"] == "internal_error"
