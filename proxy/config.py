@@ -74,7 +74,8 @@ class GatewaySettings:
     placement_timeout: float = _spec(30.0, lo=0.001, hi=DAY)
     shutdown_grace: float = _spec(30.0, lo=0.0, hi=DAY)
     gpu_memory_mb: int | None = _spec(None, lo=1, hi=10_000_000)
-    instance: str = _spec("default")
+    # Names this gateway's containers (labels, names); None: made from the host and the config.
+    instance: str | None = _spec(None)
     log_format: str = _spec("auto", choices=("auto", "json", "console"))
     # Seconds an idle client connection stays open: above a proxy's own upstream keep-alive
     # (nginx: 60 s), so that the proxy, never the gateway, closes an idle connection; otherwise
@@ -106,6 +107,9 @@ class EngineSettings:
     on_start: str = _spec("adopt", choices=("adopt", "remove"))
     on_shutdown: str = _spec("stop", choices=("stop", "keep"))
     stop_timeout: float = _spec(10.0, lo=0.0, hi=HOUR)
+    # Seconds any other call to the engine's API may take (an image pull is bounded by the
+    # model's startup_timeout instead).
+    api_timeout: float = _spec(30.0, lo=0.001, hi=HOUR)
     # Where model containers publish their port, and the host the gateway reaches them at:
     # loopback for an engine on this host; for an engine on a GPU host, that host's address.
     publish_ip: str = _spec("127.0.0.1")
@@ -123,6 +127,10 @@ class ModelSettings:
         default_factory=lambda: types.MappingProxyType({}))
     url: str | None = _spec(None)
     health_path: str = _spec("/health")
+    # Seconds between the health checks of a running server, and the failed checks in a row
+    # that take it out of service.
+    health_interval: float = _spec(5.0, lo=0.01, hi=HOUR)
+    health_failures: int = _spec(2, lo=1, hi=1000)
     startup_timeout: float = _spec(600.0, lo=0.001, hi=DAY)
     idle_timeout: float = _spec(300.0, lo=0.001, hi=30 * DAY)
     failure_backoff: float = _spec(5.0, lo=0.0, hi=DAY)
