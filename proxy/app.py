@@ -84,6 +84,8 @@ class Gateway:
         self.metrics.watch_pool(self.pool)
         self.upstream = Upstream(config)
         self.running_now = False
+        self._told: str | None = None
+        self._ended: str | None = None
         passthrough = StreamingPassthrough(pool=self.pool, upstream=self.upstream)
         retry = RetryConnectFailures(passthrough, config=config, metrics=self.metrics)
         self.semaphores = ModelConcurrencyLimit(retry, config=config, metrics=self.metrics)
@@ -94,6 +96,20 @@ class Gateway:
             self._clients = ClientKeys(self._client_routes, keys=config.client_keys)
         self.admin = AdminApi(self)
         self._app = RequestContext(self._route, metrics=self.metrics)
+
+    def problem(self) -> str | None:
+        """Why a gateway that started no longer does its work (the pool, its reaper or an
+        engine's event stream is gone), or None; logged once."""
+        if self._ended is not None:
+            problem: str | None = self._ended
+        elif not self.running_now:
+            return None
+        else:
+            problem = self.pool.problem() or self.engines.supervisor.problem
+        if problem is not None and problem != self._told:
+            log.error("the gateway no longer works; /health answers 503", reason=problem)
+            self._told = problem
+        return problem
 
     def _started(self, model: str, seconds: float) -> None:
         self.metrics.start_duration(model).observe(seconds)
@@ -130,13 +146,18 @@ class Gateway:
     async def running(self) -> AsyncIterator[Gateway]:
         if self.gpu is None:
             self.gpu = self.pool.gpu = probe_gpus(self.config.gateway.gpu_memory_mb)
-        async with self.engines.running(), self.pool.running(), self.upstream.running():
-            self.running_now = True
-            try:
-                yield self
-            finally:
-                self.running_now = False
-                self.engines.begin_shutdown()
+        try:
+            async with self.engines.running(), self.pool.running(), self.upstream.running():
+                self.running_now = True
+                try:
+                    yield self
+                finally:
+                    self.running_now = False
+                    self.engines.begin_shutdown()
+        except Exception as exc:
+            # The server may go on answering (hypercorn only logs a failed lifespan): say so.
+            self._ended = f"the gateway's background work ended: {exc!r}"
+            raise
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

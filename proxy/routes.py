@@ -1,7 +1,9 @@
 """The gateway's own routes: liveness, readiness, metrics and the model list.
 
-``/health`` says the process serves HTTP, nothing more (a liveness probe that failed while a
-model is down would restart the gateway for nothing). ``/ready`` says it should get traffic: it
+``/health`` says the process does its work: 200 while it serves HTTP and its pool, the pool's
+reaper and the engines' event streams run; 503 with the reason once one of them is gone, so a
+liveness probe restarts it (a model that is down is no reason: a restart would not help it).
+``/ready`` says it should get traffic: it
 runs, it is not draining, and every container engine it uses answers a ping, asked at most once
 a second however often the probes come.
 """
@@ -80,7 +82,10 @@ class EnginePings:
 
 
 async def health(gateway: Gateway, send: Send) -> None:
-    await respond_json(send, 200, {"status": "ok"})
+    if problem := gateway.problem():
+        await respond_json(send, 503, {"status": "failing", "reason": problem})
+    else:
+        await respond_json(send, 200, {"status": "ok"})
 
 
 async def ready(gateway: Gateway, send: Send) -> None:
