@@ -36,9 +36,10 @@ def _spawn(command: list[str], lifeline: int) -> int:
 def _exit_like(status: int) -> None:
     if os.WIFSIGNALED(status):
         signum = os.WTERMSIG(status)
-        signal.signal(signum, signal.SIG_DFL)
+        if signum not in (signal.SIGKILL, signal.SIGSTOP):  # those have no handler to reset
+            signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
-    sys.exit(os.waitstatus_to_exitcode(status) if not os.WIFSIGNALED(status) else 1)
+    sys.exit(os.waitstatus_to_exitcode(status))
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from backends.container import ContainerEngines
 from backends.gpu import GpuMemory, probe_gpus
 from backends.launcher import Launcher
 from backends.pool import BackendPool, LauncherFactory
-from backends.process import ProcessLauncher
+from backends.process import STOP_TIMEOUT, ProcessLauncher
 from backends.static import StaticLauncher
 from middleware.admission import Admission
 from middleware.auth import ClientKeys
@@ -56,6 +56,16 @@ FORWARDED = frozenset({
 # Seconds the requests ended after the grace get to send their last words (an SSE error event
 # to a client that reads slowly) before the server closes what is left.
 END_TIMEOUT = 2.0
+# Seconds on top of the slowest stop that the server gives the shutdown of the lifespan.
+STOP_MARGIN = 10.0
+
+
+def shutdown_allowance(config: Config) -> float:
+    """Seconds the models' stops may take at the shutdown (they run side by side): a process
+    waits for its server, then for its group; a container is stopped, then removed."""
+    stops = [2 * STOP_TIMEOUT]
+    stops += [e.stop_timeout + 2 * e.api_timeout for e in config.engines.values()]
+    return max(stops) + STOP_MARGIN
 
 
 def launchers_for(engines: ContainerEngines) -> LauncherFactory:

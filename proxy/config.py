@@ -378,6 +378,16 @@ def _check_bind(bind: str, sources: _Sources) -> None:
               "[IPv6] address, and a port from 1 to 65535")
 
 
+# A container name's characters (the instance is part of every container's name), kept short.
+_INSTANCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def _check_instance(instance: str | None, sources: _Sources) -> None:
+    if instance is not None and not _INSTANCE.fullmatch(instance):
+        _fail("gateway.instance", instance, sources, "up to 63 letters, digits and _ . - "
+              "starting with a letter or digit (it names containers)")
+
+
 def _check_trusted_proxies(proxies: tuple[str, ...], sources: _Sources) -> None:
     for i, proxy in enumerate(proxies):
         try:
@@ -484,6 +494,9 @@ def _check_model(model: ModelSettings, path: str, engines: Mapping[str, EngineSe
                   "a size like \"8g\", \"512m\" or a number of bytes")
     if any(g < 0 or g > 63 for g in model.gpus):
         _fail(f"{path}.gpus", list(model.gpus), sources, "GPU indexes from 0 to 63")
+    if model.launcher == "process" and model.gpus and "CUDA_VISIBLE_DEVICES" in model.env:
+        _fail(f"{path}.env", dict(model.env), sources, "without CUDA_VISIBLE_DEVICES when gpus "
+              "is set: gpus sets it for a process model")
 
 
 def _build_models(raw: Any, engines: Mapping[str, EngineSettings],
@@ -557,6 +570,7 @@ def config_from_mapping(data: dict[str, Any], *, source: str = "<mapping>",
                 for name, cls in SECTIONS.items()}
     _check_bind(sections["gateway"].bind, sources)
     _check_trusted_proxies(sections["gateway"].trusted_proxies, sources)
+    _check_instance(sections["gateway"].instance, sources)
     _check_token("admin.token", sections["admin"].token, sources)
     client_keys = _client_keys(sections["auth"], sources)
     engines = _build_engines(data.get("engines", {}), sources)
