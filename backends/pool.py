@@ -293,10 +293,7 @@ class BackendPool:
             self._down(backend, problem)
         else:
             self._become_ready(backend, start)
-        reason = await self._until_down(backend)
-        backend.failure = reason
-        log.error("model down", model=backend.name, reason=reason,
-                  output=await self._output_tail(backend))
+        backend.failure = await self._until_down(backend)
         return None
 
     async def _output_tail(self, backend: Backend) -> str:
@@ -309,18 +306,23 @@ class BackendPool:
         return "(no output: the launcher did not give it in time)"
 
     async def _until_down(self, backend: Backend) -> str:
-        """Wait until the server dies or fails its health checks; why it is down."""
+        """Wait until the server dies or fails its health checks; why it is out of service."""
         reason = ""
         async with anyio.create_task_group() as watch:
-            async def died() -> None:
+            async def out_of_service(event: str, why: str) -> None:
                 nonlocal reason
-                reason = f"died: {await backend.launcher.wait_exit()}"
-                watch.cancel_scope.cancel()
+                if not reason:  # the first one to see it says why
+                    reason = why
+                    log.error(event, model=backend.name, reason=why,
+                              output=await self._output_tail(backend))
+                    watch.cancel_scope.cancel()
+
+            async def died() -> None:
+                await out_of_service("model died", f"died: {await backend.launcher.wait_exit()}")
 
             async def unhealthy() -> None:
-                nonlocal reason
-                reason = f"unhealthy: {await self._watch_health(backend)}"
-                watch.cancel_scope.cancel()
+                problem = await self._watch_health(backend)
+                await out_of_service("model unhealthy", f"unhealthy: {problem}")
 
             watch.start_soon(died)
             watch.start_soon(unhealthy)
