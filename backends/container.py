@@ -8,16 +8,25 @@ event stream at once, not at the next request. The GPU request takes the shape t
 understands: Docker wants ``DeviceRequests`` with the nvidia driver; Podman honours CDI device
 requests from 5.4 on and ignores GPU requests before that (containers/podman#22645), so a GPU
 model on an older Podman is refused with that reason rather than started without its GPUs.
+
+Every API call is bounded by the engine's ``api_timeout`` (a stop by ``stop_timeout`` on top),
+and its failure is the model's ``LaunchError``. The event stream is followed again, with a
+growing delay, after the engine goes away or restarts; once it is back, the containers watched
+are looked up, so one that died meanwhile is noticed and one that still runs is kept.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import aiodocker
+import aiohttp
 import anyio
 import sniffio
 import structlog
@@ -25,7 +34,7 @@ from anyio.abc import TaskGroup
 
 from proxy.config import Config, EngineSettings, ModelSettings, parse_size
 
-from .launcher import LaunchError
+from .launcher import LaunchError, Supervisor
 
 log = structlog.get_logger("gateway.container")
 
@@ -34,6 +43,10 @@ LABEL_MODEL = "vllm-gateway.model"
 LOG_TAIL = 40
 PODMAN_CDI_SINCE = (5, 4)
 RECONNECT_DELAY = 1.0
+RECONNECT_DELAY_MAX = 30.0
+# What the engine lists a container as once it no longer runs (and will not by itself).
+ENDED = frozenset({"exited", "dead", "stopped"})
+T = TypeVar("T")
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -83,9 +96,31 @@ def create_request(model: ModelSettings, *, kind: str, version: tuple[int, ...],
     }
 
 
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 def container_name(instance: str, model: str) -> str:
-    safe = "".join(c if c.isalnum() or c in "_.-" else "-" for c in model)
+    """The model's name where a container name allows it; a model name that had to be changed
+    gets a digest of itself, so that ``org/m`` and ``org-m`` are two containers."""
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in "_.-") else "-" for c in model)
+    if safe != model:
+        safe += "-" + _digest(model)
     return f"vllm-gateway-{instance}-{safe}"
+
+
+def instance_name(config: Config) -> str:
+    """``gateway.instance``, or one made from the host and the configuration (its source and
+    address), so that two gateways on one engine never take each other's containers, and a
+    restarted one finds its own."""
+    if config.gateway.instance is not None:
+        return config.gateway.instance
+    host = "".join(c if c.isascii() and (c.isalnum() or c in "_.-") else "-"
+                   for c in socket.gethostname()).strip("-._") or "host"
+    instance = f"{host}-{_digest(f'{config.source} {config.gateway.bind}')}"
+    log.info("gateway instance derived from the host and the configuration; set "
+             "gateway.instance to choose it", instance=instance)
+    return instance
 
 
 class Engine:
@@ -107,14 +142,37 @@ class Engine:
         assert self.docker is not None, "the engine is not connected"
         return self.docker
 
+    @contextlib.contextmanager
+    def bounded(self, what: str, limit: float) -> Iterator[None]:
+        try:
+            with anyio.fail_after(limit):
+                yield
+        except TimeoutError:
+            raise LaunchError(f"engine {self.settings.name!r} did not answer ({what}) within "
+                              f"{limit:g} s") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise LaunchError(f"engine {self.settings.name!r} failed ({what}): "
+                              f"{type(exc).__name__}") from None
+        except aiodocker.DockerError as exc:
+            if exc.status != 900:  # the caller's to judge (404, 409, ...)
+                raise
+            raise LaunchError(f"engine {self.settings.name!r} cannot be reached ({what})") \
+                from None
+
+    async def call(self, what: str, request: Awaitable[T], *, extra: float = 0.0) -> T:
+        """An API call, bounded by ``api_timeout`` (plus ``extra``); a timeout or a lost
+        connection as a LaunchError that names the engine (never its address)."""
+        with self.bounded(what, self.settings.api_timeout + extra):
+            return await request
+
     def label_filter(self) -> dict[str, list[str]]:
         return {"label": [f"{LABEL_INSTANCE}={self.instance}"]}
 
     async def connect(self) -> None:
         self.docker = aiodocker.Docker(url=self.settings.url)
         try:
-            info = await self.api.version()
-        except (aiodocker.DockerError, OSError) as exc:
+            info = await self.call("version", self.api.version())
+        except (aiodocker.DockerError, LaunchError) as exc:
             await self.close()
             raise RuntimeError(f"engine {self.settings.name!r} at {self.settings.url} does not "
                                f"answer: {exc}") from None
@@ -133,7 +191,7 @@ class Engine:
 
     async def tidy(self, models: dict[str, ModelSettings]) -> None:
         """Adopt or remove the labelled containers an earlier run left, by policy."""
-        for container in await self.api.containers.list(all=True, filters=self.label_filter()):
+        for container in await self._labelled():
             data = container._container
             model = (data.get("Labels") or {}).get(LABEL_MODEL, "")
             running = data.get("State") == "running"
@@ -148,12 +206,18 @@ class Engine:
                          engine=self.settings.name, model=model, container=container.id[:12])
                 await self.remove(container.id)
 
+    async def _labelled(self) -> list[aiodocker.containers.DockerContainer]:
+        return await self.call("list containers", self.api.containers.list(
+            all=True, filters=self.label_filter()))
+
     async def remove(self, container_id: str) -> None:
         try:
-            await self.api.containers.container(container_id).delete(force=True)
+            await self.call("remove a container",
+                            self.api.containers.container(container_id).delete(force=True))
         except aiodocker.DockerError as exc:
             if exc.status != 404:
-                raise
+                raise LaunchError(f"the engine did not remove the container: {exc.message}") \
+                    from None
 
     def watch(self, container_id: str) -> anyio.Event:
         event = self._deaths[container_id] = anyio.Event()
@@ -167,26 +231,53 @@ class Engine:
         return self._exit_codes.get(container_id, "unknown")
 
     async def follow_events(self) -> None:
-        """Mark watched containers dead as the engine reports them; reconnects when the stream
-        ends, replaying from the last event seen so a death in between is not lost."""
+        """Mark watched containers dead as the engine reports them; follows the stream again
+        when it ends or fails (after a delay that doubles while the engine stays away),
+        replaying from the last event seen, and looks the watched containers up once it is
+        back, so a death in between is not lost even when the engine forgot its events."""
         since = time.time()
+        delay = RECONNECT_DELAY
         while True:
             events = aiodocker.Docker(url=self.settings.url)
+            error: BaseException | None = None
             try:
                 # No "event" filter: Podman 4.3 then sends nothing; _on_event keeps the deaths.
                 subscriber = events.events.subscribe(
                     since=str(int(since)), filters={**self.label_filter(), "type": ["container"]})
+                await self.reconcile()
+                delay = RECONNECT_DELAY
                 while (event := await subscriber.get()) is not None:
                     since = max(since, event.get("timeNano", 0) / 1e9 or time.time())
                     self._on_event(event)
-            except (aiodocker.DockerError, OSError) as exc:
-                log.warning("engine event stream failed", engine=self.settings.name,
-                            error=str(exc))
+            except Exception as exc:
+                error = exc
             finally:
                 with anyio.CancelScope(shield=True):
-                    await events.events.stop()
-                    await events.close()
-            await anyio.sleep(RECONNECT_DELAY)
+                    try:
+                        # Raises what ended the stream (its task's error) again.
+                        await events.events.stop()
+                    except Exception as exc:
+                        error = error or exc
+                    with contextlib.suppress(Exception):
+                        await events.close()
+            log.warning("engine event stream lost; following it again", retry_in_s=delay,
+                        engine=self.settings.name, error=repr(error) if error else "it ended")
+            await anyio.sleep(delay)
+            delay = min(2 * delay, RECONNECT_DELAY_MAX)
+
+    async def reconcile(self) -> None:
+        """A watched container that the engine lists as ended, or no longer lists, is dead."""
+        if not any(not death.is_set() for death in self._deaths.values()):
+            return
+        states = {c.id: c._container.get("State") for c in await self._labelled()}
+        for container_id, death in self._deaths.items():
+            state = states.get(container_id)
+            if not death.is_set() and (state is None or state in ENDED):
+                log.warning("container ended while the engine's events were lost",
+                            engine=self.settings.name, container=container_id[:12],
+                            state=state or "gone")
+                self._exit_codes[container_id] = "unknown (it ended while the events were lost)"
+                death.set()
 
     def _on_event(self, event: dict[str, Any]) -> None:
         if event.get("Action", event.get("status")) != "die":
@@ -203,11 +294,12 @@ class ContainerEngines:
     """The engines named in the configuration, connected for as long as the gateway runs."""
 
     def __init__(self, config: Config) -> None:
-        self.instance = config.gateway.instance
         self.models = {m.name: m for m in config.models if m.launcher == "container"}
         used = {m.engine for m in self.models.values()}
+        self.instance = instance_name(config) if used else ""
         self.engines = {name: Engine(settings, self.instance)
                         for name, settings in config.engines.items() if name in used}
+        self.supervisor = Supervisor()
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[ContainerEngines]:
@@ -222,8 +314,9 @@ class ContainerEngines:
                 await engine.connect()
                 await engine.tidy(self.models)
             async with anyio.create_task_group() as tg:
-                for engine in self.engines.values():
-                    tg.start_soon(engine.follow_events)
+                for name, engine in self.engines.items():
+                    tg.start_soon(self.supervisor.run, f"the event stream of engine {name!r}",
+                                  engine.follow_events)
                 try:
                     yield self
                 finally:
@@ -270,7 +363,7 @@ class ContainerLauncher:
         image = self.model.image
         assert image is not None
         try:
-            await self.engine.api.images.inspect(image)
+            await self.engine.call("inspect the image", self.engine.api.images.inspect(image))
             return
         except aiodocker.DockerError as exc:
             if exc.status != 404:
@@ -281,10 +374,12 @@ class ContainerLauncher:
                               f"{self.engine.settings.name!r} and pull = \"never\"")
         log.info("pulling image", model=self.model.name, image=image)
         try:
-            async for progress in self.engine.api.images.pull(image, stream=True):
-                if "status" in progress and "progressDetail" not in progress:
-                    log.info("pull progress", model=self.model.name, image=image,
-                             status=progress["status"], id=progress.get("id"))
+            # Bounded by the model's startup_timeout (the pool's): a pull takes what it takes.
+            with self.engine.bounded("pull the image", limit=float("inf")):
+                async for progress in self.engine.api.images.pull(image, stream=True):
+                    if "status" in progress and "progressDetail" not in progress:
+                        log.info("pull progress", model=self.model.name, image=image,
+                                 status=progress["status"], id=progress.get("id"))
         except aiodocker.DockerError as exc:
             raise LaunchError(f"pulling image {image} failed: {exc.message}") from None
 
@@ -296,21 +391,27 @@ class ContainerLauncher:
         name = container_name(engine.instance, self.model.name)
         await engine.remove(name)
         try:
-            container = await engine.api.containers.create(request, name=name)
+            container = await engine.call("create the container",
+                                          engine.api.containers.create(request, name=name))
         except aiodocker.DockerError as exc:
             raise LaunchError(f"the engine refused to create the container: {exc.message}") \
                 from None
         self._id = container.id
         self._death = engine.watch(container.id)
         try:
-            await container.start()
+            await engine.call("start the container", container.start())
         except aiodocker.DockerError as exc:
             raise LaunchError(f"the container did not start: {exc.message}") from None
         log.info("container started", model=self.model.name, container=container.id[:12])
         return container.id
 
     async def _published_port(self, container_id: str) -> str:
-        info = await self.engine.api.containers.container(container_id).show()
+        try:
+            info = await self.engine.call(
+                "inspect the container", self.engine.api.containers.container(container_id).show())
+        except aiodocker.DockerError as exc:
+            raise LaunchError(f"the engine cannot inspect the container: {exc.message}") \
+                from None
         bindings = (info.get("NetworkSettings", {}).get("Ports") or {}).get(
             f"{self.model.container_port}/tcp") or []
         for binding in bindings:
@@ -330,10 +431,12 @@ class ContainerLauncher:
         if self._id is None:
             return ""
         try:
-            lines = await self.engine.api.containers.container(self._id).log(
-                stdout=True, stderr=True, tail=LOG_TAIL)
+            lines = await self.engine.call("read the logs", self.engine.api.containers.container(
+                self._id).log(stdout=True, stderr=True, tail=LOG_TAIL))
         except aiodocker.DockerError as exc:
             return f"(no logs: {exc.message})"
+        except LaunchError as exc:
+            return f"(no logs: {exc})"
         return "".join(lines)
 
     async def stop(self) -> None:
@@ -348,11 +451,16 @@ class ContainerLauncher:
                          container=container_id[:12])
                 return
             container = self.engine.api.containers.container(container_id)
+            stop_timeout = self.engine.settings.stop_timeout
             try:
-                await container.stop(t=int(self.engine.settings.stop_timeout))
+                await self.engine.call("stop the container",
+                                       container.stop(t=int(stop_timeout)), extra=stop_timeout)
             except aiodocker.DockerError as exc:
                 if exc.status not in (304, 404):
                     log.warning("container stop failed; removing it by force",
                                 model=self.model.name, error=exc.message)
+            except LaunchError as exc:
+                log.warning("container stop failed; removing it by force",
+                            model=self.model.name, error=str(exc))
             await self.engine.remove(container_id)
             log.info("container removed", model=self.model.name, container=container_id[:12])

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+import structlog
 from anyio.abc import TaskGroup
+
+log = structlog.get_logger("gateway.pool")
 
 
 class LaunchError(Exception):
@@ -35,6 +39,25 @@ class Launcher(Protocol):
 
     def has_running(self) -> bool:
         """Whether a server of this model, left by an earlier run, is there to be adopted."""
+
+
+class Supervisor:
+    """Runs the loops that must last as long as the gateway (the reaper, an engine's event
+    stream) and remembers why one ended: ``/health`` then answers 503, so that the orchestrator
+    restarts a gateway that no longer does its work, rather than the loop's error taking down
+    everything else."""
+
+    def __init__(self) -> None:
+        self.problem: str | None = None
+
+    async def run(self, what: str, loop: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await loop()
+            why = "ended"
+        except Exception as exc:
+            log.exception("background task failed", task=what)
+            why = f"failed: {exc!r}"
+        self.problem = self.problem or f"{what} {why}"
 
 
 def free_port(host: str = "127.0.0.1") -> int:

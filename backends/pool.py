@@ -1,15 +1,23 @@
 """The backend pool: each model's lifecycle, placement on the GPUs, and leases.
 
 States: ``stopped -> starting -> ready -> draining -> stopping -> stopped``, and ``failed``
-(with a backoff) when a start fails. Each run of a model is one task in the pool's task group,
-from the start to the stop, so whatever ends it (idle, eviction, death, shutdown) goes through
-the same ``finally`` that stops the launcher.
+(with a backoff) when a start or a stop fails. Each run of a model is one task in the pool's
+task group, from the start to the stop, so whatever ends it (idle, eviction, death, a failed
+health check, shutdown) goes through the same ``finally`` that stops the launcher. Whatever a
+launcher, an engine or NVML raises in that task is the model's failure, never the pool's: the
+model goes ``failed`` with the reason, its bookkeeping completes, the other models serve on.
+
+- Health: a ready server is checked every ``health_interval``; after ``health_failures`` failed
+  checks in a row it is stopped (and started again by the next request). A static server has
+  nothing to restart: it is checked from the pool's start on, and while it is down it is
+  ``failed`` and its requests get 503 at once, until a check passes again.
 
 - ``lease(name)`` starts a stopped model (concurrent callers share one start), waits for it to
   be healthy and counts the lease until the block exits; nothing stops a model with leases, nor
   one that requests wait for (a model that just became ready is theirs before it is idle).
-- Starts are serialised: vLLM sizes its cache from the free memory it sees, and the memory a
-  start took is measured as the devices' used memory before and after it.
+- Starts on one GPU are serialised: vLLM sizes its cache from the free memory it sees, and the
+  memory a start took is measured as the devices' used memory before and after it. Starts on
+  other devices (or none) go on meanwhile, so one slow or hung start holds up only its GPUs.
 - Placement: before a start, if ``max_models_concurrent`` models are loaded or a device lacks
   the model's VRAM, the least recently used idle models are stopped (those on a short device
   first); if none is idle, the start waits for one (bounded by ``placement_timeout``), then
@@ -22,7 +30,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
 import anyio
@@ -34,7 +42,8 @@ from proxy.config import Config, ModelSettings
 from proxy.errors import GatewayError, unavailable
 
 from .gpu import ConfiguredMemory, GpuMemory
-from .launcher import Launcher, LaunchError
+from .launcher import Launcher, LaunchError, Supervisor
+from .static import StaticLauncher
 
 log = structlog.get_logger("gateway.pool")
 
@@ -42,6 +51,7 @@ HEALTH_INTERVAL = 0.05
 HEALTH_TIMEOUT = 2.0
 MEMORY_POLL = 0.25
 REAP_INTERVAL_MAX = 1.0
+REFUSED = "it refuses connections"
 
 
 class ModelState(enum.Enum):
@@ -54,6 +64,10 @@ class ModelState(enum.Enum):
 
 
 LOADED = (ModelState.READY, ModelState.DRAINING, ModelState.STOPPING)
+# The error codes of a model that is ``failed``: its start, its server or its stop went wrong.
+START_FAILED = "model_start_failed"
+UNAVAILABLE = "backend_unavailable"
+FAILED = (START_FAILED, UNAVAILABLE)
 
 
 @dataclass(eq=False)
@@ -76,6 +90,7 @@ class Backend:
     last_used: float = 0.0
     placed: bool = False
     failure: str | None = None
+    failure_code: str = START_FAILED
     retry_at: float = 0.0
     measured_vram_mb: int | None = None
     starts: int = 0
@@ -91,6 +106,11 @@ class Backend:
     @property
     def address(self) -> str | None:
         return self.launcher.address
+
+    @property
+    def static(self) -> bool:
+        """A server someone else runs: watched, never started or stopped."""
+        return isinstance(self.launcher, StaticLauncher)
 
     @property
     def vram_mb(self) -> int:
@@ -124,21 +144,26 @@ class BackendPool:
                                  *(m.idle_timeout / 10 for m in config.models))
         self._changed: anyio.Event | None = None
         self._start_lock: anyio.Lock | None = None
+        self._device_locks: dict[int, anyio.Lock] = {}
         self._tg: TaskGroup | None = None
         self._health: httpx2.AsyncClient | None = None
+        self.supervisor = Supervisor()
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[BackendPool]:
         """Run the pool: the reaper and every model's lifecycle live inside this block."""
         self._changed = anyio.Event()
         self._start_lock = anyio.Lock()
+        self._device_locks = {g: anyio.Lock() for m in self.config.models for g in m.gpus}
         async with httpx2.AsyncClient(timeout=HEALTH_TIMEOUT, trust_env=False) as health:
             self._health = health
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                tg.start_soon(self._reap)
+                tg.start_soon(self.supervisor.run, "the idle reaper", self._reap)
                 for backend in self.backends.values():
-                    if backend.launcher.has_running():
+                    # A static server is watched from the start, so that a request for one
+                    # that is down is refused at once.
+                    if backend.launcher.has_running() or backend.static:
                         self._launch(backend)
                 try:
                     yield self
@@ -147,6 +172,12 @@ class BackendPool:
                         self.request_stop(backend, "gateway stopping")
                     tg.cancel_scope.cancel()
             self._tg = None
+
+    def problem(self) -> str | None:
+        """Why the pool no longer does its work (``/health`` says so), or None."""
+        if self._tg is None:
+            return "the backend pool is not running"
+        return self.supervisor.problem
 
     def _notify(self) -> None:
         assert self._changed is not None
@@ -176,11 +207,11 @@ class BackendPool:
 
     async def _until_ready(self, backend: Backend) -> None:
         while backend.state is not ModelState.READY:
-            if backend.state is ModelState.FAILED and anyio.current_time() < backend.retry_at:
-                raise unavailable(
-                    f"The model '{backend.name}' failed to start: {backend.failure}",
-                    code="model_start_failed",
-                    retry_after=backend.retry_at - anyio.current_time())
+            # Failed: refused within the backoff; a static server that is down (its watch still
+            # runs) until a check passes.
+            if backend.state is ModelState.FAILED and (
+                    backend.scope is not None or anyio.current_time() < backend.retry_at):
+                raise self._refusal(backend)
             if backend.state in (ModelState.STOPPED, ModelState.FAILED):
                 self._launch(backend)
             start = backend.start
@@ -191,6 +222,13 @@ class BackendPool:
             else:
                 assert self._changed is not None
                 await self._changed.wait()
+
+    def _refusal(self, backend: Backend) -> GatewayError:
+        what = "failed to start" if backend.failure_code == START_FAILED else "is unavailable"
+        wait = backend.retry_at - anyio.current_time()
+        return unavailable(f"The model '{backend.name}' {what}: {backend.failure}",
+                           code=backend.failure_code,
+                           retry_after=wait if wait > 0 else backend.settings.health_interval)
 
     def _launch(self, backend: Backend) -> None:
         assert self._tg is not None, "the pool is not running"
@@ -215,31 +253,143 @@ class BackendPool:
                     outcome = await self._run(backend, start, helpers, launched_by)
                     # The helpers (an output reader) end with the server, which is stopped below.
                     helpers.cancel_scope.cancel()
+        except Exception as exc:  # a launcher's helper, or the watch, raised: the model's failure
+            log.exception("model failed", model=backend.name)
+            outcome = self._failure(backend, UNAVAILABLE, exc)
         finally:
+            # No lease from here on: the launcher forgets the address as it stops.
+            backend.state = ModelState.STOPPING
             with anyio.CancelScope(shield=True):
-                await backend.launcher.stop()
-                self._after_stop(backend, start, outcome)
+                try:
+                    await backend.launcher.stop()
+                except Exception as exc:
+                    log.exception("model stop failed", model=backend.name)
+                    failed = self._failure(backend, UNAVAILABLE, exc, "its stop failed: ")
+                    outcome = outcome if outcome is not None and outcome.code in FAILED else failed
+                finally:
+                    self._after_stop(backend, start, outcome)
+
+    def _failure(self, backend: Backend, code: str, exc: Exception,
+                 what: str = "") -> GatewayError:
+        """Record why the model failed; the error its requests get. A LaunchError's message is
+        written for the client; anything else is named only by its type (the log has it)."""
+        told = str(exc) if isinstance(exc, LaunchError) else (
+            f"an unexpected {type(exc).__name__} (see the gateway's log)")
+        backend.failure = what + (str(exc) or type(exc).__name__)
+        backend.failure_code = code
+        verb = "failed to start" if code == START_FAILED else "is unavailable"
+        return unavailable(f"The model '{backend.name}' {verb}: {what}{told}", code=code,
+                           retry_after=backend.settings.failure_backoff)
 
     async def _run(self, backend: Backend, start: _Start, helpers: TaskGroup,
                    launched_by: str | None) -> GatewayError | None:
-        """Start the model and serve until it dies; return why the start failed, if it did."""
+        """Start the model and serve until it dies or fails its health checks; return why the
+        start failed, if it did."""
         try:
-            await self._start(backend, helpers, launched_by)
-        except LaunchError as exc:
-            backend.failure = str(exc)
-            log.error("model failed to start", model=backend.name, reason=str(exc),
-                      output=await backend.launcher.output_tail())
-            return unavailable(f"The model '{backend.name}' failed to start: {exc}",
-                               code="model_start_failed",
-                               retry_after=backend.settings.failure_backoff)
+            problem = await self._start(backend, helpers, launched_by)
         except GatewayError as exc:
             return exc
-        self._become_ready(backend, start)
-        reason = await backend.launcher.wait_exit()
-        backend.failure = f"died: {reason}"
-        log.error("model died", model=backend.name, reason=reason,
-                  output=await backend.launcher.output_tail())
+        except Exception as exc:
+            if not isinstance(exc, LaunchError):
+                log.exception("model start raised", model=backend.name)
+            error = self._failure(backend, START_FAILED, exc)
+            log.error("model failed to start", model=backend.name, reason=backend.failure,
+                      output=await self._output_tail(backend))
+            return error
+        if problem is not None:
+            self._down(backend, problem)
+        else:
+            self._become_ready(backend, start)
+        backend.failure = await self._until_down(backend)
         return None
+
+    async def _output_tail(self, backend: Backend) -> str:
+        """The server's last lines for the log; never fails, never hangs the stop."""
+        with anyio.move_on_after(HEALTH_TIMEOUT):
+            try:
+                return await backend.launcher.output_tail()
+            except Exception as exc:
+                return f"(no output: {exc!r})"
+        return "(no output: the launcher did not give it in time)"
+
+    async def _until_down(self, backend: Backend) -> str:
+        """Wait until the server dies or fails its health checks; why it is out of service."""
+        reason = ""
+        async with anyio.create_task_group() as watch:
+            async def out_of_service(event: str, why: str) -> None:
+                nonlocal reason
+                if not reason:  # the first one to see it says why
+                    reason = why
+                    log.error(event, model=backend.name, reason=why,
+                              output=await self._output_tail(backend))
+                    watch.cancel_scope.cancel()
+
+            async def died() -> None:
+                await out_of_service("model died", f"died: {await backend.launcher.wait_exit()}")
+
+            async def unhealthy() -> None:
+                problem = await self._watch_health(backend)
+                await out_of_service("model unhealthy", f"unhealthy: {problem}")
+
+            watch.start_soon(died)
+            watch.start_soon(unhealthy)
+        return reason
+
+    async def _watch_health(self, backend: Backend) -> str:
+        """Check the server every ``health_interval``; return the last problem once
+        ``health_failures`` checks in a row failed. A static server is not ended: it is marked
+        down, and up again when a check passes."""
+        settings = backend.settings
+        failed = 0
+        while True:
+            await anyio.sleep(settings.health_interval)
+            problem = await self._check(backend)
+            if problem is None:
+                failed = 0
+                if backend.state is ModelState.FAILED:
+                    self._up_again(backend)
+                continue
+            failed += 1
+            if failed < settings.health_failures:
+                continue
+            if not backend.static:
+                return problem
+            if backend.state is ModelState.READY:
+                self._down(backend, problem)
+
+    async def _check(self, backend: Backend) -> str | None:
+        """One health check of the running server: None if it passed, else what was wrong
+        (no address: that is for the log and the admin, the client gets the model's name)."""
+        assert self._health is not None and backend.address is not None
+        try:
+            response = await self._health.get(backend.address + backend.settings.health_path)
+        except httpx2.TimeoutException:
+            return f"no answer to its health check within {HEALTH_TIMEOUT:g} s"
+        except httpx2.ConnectError:
+            return REFUSED
+        except httpx2.TransportError as exc:
+            return f"its health check failed ({type(exc).__name__})"
+        if response.status_code != 200:
+            return f"its health check answered {response.status_code}"
+        return None
+
+    def _down(self, backend: Backend, problem: str) -> None:
+        """A static server found down: its requests are refused at once until it is up."""
+        backend.state = ModelState.FAILED
+        backend.failure = f"down: {problem}"
+        backend.failure_code = UNAVAILABLE
+        backend.retry_at = 0.0
+        start = backend.start
+        if start is not None and not start.done.is_set():
+            start.error = self._refusal(backend)
+            start.done.set()
+        log.warning("model down", model=backend.name, reason=problem)
+        self._notify()
+
+    def _up_again(self, backend: Backend) -> None:
+        log.info("model up again", model=backend.name)
+        assert backend.start is not None
+        self._become_ready(backend, backend.start)
 
     def _become_ready(self, backend: Backend, start: _Start) -> None:
         backend.state = ModelState.READY
@@ -254,7 +404,7 @@ class BackendPool:
     def _after_stop(self, backend: Backend, start: _Start, outcome: GatewayError | None) -> None:
         backend.scope = None
         backend.placed = False
-        if outcome is not None and outcome.code == "model_start_failed":
+        if outcome is not None and outcome.code in FAILED:
             backend.state = ModelState.FAILED
             backend.retry_at = anyio.current_time() + backend.settings.failure_backoff
         else:
@@ -269,16 +419,21 @@ class BackendPool:
         self._notify()
 
     async def _start(self, backend: Backend, helpers: TaskGroup,
-                     launched_by: str | None) -> None:
+                     launched_by: str | None) -> str | None:
+        """Make room, start the server, wait for its health; a static server that nothing
+        listens at is not waited for: why it is down."""
         assert self._start_lock is not None
         deadline: float | None = None
         while True:
-            async with self._start_lock:
-                assert self._changed is not None
-                changed = self._changed
-                if await self._make_room(backend):
-                    await self._start_placed(backend, helpers, launched_by)
-                    return
+            async with AsyncExitStack() as devices:
+                for g in sorted(backend.settings.gpus):
+                    await devices.enter_async_context(self._device_locks[g])
+                async with self._start_lock:
+                    assert self._changed is not None
+                    changed = self._changed
+                    placed = await self._make_room(backend)
+                if placed:
+                    return await self._start_placed(backend, helpers, launched_by)
             # No room yet: wait without the lock, so that models that fit can start meanwhile.
             now = anyio.current_time()
             if deadline is None:
@@ -291,7 +446,7 @@ class BackendPool:
                 await changed.wait()
 
     async def _start_placed(self, backend: Backend, helpers: TaskGroup,
-                            launched_by: str | None) -> None:
+                            launched_by: str | None) -> str | None:
         before = self._used(backend)
         log.info("model starting", model=backend.name, launcher=backend.settings.launcher,
                  launched_by=launched_by)
@@ -299,24 +454,22 @@ class BackendPool:
         began = anyio.current_time()
         try:
             with anyio.fail_after(timeout):
-                address = await backend.launcher.start(helpers)
-                await self._wait_healthy(backend, address)
+                await backend.launcher.start(helpers)
+                down = await self._wait_healthy(backend)
         except TimeoutError:
             raise LaunchError(f"not healthy within {timeout:g} s") from None
         self._measure(backend, before)
-        if self.on_ready is not None:
+        if self.on_ready is not None and down is None:
             self.on_ready(backend.name, anyio.current_time() - began)
+        return down
 
-    async def _wait_healthy(self, backend: Backend, address: str) -> None:
-        assert self._health is not None
-        url = address + backend.settings.health_path
+    async def _wait_healthy(self, backend: Backend) -> str | None:
+        """Until the server passes a check; a static one that refuses connections (nothing
+        listens there) is not waited for: that is returned."""
         while backend.launcher.is_alive():
-            try:
-                response = await self._health.get(url)
-                if response.status_code == 200:
-                    return
-            except httpx2.TransportError:
-                pass
+            problem = await self._check(backend)
+            if problem is None or (backend.static and problem == REFUSED):
+                return problem
             await anyio.sleep(HEALTH_INTERVAL)
         raise LaunchError(f"{await backend.launcher.wait_exit()} during start-up")
 
@@ -396,6 +549,9 @@ class BackendPool:
     async def unload(self, name: str) -> None:
         """Drain a model (no new leases, in-flight ones finish), then stop it."""
         backend = self.backends[name]
+        while backend.state is ModelState.DRAINING:  # another unload drains it: wait for that one
+            assert self._changed is not None
+            await self._changed.wait()
         if backend.state is ModelState.READY:
             backend.state = ModelState.DRAINING
             self._notify()

@@ -4,7 +4,14 @@
 ``{name}`` the model's name. The output is kept (last lines) for the log when a start fails.
 The server runs in a session of its own (vLLM's workers are its children): stopping sends
 SIGTERM to that process group, waits ``stop_timeout`` for the server, then kills what is left
-of the group, and always reaps the server.
+of the group, reaps the server, and waits until no process of the group is left, so the memory
+measured afterwards is free.
+
+The server never outlives the gateway: on Linux it runs under a leash (``backends/leash.py``)
+that ends its process group when the gateway dies, even by ``kill -9`` or the OOM killer. Its
+environment is the gateway's without any
+``GATEWAY_*`` variable (the admin token, the client keys), plus the model's ``env``; a model's
+``gpus`` become ``CUDA_VISIBLE_DEVICES``, in the PCI order that NVML's indexes follow.
 """
 
 from __future__ import annotations
@@ -12,14 +19,17 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
+from pathlib import Path
 
 import anyio
 from anyio.abc import Process, TaskGroup
 
-from proxy.config import ModelSettings
+from proxy.config import ENV_PREFIX, ModelSettings
 
 from .launcher import LaunchError, free_port
 
@@ -27,6 +37,26 @@ TAIL_LINES = 40
 STOP_TIMEOUT = 10.0
 # Seconds to read the rest of the output after the exit (a child may keep it open longer).
 OUTPUT_GRACE = 1.0
+GROUP_POLL = 0.02
+LEASH = str(Path(__file__).with_name("leash.py"))
+_lifeline: int | None = None
+
+
+def lifeline() -> int:
+    """The read end of a pipe whose write end the gateway holds until it dies."""
+    global _lifeline
+    if _lifeline is None:
+        _lifeline, _ = os.pipe()  # the write end is never closed, and never inherited
+    return _lifeline
+
+
+def server_env(model: ModelSettings, environ: Mapping[str, str]) -> dict[str, str]:
+    """What the model's server sees: none of the gateway's own settings and secrets."""
+    env = {k: v for k, v in environ.items() if not k.startswith(ENV_PREFIX)}
+    if model.gpus:
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, model.gpus))
+    return {**env, **model.env}
 
 
 class ProcessLauncher:
@@ -47,12 +77,23 @@ class ProcessLauncher:
         command = self.command(port)
         self._tail.clear()
         self._exited = anyio.Event()
+        env = server_env(self.model, os.environ)
+        pass_fds: tuple[int, ...] = ()
+        if sys.platform == "linux":
+            # The leash starts the command: what cannot be run must be found out here.
+            if shutil.which(command[0], path=env.get("PATH")) is None:
+                raise LaunchError(f"cannot run {command[0]!r}: No such file or directory, or "
+                                  "not executable")
+            pass_fds = (lifeline(),)
+            command = [sys.executable, "-I", "-S", LEASH, str(pass_fds[0]), *command]
         try:
             process = await anyio.open_process(
                 command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                env={**os.environ, **self.model.env}, start_new_session=True)
+                env=env, start_new_session=True, pass_fds=pass_fds)
         except OSError as exc:
             raise LaunchError(f"cannot run {command[0]!r}: {exc.strerror or exc}") from None
+        except ValueError as exc:  # a NUL in an argument or in the environment
+            raise LaunchError(f"cannot run {command[0]!r}: {exc}") from None
         self._process = process
         task_group.start_soon(self._watch, process)
         self.address = f"http://127.0.0.1:{port}"
@@ -109,12 +150,30 @@ class ProcessLauncher:
             _signal_group(process, signal.SIGKILL)
             await process.wait()
             await process.aclose()
+            with anyio.move_on_after(self.stop_timeout):
+                while True:
+                    if not _group_runs(process.pid):
+                        break
+                    await anyio.sleep(GROUP_POLL)
 
     def has_running(self) -> bool:
         return False
 
     async def output_tail(self) -> str:
         return "\n".join(self._tail)
+
+
+def _group_runs(pgid: int) -> bool:
+    """Whether a process of the group is left that is not a zombie (a zombie holds no memory,
+    and where the reaper of orphans is no init it may never be reaped)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def _signal_group(process: Process, signum: int) -> None:

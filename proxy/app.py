@@ -32,7 +32,7 @@ from backends.container import ContainerEngines
 from backends.gpu import GpuMemory, probe_gpus
 from backends.launcher import Launcher
 from backends.pool import BackendPool, LauncherFactory
-from backends.process import ProcessLauncher
+from backends.process import STOP_TIMEOUT, ProcessLauncher
 from backends.static import StaticLauncher
 from middleware.admission import Admission
 from middleware.auth import ClientKeys
@@ -64,6 +64,16 @@ FORWARDED = frozenset({
 # Seconds the requests ended after the grace get to send their last words (an SSE error event
 # to a client that reads slowly) before the server closes what is left.
 END_TIMEOUT = 2.0
+# Seconds on top of the slowest stop that the server gives the shutdown of the lifespan.
+STOP_MARGIN = 10.0
+
+
+def shutdown_allowance(config: Config) -> float:
+    """Seconds the models' stops may take at the shutdown (they run side by side): a process
+    waits for its server, then for its group; a container is stopped, then removed."""
+    stops = [2 * STOP_TIMEOUT]
+    stops += [e.stop_timeout + 2 * e.api_timeout for e in config.engines.values()]
+    return max(stops) + STOP_MARGIN
 
 
 def launchers_for(engines: ContainerEngines) -> LauncherFactory:
@@ -93,6 +103,8 @@ class Gateway:
         self.metrics.watch_pool(self.pool)
         self.upstream = Upstream(config)
         self.running_now = False
+        self._told: str | None = None
+        self._ended: str | None = None
         passthrough = StreamingPassthrough(pool=self.pool, upstream=self.upstream)
         retry = RetryConnectFailures(passthrough, config=config, metrics=self.metrics)
         self.semaphores = ModelConcurrencyLimit(retry, config=config, metrics=self.metrics)
@@ -109,6 +121,20 @@ class Gateway:
         self._anthropic_clients = anthropic.AnthropicErrors(self._clients)
         self.admin = AdminApi(self)
         self._app = RequestContext(self._route, metrics=self.metrics, events=self.events)
+
+    def problem(self) -> str | None:
+        """Why a gateway that started no longer does its work (the pool, its reaper or an
+        engine's event stream is gone), or None; logged once."""
+        if self._ended is not None:
+            problem: str | None = self._ended
+        elif not self.running_now:
+            return None
+        else:
+            problem = self.pool.problem() or self.engines.supervisor.problem
+        if problem is not None and problem != self._told:
+            log.error("the gateway no longer works; /health answers 503", reason=problem)
+            self._told = problem
+        return problem
 
     def _started(self, model: str, seconds: float) -> None:
         self.metrics.start_duration(model).observe(seconds)
@@ -149,15 +175,20 @@ class Gateway:
         if self.gpu is None:
             self.gpu = self.pool.gpu = probe_gpus(self.config.gateway.gpu_memory_mb)
         feedback = self.feedback.running() if self.feedback else nullcontext()
-        async with (self.engines.running(), self.pool.running(), self.upstream.running(),
-                    feedback):
-            self.running_now = True
-            try:
-                yield self
-            finally:
-                self.running_now = False
-                self.events.close()
-                self.engines.begin_shutdown()
+        try:
+            async with (self.engines.running(), self.pool.running(), self.upstream.running(),
+                        feedback):
+                self.running_now = True
+                try:
+                    yield self
+                finally:
+                    self.running_now = False
+                    self.events.close()
+                    self.engines.begin_shutdown()
+        except Exception as exc:
+            # The server may go on answering (hypercorn only logs a failed lifespan): say so.
+            self._ended = f"the gateway's background work ended: {exc!r}"
+            raise
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

@@ -24,7 +24,7 @@ import anyio
 import structlog
 from hypercorn.config import Config as HypercornConfig
 
-from .app import build_app
+from .app import build_app, shutdown_allowance
 from .config import Config, ConfigError, effective, load_config
 from .forwarded import behind_proxies
 from .logs import SERVER_LOGGER, configure_logging, log_configuration
@@ -105,6 +105,8 @@ def _hypercorn_config(config: Config) -> HypercornConfig:
     _listen(config.gateway.bind, hc)
     # The gateway winds down by itself first (``_serve``): what is left is closed quickly.
     hc.graceful_timeout = CLOSE_TIMEOUT
+    # The lifespan's shutdown stops the models: never cut short (hypercorn's default is 60 s).
+    hc.shutdown_timeout = max(hc.shutdown_timeout, shutdown_allowance(config))
     hc.backlog = config.gateway.backlog
     hc.keep_alive_timeout = config.gateway.keep_alive_timeout
     hc.accesslog = None

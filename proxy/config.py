@@ -81,7 +81,8 @@ class GatewaySettings:
     # comment every as many seconds; 0: no feedback, the status waits for the answer.
     stream_keepalive: float = _spec(2.0, lo=0.0, hi=HOUR)
     gpu_memory_mb: int | None = _spec(None, lo=1, hi=10_000_000)
-    instance: str = _spec("default")
+    # Names this gateway's containers (labels, names); None: made from the host and the config.
+    instance: str | None = _spec(None)
     log_format: str = _spec("auto", choices=("auto", "json", "console"))
     # Seconds an idle client connection stays open: above a proxy's own upstream keep-alive
     # (nginx: 60 s), so that the proxy, never the gateway, closes an idle connection; otherwise
@@ -113,6 +114,9 @@ class EngineSettings:
     on_start: str = _spec("adopt", choices=("adopt", "remove"))
     on_shutdown: str = _spec("stop", choices=("stop", "keep"))
     stop_timeout: float = _spec(10.0, lo=0.0, hi=HOUR)
+    # Seconds any other call to the engine's API may take (an image pull is bounded by the
+    # model's startup_timeout instead).
+    api_timeout: float = _spec(30.0, lo=0.001, hi=HOUR)
     # Where model containers publish their port, and the host the gateway reaches them at:
     # loopback for an engine on this host; for an engine on a GPU host, that host's address.
     publish_ip: str = _spec("127.0.0.1")
@@ -130,6 +134,10 @@ class ModelSettings:
         default_factory=lambda: types.MappingProxyType({}))
     url: str | None = _spec(None)
     health_path: str = _spec("/health")
+    # Seconds between the health checks of a running server, and the failed checks in a row
+    # that take it out of service.
+    health_interval: float = _spec(5.0, lo=0.01, hi=HOUR)
+    health_failures: int = _spec(2, lo=1, hi=1000)
     startup_timeout: float = _spec(600.0, lo=0.001, hi=DAY)
     idle_timeout: float = _spec(300.0, lo=0.001, hi=30 * DAY)
     failure_backoff: float = _spec(5.0, lo=0.0, hi=DAY)
@@ -386,6 +394,16 @@ def _check_bind(bind: str, sources: _Sources) -> None:
               "[IPv6] address, and a port from 1 to 65535")
 
 
+# A container name's characters (the instance is part of every container's name), kept short.
+_INSTANCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def _check_instance(instance: str | None, sources: _Sources) -> None:
+    if instance is not None and not _INSTANCE.fullmatch(instance):
+        _fail("gateway.instance", instance, sources, "up to 63 letters, digits and _ . - "
+              "starting with a letter or digit (it names containers)")
+
+
 def _check_trusted_proxies(proxies: tuple[str, ...], sources: _Sources) -> None:
     for i, proxy in enumerate(proxies):
         try:
@@ -492,6 +510,9 @@ def _check_model(model: ModelSettings, path: str, engines: Mapping[str, EngineSe
                   "a size like \"8g\", \"512m\" or a number of bytes")
     if any(g < 0 or g > 63 for g in model.gpus):
         _fail(f"{path}.gpus", list(model.gpus), sources, "GPU indexes from 0 to 63")
+    if model.launcher == "process" and model.gpus and "CUDA_VISIBLE_DEVICES" in model.env:
+        _fail(f"{path}.env", dict(model.env), sources, "without CUDA_VISIBLE_DEVICES when gpus "
+              "is set: gpus sets it for a process model")
 
 
 def _build_models(raw: Any, engines: Mapping[str, EngineSettings],
@@ -568,6 +589,7 @@ def config_from_mapping(data: dict[str, Any], *, source: str = "<mapping>",
                 for name, cls in SECTIONS.items()}
     _check_bind(sections["gateway"].bind, sources)
     _check_trusted_proxies(sections["gateway"].trusted_proxies, sources)
+    _check_instance(sections["gateway"].instance, sources)
     _check_token("admin.token", sections["admin"].token, sources)
     client_keys = _client_keys(sections["auth"], sources)
     engines = _build_engines(data.get("engines", {}), sources)

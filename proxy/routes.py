@@ -1,9 +1,12 @@
 """The gateway's own routes: liveness, readiness, metrics, the model list and one model.
 
-``/health`` says the process serves HTTP, nothing more (a liveness probe that failed while a
-model is down would restart the gateway for nothing). ``/ready`` says it should get traffic: it
+``/health`` says the process does its work: 200 while it serves HTTP and its pool, the pool's
+reaper and the engines' event streams run; 503 with the reason once one of them is gone, so a
+liveness probe restarts it (a model that is down is no reason: a restart would not help it).
+``/ready`` says it should get traffic: it
 runs, it is not draining, and every container engine it uses answers a ping, asked at most once
-a second however often the probes come.
+a second however often the probes come (one ping at a time: probes that come meanwhile share
+its answer).
 """
 
 from __future__ import annotations
@@ -71,17 +74,24 @@ class EnginePings:
         self.engines = engines
         self._pinged_at = -math.inf
         self._silent: list[str] = []
+        self._pinging: anyio.Lock | None = None
 
     async def silent(self) -> list[str]:
-        if anyio.current_time() - self._pinged_at >= PING_TTL:
-            self._silent = [name for name, engine in self.engines.engines.items()
-                            if not await _answers(engine)]
-            self._pinged_at = anyio.current_time()
+        if self._pinging is None:
+            self._pinging = anyio.Lock()
+        async with self._pinging:
+            if anyio.current_time() - self._pinged_at >= PING_TTL:
+                self._silent = [name for name, engine in self.engines.engines.items()
+                                if not await _answers(engine)]
+                self._pinged_at = anyio.current_time()
         return self._silent
 
 
 async def health(gateway: Gateway, send: Send) -> None:
-    await respond_json(send, 200, {"status": "ok"})
+    if problem := gateway.problem():
+        await respond_json(send, 503, {"status": "failing", "reason": problem})
+    else:
+        await respond_json(send, 200, {"status": "ok"})
 
 
 async def ready(gateway: Gateway, send: Send) -> None:

@@ -247,3 +247,16 @@ def test_trio_worker_refuses_container_models(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "trio worker cannot run container models (m)" in result.stderr
     assert "aiodocker" in result.stderr
+
+
+def test_the_server_gives_the_shutdown_the_time_the_slowest_stop_takes() -> None:
+    from proxy.cli import _hypercorn_config
+    from tests.support import make_config
+
+    model = {"name": "c", "launcher": "container", "engine": "slow", "image": "i"}
+    slow = make_config([model], engines={"slow": {"url": "unix:///x.sock", "stop_timeout": 300.0,
+                                                  "api_timeout": 20.0}})
+    # Hypercorn's own 60 s would cut the stop short and leave the container running.
+    assert _hypercorn_config(slow).shutdown_timeout >= 300 + 2 * 20
+    quick = make_config([{"name": "s", "launcher": "static", "url": "http://127.0.0.1:9"}])
+    assert _hypercorn_config(quick).shutdown_timeout == 60

@@ -545,3 +545,15 @@ def test_shm_size_takes_docker_notation() -> None:
     assert parse_size("8g") == 8 * 1024 ** 3
     assert parse_size("512M") == 512 * 1024 ** 2
     assert parse_size("4096") == 4096
+
+
+@pytest.mark.parametrize("instance", ["my gateway", "gw/1", "-gw", "é", "x" * 64])
+def test_an_instance_that_cannot_name_a_container_is_refused(instance: str) -> None:
+    assert_names(refusal({"gateway": {"instance": instance}}), "gateway.instance",
+                 repr(instance), FILE, "letters, digits and _ . -")
+
+
+def test_a_process_model_with_gpus_leaves_cuda_visible_devices_to_them() -> None:
+    model = {**sim_model("m"), "gpus": [1], "env": {"CUDA_VISIBLE_DEVICES": "0"}}
+    assert_names(refusal({"models": [model]}), "models[0].env",
+                 "{'CUDA_VISIBLE_DEVICES': '0'}", FILE, "without CUDA_VISIBLE_DEVICES")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import socket
+
 import anyio
 import pytest
 
-from backends.container import ContainerEngines, create_request
+from backends.container import ContainerEngines, container_name, create_request
 from backends.launcher import LaunchError
+from proxy.config import config_from_mapping
 from tests.support import make_config
 
 ENGINES = {"local": {"url": "unix:///run/podman/podman.sock"}}
@@ -72,3 +75,28 @@ def test_container_models_are_refused_under_trio() -> None:
 
     with pytest.raises(RuntimeError, match="asyncio"):
         anyio.run(enter, backend="trio")
+
+
+def test_models_whose_names_differ_get_containers_whose_names_differ() -> None:
+    names = {container_name("gw", m) for m in ("org/m", "org-m", "org_m", "org:m", "Org-m")}
+    assert len(names) == 5
+    assert container_name("gw", "org-m") == "vllm-gateway-gw-org-m"
+    assert container_name("gw", "org/m").startswith("vllm-gateway-gw-org-m-")
+
+
+def test_the_default_instance_is_the_hosts_and_the_configs() -> None:
+    def derived(bind: str, source: str = "file a.toml") -> str:
+        config = config_from_mapping({"models": [{"name": "c", "launcher": "container",
+                                                  "engine": "local", "image": "i"}],
+                                      "engines": ENGINES, "gateway": {"bind": bind}},
+                                     source=source)
+        return ContainerEngines(config).instance
+
+    first = derived("127.0.0.1:8080")
+    assert first == derived("127.0.0.1:8080")  # a restarted gateway finds its containers
+    assert first.startswith(socket.gethostname()[:8])
+    assert first != derived("127.0.0.1:8081")  # a second gateway on this host does not
+    assert first != derived("127.0.0.1:8080", source="file b.toml")
+    configured = make_config([{"name": "c", "launcher": "container", "engine": "local",
+                               "image": "i"}], engines=ENGINES, gateway={"instance": "gw1"})
+    assert ContainerEngines(configured).instance == "gw1"

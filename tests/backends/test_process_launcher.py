@@ -95,3 +95,32 @@ async def test_a_command_that_does_not_exist() -> None:
             await launcher.start(tg)
     assert not launcher.is_alive()
     await launcher.stop()
+
+
+async def test_the_server_sees_no_gateway_secret_and_its_gpus(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "admin-secret")
+    monkeypatch.setenv("GATEWAY_AUTH_API_KEYS", "client-key")
+    monkeypatch.setenv("HF_HOME", "/srv/hf")
+    table = {"name": "m", "launcher": "process", "gpus": [1, 3], "env": {"MINE": "1"},
+             "command": ["{python}", "-c", "import os; print(sorted(k for k in os.environ if "
+                         "k.startswith(('GATEWAY_', 'CUDA_', 'HF_', 'MINE')))); "
+                         "print(os.environ['CUDA_VISIBLE_DEVICES'])"]}
+    launcher = ProcessLauncher(make_config([table]).models[0])
+    async with create_task_group() as tg:
+        await launcher.start(tg)
+        with fail_after(10):
+            await launcher.wait_exit()
+        tail = await launcher.output_tail()
+        await launcher.stop()
+    assert tail == ("['CUDA_DEVICE_ORDER', 'CUDA_VISIBLE_DEVICES', 'HF_HOME', 'MINE']\n1,3")
+
+
+async def test_a_server_killed_by_a_signal_is_reported_so() -> None:
+    launcher = ProcessLauncher(model("sh", "-c", "kill -KILL $$"))
+    async with create_task_group() as tg:
+        await launcher.start(tg)
+        with fail_after(10):
+            assert await launcher.wait_exit() == "the process was killed by signal 9"
+        await launcher.stop()
+

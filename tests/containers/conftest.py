@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import uuid
+from collections.abc import Iterator
 
 import httpx2
 import pytest
@@ -48,3 +51,12 @@ def containers_of(instance: str) -> list[str]:
     with _engine() as client:
         found = client.get("/containers/json", params={"all": "1", "filters": filters}).json()
     return sorted(f"{c['Names'][0].lstrip('/')} {c['State']}" for c in found)
+
+
+@pytest.fixture
+def instance() -> Iterator[str]:
+    """A gateway instance name of the test's own; its containers are removed afterwards."""
+    name = "test-" + uuid.uuid4().hex[:8]
+    yield name
+    for line in containers_of(name):
+        subprocess.run(["podman", "rm", "-f", line.split()[0]], capture_output=True)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import uuid
 from typing import Any
 
 import anyio
@@ -21,14 +19,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.containers]
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # aiodocker runs on asyncio only
-
-
-@pytest.fixture
-def instance() -> Any:
-    name = "test-" + uuid.uuid4().hex[:8]
-    yield name
-    for line in containers_of(name):
-        subprocess.run(["podman", "rm", "-f", line.split()[0]], capture_output=True)
 
 
 def container_model(name: str, *extra: str, **settings: Any) -> dict[str, Any]:

@@ -62,7 +62,8 @@ def stop(proc: subprocess.Popen[Any], timeout: float = 15) -> int:
 
 
 def processes_with(text: str) -> list[int]:
-    """Live processes whose command line contains ``text``."""
+    """Live processes whose command line contains ``text`` (a model's server, not the leash
+    that the process launcher runs it under)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -72,7 +73,7 @@ def processes_with(text: str) -> list[int]:
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if text in cmdline and state != "Z":
+        if text in cmdline and state != "Z" and "backends/leash.py" not in cmdline:
             pids.append(int(entry.name))
     return pids
 

@@ -50,7 +50,8 @@ def test_hypercorn_serves_the_gateway_and_stops_its_models_on_sigterm(
     assert response.status_code == 200
     assert response.json()["choices"][0]["message"]["content"] == "tok tok tok "
     [sim] = processes_with(f"--model {model}")
-    assert parent_of(sim) == proc.pid  # the gateway runs in hypercorn's process: no worker fork
+    # The gateway runs in hypercorn's process (no worker fork), the server under its leash.
+    assert parent_of(parent_of(sim)) == proc.pid
 
     assert stop(proc, timeout=10) == 0
     assert processes_with(f"--model {model}") == []

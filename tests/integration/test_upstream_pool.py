@@ -26,7 +26,9 @@ async def test_three_models_by_fifty_streams_stay_within_the_pool_and_reuse_it()
     with contextlib.ExitStack() as stack:
         sims = [stack.enter_context(simulator("--tokens-per-second", "200", model=f"m{i}"))
                 for i in range(3)]
-        config = make_config([static_model(f"m{i}", sim.url) for i, sim in enumerate(sims)],
+        # No background health check while the connections are counted.
+        config = make_config([static_model(f"m{i}", sim.url, health_interval=3600.0)
+                              for i, sim in enumerate(sims)],
                              gateway={"max_concurrent": 50, "max_models_concurrent": 3})
         assert config.upstream_pool_size == config.upstream_keepalive_size == 150
         async with serving(config) as (url, gateway), httpx2.AsyncClient(

@@ -97,3 +97,20 @@ async def test_a_real_engine_answers_the_ping_at_once() -> None:
         with anyio.fail_after(0.5):  # Podman 4 takes a second for /version; /_ping is instant
             ready = await client.get(url + "/ready")
     assert (ready.status_code, ready.json()) == (200, {"status": "ready"})
+
+
+async def test_a_hundred_probes_at_once_share_one_ping(monkeypatch: pytest.MonkeyPatch) -> None:
+    slow = Api("hangs")
+    monkeypatch.setattr(routes, "PING_TIMEOUT", 0.2)
+    pings = EnginePings(engines(podman=slow))
+    answers: list[list[str]] = []
+
+    async def probe() -> None:
+        answers.append(await pings.silent())
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for _ in range(100):
+                tg.start_soon(probe)
+    assert slow.pings == 1
+    assert answers == [["podman"]] * 100
