@@ -555,5 +555,5 @@ def test_an_instance_that_cannot_name_a_container_is_refused(instance: str) -> N
 
 def test_a_process_model_with_gpus_leaves_cuda_visible_devices_to_them() -> None:
     model = {**sim_model("m"), "gpus": [1], "env": {"CUDA_VISIBLE_DEVICES": "0"}}
-    assert_names(refusal({"models": [model]}), "models[0].env",
+    assert_names(refusal({"models": [model]}), 'models["m"].env',
                  "{'CUDA_VISIBLE_DEVICES': '0'}", FILE, "without CUDA_VISIBLE_DEVICES")
