@@ -8,9 +8,10 @@ shape if nothing went out yet; any other exception gets a 500 the same way and i
 the server logs it and, if the response had started, cuts the connection.
 
 The access line says what happened to the request: model, status, the wait for a slot, the time
-to the first byte and to the end, bytes sent, retries, and whether the client went away before
-the answer was complete. For a request that got a slot, the time to the first byte and the
-duration are observed per model as well.
+to the first byte and to the end, bytes sent, retries, whether the client went away before
+the answer was complete, and the error: the exception, or the code a layer left in
+``state["error"]`` (``send_timeout`` for a client that stopped reading). For a request that got
+a slot, the time to the first byte and the duration are observed per model as well.
 """
 
 from __future__ import annotations
@@ -103,5 +104,5 @@ class RequestContext:
                 duration_ms=_ms(ended - began),
                 client_disconnected=left_early or response.send_failed,
                 client=scope["client"][0] if scope.get("client") else None,
-                error=repr(error) if error else None)
+                error=repr(error) if error else state.get("error"))
             structlog.contextvars.unbind_contextvars("request_id")

@@ -84,7 +84,8 @@ class Gateway:
         self.metrics.watch_pool(self.pool)
         self.upstream = Upstream(config)
         self.running_now = False
-        passthrough = StreamingPassthrough(pool=self.pool, upstream=self.upstream)
+        passthrough = StreamingPassthrough(pool=self.pool, upstream=self.upstream,
+                                           send_timeout=config.gateway.send_timeout)
         retry = RetryConnectFailures(passthrough, config=config, metrics=self.metrics)
         self.semaphores = ModelConcurrencyLimit(retry, config=config, metrics=self.metrics)
         self.queue = QueueDepthLimit(self.semaphores, config=config, metrics=self.metrics)

@@ -69,6 +69,9 @@ class GatewaySettings:
     max_concurrent_total: int | None = _spec(None, lo=1, hi=1_000_000)
     queue_timeout: float = _spec(60.0, lo=0.001, hi=DAY)
     max_body_bytes: int = _spec(10 * 1024 * 1024, lo=1, hi=1024 ** 3)
+    # Seconds one send to the client may take: a client that stops reading for longer is ended
+    # as if it had disconnected (as nginx's send_timeout, and its default).
+    send_timeout: float = _spec(60.0, lo=0.001, hi=DAY)
     # Connections the kernel may hold for accept(): a burst beyond it waits for SYN retries.
     backlog: int = _spec(2048, lo=1, hi=65535)
     placement_timeout: float = _spec(30.0, lo=0.001, hi=DAY)

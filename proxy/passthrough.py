@@ -13,7 +13,9 @@ Failure semantics, each seen by the client as it says:
 - the connection fails after the request was sent: 502, not retried (the backend may have
   acted on it);
 - the backend dies after the answer started: an SSE stream gets an error event and then ends;
-  a plain body is cut off by closing the connection, so it cannot pass for a whole answer.
+  a plain body is cut off by closing the connection, so it cannot pass for a whole answer;
+- the client stops reading: once one send has waited ``gateway.send_timeout``, the request ends
+  as a disconnect does (the upstream response is closed, the backend aborts the generation).
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from typing import Any
 import structlog
 
 from backends.pool import BackendPool
-from middleware.disconnect import ClientWatch
+from middleware.disconnect import ClientWatch, SendWatch, cancellable
 
 from .errors import GatewayError, sse_error_event
-from .types import Receive, Scope, Send, request_state
+from .types import Message, Receive, Scope, Send, request_state
 from .upstream import Answer, Broken, ConnectFailed, NoFirstByte, PoolExhausted, Upstream
 
 log = structlog.get_logger("gateway.proxy")
@@ -54,22 +56,31 @@ class UpstreamCutOff(Exception):
 
 
 class StreamingPassthrough:
-    def __init__(self, *, pool: BackendPool, upstream: Upstream) -> None:
+    def __init__(self, *, pool: BackendPool, upstream: Upstream, send_timeout: float) -> None:
         self.pool = pool
         self.upstream = upstream
+        self.send_timeout = send_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The client is watched from the first wait on: a cold start and a backend that is slow
-        # to answer are waits it may leave, and its leaving cancels them at once.
-        await ClientWatch(receive).run(lambda: self._forward(scope, send))
+        # to answer are waits it may leave, and its leaving cancels them at once; so is a send
+        # to a client that does not read.
+        watch = ClientWatch(receive)
+        sends = SendWatch(self.send_timeout)
+        await watch.run(lambda: self._forward(scope, cancellable(send), sends), sends)
+        if watch.stalled:
+            state = request_state(scope)
+            log.warning("client stopped reading; request ended", model=state["model"].name,
+                        send_timeout_s=self.send_timeout)
+            state["error"] = "send_timeout"
 
-    async def _forward(self, scope: Scope, send: Send) -> None:
+    async def _forward(self, scope: Scope, send: Send, sends: SendWatch) -> None:
         state = request_state(scope)
         model = state["model"]
         async with self.pool.lease(model.name) as backend:
             answer = await self._open(scope, state, backend.address, model.name)
             try:
-                await self._relay(answer, send, model.name)
+                await self._relay(answer, send, sends, model.name)
             finally:
                 await answer.aclose()
 
@@ -102,7 +113,12 @@ class StreamingPassthrough:
                                type="upstream_error", code="upstream_failed",
                                should_retry=False) from None
 
-    async def _relay(self, answer: Answer, send: Send, model: str) -> None:
+    async def _relay(self, answer: Answer, send: Send, sends: SendWatch, model: str) -> None:
+        async def watched(message: Message) -> None:
+            sends.begun += 1
+            await send(message)
+            sends.done += 1
+
         headers = []
         sse = False
         for key, value in answer.headers:
@@ -114,27 +130,30 @@ class StreamingPassthrough:
         if sse:
             headers.append((b"x-accel-buffering", b"no"))
         try:
-            await send({"type": "http.response.start", "status": answer.status,
-                        "headers": headers})
+            await watched({"type": "http.response.start", "status": answer.status,
+                           "headers": headers})
             try:
                 async for chunk in answer.chunks():
                     # The last chunk says so itself: one message fewer through every layer and
                     # the server (a plain answer usually comes in one chunk).
                     if answer.at_eof():
-                        await send({"type": "http.response.body", "body": chunk,
-                                    "more_body": False})
+                        await watched({"type": "http.response.body", "body": chunk,
+                                       "more_body": False})
                         return
+                    # The send watch, counted inline: this is the per-chunk path.
+                    sends.begun += 1
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    sends.done += 1
             except self.upstream.broken as exc:
                 log.warning("upstream failed mid-answer", model=model, error=repr(exc))
                 if not sse:
                     raise UpstreamCutOff(model) from exc
-                await send({"type": "http.response.body", "more_body": False,
-                            "body": sse_error_event(
-                                f"The backend of model '{model}' failed during the answer.",
-                                type="upstream_error", code="upstream_failed")})
+                await watched({"type": "http.response.body", "more_body": False,
+                               "body": sse_error_event(
+                                   f"The backend of model '{model}' failed during the answer.",
+                                   type="upstream_error", code="upstream_failed")})
                 return
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await watched({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             # Newer servers raise on a send after the client left; older ones drop it silently
             # and the disconnect is seen by ClientWatch instead. Either way: stop relaying.
