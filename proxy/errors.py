@@ -59,8 +59,12 @@ def error_body(message: str, *, type: str, code: str, param: str | None = None) 
 
 
 def sse_error_event(message: str, *, type: str, code: str) -> bytes:
-    """What a stream that already started gets instead of a status: one SSE error event."""
-    return b"data: " + error_body(message, type=type, code=code) + b"\n\n"
+    """What a stream that already started gets instead of a status: one SSE error event.
+
+    It starts with a blank line: the bytes relayed before it may end in the middle of an event
+    (a backend that died mid-write), and the error must not continue that event's last line.
+    After a whole event the blank line dispatches nothing."""
+    return b"\n\ndata: " + error_body(message, type=type, code=code) + b"\n\n"
 
 
 def bad_request(message: str, *, code: str = "invalid_request", param: str | None = None,
