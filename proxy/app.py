@@ -89,7 +89,8 @@ class Gateway:
         retry = RetryConnectFailures(passthrough, config=config, metrics=self.metrics)
         self.semaphores = ModelConcurrencyLimit(retry, config=config, metrics=self.metrics)
         self.queue = QueueDepthLimit(self.semaphores, config=config, metrics=self.metrics)
-        self._draining = Draining(Admission(self.queue, config=config))
+        self.admission = Admission(self.queue, config=config)
+        self._draining = Draining(self.admission)
         self._clients: ASGIApp = self._client_routes
         if config.client_keys:
             self._clients = ClientKeys(self._client_routes, keys=config.client_keys)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from .types import Send
+from .types import Scope, Send, request_state
 
 
 class GatewayError(Exception):
@@ -44,6 +44,11 @@ class GatewayError(Exception):
         if self.should_retry is not None:
             headers.append((b"x-should-retry", b"true" if self.should_retry else b"false"))
         return headers
+
+    async def answer(self, scope: Scope, send: Send) -> None:
+        """Send this error as the response, and leave its code for the access line."""
+        request_state(scope)["error"] = self.code
+        await self.send(send)
 
     async def send(self, send: Send) -> None:
         body = self.body()

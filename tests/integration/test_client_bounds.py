@@ -14,10 +14,18 @@ import anyio
 import httpx2
 import pytest
 
-from middleware import request_context
+from middleware import admission, request_context
 from tests.integration.test_accounting import all_back_to_zero
 from tests.middleware.test_request_context import Lines
-from tests.support import chat, make_config, serving, simulator, static_model
+from tests.support import (
+    chat,
+    eventually,
+    make_config,
+    serving,
+    sim_model,
+    simulator,
+    static_model,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -74,3 +82,68 @@ async def test_clients_that_stop_reading_lose_their_slots_after_send_timeout(
             finally:
                 for sock in stuck:
                     sock.close()
+
+
+def _response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Read one whole response (by its content-length) off a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    while len(body) < int(headers["content-length"]):
+        body += sock.recv(65536)
+    return int(lines[0].split()[1]), headers, body
+
+
+async def test_a_body_sent_a_byte_at_a_time_gets_408_after_body_timeout(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(admission, "LINGER_S", 0.5)
+    config = make_config([sim_model("m")], gateway={"body_timeout": 1.0})
+    async with serving(config) as (url, gateway):
+        port = int(url.rsplit(":", 1)[1])
+        body = json.dumps(chat("m")).encode()
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(_request(port, body)[:-len(body)])
+            began = time.monotonic()
+            for byte in body[:8]:  # a byte every 0.2 s: 1.6 s for 8 of them
+                sock.sendall(bytes([byte]))
+                await anyio.sleep(0.2)
+            status, _, answer = await anyio.to_thread.run_sync(_response, sock)
+            waited = time.monotonic() - began
+        assert status == 408
+        assert json.loads(answer)["error"]["code"] == "request_timeout"
+        assert 1.0 <= waited < 2.5
+        await eventually(lambda: gateway.admission.budget.held == 0 and not gateway.in_flight)
+
+
+async def test_a_flood_of_large_bodies_past_the_budget_gets_503s_and_leaks_nothing() -> None:
+    mib = 1 << 20
+    with simulator("--tokens-per-second", "10", model="m") as sim:
+        config = make_config([static_model("m", sim.url)],
+                             gateway={"max_body_bytes": 2 * mib,
+                                      "max_buffered_body_bytes": 3 * mib})
+        async with serving(config) as (url, gateway), \
+                httpx2.AsyncClient(timeout=30) as client:
+            # Two bodies of 1 MiB fit in 3 MiB, a third does not; each answer takes 1 s.
+            body = chat("m", max_tokens=10,
+                        messages=[{"role": "user", "content": "x " * (mib // 2)}])
+            answers: list[httpx2.Response] = []
+
+            async def one() -> None:
+                answers.append(await client.post(url + "/v1/chat/completions", json=body))
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(10):
+                    tg.start_soon(one)
+                await eventually(lambda: len(answers) == 8)
+                assert gateway.admission.budget.held <= 3 * mib
+            refused = [a for a in answers if a.status_code == 503]
+            assert len(refused) == 8
+            assert all(a.headers["retry-after"] == "1" for a in refused)
+            assert {a.json()["error"]["code"] for a in refused} == {"body_budget_full"}
+            assert sum(a.status_code == 200 for a in answers) == 2
+            assert sim.stats()["requests"] == 2
+            await all_back_to_zero(gateway, client)
+            await eventually(lambda: gateway.admission.budget.held == 0, within=5)

@@ -30,7 +30,7 @@ def admitted_scope(config: Config, model: str) -> Scope:
     scope = http_scope()
     settings = config.by_name[model]
     body = {"model": settings.served_name}
-    scope["state"] = {"model": settings, "body": body, "body_bytes": json.dumps(body).encode()}
+    scope["state"] = {"model": settings, "body_bytes": json.dumps(body).encode()}
     return scope
 
 
