@@ -176,7 +176,7 @@ class Gateway:
 
     async def _get(self, handler: routes.Handler, scope: Scope, send: Send) -> None:
         if scope["method"] not in ("GET", "HEAD"):
-            raise method_not_allowed(scope["path"], "GET")
+            raise method_not_allowed(scope["path"], "GET, HEAD")
         await handler(self, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

@@ -17,8 +17,10 @@ class GatewayError(Exception):
 
     def __init__(self, status: int, message: str, *, type: str, code: str,
                  param: str | None = None, retry_after: float | None = None,
-                 should_retry: bool | None = None) -> None:
+                 should_retry: bool | None = None,
+                 headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         super().__init__(message)
+        self.extra_headers = headers
         self.status = status
         self.message = message
         self.type = type
@@ -32,7 +34,7 @@ class GatewayError(Exception):
         many requests would pile all their tracebacks onto itself."""
         return GatewayError(self.status, self.message, type=self.type, code=self.code,
                             param=self.param, retry_after=self.retry_after,
-                            should_retry=self.should_retry)
+                            should_retry=self.should_retry, headers=self.extra_headers)
 
     def body(self) -> bytes:
         return error_body(self.message, type=self.type, code=self.code, param=self.param)
@@ -43,6 +45,7 @@ class GatewayError(Exception):
             headers.append((b"retry-after", str(max(1, round(self.retry_after))).encode()))
         if self.should_retry is not None:
             headers.append((b"x-should-retry", b"true" if self.should_retry else b"false"))
+        headers.extend(self.extra_headers)
         return headers
 
     async def answer(self, scope: Scope, send: Send) -> None:

@@ -1,9 +1,13 @@
 """The streaming passthrough: lease a ready backend, forward the request, relay the answer.
 
 Raw bytes are relayed chunk by chunk as they arrive (no decoding, no buffering); hop-by-hop
-headers are dropped both ways. The upstream response is closed in a ``finally`` owned here, so a
-client that goes away cancels the generation at the backend at once (a ``background=`` cleanup
-would not run on a disconnect).
+headers, and those a ``Connection`` header names, are dropped both ways. ``Expect`` is the
+gateway's to answer (hypercorn sends the 100), not the backend's: a backend that never sends 100
+would leave the request waiting for it. The client's ``X-Forwarded-*`` and ``Forwarded`` never
+reach a backend as written (vLLM's uvicorn believes them from 127.0.0.1): the backend gets the
+client's address and scheme as the gateway knows them (after its own trusted proxies). The
+upstream response is closed in a ``finally`` owned here, so a client that goes away cancels the
+generation at the backend at once (a ``background=`` cleanup would not run on a disconnect).
 
 Failure semantics, each seen by the client as it says:
 - the backend cannot be connected to: ``UpstreamConnectError`` (the retry layer may try again,
@@ -28,7 +32,7 @@ from backends.pool import BackendPool
 from middleware.disconnect import ClientWatch, SendWatch, cancellable
 
 from .errors import GatewayError, sse_error_event
-from .types import Message, Receive, Scope, Send, request_state
+from .types import Message, Receive, Scope, Send, header, request_state
 from .upstream import Answer, Broken, ConnectFailed, NoFirstByte, PoolExhausted, Upstream
 
 log = structlog.get_logger("gateway.proxy")
@@ -38,9 +42,15 @@ HOP_BY_HOP = frozenset({
     b"trailer", b"transfer-encoding", b"upgrade",
 })
 # The request id is ours to set both ways; the length is the client library's to compute.
-REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"x-request-id"}
+REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"x-request-id", b"expect", b"forwarded"}
+FORWARDED_PREFIX = b"x-forwarded-"
 RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server", b"x-request-id"}
 SSE = b"text/event-stream"
+
+
+def _named_by(connection: bytes) -> frozenset[bytes]:
+    """The header names a ``Connection`` header lists: hop-by-hop for this connection only."""
+    return frozenset(token.strip().lower() for token in connection.split(b","))
 
 
 class UpstreamConnectError(GatewayError):
@@ -86,7 +96,14 @@ class StreamingPassthrough:
 
     async def _open(self, scope: Scope, state: dict[str, Any], address: str,
                     model: str) -> Answer:
-        headers = [(k, v) for k, v in scope["headers"] if k not in REQUEST_DROP]
+        named = header(scope, b"connection")
+        drop = REQUEST_DROP | _named_by(named) if named else REQUEST_DROP
+        headers = [(k, v) for k, v in scope["headers"]
+                   if k not in drop and not k.startswith(FORWARDED_PREFIX)]
+        client = scope.get("client")
+        if client:
+            headers.append((b"x-forwarded-for", client[0].encode("latin-1")))
+        headers.append((b"x-forwarded-proto", scope["scheme"].encode("latin-1")))
         if "request_id" in state:
             headers.append((b"x-request-id", state["request_id"].encode()))
         url = address + scope["path"]
@@ -121,12 +138,17 @@ class StreamingPassthrough:
 
         headers = []
         sse = False
+        named = None
         for key, value in answer.headers:
             name = key.lower()
             if name not in RESPONSE_DROP:
                 headers.append((key, value))
                 if name == b"content-type":
                     sse = value.startswith(SSE)
+            elif name == b"connection":
+                named = _named_by(value)
+        if named:
+            headers = [(k, v) for k, v in headers if k.lower() not in named]
         if sse:
             headers.append((b"x-accel-buffering", b"no"))
         try:

@@ -11,7 +11,7 @@ import pytest
 
 from middleware import admission
 from middleware.admission import LARGE_BODY, Admission
-from proxy.types import Message, Receive, Scope, Send
+from proxy.types import Message, Receive, Scope, Send, request_state
 from tests.support import make_config, sim_model
 
 from .asgi import Client, http_scope
@@ -35,7 +35,7 @@ class Inner:
         self.messages: list[Message] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.state = scope["state"]
+        self.state = request_state(scope)
         for _ in range(self.reads):
             self.messages.append(await receive())
         await send({"type": "http.response.start", "status": 200, "headers": []})
