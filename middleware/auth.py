@@ -54,10 +54,10 @@ class ClientKeys:
         token = bearer_token(scope)
         if token is None:
             await _invalid_key("No API key provided: send it as 'Authorization: Bearer KEY'."
-                               ).send(send)
+                               ).answer(scope, send)
             return
         if token not in self.keys:
-            await _invalid_key("Incorrect API key provided.").send(send)
+            await _invalid_key("Incorrect API key provided.").answer(scope, send)
             return
         headers = [(key, value) for key, value in scope["headers"] if key != b"authorization"]
         await self.app({**scope, "headers": headers}, receive, send)

@@ -9,9 +9,11 @@ the server logs it and, if the response had started, cuts the connection.
 
 The access line says what happened to the request: model, status, the wait for a slot, the time
 to the first byte and to the end, bytes sent, retries, whether the client went away before
-the answer was complete, and the error: the exception, or the code a layer left in
-``state["error"]`` (``send_timeout`` for a client that stopped reading). For a request that got
-a slot, the time to the first byte and the duration are observed per model as well.
+the answer was complete, and the error: the exception, or the code of the gateway's own error
+answer (``GatewayError.answer``), or of the way the request ended (``send_timeout`` for a client
+that stopped reading). The model is the one the client asked for when it is not configured.
+For a request that got a slot, the time to the first byte and the duration are observed per
+model as well.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ class RequestContext:
             if response.started:
                 error = exc
                 raise
-            await exc.send(send)
+            await exc.answer(scope, send)
         except Exception as exc:
             error = exc
             if not response.started:
@@ -89,6 +91,7 @@ class RequestContext:
             first_byte = response.first_byte
             status = response.status
             model = state.get("model")
+            # A name the client made up is logged, never a metric label (unbounded).
             name = model.name if model is not None else "-"
             self.metrics.answered(name, str(status) if status else "none").inc()
             queue_wait = state.get("queue_wait")
@@ -97,7 +100,8 @@ class RequestContext:
                     self.metrics.first_byte(name).observe(first_byte - began)
                 self.metrics.request_duration(name).observe(ended - began)
             access_log.info(
-                "request", method=scope["method"], path=scope["path"], model=name,
+                "request", method=scope["method"], path=scope["path"],
+                model=name if model is not None else state.get("requested_model", "-"),
                 status=status, bytes=response.sent, retries=state.get("retries", 0),
                 queue_wait_ms=_ms(queue_wait) if queue_wait is not None else None,
                 ttfb_ms=_ms(first_byte - began) if first_byte else None,
