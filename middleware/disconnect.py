@@ -11,8 +11,9 @@ queues do.
 A client that stops reading is no disconnect: the server's ``send`` just never returns (hypercorn
 waits on the socket with no deadline). A wait given a ``SendWatch`` also ends when one send has
 not completed for ``send_timeout``. The sender counts each send before and after it (two integer
-increments, no clock, no cancel scope per chunk); a timer looks at the counts once a tick, so a
-stalled send is seen between ``send_timeout`` and ``send_timeout`` plus a tick. Hypercorn's trio
+increments, no clock, no cancel scope per chunk); a timer shared by all answers looks at the
+counts once a tick, so a stalled send is seen between ``send_timeout`` and ``send_timeout`` plus
+a tick. Hypercorn's trio
 worker shields its socket writes from cancellation, so on trio each send runs in a task of its
 own (``cancellable``) that the request can leave behind; the server's closing of the connection
 then ends it.
@@ -37,14 +38,46 @@ T = TypeVar("T")
 MAX_TICK = 1.0
 
 
-class SendWatch:
-    """The sends of one answer: ``begun`` is counted before each and ``done`` after it."""
+class SendWatches:
+    """The send watches of the answers in progress, with one ``send_timeout``. On asyncio one
+    timer looks at all of them once a tick, and runs only while there are any, where a timer per
+    answer made uvloop create and free a timer handle per answer and tick."""
 
-    __slots__ = ("_seen", "_ticks", "begun", "done", "tick", "ticks_to_stall")
+    __slots__ = ("_timer", "_watched", "tick", "ticks_to_stall")
 
     def __init__(self, timeout: float) -> None:
         self.tick = min(MAX_TICK, timeout / 4)
         self.ticks_to_stall = math.ceil(timeout / self.tick)
+        self._watched: dict[SendWatch, Callable[[], None]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def new(self) -> SendWatch:
+        return SendWatch(self)
+
+    def watch(self, sends: SendWatch, on_stall: Callable[[], None]) -> None:
+        self._watched[sends] = on_stall
+        if self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.tick, self._check, loop)
+
+    def unwatch(self, sends: SendWatch) -> None:
+        self._watched.pop(sends, None)
+
+    def _check(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sends, on_stall in list(self._watched.items()):
+            if sends.stalled():
+                del self._watched[sends]
+                on_stall()
+        self._timer = loop.call_later(self.tick, self._check, loop) if self._watched else None
+
+
+class SendWatch:
+    """The sends of one answer: ``begun`` is counted before each and ``done`` after it."""
+
+    __slots__ = ("_seen", "_ticks", "begun", "done", "watches")
+
+    def __init__(self, watches: SendWatches) -> None:
+        self.watches = watches
         self.begun = 0
         self.done = 0
         self._seen = 0
@@ -61,7 +94,7 @@ class SendWatch:
             self._ticks = 0
             return False
         self._ticks += 1
-        return self._ticks >= self.ticks_to_stall
+        return self._ticks >= self.watches.ticks_to_stall
 
 
 def cancellable(send: Send) -> Send:
@@ -137,29 +170,21 @@ class ClientWatch:
                            sends: SendWatch | None) -> tuple[bool, T | None]:
         # The same race as _run_task_group, at a fraction of its cost (a request runs this
         # once; an anyio task group costs ~100 us here, mostly in cancelling it): the watcher
-        # is a plain task, cancelled when the wait ends, and the send watch a timer callback.
-        # A failure of the watcher cancels the wait and is raised, as a task group would.
-        loop = asyncio.get_running_loop()
-        timer: asyncio.TimerHandle | None = None
+        # is a plain task, cancelled when the wait ends, and the send watch is one of those the
+        # shared timer looks at. A failure of the watcher cancels the wait and is raised, as a
+        # task group would.
         with anyio.CancelScope() as scope:
-            watcher = loop.create_task(self._watch(scope))
+            watcher = asyncio.get_running_loop().create_task(self._watch(scope))
             watcher.add_done_callback(lambda task: task.cancelled() or task.exception() is None
                                       or scope.cancel())
             if sends is not None:
-                def tick() -> None:
-                    nonlocal timer
-                    if sends.stalled():
-                        self._stall(scope)
-                    else:
-                        timer = loop.call_later(sends.tick, tick)
-
-                timer = loop.call_later(sends.tick, tick)
+                sends.watches.watch(sends, lambda: self._stall(scope))
             try:
                 result = await wait()
             finally:
                 watcher.cancel()
-                if timer is not None:
-                    timer.cancel()
+                if sends is not None:
+                    sends.watches.unwatch(sends)
             return True, result
         if watcher.done() and not watcher.cancelled() and watcher.exception() is not None:
             raise watcher.exception()  # type: ignore[misc]
@@ -167,7 +192,7 @@ class ClientWatch:
 
     async def _tick(self, sends: SendWatch, scope: anyio.CancelScope) -> None:
         while True:
-            await anyio.sleep(sends.tick)
+            await anyio.sleep(sends.watches.tick)
             if sends.stalled():
                 self._stall(scope)
                 return

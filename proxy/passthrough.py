@@ -29,7 +29,7 @@ from typing import Any
 import structlog
 
 from backends.pool import BackendPool
-from middleware.disconnect import ClientWatch, SendWatch, cancellable
+from middleware.disconnect import ClientWatch, SendWatch, SendWatches, cancellable
 
 from .errors import GatewayError, sse_error_event
 from .types import Message, Receive, Scope, Send, header, request_state
@@ -70,13 +70,14 @@ class StreamingPassthrough:
         self.pool = pool
         self.upstream = upstream
         self.send_timeout = send_timeout
+        self.sends = SendWatches(send_timeout)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The client is watched from the first wait on: a cold start and a backend that is slow
         # to answer are waits it may leave, and its leaving cancels them at once; so is a send
         # to a client that does not read.
         watch = ClientWatch(receive)
-        sends = SendWatch(self.send_timeout)
+        sends = self.sends.new()
         await watch.run(lambda: self._forward(scope, cancellable(send), sends), sends)
         if watch.stalled:
             state = request_state(scope)

@@ -7,7 +7,7 @@ import anyio
 import pytest
 from anyio.lowlevel import checkpoint
 
-from middleware.disconnect import ClientWatch, SendWatch, cancellable
+from middleware.disconnect import ClientWatch, SendWatches, cancellable
 
 from .asgi import Client, settle
 
@@ -111,7 +111,7 @@ async def test_a_failing_receive_ends_the_wait_and_comes_out_as_itself() -> None
 
 async def test_a_send_that_does_not_complete_ends_the_wait_after_send_timeout() -> None:
     watch = ClientWatch(Client.with_body().receive)
-    sends = SendWatch(0.2)
+    sends = SendWatches(0.2).new()
     never = anyio.Event()
 
     async def stuck_send(message: dict) -> None:
@@ -134,7 +134,7 @@ async def test_a_send_that_does_not_complete_ends_the_wait_after_send_timeout() 
 
 async def test_sends_that_each_complete_in_time_never_stall() -> None:
     watch = ClientWatch(Client.with_body().receive)
-    sends = SendWatch(0.2)
+    sends = SendWatches(0.2).new()
 
     async def relay() -> str:
         for _ in range(10):
