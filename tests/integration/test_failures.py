@@ -9,12 +9,21 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 
 import anyio
 import httpx2
 import pytest
 
-from tests.support import chat, make_config, serving, sim_model, simulator, static_model
+from tests.support import (
+    chat,
+    make_config,
+    raw_backend,
+    serving,
+    sim_model,
+    simulator,
+    static_model,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -130,38 +139,18 @@ async def test_backend_dying_mid_stream_ends_the_stream_with_an_error_event() ->
     assert sum("tok" in e for e in events) == 3
 
 
-def _cut_off_server(server: socket.socket, stop: threading.Event) -> None:
-    """A backend that is healthy, but starts a plain JSON answer, sends part of it, and dies."""
-    server.settimeout(0.1)
-    while not stop.is_set():
-        try:
-            conn, _ = server.accept()
-        except TimeoutError:
-            continue
-        with conn:
-            request = conn.recv(65536)
-            if request.startswith(b"GET"):
-                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                continue
-            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                         b"content-length: 1000\r\n\r\n{\"partial\": ")
-            stop.wait(0.2)
-
-
 async def test_backend_dying_mid_body_cuts_the_client_connection() -> None:
-    stop = threading.Event()
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        port = server.getsockname()[1]
-        thread = threading.Thread(target=_cut_off_server, args=(server, stop), daemon=True)
-        thread.start()
-        try:
-            config = make_config([static_model("m", f"http://127.0.0.1:{port}")])
-            async with serving(config) as (url, _), httpx2.AsyncClient(timeout=30) as client:
-                with pytest.raises(httpx2.RemoteProtocolError):
-                    await client.post(url + "/v1/chat/completions", json=chat("m"))
-        finally:
-            stop.set()
-            thread.join()
+    def cut_off(conn: socket.socket, head: bytes) -> None:
+        """A plain JSON answer, part of it, then the backend dies."""
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                     b"content-length: 1000\r\n\r\n{\"partial\": ")
+        time.sleep(0.2)
+
+    with raw_backend(cut_off) as backend:
+        config = make_config([static_model("m", backend)])
+        async with serving(config) as (url, _), httpx2.AsyncClient(timeout=30) as client:
+            with pytest.raises(httpx2.RemoteProtocolError):
+                await client.post(url + "/v1/chat/completions", json=chat("m"))
 
 
 async def test_backend_500_is_passed_through_once_unchanged() -> None:
