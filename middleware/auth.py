@@ -65,10 +65,10 @@ class ClientKeys:
         token = client_key(scope)
         if token is None:
             await _invalid_key("No API key provided: send it as 'Authorization: Bearer KEY' "
-                               "or 'x-api-key: KEY'.").send(send)
+                               "or 'x-api-key: KEY'.").answer(scope, send)
             return
         if token not in self.keys:
-            await _invalid_key("Incorrect API key provided.").send(send)
+            await _invalid_key("Incorrect API key provided.").answer(scope, send)
             return
         headers = [(key, value) for key, value in scope["headers"] if key not in KEY_HEADERS]
         await self.app({**scope, "headers": headers}, receive, send)

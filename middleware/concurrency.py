@@ -109,7 +109,7 @@ class ModelConcurrencyLimit:
                 await unavailable(
                     f"No slot of model '{model}' became free within {self.timeout:g} s.",
                     code="queue_timeout", retry_after=self.timeout,
-                ).send(send)
+                ).answer(scope, send)
                 return
             state["queue_wait"] = waited = time.perf_counter() - began
             self.metrics.queue_wait(model).observe(waited)

@@ -69,7 +69,7 @@ class Draining:
             await self.app(scope, receive, send)
             return
         if self.draining:
-            await shutting_down().send(send)
+            await shutting_down().answer(scope, send)
             return
         response, send = progress(scope, send)
         with anyio.CancelScope() as cancel:
@@ -85,7 +85,7 @@ class Draining:
             return
         try:
             if response.start is None:
-                await shutting_down().send(send)
+                await shutting_down().answer(scope, send)
             elif _is_sse(response.start):
                 await send(unavailable("The gateway is shutting down; the answer was cut short.",
                                        code="shutting_down").sse_message())

@@ -214,7 +214,7 @@ class StreamFeedback:
         key = id(state)
         arrived[key] = state
         try:
-            if state["body"].get("stream") is True and self._tg is not None:
+            if state.get("stream") and self._tg is not None:
                 await self._stream(scope, receive, send, state, model, key)
             else:
                 await self.app(scope, receive, send)

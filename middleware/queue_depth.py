@@ -54,7 +54,7 @@ class QueueDepthLimit:
             await GatewayError(
                 429, f"Too many requests are waiting for model '{model}'; try again later.",
                 type="rate_limit_error", code="queue_full", retry_after=self.retry_after,
-            ).send(send)
+            ).answer(scope, send)
             return
         place = _QueuePlace(self._depth, model)
         state["leave_queue"] = place.leave

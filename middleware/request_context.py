@@ -8,10 +8,13 @@ shape if nothing went out yet; any other exception gets a 500 the same way and i
 the server logs it and, if the response had started, cuts the connection.
 
 The access line says what happened to the request: model, status, the wait for a slot, the time
-to the first byte and to the end, bytes sent, retries, and whether the client went away before
-the answer was complete. For a request that got a slot, the time to the first byte and the
-duration are observed per model as well, and while the admin API's event stream has
-subscribers, the request's start and a summary of its end go to them (``proxy.events``).
+to the first byte and to the end, bytes sent, retries, whether the client went away before
+the answer was complete, and the error: the exception, or the code of the gateway's own error
+answer (``GatewayError.answer``), or of the way the request ended (``send_timeout`` for a client
+that stopped reading). The model is the one the client asked for when it is not configured.
+For a request that got a slot, the time to the first byte and the duration are observed per
+model as well, and while the admin API's event stream has subscribers, the request's start and
+a summary of its end go to them (``proxy.events``).
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ class RequestContext:
             if response.started:
                 error = exc
                 raise
-            await exc.send(send)
+            await exc.answer(scope, send)
         except Exception as exc:
             error = exc
             if not response.started:
@@ -93,6 +96,7 @@ class RequestContext:
             first_byte = response.first_byte
             status = response.status
             model = state.get("model")
+            # A name the client made up is logged, never a metric label (unbounded).
             name = model.name if model is not None else "-"
             self.metrics.answered(name, str(status) if status else "none").inc()
             queue_wait = state.get("queue_wait")
@@ -105,16 +109,17 @@ class RequestContext:
             duration_ms = _ms(ended - began)
             client_disconnected = left_early or response.send_failed
             access_log.info(
-                "request", method=scope["method"], path=scope["path"], model=name,
+                "request", method=scope["method"], path=scope["path"],
+                model=name if model is not None else state.get("requested_model", "-"),
                 status=status, bytes=response.sent, retries=state.get("retries", 0),
                 queue_wait_ms=queue_wait_ms, ttfb_ms=ttfb_ms, duration_ms=duration_ms,
                 client_disconnected=client_disconnected,
                 client=scope["client"][0] if scope.get("client") else None,
-                error=repr(error) if error else None)
+                error=repr(error) if error else state.get("error"))
             if self.events.listening:
                 self.events.request_ended(
                     scope, request_id=request_id, model=name, status=status,
                     duration_ms=duration_ms, ttfb_ms=ttfb_ms, queue_wait_ms=queue_wait_ms,
-                    error=error_code(error, status, response.error_body),
+                    error=error_code(error, status, response.error_body) or state.get("error"),
                     client_disconnected=client_disconnected)
             structlog.contextvars.unbind_contextvars("request_id")

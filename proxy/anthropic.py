@@ -52,7 +52,7 @@ def _reshaped(message: Message, error: GatewayError, plain: bool) -> Message:
         headers.append((b"content-length", str(len(body)).encode()))
         return {**message, "headers": headers}
     if not plain:  # the last event of a stream that had started
-        body = b"event: error\ndata: " + body + b"\n\n"
+        body = b"\n\nevent: error\ndata: " + body + b"\n\n"
     return {**message, "body": body}
 
 

@@ -105,15 +105,17 @@ class Gateway:
         self.running_now = False
         self._told: str | None = None
         self._ended: str | None = None
-        passthrough = StreamingPassthrough(pool=self.pool, upstream=self.upstream)
+        passthrough = StreamingPassthrough(pool=self.pool, upstream=self.upstream,
+                                           send_timeout=config.gateway.send_timeout)
         retry = RetryConnectFailures(passthrough, config=config, metrics=self.metrics)
         self.semaphores = ModelConcurrencyLimit(retry, config=config, metrics=self.metrics)
         self.queue = QueueDepthLimit(self.semaphores, config=config, metrics=self.metrics)
         self.response_ids = ResponseIds(config.gateway.max_response_ids)
         self.feedback = (StreamFeedback(self.queue, config=config, pool=self.pool)
                          if config.gateway.stream_keepalive else None)
-        self._draining = Draining(Admission(self.feedback or self.queue, config=config,
-                                            response_ids=self.response_ids))
+        self.admission = Admission(self.feedback or self.queue, config=config,
+                                   response_ids=self.response_ids)
+        self._draining = Draining(self.admission)
         self._remembering = RememberResponseIds(self._draining, ids=self.response_ids)
         self._clients: ASGIApp = self._client_routes
         if config.client_keys:
@@ -237,7 +239,7 @@ class Gateway:
 
     async def _get(self, handler: routes.Handler, scope: Scope, send: Send) -> None:
         if scope["method"] not in ("GET", "HEAD"):
-            raise method_not_allowed(scope["path"], "GET")
+            raise method_not_allowed(scope["path"], "GET, HEAD")
         await handler(self, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

@@ -73,6 +73,15 @@ class GatewaySettings:
     # Response ids remembered with the model that made them (a few hundred bytes each), so
     # that GET /v1/responses/{id} and its cancel reach that model.
     max_response_ids: int = _spec(10_000, lo=1, hi=10_000_000)
+    # Seconds one send to the client may take: a client that stops reading for longer is ended
+    # as if it had disconnected (as nginx's send_timeout, and its default).
+    send_timeout: float = _spec(60.0, lo=0.001, hi=DAY)
+    # Seconds the whole request body may take to arrive (a body sent a byte a second holds its
+    # bytes and its connection): then 408.
+    body_timeout: float = _spec(30.0, lo=0.001, hi=DAY)
+    # Bytes of request bodies held at once by every request in flight or queued together; a
+    # request that would go past it gets 503 with Retry-After. At least max_body_bytes.
+    max_buffered_body_bytes: int = _spec(256 * 1024 * 1024, lo=1, hi=1024 ** 4)
     # Connections the kernel may hold for accept(): a burst beyond it waits for SYN retries.
     backlog: int = _spec(2048, lo=1, hi=65535)
     placement_timeout: float = _spec(30.0, lo=0.001, hi=DAY)
@@ -404,6 +413,13 @@ def _check_instance(instance: str | None, sources: _Sources) -> None:
               "starting with a letter or digit (it names containers)")
 
 
+def _check_body_budget(gateway: GatewaySettings, sources: _Sources) -> None:
+    if gateway.max_buffered_body_bytes < gateway.max_body_bytes:
+        _fail("gateway.max_buffered_body_bytes", gateway.max_buffered_body_bytes, sources,
+              f"at least gateway.max_body_bytes ({gateway.max_body_bytes}): a body of the "
+              "largest size allowed must fit")
+
+
 def _check_trusted_proxies(proxies: tuple[str, ...], sources: _Sources) -> None:
     for i, proxy in enumerate(proxies):
         try:
@@ -588,6 +604,7 @@ def config_from_mapping(data: dict[str, Any], *, source: str = "<mapping>",
     sections = {name: _build(cls, data.get(name, {}), name, sources)
                 for name, cls in SECTIONS.items()}
     _check_bind(sections["gateway"].bind, sources)
+    _check_body_budget(sections["gateway"], sources)
     _check_trusted_proxies(sections["gateway"].trusted_proxies, sources)
     _check_instance(sections["gateway"].instance, sources)
     _check_token("admin.token", sections["admin"].token, sources)

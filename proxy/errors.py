@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from .types import Message, Send
+from .types import Message, Scope, Send, request_state
 
 ERROR_KEY = "vllm_gateway.error"
 
@@ -23,8 +23,10 @@ class GatewayError(Exception):
 
     def __init__(self, status: int, message: str, *, type: str, code: str,
                  param: str | None = None, retry_after: float | None = None,
-                 should_retry: bool | None = None) -> None:
+                 should_retry: bool | None = None,
+                 headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         super().__init__(message)
+        self.extra_headers = headers
         self.status = status
         self.message = message
         self.type = type
@@ -38,7 +40,7 @@ class GatewayError(Exception):
         many requests would pile all their tracebacks onto itself."""
         return GatewayError(self.status, self.message, type=self.type, code=self.code,
                             param=self.param, retry_after=self.retry_after,
-                            should_retry=self.should_retry)
+                            should_retry=self.should_retry, headers=self.extra_headers)
 
     def body(self) -> bytes:
         return error_body(self.message, type=self.type, code=self.code, param=self.param)
@@ -49,7 +51,13 @@ class GatewayError(Exception):
             headers.append((b"retry-after", str(max(1, round(self.retry_after))).encode()))
         if self.should_retry is not None:
             headers.append((b"x-should-retry", b"true" if self.should_retry else b"false"))
+        headers.extend(self.extra_headers)
         return headers
+
+    async def answer(self, scope: Scope, send: Send) -> None:
+        """Send this error as the response, and leave its code for the access line."""
+        request_state(scope)["error"] = self.code
+        await self.send(send)
 
     async def send(self, send: Send) -> None:
         body = self.body()
@@ -61,8 +69,12 @@ class GatewayError(Exception):
 
     def sse_message(self) -> Message:
         """What a stream that already started gets instead of a status: the last body message,
-        one SSE error event."""
-        event = b"data: " + error_body(self.message, type=self.type, code=self.code) + b"\n\n"
+        one SSE error event.
+
+        It starts with a blank line: the bytes relayed before it may end in the middle of an
+        event (a backend that died mid-write), and the error must not continue that event's last
+        line. After a whole event the blank line dispatches nothing."""
+        event = b"\n\ndata: " + error_body(self.message, type=self.type, code=self.code) + b"\n\n"
         return {"type": "http.response.body", "body": event, "more_body": False, ERROR_KEY: self}
 
 

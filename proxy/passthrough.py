@@ -1,9 +1,13 @@
 """The streaming passthrough: lease a ready backend, forward the request, relay the answer.
 
 Raw bytes are relayed chunk by chunk as they arrive (no decoding, no buffering); hop-by-hop
-headers are dropped both ways. The upstream response is closed in a ``finally`` owned here, so a
-client that goes away cancels the generation at the backend at once (a ``background=`` cleanup
-would not run on a disconnect).
+headers, and those a ``Connection`` header names, are dropped both ways. ``Expect`` is the
+gateway's to answer (hypercorn sends the 100), not the backend's: a backend that never sends 100
+would leave the request waiting for it. The client's ``X-Forwarded-*`` and ``Forwarded`` never
+reach a backend as written (vLLM's uvicorn believes them from 127.0.0.1): the backend gets the
+client's address and scheme as the gateway knows them (after its own trusted proxies). The
+upstream response is closed in a ``finally`` owned here, so a client that goes away cancels the
+generation at the backend at once (a ``background=`` cleanup would not run on a disconnect).
 
 Failure semantics, each seen by the client as it says:
 - the backend cannot be connected to: ``UpstreamConnectError`` (the retry layer may try again,
@@ -13,7 +17,9 @@ Failure semantics, each seen by the client as it says:
 - the connection fails after the request was sent: 502, not retried (the backend may have
   acted on it);
 - the backend dies after the answer started: an SSE stream gets an error event and then ends;
-  a plain body is cut off by closing the connection, so it cannot pass for a whole answer.
+  a plain body is cut off by closing the connection, so it cannot pass for a whole answer;
+- the client stops reading: once one send has waited ``gateway.send_timeout``, the request ends
+  as a disconnect does (the upstream response is closed, the backend aborts the generation).
 """
 
 from __future__ import annotations
@@ -23,10 +29,10 @@ from typing import Any
 import structlog
 
 from backends.pool import BackendPool
-from middleware.disconnect import ClientWatch
+from middleware.disconnect import ClientWatch, SendWatch, SendWatches, cancellable
 
 from .errors import GatewayError
-from .types import Receive, Scope, Send, request_state
+from .types import Message, Receive, Scope, Send, header, request_state
 from .upstream import Answer, Broken, ConnectFailed, NoFirstByte, PoolExhausted, Upstream
 
 log = structlog.get_logger("gateway.proxy")
@@ -36,9 +42,15 @@ HOP_BY_HOP = frozenset({
     b"trailer", b"transfer-encoding", b"upgrade",
 })
 # The request id is ours to set both ways; the length is the client library's to compute.
-REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"x-request-id"}
+REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"x-request-id", b"expect", b"forwarded"}
+FORWARDED_PREFIX = b"x-forwarded-"
 RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server", b"x-request-id"}
 SSE = b"text/event-stream"
+
+
+def _named_by(connection: bytes) -> frozenset[bytes]:
+    """The header names a ``Connection`` header lists: hop-by-hop for this connection only."""
+    return frozenset(token.strip().lower() for token in connection.split(b","))
 
 
 class UpstreamConnectError(GatewayError):
@@ -54,28 +66,45 @@ class UpstreamCutOff(Exception):
 
 
 class StreamingPassthrough:
-    def __init__(self, *, pool: BackendPool, upstream: Upstream) -> None:
+    def __init__(self, *, pool: BackendPool, upstream: Upstream, send_timeout: float) -> None:
         self.pool = pool
         self.upstream = upstream
+        self.send_timeout = send_timeout
+        self.sends = SendWatches(send_timeout)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The client is watched from the first wait on: a cold start and a backend that is slow
-        # to answer are waits it may leave, and its leaving cancels them at once.
-        await ClientWatch(receive).run(lambda: self._forward(scope, send))
+        # to answer are waits it may leave, and its leaving cancels them at once; so is a send
+        # to a client that does not read.
+        watch = ClientWatch(receive)
+        sends = self.sends.new()
+        await watch.run(lambda: self._forward(scope, cancellable(send), sends), sends)
+        if watch.stalled:
+            state = request_state(scope)
+            log.warning("client stopped reading; request ended", model=state["model"].name,
+                        send_timeout_s=self.send_timeout)
+            state["error"] = "send_timeout"
 
-    async def _forward(self, scope: Scope, send: Send) -> None:
+    async def _forward(self, scope: Scope, send: Send, sends: SendWatch) -> None:
         state = request_state(scope)
         model = state["model"]
         async with self.pool.lease(model.name) as backend:
             answer = await self._open(scope, state, backend.address, model.name)
             try:
-                await self._relay(answer, send, model.name)
+                await self._relay(answer, send, sends, model.name)
             finally:
                 await answer.aclose()
 
     async def _open(self, scope: Scope, state: dict[str, Any], address: str,
                     model: str) -> Answer:
-        headers = [(k, v) for k, v in scope["headers"] if k not in REQUEST_DROP]
+        named = header(scope, b"connection")
+        drop = REQUEST_DROP | _named_by(named) if named else REQUEST_DROP
+        headers = [(k, v) for k, v in scope["headers"]
+                   if k not in drop and not k.startswith(FORWARDED_PREFIX)]
+        client = scope.get("client")
+        if client:
+            headers.append((b"x-forwarded-for", client[0].encode("latin-1")))
+        headers.append((b"x-forwarded-proto", scope["scheme"].encode("latin-1")))
         if "request_id" in state:
             headers.append((b"x-request-id", state["request_id"].encode()))
         url = address + scope["path"]
@@ -102,38 +131,51 @@ class StreamingPassthrough:
                                type="upstream_error", code="upstream_failed",
                                should_retry=False) from None
 
-    async def _relay(self, answer: Answer, send: Send, model: str) -> None:
+    async def _relay(self, answer: Answer, send: Send, sends: SendWatch, model: str) -> None:
+        async def watched(message: Message) -> None:
+            sends.begun += 1
+            await send(message)
+            sends.done += 1
+
         headers = []
         sse = False
+        named = None
         for key, value in answer.headers:
             name = key.lower()
             if name not in RESPONSE_DROP:
                 headers.append((key, value))
                 if name == b"content-type":
                     sse = value.startswith(SSE)
+            elif name == b"connection":
+                named = _named_by(value)
+        if named:
+            headers = [(k, v) for k, v in headers if k.lower() not in named]
         if sse:
             headers.append((b"x-accel-buffering", b"no"))
         try:
-            await send({"type": "http.response.start", "status": answer.status,
-                        "headers": headers})
+            await watched({"type": "http.response.start", "status": answer.status,
+                           "headers": headers})
             try:
                 async for chunk in answer.chunks():
                     # The last chunk says so itself: one message fewer through every layer and
                     # the server (a plain answer usually comes in one chunk).
                     if answer.at_eof():
-                        await send({"type": "http.response.body", "body": chunk,
-                                    "more_body": False})
+                        await watched({"type": "http.response.body", "body": chunk,
+                                       "more_body": False})
                         return
+                    # The send watch, counted inline: this is the per-chunk path.
+                    sends.begun += 1
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    sends.done += 1
             except self.upstream.broken as exc:
                 log.warning("upstream failed mid-answer", model=model, error=repr(exc))
                 if not sse:
                     raise UpstreamCutOff(model) from exc
-                await send(GatewayError(
+                await watched(GatewayError(
                     502, f"The backend of model '{model}' failed during the answer.",
                     type="upstream_error", code="upstream_failed").sse_message())
                 return
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await watched({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             # Newer servers raise on a send after the client left; older ones drop it silently
             # and the disconnect is seen by ClientWatch instead. Either way: stop relaying.

@@ -39,9 +39,11 @@ def no_route(path: str) -> GatewayError:
     return not_found(f"No route {path}.")
 
 
-def method_not_allowed(path: str, method: str) -> GatewayError:
-    return GatewayError(405, f"{path} accepts {method} only.", type="invalid_request_error",
-                        code="method_not_allowed", should_retry=False)
+def method_not_allowed(path: str, allowed: str) -> GatewayError:
+    """405, with the ``Allow`` header HTTP requires of it (``allowed``: "POST", "GET, HEAD")."""
+    return GatewayError(405, f"{path} accepts {allowed} only.", type="invalid_request_error",
+                        code="method_not_allowed", should_retry=False,
+                        headers=((b"allow", allowed.encode()),))
 
 
 async def respond(send: Send, status: int, body: bytes, content_type: bytes) -> None:

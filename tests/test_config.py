@@ -123,7 +123,15 @@ BOUNDED = [
     ("gateway", "max_models_concurrent", int, "an integer from 1 to 1000"),
     ("gateway", "max_response_ids", int, "an integer from 1 to 10000000"),
     ("upstream", "timeout", float, "a number from 0.001 to 86400.0"),
+    ("gateway", "send_timeout", float, "a number from 0.001 to 86400.0"),
+    ("gateway", "body_timeout", float, "a number from 0.001 to 86400.0"),
 ]
+
+
+def test_a_body_budget_smaller_than_one_body_is_refused():
+    message = refusal({"gateway": {"max_body_bytes": 1000, "max_buffered_body_bytes": 999}})
+    assert_names(message, "gateway.max_buffered_body_bytes", "999", FILE,
+                 "at least gateway.max_body_bytes (1000)")
 
 
 @pytest.mark.parametrize("value", [0, -1, 10 ** 12], ids=["zero", "negative", "huge"])

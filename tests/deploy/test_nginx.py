@@ -159,3 +159,14 @@ def test_access_log_names_the_client_nginx_forwarded_and_only_that(stack: Stack)
     assert client(through_nginx) == "127.0.0.5"  # nginx itself connects from 127.0.0.1
     assert client(spoofed_through_nginx) == "127.0.0.5"  # nginx appends the real peer last
     assert client(spoofed_direct) == "127.0.0.7"  # not a trusted proxy: its header is ignored
+
+
+def test_a_413_the_gateway_refuses_before_reading_reaches_the_client_through_nginx(
+        stack: Stack) -> None:
+    # Under nginx's client_max_body_size (16m), over the gateway's max_body_bytes (10 MiB):
+    # nginx sends the whole body on, the gateway refuses it by its Content-Length.
+    for _ in range(2):
+        response = HTTP.post(stack.nginx + "/v1/chat/completions", content=b"x" * (12 << 20),
+                             headers={"content-type": "application/json"}, timeout=30)
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "request_too_large"

@@ -13,7 +13,7 @@ import sniffio
 from anyio.abc import TaskGroup
 
 from proxy.config import Config
-from proxy.types import ASGIApp, Message, Scope
+from proxy.types import ASGIApp, Message, Scope, request_state
 
 
 def http_scope(*, headers: list[tuple[bytes, bytes]] | None = None, method: str = "POST",
@@ -30,7 +30,7 @@ def admitted_scope(config: Config, model: str) -> Scope:
     scope = http_scope()
     settings = config.by_name[model]
     body = {"model": settings.served_name}
-    scope["state"] = {"model": settings, "body": body, "body_bytes": json.dumps(body).encode()}
+    request_state(scope).update(model=settings, body_bytes=json.dumps(body).encode())
     return scope
 
 

@@ -1,4 +1,5 @@
-"""Admission: bounded body read, JSON and model checks, state for the layers below, replay."""
+"""Admission: bounded body read (size, time, the gateway's budget), JSON and model checks,
+state for the layers below, replay."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from typing import Any
 import anyio
 import pytest
 
-from middleware.admission import Admission
+from middleware import admission
+from middleware.admission import LARGE_BODY, Admission
 from middleware.response_ids import ResponseIds
-from proxy.types import Message, Receive, Scope, Send
+from proxy.types import Message, Receive, Scope, Send, request_state
 from tests.support import make_config, sim_model
 
 from .asgi import Client, http_scope
@@ -20,9 +22,9 @@ pytestmark = pytest.mark.anyio
 LIMIT = 128
 
 
-def config() -> Any:
+def config(**gateway: Any) -> Any:
     return make_config([sim_model("llama", aliases=["gpt-4"], served_name="meta/llama"),
-                        sim_model("qwen")], gateway={"max_body_bytes": LIMIT})
+                        sim_model("qwen")], gateway={"max_body_bytes": LIMIT, **gateway})
 
 
 class Inner:
@@ -34,7 +36,7 @@ class Inner:
         self.messages: list[Message] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.state = scope["state"]
+        self.state = request_state(scope)
         for _ in range(self.reads):
             self.messages.append(await receive())
         await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -57,8 +59,8 @@ async def test_an_admitted_request_carries_its_model_and_body_downstream() -> No
     assert client.status == 200
     assert inner.state is not None
     assert inner.state["model"].name == "qwen"
-    assert inner.state["body"] == body
     assert json.loads(inner.state["body_bytes"]) == body
+    assert "body" not in inner.state  # nothing parsed is kept
 
 
 async def test_the_body_is_replayed_to_the_inner_app_then_receive_goes_on() -> None:
@@ -86,28 +88,120 @@ async def test_a_content_type_with_parameters_is_json_too() -> None:
     assert client.status == 200
 
 
-async def test_a_declared_length_over_the_limit_is_refused_before_reading() -> None:
-    client = Client.with_body({"model": "qwen"})
+class SendsThenReads(Client):
+    """Records, with each message sent, how many the app had read by then."""
+
+    def __init__(self, *messages: Message) -> None:
+        super().__init__(*messages)
+        self.read_when_sent: list[int] = []
+
+    async def send(self, message: Message) -> None:
+        self.read_when_sent.append(self.received)
+        await super().send(message)
+
+
+async def test_a_declared_length_over_the_limit_is_answered_before_reading() -> None:
+    client = SendsThenReads({"type": "http.request", "body": b"x" * 100, "more_body": True},
+                            {"type": "http.request", "body": b"x" * 100, "more_body": False})
     inner = await admit(client, headers=[(b"content-type", b"application/json"),
                                          (b"content-length", str(LIMIT + 1).encode())])
     assert client.status == 413
     assert client.error()["code"] == "request_too_large"
-    assert client.received == 0
+    # The whole answer went out before a byte was read; the rest was then read and dropped
+    # (a connection closed with unread bytes is reset) and only then did the answer end.
+    assert client.read_when_sent == [0, 0, 2]
+    assert client.sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
     assert inner.state is None
 
 
 async def test_reading_stops_at_the_limit() -> None:
     chunk = b" " * 50
     client = Client(*({"type": "http.request", "body": chunk, "more_body": True}
-                      for _ in range(5)))
+                      for _ in range(4)),
+                    {"type": "http.request", "body": chunk, "more_body": False})
     inner = await admit(client)
     assert client.status == 413
     error = client.error()
     assert error["type"] == "invalid_request_error"
     assert error["code"] == "request_too_large"
-    assert client.received == 3
-    assert client.unread == 2
+    assert client.unread == 0  # what came after the limit was read, not kept
     assert inner.state is None
+
+
+async def test_a_body_slower_than_body_timeout_is_a_408(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(admission, "LINGER_S", 0.2)
+    client = Client({"type": "http.request", "body": b'{"model": ', "more_body": True})
+    inner = Inner()
+    began = anyio.current_time()
+    await Admission(inner, config=config(body_timeout=0.3))(
+        http_scope(), client.receive, client.send)
+    # The answer, then the rest of the body is waited for a while (LINGER_S), then it ends.
+    assert 0.5 <= anyio.current_time() - began < 1.5
+    assert client.status == 408
+    assert client.error()["code"] == "request_timeout"
+    assert inner.state is None
+
+
+async def test_a_full_budget_is_a_503_with_retry_after_and_frees_when_requests_end() -> None:
+    layer = Admission(Inner(), config=config(max_buffered_body_bytes=LIMIT))
+    raw = json.dumps({"model": "qwen", "pad": "x" * 80}).encode()
+    length = [(b"content-type", b"application/json"),
+              (b"content-length", str(len(raw)).encode())]
+    release = anyio.Event()
+
+    async def holding(scope: Scope, receive: Receive, send: Send) -> None:
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    layer.app = holding
+    first, second = Client.with_body(raw), Client.with_body(raw)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(layer, http_scope(headers=length), first.receive, first.send)
+        await anyio.sleep(0.05)
+        assert layer.budget.held == len(raw)
+        await layer(http_scope(headers=length), second.receive, second.send)
+        assert second.status == 503
+        assert second.error()["code"] == "body_budget_full"
+        assert second.headers["retry-after"] == "1"
+        release.set()
+    assert first.status == 200
+    assert layer.budget.held == 0
+
+
+async def test_a_large_body_in_chunks_is_read_and_its_last_top_level_model_wins() -> None:
+    pad = json.dumps([{"model": "not this one"}] * (LARGE_BODY // 20)).encode()
+    raw = b'{"model": "llama", "messages": ' + pad + b', "model ": "x", "model": "qwen"}'
+    assert len(raw) > LARGE_BODY
+    client = Client(*({"type": "http.request", "body": raw[i:i + 300_000], "more_body": True}
+                      for i in range(0, len(raw), 300_000)),
+                    {"type": "http.request", "body": b"", "more_body": False})
+    inner = Inner()
+    await Admission(inner, config=config(max_body_bytes=4 * LARGE_BODY))(
+        http_scope(), client.receive, client.send)
+    assert client.status == 200
+    assert inner.state is not None and inner.state["model"].name == "qwen"
+
+
+async def test_a_large_body_for_an_alias_names_the_served_model() -> None:
+    raw = json.dumps({"model": "gpt-4", "prompt": [1] * LARGE_BODY}).encode()
+    inner = Inner()
+    await Admission(inner, config=config(max_body_bytes=4 * LARGE_BODY))(
+        http_scope(), Client.with_body(raw).receive, Client().send)
+    assert inner.state is not None
+    assert json.loads(inner.state["body_bytes"])["model"] == "meta/llama"
+
+
+@pytest.mark.parametrize("raw", [b"{" + b'"a": 1, ' * (LARGE_BODY // 4),
+                                 b"[" + b"1, " * (LARGE_BODY // 2) + b"1]",
+                                 b'{"model": "qwen"} trailing'])
+async def test_a_large_body_that_is_not_a_json_object_is_a_400(raw: bytes) -> None:
+    client = Client.with_body(raw)
+    await Admission(Inner(), config=config(max_body_bytes=4 * LARGE_BODY))(
+        http_scope(), client.receive, client.send)
+    assert client.status == 400
+    assert client.error()["code"] == "invalid_json"
 
 
 async def test_a_body_of_exactly_the_limit_is_read() -> None:

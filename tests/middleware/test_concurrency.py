@@ -13,7 +13,7 @@ from middleware.concurrency import ModelConcurrencyLimit
 from middleware.queue_depth import QueueDepthLimit
 from proxy.config import Config
 from proxy.metrics import GatewayMetrics
-from proxy.types import Receive, Scope, Send
+from proxy.types import Receive, Scope, Send, request_state
 from tests.support import make_config, sim_model
 
 from .asgi import Client, admitted_scope, call, settle, start
@@ -41,7 +41,7 @@ class Held:
     def request(self, cfg: Config, model: str, number: int) -> Scope:
         scope = admitted_scope(cfg, model)
         scope["state"]["number"] = number
-        scope["state"]["leave_queue"] = lambda: self.left_queue.append(number)
+        request_state(scope)["leave_queue"] = lambda: self.left_queue.append(number)
         self.finish[number] = anyio.Event()
         return scope
 

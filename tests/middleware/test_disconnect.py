@@ -1,4 +1,5 @@
-"""ClientWatch: a wait that ends the moment the client disconnects, losing no message."""
+"""ClientWatch: a wait that ends the moment the client disconnects, losing no message, or once
+a send to a client that stopped reading has waited send_timeout."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import anyio
 import pytest
 from anyio.lowlevel import checkpoint
 
-from middleware.disconnect import ClientWatch
+from middleware.disconnect import ClientWatch, SendWatches, cancellable
 
 from .asgi import Client, settle
 
@@ -106,3 +107,41 @@ async def test_a_failing_receive_ends_the_wait_and_comes_out_as_itself() -> None
     watch = ClientWatch(receive)
     with anyio.fail_after(5), pytest.raises(ConnectionError, match="server gone"):
         await watch.run(anyio.sleep_forever)
+
+
+async def test_a_send_that_does_not_complete_ends_the_wait_after_send_timeout() -> None:
+    watch = ClientWatch(Client.with_body().receive)
+    sends = SendWatches(0.2).new()
+    never = anyio.Event()
+
+    async def stuck_send(message: dict) -> None:
+        await never.wait()
+
+    async def relay() -> None:
+        send = cancellable(stuck_send)
+        for _ in range(3):  # sends that complete do not count towards a stall
+            sends.begun += 1
+            await anyio.sleep(0.1)
+            sends.done += 1
+        sends.begun += 1
+        await send({"type": "http.response.body"})
+
+    began = anyio.current_time()
+    assert await watch.run(relay, sends) == (False, None)
+    assert watch.stalled and not watch.disconnected
+    assert 0.3 + 0.2 <= anyio.current_time() - began < 0.3 + 0.2 + 0.2
+
+
+async def test_sends_that_each_complete_in_time_never_stall() -> None:
+    watch = ClientWatch(Client.with_body().receive)
+    sends = SendWatches(0.2).new()
+
+    async def relay() -> str:
+        for _ in range(10):
+            sends.begun += 1
+            await anyio.sleep(0.1)
+            sends.done += 1
+        return "answered"
+
+    assert await watch.run(relay, sends) == (True, "answered")
+    assert not watch.stalled

@@ -13,7 +13,7 @@ import pytest
 
 from backends.pool import ModelState
 from middleware.feedback import StreamFeedback
-from proxy.types import Message
+from proxy.types import Message, request_state
 from tests.middleware.asgi import Client, admitted_scope, call
 from tests.support import make_config, static_model
 
@@ -34,7 +34,7 @@ def layer(inner: Any) -> StreamFeedback:
 
 def stream_scope(stream: bool = True) -> Any:
     scope = admitted_scope(CONFIG, "m")
-    scope["state"]["body"]["stream"] = stream
+    request_state(scope)["stream"] = stream
     return scope
 
 

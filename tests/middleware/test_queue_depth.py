@@ -9,7 +9,7 @@ from middleware.concurrency import ModelConcurrencyLimit
 from middleware.queue_depth import QueueDepthLimit
 from proxy.config import Config
 from proxy.metrics import GatewayMetrics
-from proxy.types import Receive, Scope, Send
+from proxy.types import Receive, Scope, Send, request_state
 from tests.support import make_config, sim_model
 
 from .asgi import admitted_scope, call, settle, start
@@ -32,7 +32,7 @@ class Waiting:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.calls += 1
         await self.go.wait()
-        scope["state"]["leave_queue"]()
+        request_state(scope)["leave_queue"]()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
@@ -105,8 +105,8 @@ async def test_leaving_the_queue_twice_counts_once() -> None:
     queue: QueueDepthLimit
 
     async def inner(scope: Scope, receive: Receive, send: Send) -> None:
-        scope["state"]["leave_queue"]()
-        scope["state"]["leave_queue"]()
+        request_state(scope)["leave_queue"]()
+        request_state(scope)["leave_queue"]()
         seen.append(queue.depth("a"))
 
     queue = QueueDepthLimit(inner, config=cfg, metrics=GatewayMetrics())

@@ -12,7 +12,7 @@ from middleware import request_context
 from middleware.request_context import RequestContext
 from proxy.errors import GatewayError
 from proxy.metrics import GatewayMetrics
-from proxy.types import Receive, Scope, Send
+from proxy.types import Receive, Scope, Send, request_state
 from tests.support import make_config, sim_model
 
 from .asgi import Client, call, http_scope
@@ -56,7 +56,7 @@ async def test_the_clients_request_id_comes_back_and_is_kept_for_the_backend() -
     seen: dict[str, Any] = {}
 
     async def inner(scope: Scope, receive: Receive, send: Send) -> None:
-        seen.update(scope["state"])
+        seen.update(request_state(scope))
         await ok(scope, receive, send)
 
     client = await call(RequestContext(inner, metrics=GatewayMetrics()), with_id(b"abc-123"))
@@ -137,8 +137,8 @@ async def test_one_access_log_line_per_request_says_what_happened(access_log: Li
     cfg = make_config([sim_model("qwen")])
 
     async def inner(scope: Scope, receive: Receive, send: Send) -> None:
-        scope["state"]["model"] = cfg.by_name["qwen"]
-        scope["state"]["retries"] = 1
+        request_state(scope)["model"] = cfg.by_name["qwen"]
+        request_state(scope)["retries"] = 1
         await ok(scope, receive, send)
 
     metrics = GatewayMetrics()

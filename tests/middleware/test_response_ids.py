@@ -8,7 +8,7 @@ import pytest
 
 from middleware.response_ids import PEEK_BYTES, RememberResponseIds, ResponseIds, stored_response
 from proxy.errors import GatewayError
-from proxy.types import Receive, Scope, Send
+from proxy.types import Receive, Scope, Send, request_state
 from tests.support import make_config, sim_model
 
 from .asgi import call, http_scope
@@ -42,7 +42,7 @@ def test_the_least_recently_used_id_is_forgotten_past_the_size() -> None:
 
 def answering(*bodies: bytes, status: int = 200, content_type: bytes = b"application/json"):
     async def backend(scope: Scope, receive: Receive, send: Send) -> None:
-        scope["state"]["model"] = B
+        request_state(scope)["model"] = B
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", content_type)]})
         for i, body in enumerate(bodies):

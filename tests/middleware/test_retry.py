@@ -13,7 +13,7 @@ from proxy.config import Config
 from proxy.errors import GatewayError
 from proxy.metrics import GatewayMetrics
 from proxy.passthrough import UpstreamConnectError
-from proxy.types import Receive, Scope, Send
+from proxy.types import Receive, Scope, Send, request_state
 from tests.support import make_config, sim_model
 
 from .asgi import admitted_scope, call
@@ -63,7 +63,7 @@ async def test_a_connect_failure_is_tried_again_and_the_answer_gets_through() ->
     assert client.status == 200
     assert client.body == b"ok"
     assert len(inner.attempts) == 3
-    assert scope["state"]["retries"] == 2
+    assert request_state(scope)["retries"] == 2
     assert metrics.registry.get_sample_value("gateway_upstream_retries_total",
                                              {"model": "a"}) == 2
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx2
 import pytest
 
 from middleware import request_context
 from middleware.request_context import RequestContext
 from proxy.metrics import GatewayMetrics
-from proxy.types import Receive, Scope, Send
+from proxy.types import Receive, Scope, Send, request_state
 from tests.middleware.asgi import Client, call, http_scope
 from tests.middleware.test_request_context import Lines
-from tests.support import make_config, sim_model
+from tests.support import make_config, serving, sim_model, static_model
 
 pytestmark = pytest.mark.anyio
 
@@ -29,9 +30,9 @@ def access_log(monkeypatch: pytest.MonkeyPatch) -> Lines:
 def answering(*, slot: bool, then_read: bool = False, complete: bool = True) -> Any:
     """An inner app as the stack below would be: a model, maybe a slot, an answer in two parts."""
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        scope["state"]["model"] = MODEL
+        request_state(scope)["model"] = MODEL
         if slot:
-            scope["state"]["queue_wait"] = 0.25
+            request_state(scope)["queue_wait"] = 0.25
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"part", "more_body": True})
         if complete:
@@ -93,3 +94,33 @@ async def test_a_disconnect_after_the_whole_answer_is_no_disconnect(access_log: 
     context = RequestContext(answering(slot=True, then_read=True), metrics=GatewayMetrics())
     await call(context, http_scope(), client)
     assert access_log.lines[0]["client_disconnected"] is False
+
+
+async def test_the_gateways_own_error_answers_log_their_code_and_the_model_asked_for(
+        access_log: Lines) -> None:
+    config = make_config([static_model("m", "http://127.0.0.1:9")],
+                         gateway={"max_queue_size": 1})
+    async with serving(config) as (url, gateway), httpx2.AsyncClient() as client:
+        chat_url = url + "/v1/chat/completions"
+        await client.post(chat_url, json={"model": "no-such-model"})
+        await client.post(chat_url, content=b"{not json",
+                          headers={"content-type": "application/json"})
+        await client.post(chat_url, content=b"hi", headers={"content-type": "text/plain"})
+        await client.get(url + "/v1/nowhere")
+        gateway.drain()
+        await client.post(chat_url, json={"model": "m"})
+    lines = [line for line in access_log.lines if line["path"] != "/health"]
+    assert [(line["status"], line["error"], line["model"]) for line in lines] == [
+        (404, "model_not_found", "no-such-model"),
+        (400, "invalid_json", "-"),
+        (415, "unsupported_media_type", "-"),
+        (404, "not_found", "-"),
+        (503, "shutting_down", "-"),
+    ]
+    # The made-up name is in the log line only: a metric label per name would be unbounded.
+    def answered(model: str) -> float | None:
+        return gateway.metrics.registry.get_sample_value(
+            "gateway_requests_total", {"model": model, "status": "404"})
+
+    assert answered("no-such-model") is None
+    assert answered("-") == 2
