@@ -7,8 +7,10 @@ importable), so it runs in minimal container images too.
 
 Endpoints (shaped like vLLM's):
 
-* ``GET /health``: 503 during the start-up delay (and for ``--fail-health``
-  further checks), then 200 with an empty body.
+* ``GET /health``: 200 with an empty body (503 for the first ``--fail-health``
+  checks).  Like vLLM, which opens its port only once the engine is ready, the
+  simulator binds its port at once but accepts connections only after the
+  start-up delay: until then a connection is refused.
 * ``GET /v1/models``: the one served model.
 * ``POST /v1/chat/completions``, ``POST /v1/completions``: exactly
   ``max_tokens`` tokens of ``"tok "`` (chat also reads
@@ -42,6 +44,7 @@ import json
 import os
 import random
 import signal
+import socket
 import sys
 import time
 import zlib
@@ -91,6 +94,8 @@ class SimulatorConfig:
     seed: int = 0
     die_after_tokens: int | None = None
     exit_after_requests: int | None = None
+    # Seconds an idle connection stays open: vLLM's HTTP server (uvicorn) closes it after 5.
+    keep_alive: float = 5.0
 
     def __post_init__(self) -> None:
         problems = [
@@ -102,6 +107,7 @@ class SimulatorConfig:
                 ("max_concurrency", self.max_concurrency >= 0, ">= 0"),
                 ("max_model_len", self.max_model_len > 0, "> 0"),
                 ("fail_health", self.fail_health >= 0, ">= 0"),
+                ("keep_alive", self.keep_alive > 0, "> 0"),
                 ("error_rate", 0.0 <= self.error_rate <= 1.0, "in [0, 1]"),
                 (
                     "die_after_tokens",
@@ -278,14 +284,11 @@ def _abort_connection(request: web.BaseRequest) -> None:
 class Simulator:
     """State and request handlers of one simulated server."""
 
-    def __init__(self, config: SimulatorConfig, *, started_at: float | None = None):
+    def __init__(self, config: SimulatorConfig):
         self.config = config
         self.stats = SimulatorStats()
         # Set by --exit-after-requests (and by main()'s signal handlers).
         self.shutdown_requested = asyncio.Event()
-        start = time.monotonic() if started_at is None else started_at
-        self._ready_at = start + config.startup_delay
-        self._ready = config.startup_delay <= 0
         self._health_failures_left = config.fail_health
         self._rng = random.Random(config.seed)
         self._semaphore = (
@@ -345,10 +348,6 @@ class Simulator:
 
     async def health(self, request: web.Request) -> web.Response:
         self._count("/health")
-        if not self._ready:
-            if time.monotonic() < self._ready_at:
-                return web.Response(status=503)
-            self._ready = True
         if self._health_failures_left:
             self._health_failures_left -= 1
             return web.Response(status=503)
@@ -596,16 +595,14 @@ class Simulator:
 SIMULATOR_KEY = web.AppKey("simulator", Simulator)
 
 
-def build_app(config: SimulatorConfig, *, started_at: float | None = None) -> web.Application:
+def build_app(config: SimulatorConfig) -> web.Application:
     """An application serving ``config``; its :class:`Simulator` is ``app[SIMULATOR_KEY]``.
 
-    The start-up delay counts from ``started_at`` (a ``time.monotonic()``
-    value; default: now).  Run it with ``handler_cancellation=True`` (as
-    :func:`serve` does) so that a client disconnect cancels a paced
-    non-streaming generation.
+    Run it with ``handler_cancellation=True`` (as :func:`serve` does) so that
+    a client disconnect cancels a paced non-streaming generation.
     """
     app = web.Application(client_max_size=64 * 1024 * 1024)
-    simulator = Simulator(config, started_at=started_at)
+    simulator = Simulator(config)
     simulator.add_routes(app)
     app[SIMULATOR_KEY] = simulator
     return app
@@ -669,31 +666,50 @@ async def serve(
 ) -> AsyncIterator[RunningSimulator]:
     """Serve ``config`` on ``host:port`` (0: any free port) until the block ends.
 
-    The server also closes itself once ``exit_after_requests`` is reached (or
+    The port is bound at once and listened on from ``started_at`` (a
+    ``time.monotonic()`` value; default: now) plus the start-up delay.  The
+    server also closes itself once ``exit_after_requests`` is reached (or
     ``simulator.shutdown_requested`` is set otherwise).
     """
-    app = build_app(config, started_at=started_at)
+    app = build_app(config)
     simulator = app[SIMULATOR_KEY]
     runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_GRACE,
+        keepalive_timeout=config.keep_alive,
     )
     await runner.setup()
     assert runner.server is not None
     _count_connections(runner.server, simulator.stats)
-    site = web.TCPSite(runner, host, port)
     try:
-        await site.start()
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
     except BaseException:
         await runner.cleanup()
         raise
-    running = RunningSimulator(simulator, runner, host, runner.addresses[0][1])
-
+    site = web.SockSite(runner, sock)
+    running = RunningSimulator(simulator, runner, host, sock.getsockname()[1])
+    ready_at = (time.monotonic() if started_at is None else started_at) + config.startup_delay
+    opening = asyncio.create_task(_listen_at(site, ready_at))
     watcher = asyncio.create_task(running.wait_closed())
     try:
+        if config.startup_delay <= 0:
+            await opening  # a port that cannot be listened on fails here, not later
         yield running
     finally:
         watcher.cancel()
+        opening.cancel()
         await running.close()
+        sock.close()
+
+
+async def _listen_at(site: web.SockSite, ready_at: float) -> None:
+    await asyncio.sleep(ready_at - time.monotonic())
+    await site.start()
 
 
 async def _serve_until_stopped(
@@ -711,7 +727,8 @@ async def _serve_until_stopped(
             f"max_concurrency={config.max_concurrency} fail_health={config.fail_health} "
             f"error_rate={config.error_rate} seed={config.seed} "
             f"die_after_tokens={config.die_after_tokens} "
-            f"exit_after_requests={config.exit_after_requests} pid={os.getpid()}",
+            f"exit_after_requests={config.exit_after_requests} "
+            f"keep_alive={config.keep_alive} pid={os.getpid()}",
             file=sys.stderr,
             flush=True,
         )
@@ -770,6 +787,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     add("--seed", type=int, default=0, help="seed of --error-rate's choices")
     add(
+        "--keep-alive",
+        type=float,
+        default=SimulatorConfig.keep_alive,
+        metavar="S",
+        help="seconds an idle connection stays open (default 5, as vLLM's)",
+    )
+    add(
         "--die-after-tokens",
         type=int,
         default=None,
@@ -814,6 +838,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             die_after_tokens=args.die_after_tokens,
             exit_after_requests=args.exit_after_requests,
+            keep_alive=args.keep_alive,
         )
     except ValueError as exc:
         parser.error(str(exc))
