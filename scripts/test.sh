@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
+# The real-vLLM tier's venv (once, ~2.5 min); without it tests/vllm skips (in CI: fails).
+scripts/setup-vllm.sh || echo "test.sh: scripts/setup-vllm.sh failed: tests/vllm cannot run" >&2
 if [[ $(id -u) -eq 0 ]]; then
     scripts/setup-system.sh
     scripts/setup-podman.sh

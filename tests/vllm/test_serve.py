@@ -9,7 +9,18 @@ import httpx2
 import openai
 import pytest
 
-from .conftest import MAX_MODEL_LEN, STARTUP_TIMEOUT, Served, metric
+from proxy.config import load_config
+from tests.support import ROOT
+
+from .conftest import (
+    MAX_MODEL_LEN,
+    STARTUP_TIMEOUT,
+    VLLM_ENV,
+    Served,
+    metric,
+    vllm_command,
+    watch_load,
+)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(STARTUP_TIMEOUT + 60)]
 
@@ -29,8 +40,8 @@ def test_first_request_starts_vllm_and_waits_for_it(served: Served) -> None:
         httpx2.post(served.url + "/admin/models/tiny/unload", headers=served.auth, timeout=60)
     starts = served.admin()["starts"]
     began = time.monotonic()
-    answer = client(served).chat.completions.create(model="tiny", messages=HI, max_tokens=5,
-                                                      extra_body={"ignore_eos": True})
+    answer = watch_load(served, lambda: client(served).chat.completions.create(
+        model="tiny", messages=HI, max_tokens=5, extra_body={"ignore_eos": True}))
     print(f"cold start through the gateway: {time.monotonic() - began:.1f} s")
     assert answer.choices[0].message.role == "assistant"
     assert answer.choices[0].finish_reason == "length"
@@ -92,3 +103,11 @@ def test_vllms_own_400s_reach_the_client_unchanged(served: Served) -> None:
     assert malformed.value.body["type"] == "Bad Request"
     assert malformed.value.body["param"] == "body.messages"
     assert "Input should be a valid list" in malformed.value.message
+
+
+def test_the_cpu_example_runs_the_vllm_this_tier_runs() -> None:
+    config = load_config(str(ROOT / "examples" / "vllm-cpu.toml"), environ={})
+    (model,) = config.models
+    assert list(model.command) == vllm_command(".venv-vllm/bin/python", "/tmp/tiny-model")
+    assert dict(model.env) == VLLM_ENV
+    assert config.upstream.keepalive_expiry < 5.0  # vLLM's
