@@ -164,7 +164,8 @@ class SimulatorStats:
 
 
 class _ApiError(Exception):
-    """An error answered in vLLM's shape."""
+    """An error answered in vLLM's shape: the type is the status's, or vLLM's
+    ``"Bad Request"`` for a body that fails its request validation."""
 
     TYPES: ClassVar[dict[int, str]] = {
         400: "BadRequestError",
@@ -172,16 +173,20 @@ class _ApiError(Exception):
         500: "InternalServerError",
     }
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(
+        self, status: int, message: str, *, param: str | None = None, kind: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.param = param
+        self.kind = kind or self.TYPES[status]
 
     def response(self) -> web.Response:
         error = {
             "message": self.message,
-            "type": self.TYPES[self.status],
-            "param": None,
+            "type": self.kind,
+            "param": self.param,
             "code": self.status,
         }
         return web.Response(
@@ -266,11 +271,25 @@ def _embedding(text: str) -> list[float]:
     return [((crc >> (4 * i)) & 0xF) / 15.0 - 0.5 for i in range(EMBEDDING_DIM)]
 
 
-def _max_tokens(value: object) -> int:
+def _invalid(field: str, message: str) -> _ApiError:
+    """A body field that fails vLLM's validation (pydantic's, before vLLM reads the request)."""
+    return _ApiError(400, message, param=f"body.{field}", kind="Bad Request")
+
+
+def _max_tokens(value: object, max_model_len: int) -> int:
     if value is None:
         return DEFAULT_MAX_TOKENS
-    if type(value) is not int or value < 1:
-        raise _ApiError(400, f"max_tokens must be a positive integer, got {value!r}")
+    if type(value) is not int:
+        raise _invalid("max_tokens", f"Input should be a valid integer, got {value!r}")
+    if value < 1:
+        raise _ApiError(400, f"max_tokens must be at least 1, got {value}.", param="max_tokens")
+    if value > max_model_len:
+        raise _ApiError(
+            400,
+            f"max_tokens={value} cannot be greater than max_model_len={max_model_len}. "
+            "Please request fewer output tokens.",
+            param="max_tokens",
+        )
     return value
 
 
@@ -323,7 +342,7 @@ class Simulator:
         )
         self._metrics_template = "".join(
             f"# HELP vllm:{name} {doc}\n# TYPE vllm:{name} gauge\n"
-            f'vllm:{name}{{model_name="{label}"}} %.1f\n'
+            f'vllm:{name}{{engine="0",model_name="{label}"}} %.1f\n'
             for name, doc in (
                 ("num_requests_running", "Number of requests running on GPU."),
                 ("num_requests_waiting", "Number of requests waiting to be processed."),
@@ -401,7 +420,7 @@ class Simulator:
                 raise _ApiError(400, "Request body must be a JSON object")
             model = body.get("model")
             if model is not None and model != self.config.model:
-                raise _ApiError(404, f"The model `{model}` does not exist.")
+                raise _ApiError(404, f"The model `{model}` does not exist.", param="model")
             resp, answered = await handle(request, body)
         except _ApiError as exc:
             resp, answered = exc.response(), True
@@ -418,27 +437,40 @@ class Simulator:
     async def _chat_body(
         self, request: web.Request, body: dict[str, Any]
     ) -> tuple[web.StreamResponse, bool]:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise _ApiError(400, "Field required: 'messages' (a non-empty list)")
+        if "messages" not in body:
+            raise _invalid("messages", "Field required")
+        messages = body["messages"]
+        if not isinstance(messages, list):
+            raise _invalid("messages", "Input should be a valid list")
+        if not messages:
+            raise _ApiError(
+                400,
+                "Cannot apply chat template to an empty conversation. "
+                "Provide at least one message.",
+            )
         max_tokens = body.get("max_completion_tokens")
         if max_tokens is None:
             max_tokens = body.get("max_tokens")
-        return await self._generate(
-            request, body, self._chat, _max_tokens(max_tokens), _count_tokens(messages)
-        )
+        max_tokens = _max_tokens(max_tokens, self.config.max_model_len)
+        return await self._generate(request, body, self._chat, max_tokens, _count_tokens(messages))
 
     async def _completion_body(
         self, request: web.Request, body: dict[str, Any]
     ) -> tuple[web.StreamResponse, bool]:
         prompt = body.get("prompt")
-        if not isinstance(prompt, str | list) or not prompt:
-            raise _ApiError(400, "Field required: 'prompt' (a string or a list)")
+        if prompt is not None and not isinstance(prompt, str | list):
+            raise _invalid("prompt", "Input should be a valid string or list")
+        if not prompt:
+            raise _ApiError(
+                400,
+                "Either prompt or prompt_embeds must be provided and non-empty.",
+                param="prompt",
+            )
         return await self._generate(
             request,
             body,
             self._completion,
-            _max_tokens(body.get("max_tokens")),
+            _max_tokens(body.get("max_tokens"), self.config.max_model_len),
             _count_tokens(prompt),
         )
 

@@ -6,28 +6,31 @@ Without the venv the tier skips, saying why; in CI (``VLLM_GATEWAY_TEST_REQUIRE_
 ``CI=true``) it fails instead. A vLLM takes about a minute to start on 2 cores: the tests that
 can share one gateway and its server do (``served``, for the whole session).
 
-Every vLLM a test starts carries ``VLLM_GATEWAY_TEST_RUN`` in its environment, inherited by
-its engine and worker processes, so a test finds exactly the processes it started.
+Every vLLM a test starts carries ``VLLM_GATEWAY_TEST_RUN`` in its environment, so a test finds
+exactly the processes it started (``engine_processes``).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
 import signal
 import subprocess
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import httpx2
 import pytest
 
 from tests.support import ROOT, gateway_process
 
+T = TypeVar("T")
 VLLM_VENV = ROOT / ".venv-vllm"
 VLLM_PYTHON = VLLM_VENV / "bin" / "python"
 MAKE_TINY_MODEL = ROOT / "scripts" / "make-tiny-model.py"
@@ -106,6 +109,8 @@ class Served:
     url: str
     process: subprocess.Popen
     marker: str
+    # What vLLM's /health gave while it loaded (``watch_load``): "refused" or a status.
+    health_during_load: list[str | int] | None = None
 
     auth = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -124,23 +129,64 @@ class Served:
         return engine_processes(self.marker)
 
 
+def watch_load(served: Served, start: Callable[[], T]) -> T:
+    """Run ``start`` (which makes the gateway start vLLM), and meanwhile ask vLLM's own
+    ``/health`` (once the gateway knows its address) until it answers 200."""
+    outcomes: list[str | int] = []
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        started = pool.submit(start)
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while outcomes[-1:] != [200] and time.monotonic() < deadline:
+            address = served.admin()["address"]
+            if address is not None:
+                try:
+                    outcomes.append(httpx2.get(address + "/health", timeout=2).status_code)
+                except httpx2.ConnectError:
+                    outcomes.append("refused")
+            elif started.done():
+                break
+            time.sleep(0.1)
+        result = started.result()
+    served.health_during_load = outcomes
+    return result
+
+
+def load_health(served: Served) -> list[str | int]:
+    """What vLLM's ``/health`` gave during a load (the cold start's, or a new one's)."""
+    if served.health_during_load is None:
+        httpx2.post(served.url + "/admin/models/tiny/unload", headers=served.auth, timeout=60)
+        watch_load(served, lambda: httpx2.post(served.url + "/admin/models/tiny/load",
+                                               headers=served.auth, timeout=STARTUP_TIMEOUT))
+    assert served.health_during_load is not None
+    return served.health_during_load
+
+
+# The sessions of the vLLMs seen so far, by marker. vLLM retitles its engine and worker
+# (setproctitle), which overwrites their environment; they are found by the session the
+# launcher gave the server, which they keep even once the server is gone.
+_SESSIONS: dict[str, set[int]] = {}
+
+
 def engine_processes(marker: str) -> list[str]:
-    """``PID TITLE`` of every live process started with this marker in its environment."""
-    found = []
+    """``PID TITLE`` of every live process of the vLLMs started with this marker."""
     needle = f"{MARKER}={marker}".encode()
+    sessions = _SESSIONS.setdefault(marker, set())
+    live = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            if needle not in (entry / "environ").read_bytes().split(b"\0"):
-                continue
-            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            # After the command's name: state, parent, process group, session, ...
+            state, _, _, session = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:4]
+            if state == "Z":
                 continue  # exited, not yet reaped by its parent
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                sessions.add(int(session))
             title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
         except OSError:  # gone meanwhile
             continue
-        found.append(f"{entry.name} {title}")
-    return found
+        live.append((entry.name, int(session), title))
+    return [f"{pid} {title}" for pid, session, title in live if session in sessions]
 
 
 def tiny_model_table(python: Path, model_dir: Path, marker: str,
@@ -168,13 +214,19 @@ def serving_vllm(python: Path, model_dir: Path, directory: Path,
                 os.kill(int(line.split()[0]), signal.SIGKILL)
 
 
-@pytest.fixture(scope="session")
-def served(vllm_python: Path, tiny_model: Path,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """One gateway and its vLLM for every test that can share them."""
-    with serving_vllm(vllm_python, tiny_model, tmp_path_factory.mktemp("served"),
-                      idle_timeout=3600.0) as served:
-        yield served
+def long_lived_gateway(scope: Literal["session", "module"], name: str) -> Any:
+    """A fixture: a gateway (never idle-stopped) for the tests of that scope to share."""
+    @pytest.fixture(scope=scope, name=name)
+    def gateway(vllm_python: Path, tiny_model: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+        with serving_vllm(vllm_python, tiny_model, tmp_path_factory.mktemp(name),
+                          idle_timeout=3600.0) as served:
+            yield served
+    return gateway
+
+
+# One gateway and its vLLM for every test that can share them.
+served = long_lived_gateway("session", "served")
 
 
 def metric(address: str, name: str) -> float:
