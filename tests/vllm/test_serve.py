@@ -76,7 +76,6 @@ def test_a_client_that_hangs_up_mid_stream_stops_the_generation(served: Served) 
     stream = api.completions.create(model="tiny", prompt="hello", max_tokens=LONG, stream=True,
                                     extra_body={"ignore_eos": True})
     next(iter(stream))  # under way (vLLM merges tokens into one chunk when a reader lags)
-    assert metric(vllm, "num_requests_running") == 1
     stream.close()
     hung_up = time.monotonic()
     while metric(vllm, "num_requests_running") != 0:
@@ -85,7 +84,7 @@ def test_a_client_that_hangs_up_mid_stream_stops_the_generation(served: Served) 
     stopped = metric(vllm, "generation_tokens_total")
     time.sleep(0.5)
     assert metric(vllm, "generation_tokens_total") == stopped
-    assert stopped - before < LONG
+    assert stopped - before < LONG  # stopped, not finished
 
 
 def test_vllms_own_400s_reach_the_client_unchanged(served: Served) -> None:
