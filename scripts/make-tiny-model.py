@@ -30,7 +30,7 @@ CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{ message['role'] }}: "
     "{{ message['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
 )
-MAX_POSITIONS = 2048
+MAX_POSITIONS = 8192
 
 
 def make_tiny_model(directory: Path) -> Path:

@@ -35,7 +35,7 @@ VLLM_VENV = ROOT / ".venv-vllm"
 VLLM_PYTHON = VLLM_VENV / "bin" / "python"
 MAKE_TINY_MODEL = ROOT / "scripts" / "make-tiny-model.py"
 MARKER = "VLLM_GATEWAY_TEST_RUN"
-MAX_MODEL_LEN = 2048  # long enough for a generation that outlasts a test's observation
+MAX_MODEL_LEN = 8192  # a generation of ~15 s on 2 cores: it outlasts a test's look at it
 STARTUP_TIMEOUT = 300.0
 ADMIN_TOKEN = "vllm-tier-admin"
 # vLLM's flags for the tiny model on a CPU (docs in scripts/make-tiny-model.py).
