@@ -7,8 +7,10 @@ importable), so it runs in minimal container images too.
 
 Endpoints (shaped like vLLM's):
 
-* ``GET /health``: 503 during the start-up delay (and for ``--fail-health``
-  further checks), then 200 with an empty body.
+* ``GET /health``: 200 with an empty body (503 for the first ``--fail-health``
+  checks).  Like vLLM, which opens its port only once the engine is ready, the
+  simulator binds its port at once but accepts connections only after the
+  start-up delay: until then a connection is refused.
 * ``GET /v1/models``: the one served model.
 * ``POST /v1/chat/completions``, ``POST /v1/completions``: exactly
   ``max_tokens`` tokens of ``"tok "`` (chat also reads
@@ -60,6 +62,7 @@ import json
 import os
 import random
 import signal
+import socket
 import sys
 import time
 import zlib
@@ -130,6 +133,8 @@ class SimulatorConfig:
     server_dev_mode: bool = False
     sleep_delay: float = 0.0
     wake_delay: float = 0.0
+    # Seconds an idle connection stays open: vLLM's HTTP server (uvicorn) closes it after 5.
+    keep_alive: float = 5.0
 
     def __post_init__(self) -> None:
         problems = [
@@ -143,6 +148,7 @@ class SimulatorConfig:
                 ("fail_health", self.fail_health >= 0, ">= 0"),
                 ("sleep_delay", self.sleep_delay >= 0, ">= 0"),
                 ("wake_delay", self.wake_delay >= 0, ">= 0"),
+                ("keep_alive", self.keep_alive > 0, "> 0"),
                 ("error_rate", 0.0 <= self.error_rate <= 1.0, "in [0, 1]"),
                 (
                     "die_after_tokens",
@@ -199,7 +205,8 @@ class SimulatorStats:
 
 
 class _ApiError(Exception):
-    """An error answered in vLLM's shape."""
+    """An error answered in vLLM's shape: the type is the status's, or vLLM's
+    ``"Bad Request"`` for a body that fails its request validation."""
 
     TYPES: ClassVar[dict[int, str]] = {
         400: "BadRequestError",
@@ -337,11 +344,25 @@ def _embedding(text: str) -> list[float]:
     return [((crc >> (4 * i)) & 0xF) / 15.0 - 0.5 for i in range(EMBEDDING_DIM)]
 
 
-def _max_tokens(value: object) -> int:
+def _invalid(field: str, message: str) -> _ApiError:
+    """A body field that fails vLLM's validation (pydantic's, before vLLM reads the request)."""
+    return _ApiError(400, message, param=f"body.{field}", type="Bad Request")
+
+
+def _max_tokens(value: object, max_model_len: int) -> int:
     if value is None:
         return DEFAULT_MAX_TOKENS
-    if type(value) is not int or value < 1:
-        raise _ApiError(400, f"max_tokens must be a positive integer, got {value!r}")
+    if type(value) is not int:
+        raise _invalid("max_tokens", f"Input should be a valid integer, got {value!r}")
+    if value < 1:
+        raise _ApiError(400, f"max_tokens must be at least 1, got {value}.", param="max_tokens")
+    if value > max_model_len:
+        raise _ApiError(
+            400,
+            f"max_tokens={value} cannot be greater than max_model_len={max_model_len}. "
+            "Please request fewer output tokens.",
+            param="max_tokens",
+        )
     return value
 
 
@@ -355,14 +376,11 @@ def _abort_connection(request: web.BaseRequest) -> None:
 class Simulator:
     """State and request handlers of one simulated server."""
 
-    def __init__(self, config: SimulatorConfig, *, started_at: float | None = None):
+    def __init__(self, config: SimulatorConfig):
         self.config = config
         self.stats = SimulatorStats()
         # Set by --exit-after-requests (and by main()'s signal handlers).
         self.shutdown_requested = asyncio.Event()
-        start = time.monotonic() if started_at is None else started_at
-        self._ready_at = start + config.startup_delay
-        self._ready = config.startup_delay <= 0
         self._health_failures_left = config.fail_health
         self._rng = random.Random(config.seed)
         self._semaphore = (
@@ -404,7 +422,7 @@ class Simulator:
         )
         self._metrics_template = "".join(
             f"# HELP vllm:{name} {doc}\n# TYPE vllm:{name} gauge\n"
-            f'vllm:{name}{{model_name="{label}"}} %.1f\n'
+            f'vllm:{name}{{engine="0",model_name="{label}"}} %.1f\n'
             for name, doc in (
                 ("num_requests_running", "Number of requests running on GPU."),
                 ("num_requests_waiting", "Number of requests waiting to be processed."),
@@ -441,10 +459,6 @@ class Simulator:
 
     async def health(self, request: web.Request) -> web.Response:
         self._count("/health")
-        if not self._ready:
-            if time.monotonic() < self._ready_at:
-                return web.Response(status=503)
-            self._ready = True
         if self._health_failures_left:
             self._health_failures_left -= 1
             return web.Response(status=503)
@@ -502,7 +516,7 @@ class Simulator:
                 raise _ApiError(400, "Request body must be a JSON object")
             model = body.get("model")
             if model is not None and model != self.config.model:
-                raise _ApiError(404, f"The model `{model}` does not exist.")
+                raise _ApiError(404, f"The model `{model}` does not exist.", param="model")
             resp, answered = await handle(request, body)
         except _ApiError as exc:
             resp, answered = shape(exc), True
@@ -519,27 +533,40 @@ class Simulator:
     async def _chat_body(
         self, request: web.Request, body: dict[str, Any]
     ) -> tuple[web.StreamResponse, bool]:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise _ApiError(400, "Field required: 'messages' (a non-empty list)")
+        if "messages" not in body:
+            raise _invalid("messages", "Field required")
+        messages = body["messages"]
+        if not isinstance(messages, list):
+            raise _invalid("messages", "Input should be a valid list")
+        if not messages:
+            raise _ApiError(
+                400,
+                "Cannot apply chat template to an empty conversation. "
+                "Provide at least one message.",
+            )
         max_tokens = body.get("max_completion_tokens")
         if max_tokens is None:
             max_tokens = body.get("max_tokens")
-        return await self._generate(
-            request, body, self._chat, _max_tokens(max_tokens), _count_tokens(messages)
-        )
+        max_tokens = _max_tokens(max_tokens, self.config.max_model_len)
+        return await self._generate(request, body, self._chat, max_tokens, _count_tokens(messages))
 
     async def _completion_body(
         self, request: web.Request, body: dict[str, Any]
     ) -> tuple[web.StreamResponse, bool]:
         prompt = body.get("prompt")
-        if not isinstance(prompt, str | list) or not prompt:
-            raise _ApiError(400, "Field required: 'prompt' (a string or a list)")
+        if prompt is not None and not isinstance(prompt, str | list):
+            raise _invalid("prompt", "Input should be a valid string or list")
+        if not prompt:
+            raise _ApiError(
+                400,
+                "Either prompt or prompt_embeds must be provided and non-empty.",
+                param="prompt",
+            )
         return await self._generate(
             request,
             body,
             self._completion,
-            _max_tokens(body.get("max_tokens")),
+            _max_tokens(body.get("max_tokens"), self.config.max_model_len),
             _count_tokens(prompt),
         )
 
@@ -1116,16 +1143,14 @@ class Simulator:
 SIMULATOR_KEY = web.AppKey("simulator", Simulator)
 
 
-def build_app(config: SimulatorConfig, *, started_at: float | None = None) -> web.Application:
+def build_app(config: SimulatorConfig) -> web.Application:
     """An application serving ``config``; its :class:`Simulator` is ``app[SIMULATOR_KEY]``.
 
-    The start-up delay counts from ``started_at`` (a ``time.monotonic()``
-    value; default: now).  Run it with ``handler_cancellation=True`` (as
-    :func:`serve` does) so that a client disconnect cancels a paced
-    non-streaming generation.
+    Run it with ``handler_cancellation=True`` (as :func:`serve` does) so that
+    a client disconnect cancels a paced non-streaming generation.
     """
     app = web.Application(client_max_size=64 * 1024 * 1024)
-    simulator = Simulator(config, started_at=started_at)
+    simulator = Simulator(config)
     simulator.add_routes(app)
     app[SIMULATOR_KEY] = simulator
     return app
@@ -1189,31 +1214,50 @@ async def serve(
 ) -> AsyncIterator[RunningSimulator]:
     """Serve ``config`` on ``host:port`` (0: any free port) until the block ends.
 
-    The server also closes itself once ``exit_after_requests`` is reached (or
+    The port is bound at once and listened on from ``started_at`` (a
+    ``time.monotonic()`` value; default: now) plus the start-up delay.  The
+    server also closes itself once ``exit_after_requests`` is reached (or
     ``simulator.shutdown_requested`` is set otherwise).
     """
-    app = build_app(config, started_at=started_at)
+    app = build_app(config)
     simulator = app[SIMULATOR_KEY]
     runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_GRACE,
+        keepalive_timeout=config.keep_alive,
     )
     await runner.setup()
     assert runner.server is not None
     _count_connections(runner.server, simulator.stats)
-    site = web.TCPSite(runner, host, port)
     try:
-        await site.start()
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
     except BaseException:
         await runner.cleanup()
         raise
-    running = RunningSimulator(simulator, runner, host, runner.addresses[0][1])
-
+    site = web.SockSite(runner, sock)
+    running = RunningSimulator(simulator, runner, host, sock.getsockname()[1])
+    ready_at = (time.monotonic() if started_at is None else started_at) + config.startup_delay
+    opening = asyncio.create_task(_listen_at(site, ready_at))
     watcher = asyncio.create_task(running.wait_closed())
     try:
+        if config.startup_delay <= 0:
+            await opening  # a port that cannot be listened on fails here, not later
         yield running
     finally:
         watcher.cancel()
+        opening.cancel()
         await running.close()
+        sock.close()
+
+
+async def _listen_at(site: web.SockSite, ready_at: float) -> None:
+    await asyncio.sleep(ready_at - time.monotonic())
+    await site.start()
 
 
 async def _serve_until_stopped(
@@ -1231,7 +1275,8 @@ async def _serve_until_stopped(
             f"max_concurrency={config.max_concurrency} fail_health={config.fail_health} "
             f"error_rate={config.error_rate} seed={config.seed} "
             f"die_after_tokens={config.die_after_tokens} "
-            f"exit_after_requests={config.exit_after_requests} pid={os.getpid()}",
+            f"exit_after_requests={config.exit_after_requests} "
+            f"keep_alive={config.keep_alive} pid={os.getpid()}",
             file=sys.stderr,
             flush=True,
         )
@@ -1290,6 +1335,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     add("--seed", type=int, default=0, help="seed of --error-rate's choices")
     add(
+        "--keep-alive",
+        type=float,
+        default=SimulatorConfig.keep_alive,
+        metavar="S",
+        help="seconds an idle connection stays open (default 5, as vLLM's)",
+    )
+    add(
         "--die-after-tokens",
         type=int,
         default=None,
@@ -1345,6 +1397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             server_dev_mode=os.environ.get("VLLM_SERVER_DEV_MODE", "0") not in ("", "0"),
             sleep_delay=args.sleep_delay,
             wake_delay=args.wake_delay,
+            keep_alive=args.keep_alive,
         )
     except ValueError as exc:
         parser.error(str(exc))

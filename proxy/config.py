@@ -114,6 +114,10 @@ class UpstreamSettings:
     retry_budget_ratio: float = _spec(0.2, lo=0.0, hi=1.0)
     retry_budget_min: int = _spec(10, lo=0, hi=1_000_000)
     retry_budget_window: float = _spec(10.0, lo=0.1, hi=HOUR)
+    # Seconds an idle backend connection is kept for the next request: below the backend's own
+    # keep-alive (vLLM closes an idle connection after 5 s), so that the gateway, never the
+    # backend, closes it; else a request can be sent down a connection the backend is closing.
+    keepalive_expiry: float = _spec(4.0, lo=0.001, hi=HOUR)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -2,7 +2,8 @@
 
 Connections: ``max_concurrent * max_models_concurrent`` (every loaded model at full
 concurrency), and as many kept alive, so a fully loaded gateway never closes a connection it
-will need again (the predecessor kept fewer alive than it opened). No total timeout: the read
+will need again (the predecessor kept fewer alive than it opened); an idle one is closed after
+``upstream.keepalive_expiry``, before the backend closes it. No total timeout: the read
 timeout bounds the wait for each byte, so a long generation that keeps streaming is never cut.
 
 Two transports behind one interface, picked by the event loop the gateway runs on: aiohttp on
@@ -25,7 +26,6 @@ from yarl import URL
 
 from .config import Config
 
-KEEPALIVE_EXPIRY = 60.0
 # Headers aiohttp would add on its own; the backend gets the client's, not ours.
 AIOHTTP_OWN_HEADERS = ("Accept", "Accept-Encoding", "User-Agent")
 AIOHTTP_WRITE_BUFFER = 2**16  # aiohttp.http_writer.LIMIT: larger writes wait for the socket
@@ -107,7 +107,7 @@ class AiohttpTransport:
         self._pool_timeout = up.pool_timeout
         self._open_timeout = up.write_timeout + up.timeout
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_EXPIRY),
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=up.keepalive_expiry),
             timeout=aiohttp.ClientTimeout(sock_connect=up.connect_timeout, sock_read=up.timeout),
             cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False, trust_env=False,
             skip_auto_headers=AIOHTTP_OWN_HEADERS)
@@ -184,7 +184,7 @@ class HttpxTransport:
         self._client = httpx2.AsyncClient(
             limits=httpx2.Limits(max_connections=config.upstream_pool_size,
                                  max_keepalive_connections=config.upstream_keepalive_size,
-                                 keepalive_expiry=KEEPALIVE_EXPIRY),
+                                 keepalive_expiry=up.keepalive_expiry),
             timeout=httpx2.Timeout(connect=up.connect_timeout, read=up.timeout,
                                    write=up.write_timeout, pool=up.pool_timeout),
             trust_env=False, follow_redirects=False)

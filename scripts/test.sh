@@ -2,7 +2,8 @@
 # Set up what the tests need, run the whole suite, and stop what was started for it. Extra
 # arguments go to pytest.
 #
-# As any user it only creates .venv (scripts/bootstrap.sh). As root it also changes the machine,
+# As any user it creates .venv (scripts/bootstrap.sh) and .venv-vllm, the CPU build of vLLM for
+# tests/vllm (scripts/setup-vllm.sh: ~3.4 GB, ~2.5 min once). As root it also changes the machine,
 # each step only where it is not done already:
 #   - apt-get installs what is missing of nginx-light, wrk (scripts/setup-system.sh) and podman,
 #     netavark, aardvark-dns, runc, iptables, busybox-static, debootstrap, curl
@@ -18,6 +19,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
+# The real-vLLM tier's venv (once, ~2.5 min); without it tests/vllm skips (in CI: fails).
+scripts/setup-vllm.sh || echo "test.sh: scripts/setup-vllm.sh failed: tests/vllm cannot run" >&2
 if [[ $(id -u) -eq 0 ]]; then
     echo "test.sh: as root: installing what is missing, writing Podman's drop-in, starting its" \
          "API service (stopped at the end if started now) and building the test images" \

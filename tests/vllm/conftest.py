@@ -1,0 +1,238 @@
+"""The real-vLLM tier: the CPU build of vLLM in ``.venv-vllm`` (``scripts/setup-vllm.sh``),
+serving a tiny model made at test time (``scripts/make-tiny-model.py``), run only through the
+gateway's own launchers.
+
+Without the venv the tier skips, saying why; in CI (``VLLM_GATEWAY_TEST_REQUIRE_ENGINE=1`` or
+``CI=true``) it fails instead. A vLLM takes about a minute to start on 2 cores: the tests that
+can share one gateway and its server do (``served``, for the whole session).
+
+Every vLLM a test starts carries ``VLLM_GATEWAY_TEST_RUN`` in its environment, so a test finds
+exactly the processes it started (``engine_processes``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import httpx2
+import pytest
+
+from tests.support import ROOT, gateway_process
+
+T = TypeVar("T")
+VLLM_VENV = ROOT / ".venv-vllm"
+VLLM_PYTHON = VLLM_VENV / "bin" / "python"
+MAKE_TINY_MODEL = ROOT / "scripts" / "make-tiny-model.py"
+MARKER = "VLLM_GATEWAY_TEST_RUN"
+MAX_MODEL_LEN = 8192  # a generation of ~15 s on 2 cores: it outlasts a test's look at it
+STARTUP_TIMEOUT = 300.0
+ADMIN_TOKEN = "vllm-tier-admin"
+# vLLM's flags for the tiny model on a CPU (docs in scripts/make-tiny-model.py).
+VLLM_ARGS = ["--load-format", "dummy", "--max-model-len", str(MAX_MODEL_LEN),
+             "--dtype", "bfloat16"]
+VLLM_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def _required() -> bool:
+    return (os.environ.get("VLLM_GATEWAY_TEST_REQUIRE_ENGINE") == "1"
+            or os.environ.get("CI") == "true")
+
+
+def _vllm_problem() -> str | None:
+    if not VLLM_PYTHON.is_file():
+        return f"no vLLM venv at {VLLM_VENV}; run scripts/setup-vllm.sh"
+    found = subprocess.run([str(VLLM_PYTHON), "-c", "import vllm.entrypoints.openai.api_server"],
+                           capture_output=True, text=True)
+    if found.returncode != 0:
+        last = (found.stderr.strip().splitlines() or ["?"])[-1]
+        return f"vLLM in {VLLM_VENV} does not import ({last}); run scripts/setup-vllm.sh"
+    return None
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    problem = _vllm_problem()
+    if problem:
+        if _required():
+            pytest.fail(problem)
+        pytest.skip(problem)
+    return VLLM_PYTHON
+
+
+@pytest.fixture(scope="session")
+def tiny_model(vllm_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-model")
+    subprocess.run([str(vllm_python), str(MAKE_TINY_MODEL), str(directory)], check=True,
+                   capture_output=True)
+    return directory
+
+
+def vllm_command(python: Path | str, model_dir: Path | str) -> list[str]:
+    """The API server's command (the CPU package's ``vllm`` command does not run)."""
+    return [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+            "--served-model-name", "{name}", "--host", "127.0.0.1", "--port", "{port}", *VLLM_ARGS]
+
+
+def toml_value(value: Any) -> str:
+    """Strings, numbers, lists and tables of them, as TOML (JSON's strings are TOML's)."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(toml_value, value)) + "]"
+    return json.dumps(value)
+
+
+def toml_config(models: list[dict[str, Any]], **sections: dict[str, Any]) -> str:
+    lines = []
+    for name, table in sections.items():
+        lines += [f"[{name}]", *(f"{k} = {toml_value(v)}" for k, v in table.items())]
+    for model in models:
+        lines += ["[[models]]", *(f"{k} = {toml_value(v)}" for k, v in model.items())]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Served:
+    """A ``vllm-gateway serve`` process whose model ``tiny`` is a real vLLM."""
+
+    url: str
+    process: subprocess.Popen
+    marker: str
+    # What vLLM's /health gave while it loaded (``watch_load``): "refused" or a status.
+    health_during_load: list[str | int] | None = None
+
+    auth = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    def admin(self) -> dict[str, Any]:
+        response = httpx2.get(self.url + "/admin/models", timeout=5, headers=self.auth)
+        response.raise_for_status()
+        return next(m for m in response.json()["data"] if m["name"] == "tiny")
+
+    def backend(self) -> str:
+        """vLLM's own address (the model must be ready)."""
+        address = self.admin()["address"]
+        assert address, self.admin()
+        return address
+
+    def engine_processes(self) -> list[str]:
+        return engine_processes(self.marker)
+
+
+def watch_load(served: Served, start: Callable[[], T]) -> T:
+    """Run ``start`` (which makes the gateway start vLLM), and meanwhile ask vLLM's own
+    ``/health`` (once the gateway knows its address) until it answers 200."""
+    outcomes: list[str | int] = []
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        started = pool.submit(start)
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while outcomes[-1:] != [200] and time.monotonic() < deadline:
+            address = served.admin()["address"]
+            if address is not None:
+                try:
+                    outcomes.append(httpx2.get(address + "/health", timeout=2).status_code)
+                except httpx2.ConnectError:
+                    outcomes.append("refused")
+            elif started.done():
+                break
+            time.sleep(0.1)
+        result = started.result()
+    served.health_during_load = outcomes
+    return result
+
+
+def load_health(served: Served) -> list[str | int]:
+    """What vLLM's ``/health`` gave during a load (the cold start's, or a new one's)."""
+    if served.health_during_load is None:
+        httpx2.post(served.url + "/admin/models/tiny/unload", headers=served.auth, timeout=60)
+        watch_load(served, lambda: httpx2.post(served.url + "/admin/models/tiny/load",
+                                               headers=served.auth, timeout=STARTUP_TIMEOUT))
+    assert served.health_during_load is not None
+    return served.health_during_load
+
+
+# The sessions of the vLLMs seen so far, by marker. vLLM retitles its engine and worker
+# (setproctitle), which overwrites their environment; they are found by the session the
+# launcher gave the server, which they keep even once the server is gone.
+_SESSIONS: dict[str, set[int]] = {}
+
+
+def engine_processes(marker: str) -> list[str]:
+    """``PID TITLE`` of every live process of the vLLMs started with this marker."""
+    needle = f"{MARKER}={marker}".encode()
+    sessions = _SESSIONS.setdefault(marker, set())
+    live = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # After the command's name: state, parent, process group, session, ...
+            state, _, _, session = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:4]
+            if state == "Z":
+                continue  # exited, not yet reaped by its parent
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                sessions.add(int(session))
+            title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        live.append((entry.name, int(session), title))
+    return [f"{pid} {title}" for pid, session, title in live if session in sessions]
+
+
+def tiny_model_table(python: Path, model_dir: Path, marker: str,
+                     **settings: Any) -> dict[str, Any]:
+    """The [[models]] table of ``tiny``: a vLLM started by the process launcher."""
+    return {"name": "tiny", "launcher": "process", "command": vllm_command(python, model_dir),
+            "env": {**VLLM_ENV, MARKER: marker}, "startup_timeout": STARTUP_TIMEOUT,
+            **settings}
+
+
+@contextlib.contextmanager
+def serving_vllm(python: Path, model_dir: Path, directory: Path,
+                 **settings: Any) -> Iterator[Served]:
+    """``vllm-gateway serve`` with ``tiny`` (not started: the first request starts it)."""
+    marker = uuid.uuid4().hex
+    config = toml_config([tiny_model_table(python, model_dir, marker, **settings)],
+                         admin={"token": ADMIN_TOKEN})
+    try:
+        with gateway_process(config, directory) as (url, process):
+            yield Served(url, process, marker)
+    finally:
+        # Whatever a failed test left: nothing it started may outlive it.
+        for line in engine_processes(marker):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(line.split()[0]), signal.SIGKILL)
+
+
+def long_lived_gateway(scope: Literal["session", "module"], name: str) -> Any:
+    """A fixture: a gateway (never idle-stopped) for the tests of that scope to share."""
+    @pytest.fixture(scope=scope, name=name)
+    def gateway(vllm_python: Path, tiny_model: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+        with serving_vllm(vllm_python, tiny_model, tmp_path_factory.mktemp(name),
+                          idle_timeout=3600.0) as served:
+            yield served
+    return gateway
+
+
+# One gateway and its vLLM for every test that can share them.
+served = long_lived_gateway("session", "served")
+
+
+def metric(address: str, name: str) -> float:
+    """The value of one of vLLM's metrics (``vllm:NAME``, summed over its labels)."""
+    text = httpx2.get(address + "/metrics", timeout=5).text
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith(f"vllm:{name}{{")]
+    assert values, f"vllm:{name} not in {address}/metrics"
+    return sum(values)
