@@ -36,7 +36,7 @@ from anyio.abc import TaskGroup
 
 from backends.pool import BackendPool, ModelState
 from proxy.config import Config
-from proxy.errors import GatewayError, error_body
+from proxy.errors import GatewayError, error_body, internal_error, sse_error_event
 from proxy.passthrough import SSE
 from proxy.types import ASGIApp, Message, Receive, Scope, Send, request_state
 
@@ -50,12 +50,6 @@ TICKS = 4
 ERROR_BODY_MAX = 64 * 1024
 
 
-def standalone_error_event(body: bytes) -> bytes:
-    """An SSE error event that stands alone: a blank line first, so that it cannot glue to a
-    partial event before it, and ``data:`` on one line."""
-    return b"\n\ndata: " + body + b"\n\n"
-
-
 def _error_event(answer: bytes, status: int, model: str) -> bytes:
     """The error event for an error answer (its OpenAI envelope, on one line), or a generic one
     for an answer that is not an error envelope."""
@@ -64,8 +58,8 @@ def _error_event(answer: bytes, status: int, model: str) -> bytes:
     except (ValueError, RecursionError):
         envelope = None
     if isinstance(envelope, dict) and isinstance(envelope.get("error"), dict):
-        return standalone_error_event(json.dumps(envelope, separators=(",", ":")).encode())
-    return standalone_error_event(error_body(
+        return sse_error_event(json.dumps(envelope, separators=(",", ":")).encode())
+    return sse_error_event(error_body(
         f"The backend of model '{model}' answered the stream with status {status}.",
         type="upstream_error", code="upstream_failed"))
 
@@ -164,10 +158,7 @@ class _Stream:
         log.warning("stream ended with an error after loading feedback", model=self.model,
                     code=error.code, error=error.message)
         with contextlib.suppress(OSError):  # the client is gone as well
-            await self._send({"type": "http.response.body", "more_body": False,
-                              "body": standalone_error_event(error_body(
-                                  error.message, type=error.type, code=error.code,
-                                  param=error.param))})
+            await self._send(error.sse_message())
 
     async def stop(self) -> None:
         """No more comments: end the comment task and wait until it has (even if cancelled),
@@ -234,8 +225,7 @@ class StreamFeedback:
             await stream.fail(exc)
         except Exception:
             if await self._failed_after_feedback(stream):
-                await stream.fail(GatewayError(500, "The gateway failed to handle the request.",
-                                               type="internal_error", code="internal_error"))
+                await stream.fail(internal_error())
             raise
         finally:
             self._pending.pop(key, None)

@@ -61,9 +61,17 @@ class GatewayError(Exception):
 
     def sse_message(self) -> Message:
         """What a stream that already started gets instead of a status: the last body message,
-        one SSE error event."""
-        event = b"data: " + error_body(self.message, type=self.type, code=self.code) + b"\n\n"
-        return {"type": "http.response.body", "body": event, "more_body": False, ERROR_KEY: self}
+        one SSE error event that stands alone (``sse_error_event``)."""
+        return {"type": "http.response.body", "body": sse_error_event(self.body()),
+                "more_body": False, ERROR_KEY: self}
+
+
+def sse_error_event(data: bytes, *, event: bytes = b"") -> bytes:
+    """An SSE error event that stands alone: a blank line first, so that it cannot glue to a
+    partial event before it (a stream cut mid-event), and ``data:`` on one line; ``event``
+    names the event (Anthropic's ``error``)."""
+    name = b"event: " + event + b"\n" if event else b""
+    return b"\n\n" + name + b"data: " + data + b"\n\n"
 
 
 def error_body(message: str, *, type: str, code: str, param: str | None = None) -> bytes:

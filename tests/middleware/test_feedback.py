@@ -13,6 +13,8 @@ import pytest
 
 from backends.pool import ModelState
 from middleware.feedback import StreamFeedback
+from proxy.anthropic import AnthropicErrors
+from proxy.errors import unavailable
 from proxy.types import Message
 from tests.middleware.asgi import Client, admitted_scope, call
 from tests.support import make_config, static_model
@@ -123,3 +125,21 @@ async def test_a_failure_after_feedback_ends_the_stream_and_is_raised(anyio_back
             await app(stream_scope(), client.receive, client.send)
     assert client.status == 200
     assert last_event(client)["error"]["code"] == "internal_error"
+
+
+async def test_an_error_after_feedback_on_an_anthropic_path_is_anthropics_error_event(
+        anyio_backend: str) -> None:
+    async def timing_out(scope: Any, receive: Any, send: Any) -> None:
+        await anyio.sleep(WAIT)
+        raise unavailable("No slot of model 'm' came free in time.", code="queue_timeout")
+
+    app = layer(timing_out)
+    async with app.running():
+        client = await call(AnthropicErrors(app), stream_scope())
+    assert client.status == 200
+    assert client.sent[-1]["more_body"] is False
+    final = client.sent[-1]["body"]
+    assert final.startswith(b"\n\nevent: error\ndata: ") and final.endswith(b"\n\n")
+    assert json.loads(final.removeprefix(b"\n\nevent: error\ndata: ")) == {
+        "type": "error", "error": {"type": "overloaded_error",
+                                   "message": "No slot of model 'm' came free in time."}}

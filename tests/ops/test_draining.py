@@ -100,8 +100,9 @@ async def test_an_ended_stream_gets_an_sse_error_event_and_ends() -> None:
     last = client.sent[-1]
     assert last["more_body"] is False
     event = last["body"].decode()
-    assert event.startswith("data: ") and event.endswith("\n\n")
-    assert json.loads(event[len("data: "):])["error"]["code"] == "shutting_down"
+    # A blank line first, so that the event stands alone after a partial one.
+    assert event.startswith("\n\ndata: ") and event.endswith("\n\n")
+    assert json.loads(event[len("\n\ndata: "):])["error"]["code"] == "shutting_down"
 
 
 async def test_an_ended_plain_body_is_cut_off_not_finished() -> None:
