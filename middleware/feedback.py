@@ -36,7 +36,7 @@ from anyio.abc import TaskGroup
 
 from backends.pool import BackendPool, ModelState
 from proxy.config import Config
-from proxy.errors import GatewayError, error_body, internal_error, sse_error_event
+from proxy.errors import GatewayError, error_body, internal_error, standalone_sse_event
 from proxy.passthrough import SSE
 from proxy.types import ASGIApp, Message, Receive, Scope, Send, request_state
 
@@ -58,8 +58,8 @@ def _error_event(answer: bytes, status: int, model: str) -> bytes:
     except (ValueError, RecursionError):
         envelope = None
     if isinstance(envelope, dict) and isinstance(envelope.get("error"), dict):
-        return sse_error_event(json.dumps(envelope, separators=(",", ":")).encode())
-    return sse_error_event(error_body(
+        return standalone_sse_event(json.dumps(envelope, separators=(",", ":")).encode())
+    return standalone_sse_event(error_body(
         f"The backend of model '{model}' answered the stream with status {status}.",
         type="upstream_error", code="upstream_failed"))
 

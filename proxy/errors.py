@@ -61,12 +61,12 @@ class GatewayError(Exception):
 
     def sse_message(self) -> Message:
         """What a stream that already started gets instead of a status: the last body message,
-        one SSE error event that stands alone (``sse_error_event``)."""
-        return {"type": "http.response.body", "body": sse_error_event(self.body()),
+        one SSE error event that stands alone (``standalone_sse_event``)."""
+        return {"type": "http.response.body", "body": standalone_sse_event(self.body()),
                 "more_body": False, ERROR_KEY: self}
 
 
-def sse_error_event(data: bytes, *, event: bytes = b"") -> bytes:
+def standalone_sse_event(data: bytes, *, event: bytes = b"") -> bytes:
     """An SSE error event that stands alone: a blank line first, so that it cannot glue to a
     partial event before it (a stream cut mid-event), and ``data:`` on one line; ``event``
     names the event (Anthropic's ``error``)."""
