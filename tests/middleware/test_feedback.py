@@ -143,3 +143,19 @@ async def test_an_error_after_feedback_on_an_anthropic_path_is_anthropics_error_
     assert json.loads(final.removeprefix(b"\n\nevent: error\ndata: ")) == {
         "type": "error", "error": {"type": "overloaded_error",
                                    "message": "No slot of model 'm' came free in time."}}
+
+
+async def test_a_backend_error_after_feedback_on_an_anthropic_path_is_an_error_event(
+        anyio_backend: str) -> None:
+    envelope = {"type": "error", "error": {"type": "invalid_request_error",
+                                           "message": "max_tokens: Field required"}}
+    for answer, shaped in ((json.dumps(envelope).encode(), envelope),
+                           (b"bad gateway", {"type": "error", "error": {
+                               "type": "api_error", "message": "The backend of model 'm' "
+                               "answered the stream with status 400."}})):
+        app = layer(answering_after(WAIT, start(400, b"application/json"), body(answer)))
+        async with app.running():
+            client = await call(AnthropicErrors(app), stream_scope())
+        final = client.sent[-1]["body"]
+        assert final.startswith(b"\n\nevent: error\ndata: ") and final.count(b"\n") == 5
+        assert json.loads(final.removeprefix(b"\n\nevent: error\ndata: ")) == shaped
