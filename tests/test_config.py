@@ -171,6 +171,13 @@ def test_bounds_are_inclusive_and_exact(section, key, lo, hi):
             load({section: {key: value}})
 
 
+def test_a_stream_keepalive_too_short_to_tick_is_refused():
+    assert load({"gateway": {"stream_keepalive": 0.1}}).gateway.stream_keepalive == 0.1
+    message = refusal({"gateway": {"stream_keepalive": 0.01}})
+    assert_names(message, "gateway.stream_keepalive", "0.01", FILE,
+                 "must be 0 (no loading feedback) or a number from 0.1 to 3600.0")
+
+
 @given(st.integers(min_value=-(10 ** 20), max_value=10 ** 20))
 def test_max_concurrent_is_kept_exactly_or_refused(value):
     try:
