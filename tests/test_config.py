@@ -161,6 +161,7 @@ def test_float_field_refuses_an_integer_too_large_for_a_float():
     ("gateway", "max_models_concurrent", 1, 1_000),
     ("gateway", "max_response_ids", 1, 10_000_000),
     ("gateway", "stream_keepalive", 0.0, 3_600.0),
+    ("admin", "events_send_timeout", 0.1, 3_600.0),
     ("upstream", "timeout", 0.001, 86_400.0),
 ])
 def test_bounds_are_inclusive_and_exact(section, key, lo, hi):
