@@ -9,9 +9,9 @@ measured afterwards is free.
 
 The server never outlives the gateway: on Linux it runs under a leash (``backends/leash.py``)
 that ends its process group when the gateway dies, even by ``kill -9`` or the OOM killer. Its
-environment is the gateway's without any
-``GATEWAY_*`` variable (the admin token, the client keys), plus the model's ``env``; a model's
-``gpus`` become ``CUDA_VISIBLE_DEVICES``, in the PCI order that NVML's indexes follow.
+environment is the gateway's without any ``GATEWAY_*`` variable (the admin token, the client
+keys), plus the model's ``env``; a model's ``gpus`` become ``CUDA_VISIBLE_DEVICES``, in the PCI
+order that NVML's indexes follow.
 """
 
 from __future__ import annotations

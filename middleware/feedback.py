@@ -36,7 +36,7 @@ from anyio.abc import TaskGroup
 
 from backends.pool import BackendPool, ModelState
 from proxy.config import Config
-from proxy.errors import GatewayError, error_body
+from proxy.errors import GatewayError, internal_error, standalone_sse_event
 from proxy.passthrough import SSE
 from proxy.types import ASGIApp, Message, Receive, Scope, Send, request_state
 
@@ -50,24 +50,21 @@ TICKS = 4
 ERROR_BODY_MAX = 64 * 1024
 
 
-def standalone_error_event(body: bytes) -> bytes:
-    """An SSE error event that stands alone: a blank line first, so that it cannot glue to a
-    partial event before it, and ``data:`` on one line."""
-    return b"\n\ndata: " + body + b"\n\n"
-
-
-def _error_event(answer: bytes, status: int, model: str) -> bytes:
-    """The error event for an error answer (its OpenAI envelope, on one line), or a generic one
-    for an answer that is not an error envelope."""
+def _error_message(answer: bytes, status: int, model: str) -> Message:
+    """The last message for an error answer: its envelope as one event (on one line; named
+    ``error`` if it is Anthropic's), or for an answer that is no envelope, the gateway's own
+    error (which the Anthropic layer reshapes on its paths)."""
     try:
         envelope = json.loads(answer)
     except (ValueError, RecursionError):
         envelope = None
     if isinstance(envelope, dict) and isinstance(envelope.get("error"), dict):
-        return standalone_error_event(json.dumps(envelope, separators=(",", ":")).encode())
-    return standalone_error_event(error_body(
-        f"The backend of model '{model}' answered the stream with status {status}.",
-        type="upstream_error", code="upstream_failed"))
+        event = b"error" if envelope.get("type") == "error" else b""
+        data = json.dumps(envelope, separators=(",", ":")).encode()
+        return {"type": "http.response.body", "more_body": False,
+                "body": standalone_sse_event(data, event=event)}
+    return GatewayError(502, f"The backend of model '{model}' answered the stream with status "
+                        f"{status}.", type="upstream_error", code="upstream_failed").sse_message()
 
 
 class _Stream:
@@ -156,18 +153,14 @@ class _Stream:
         # Kept up to the bound: an envelope cut there does not parse, and gets a generic event.
         error += message.get("body", b"")[:ERROR_BODY_MAX - len(error)]
         if not message.get("more_body", False):
-            await self._send({"type": "http.response.body", "more_body": False,
-                              "body": _error_event(bytes(error), self._status, self.model)})
+            await self._send(_error_message(bytes(error), self._status, self.model))
 
     async def fail(self, error: GatewayError) -> None:
         """End a stream whose feedback went out with the error its wait ended in."""
         log.warning("stream ended with an error after loading feedback", model=self.model,
                     code=error.code, error=error.message)
         with contextlib.suppress(OSError):  # the client is gone as well
-            await self._send({"type": "http.response.body", "more_body": False,
-                              "body": standalone_error_event(error_body(
-                                  error.message, type=error.type, code=error.code,
-                                  param=error.param))})
+            await self._send(error.sse_message())
 
     async def stop(self) -> None:
         """No more comments: end the comment task and wait until it has (even if cancelled),
@@ -234,8 +227,7 @@ class StreamFeedback:
             await stream.fail(exc)
         except Exception:
             if await self._failed_after_feedback(stream):
-                await stream.fail(GatewayError(500, "The gateway failed to handle the request.",
-                                               type="internal_error", code="internal_error"))
+                await stream.fail(internal_error())
             raise
         finally:
             self._pending.pop(key, None)

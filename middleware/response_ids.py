@@ -74,8 +74,7 @@ def _id_of(payload: bytes) -> str | None:
     return response_id if isinstance(response_id, str) and response_id else None
 
 
-def _first_event_data(stream: bytes) -> bytes:
-    event = stream.split(b"\n\n", 1)[0]
+def _event_data(event: bytes) -> bytes:
     return b"\n".join(line[5:].lstrip(b" ") for line in event.splitlines()
                       if line.startswith(b"data:"))
 
@@ -99,9 +98,14 @@ class _IdReader:
         seen = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
         if not self.sse:
             return True, _id_of(seen)
-        if b"\n\n" in seen:
-            return True, _id_of(_first_event_data(seen))
-        self.chunks = [seen]
+        # The first event with data: comments before it (the loading feedback's, a blank line)
+        # are skipped, and not kept.
+        complete, _, rest = seen.rpartition(b"\n\n")
+        for event in complete.split(b"\n\n"):
+            data = _event_data(event)
+            if data:
+                return True, _id_of(data)
+        self.chunks = [rest]
         return ended or self.size > PEEK_BYTES, None
 
 

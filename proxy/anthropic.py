@@ -19,7 +19,7 @@ import json
 
 from middleware.progress import progress
 
-from .errors import ERROR_KEY, GatewayError, internal_error
+from .errors import ERROR_KEY, GatewayError, internal_error, standalone_sse_event
 from .types import ASGIApp, Message, Receive, Scope, Send
 
 PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
@@ -52,7 +52,7 @@ def _reshaped(message: Message, error: GatewayError, plain: bool) -> Message:
         headers.append((b"content-length", str(len(body)).encode()))
         return {**message, "headers": headers}
     if not plain:  # the last event of a stream that had started
-        body = b"\n\nevent: error\ndata: " + body + b"\n\n"
+        body = standalone_sse_event(body, event=b"error")
     return {**message, "body": body}
 
 

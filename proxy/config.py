@@ -87,7 +87,8 @@ class GatewaySettings:
     placement_timeout: float = _spec(30.0, lo=0.001, hi=DAY)
     shutdown_grace: float = _spec(30.0, lo=0.0, hi=DAY)
     # Seconds a stream may wait (for its model or a slot) before it gets its 200 and an SSE
-    # comment every as many seconds; 0: no feedback, the status waits for the answer.
+    # comment every as many seconds; 0: no feedback, the status waits for the answer. A value
+    # between is refused (_check_keepalive): the ticker would spin.
     stream_keepalive: float = _spec(2.0, lo=0.0, hi=HOUR)
     gpu_memory_mb: int | None = _spec(None, lo=1, hi=10_000_000)
     # Names this gateway's containers (labels, names); None: made from the host and the config.
@@ -173,10 +174,11 @@ class AdminSettings:
     token: str | None = _spec(None, secret=True)
     # The dashboard's live stream (GET /admin/events): request summaries kept for one
     # subscriber that reads slower than they come (the oldest are dropped beyond it), streams
-    # open at once, and seconds one write to a subscriber may take before its stream is ended.
+    # open at once, and seconds one write to a subscriber may take before its stream is ended
+    # (checked every quarter of it: a shorter one would spin).
     events_buffer: int = _spec(256, lo=1, hi=100_000)
     events_streams: int = _spec(8, lo=1, hi=1_000)
-    events_send_timeout: float = _spec(30.0, lo=0.001, hi=HOUR)
+    events_send_timeout: float = _spec(30.0, lo=0.1, hi=HOUR)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -424,6 +426,15 @@ def _check_body_budget(gateway: GatewaySettings, sources: _Sources) -> None:
               "largest size allowed must fit")
 
 
+MIN_KEEPALIVE = 0.1
+
+
+def _check_keepalive(keepalive: float, sources: _Sources) -> None:
+    if 0 < keepalive < MIN_KEEPALIVE:
+        _fail("gateway.stream_keepalive", keepalive, sources,
+              f"0 (no loading feedback) or a number from {MIN_KEEPALIVE} to {HOUR:.1f}")
+
+
 def _check_trusted_proxies(proxies: tuple[str, ...], sources: _Sources) -> None:
     for i, proxy in enumerate(proxies):
         try:
@@ -611,6 +622,7 @@ def config_from_mapping(data: dict[str, Any], *, source: str = "<mapping>",
     _check_body_budget(sections["gateway"], sources)
     _check_trusted_proxies(sections["gateway"].trusted_proxies, sources)
     _check_instance(sections["gateway"].instance, sources)
+    _check_keepalive(sections["gateway"].stream_keepalive, sources)
     _check_token("admin.token", sections["admin"].token, sources)
     client_keys = _client_keys(sections["auth"], sources)
     engines = _build_engines(data.get("engines", {}), sources)

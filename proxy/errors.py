@@ -69,13 +69,17 @@ class GatewayError(Exception):
 
     def sse_message(self) -> Message:
         """What a stream that already started gets instead of a status: the last body message,
-        one SSE error event.
+        one SSE error event that stands alone (``standalone_sse_event``)."""
+        return {"type": "http.response.body", "body": standalone_sse_event(self.body()),
+                "more_body": False, ERROR_KEY: self}
 
-        It starts with a blank line: the bytes relayed before it may end in the middle of an
-        event (a backend that died mid-write), and the error must not continue that event's last
-        line. After a whole event the blank line dispatches nothing."""
-        event = b"\n\ndata: " + error_body(self.message, type=self.type, code=self.code) + b"\n\n"
-        return {"type": "http.response.body", "body": event, "more_body": False, ERROR_KEY: self}
+
+def standalone_sse_event(data: bytes, *, event: bytes = b"") -> bytes:
+    """An SSE error event that stands alone: a blank line first, so that it cannot glue to a
+    partial event before it (a stream cut mid-event), and ``data:`` on one line; ``event``
+    names the event (Anthropic's ``error``)."""
+    name = b"event: " + event + b"\n" if event else b""
+    return b"\n\n" + name + b"data: " + data + b"\n\n"
 
 
 def error_body(message: str, *, type: str, code: str, param: str | None = None) -> bytes:

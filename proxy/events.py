@@ -29,7 +29,7 @@ import anyio
 import structlog
 
 from .config import AdminSettings
-from .errors import GatewayError
+from .errors import GatewayError, unavailable
 from .types import Receive, Scope, Send
 
 log = structlog.get_logger("gateway.events")
@@ -146,8 +146,7 @@ class EventHub:
     @contextmanager
     def subscribe(self) -> Iterator[Subscriber]:
         if self.closed:
-            raise GatewayError(503, "The gateway is shutting down.",
-                               type="service_unavailable_error", code="shutting_down")
+            raise unavailable("The gateway is shutting down.", code="shutting_down")
         if len(self._subscribers) >= self.streams:
             raise GatewayError(429, f"{self.streams} event streams are open already "
                                "(admin.events_streams).", type="rate_limit_error",

@@ -169,6 +169,7 @@ def test_float_field_refuses_an_integer_too_large_for_a_float():
     ("gateway", "max_models_concurrent", 1, 1_000),
     ("gateway", "max_response_ids", 1, 10_000_000),
     ("gateway", "stream_keepalive", 0.0, 3_600.0),
+    ("admin", "events_send_timeout", 0.1, 3_600.0),
     ("upstream", "timeout", 0.001, 86_400.0),
 ])
 def test_bounds_are_inclusive_and_exact(section, key, lo, hi):
@@ -177,6 +178,13 @@ def test_bounds_are_inclusive_and_exact(section, key, lo, hi):
     for value in (lo / 2 if isinstance(lo, float) and lo else lo - 1, hi + 1):
         with pytest.raises(ConfigError):
             load({section: {key: value}})
+
+
+def test_a_stream_keepalive_too_short_to_tick_is_refused():
+    assert load({"gateway": {"stream_keepalive": 0.1}}).gateway.stream_keepalive == 0.1
+    message = refusal({"gateway": {"stream_keepalive": 0.01}})
+    assert_names(message, "gateway.stream_keepalive", "0.01", FILE,
+                 "must be 0 (no loading feedback) or a number from 0.1 to 3600.0")
 
 
 @given(st.integers(min_value=-(10 ** 20), max_value=10 ** 20))

@@ -13,6 +13,8 @@ import pytest
 
 from backends.pool import ModelState
 from middleware.feedback import StreamFeedback
+from proxy.anthropic import AnthropicErrors
+from proxy.errors import unavailable
 from proxy.types import Message, request_state
 from tests.middleware.asgi import Client, admitted_scope, call
 from tests.support import make_config, static_model
@@ -123,3 +125,37 @@ async def test_a_failure_after_feedback_ends_the_stream_and_is_raised(anyio_back
             await app(stream_scope(), client.receive, client.send)
     assert client.status == 200
     assert last_event(client)["error"]["code"] == "internal_error"
+
+
+async def test_an_error_after_feedback_on_an_anthropic_path_is_anthropics_error_event(
+        anyio_backend: str) -> None:
+    async def timing_out(scope: Any, receive: Any, send: Any) -> None:
+        await anyio.sleep(WAIT)
+        raise unavailable("No slot of model 'm' came free in time.", code="queue_timeout")
+
+    app = layer(timing_out)
+    async with app.running():
+        client = await call(AnthropicErrors(app), stream_scope())
+    assert client.status == 200
+    assert client.sent[-1]["more_body"] is False
+    final = client.sent[-1]["body"]
+    assert final.startswith(b"\n\nevent: error\ndata: ") and final.endswith(b"\n\n")
+    assert json.loads(final.removeprefix(b"\n\nevent: error\ndata: ")) == {
+        "type": "error", "error": {"type": "overloaded_error",
+                                   "message": "No slot of model 'm' came free in time."}}
+
+
+async def test_a_backend_error_after_feedback_on_an_anthropic_path_is_an_error_event(
+        anyio_backend: str) -> None:
+    envelope = {"type": "error", "error": {"type": "invalid_request_error",
+                                           "message": "max_tokens: Field required"}}
+    for answer, shaped in ((json.dumps(envelope).encode(), envelope),
+                           (b"bad gateway", {"type": "error", "error": {
+                               "type": "api_error", "message": "The backend of model 'm' "
+                               "answered the stream with status 400."}})):
+        app = layer(answering_after(WAIT, start(400, b"application/json"), body(answer)))
+        async with app.running():
+            client = await call(AnthropicErrors(app), stream_scope())
+        final = client.sent[-1]["body"]
+        assert final.startswith(b"\n\nevent: error\ndata: ") and final.count(b"\n") == 5
+        assert json.loads(final.removeprefix(b"\n\nevent: error\ndata: ")) == shaped

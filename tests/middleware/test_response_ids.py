@@ -75,6 +75,15 @@ async def test_the_id_of_a_stream_is_read_off_its_first_event_across_chunks() ->
     assert ids.model_of("resp_7") is B
 
 
+async def test_the_id_of_a_stream_after_loading_feedback_is_read_off_its_first_event() -> None:
+    created = {"type": "response.created", "response": {"id": "resp_8"}}
+    ids = await remembered(b": waiting for model 'b': starting, 2 s\n\n",
+                           b": waiting for model 'b': starting, 4 s\n\n",
+                           f"event: response.created\ndata: {json.dumps(created)}\n\n".encode(),
+                           content_type=b"text/event-stream; charset=utf-8")
+    assert ids.model_of("resp_8") is B
+
+
 async def test_nothing_is_remembered_from_an_error_or_an_answer_too_long_to_read() -> None:
     error = json.dumps({"id": "resp_1", "error": {"message": "no"}}).encode()
     assert len(await remembered(error, status=400)) == 0

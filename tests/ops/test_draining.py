@@ -100,6 +100,7 @@ async def test_an_ended_stream_gets_an_sse_error_event_and_ends() -> None:
     last = client.sent[-1]
     assert last["more_body"] is False
     event = last["body"].decode()
+    # A blank line first, so that the event stands alone after a partial one.
     assert event.startswith("\n\ndata: ") and event.endswith("\n\n")
     assert json.loads(event[len("\n\ndata: "):])["error"]["code"] == "shutting_down"
 
