@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import anthropic
 import httpx2
 import openai
 import pytest
@@ -103,6 +104,22 @@ def test_vllms_own_400s_reach_the_client_unchanged(served: Served) -> None:
     assert malformed.value.body["type"] == "Bad Request"
     assert malformed.value.body["param"] == "body.messages"
     assert "Input should be a valid list" in malformed.value.message
+
+
+def test_anthropic_clients_get_vllms_messages_api_and_the_gateways_errors_in_its_shape(
+        served: Served) -> None:
+    api = anthropic.Anthropic(base_url=served.url, api_key="unused", max_retries=0, timeout=300)
+    message = api.messages.create(model="tiny", max_tokens=5, messages=HI)
+    assert (message.type, message.role, message.model) == ("message", "assistant", "tiny")
+    assert message.stop_reason in ("end_turn", "max_tokens")
+    with api.messages.stream(model="tiny", max_tokens=5, messages=HI) as stream:
+        kinds = [event.type for event in stream]
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    assert "message_delta" in kinds
+    assert api.messages.count_tokens(model="tiny", messages=HI).input_tokens > 0
+    with pytest.raises(anthropic.NotFoundError) as unknown:  # the gateway's own 404
+        api.messages.create(model="no-such-model", max_tokens=5, messages=HI)
+    assert unknown.value.body["error"]["type"] == "not_found_error"
 
 
 def test_the_cpu_example_runs_the_vllm_this_tier_runs() -> None:
