@@ -901,7 +901,7 @@ class Simulator:
             raise _ApiError(400, "Field required: 'messages' (a non-empty list)")
         if body.get("max_tokens") is None:
             raise _ApiError(400, "Field required: 'max_tokens'")
-        max_tokens = _max_tokens(body.get("max_tokens"))
+        max_tokens = _max_tokens(body.get("max_tokens"), self.config.max_model_len)
         prompt = _count_tokens(messages) + _count_tokens(body.get("system"))
         message_id = f"chatcmpl-{os.urandom(8).hex()}"  # vLLM answers with the chat id
         usage = {"input_tokens": prompt, "output_tokens": max_tokens}
@@ -1020,7 +1020,7 @@ class Simulator:
         inputs = body.get("input")
         if not isinstance(inputs, str | list) or not inputs:
             raise _ApiError(400, "Field required: 'input' (a string or a list of items)")
-        tokens = _max_tokens(body.get("max_output_tokens"))
+        tokens = _max_tokens(body.get("max_output_tokens"), self.config.max_model_len)
         prompt = _count_tokens(inputs)
         response_id = f"resp_{os.urandom(16).hex()}"
         store = body.get("store", True)
