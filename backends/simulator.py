@@ -130,6 +130,7 @@ class SimulatorConfig:
     server_dev_mode: bool = False
     sleep_delay: float = 0.0
     wake_delay: float = 0.0
+    fail_wake: bool = False  # fault: every wake_up answers 500, the engine stays asleep
 
     def __post_init__(self) -> None:
         problems = [
@@ -370,7 +371,7 @@ class Simulator:
         )
         self._answered = 0
         self.sleep_mode = (
-            SleepMode(config.sleep_delay, config.wake_delay)
+            SleepMode(config.sleep_delay, config.wake_delay, fail_wake=config.fail_wake)
             if config.enable_sleep_mode and config.server_dev_mode
             else None
         )
@@ -588,6 +589,7 @@ class Simulator:
             raise _ApiError(500, "Simulated internal server error")
         sleep = self.sleep_mode
         if sleep is not None and sleep.sleeping:
+            sleep.held += 1
             stats.waiting += 1
             try:
                 await sleep.hold()  # as vLLM: held, not answered, until awake
@@ -1311,6 +1313,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     add("--sleep-delay", type=float, default=0.0, metavar="S", help="seconds a sleep takes")
     add("--wake-delay", type=float, default=0.0, metavar="S", help="seconds a wake_up takes")
+    add("--fail-wake", action="store_true",
+        help="fault: every wake_up answers 500 and the engine stays asleep")
     return parser
 
 
@@ -1345,6 +1349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             server_dev_mode=os.environ.get("VLLM_SERVER_DEV_MODE", "0") not in ("", "0"),
             sleep_delay=args.sleep_delay,
             wake_delay=args.wake_delay,
+            fail_wake=args.fail_wake,
         )
     except ValueError as exc:
         parser.error(str(exc))
