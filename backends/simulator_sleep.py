@@ -23,8 +23,8 @@ From the moment a sleep begins until the engine is fully awake, new generations 
 answered (as vLLM holds them); ``vllm:engine_sleep_state`` tells the state. ``calls`` records
 every sleep-mode call in order, so a test can check a level-2 wake (weights, reload_weights,
 kv_cache). With ``--fail-wake`` every ``wake_up`` answers 500 (vLLM's error shape) and the
-engine sleeps on. ``MEMORY`` lets a process that really holds GPU memory (``tests/gpu/gpu_holder.py``)
-free and take it back with the sleep and the wake.
+engine sleeps on. ``MEMORY`` lets a process that really holds GPU memory
+(``tests/gpu/gpu_holder.py``) free and take it back with the sleep and the wake.
 """
 
 from __future__ import annotations

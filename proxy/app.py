@@ -99,7 +99,8 @@ class Gateway:
         self.engine_pings = EnginePings(self.engines)
         self.events = EventHub.from_settings(config.admin)
         self.pool = BackendPool(config, launchers=launchers or launchers_for(self.engines),
-                                gpu=gpu, on_ready=self._started, on_change=self.events.changed)
+                                gpu=gpu, on_ready=self._started, on_wake=self._woke,
+                                on_change=self.events.changed)
         self.metrics.watch_pool(self.pool)
         self.upstream = Upstream(config)
         self.running_now = False
@@ -140,6 +141,9 @@ class Gateway:
 
     def _started(self, model: str, seconds: float) -> None:
         self.metrics.start_duration(model).observe(seconds)
+
+    def _woke(self, model: str, seconds: float) -> None:
+        self.metrics.wake_duration(model).observe(seconds)
 
     @property
     def draining(self) -> bool:
