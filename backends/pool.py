@@ -22,6 +22,12 @@ model goes ``failed`` with the reason, its bookkeeping completes, the other mode
   the model's VRAM, the least recently used idle models are stopped (those on a short device
   first); if none is idle, the start waits for one (bounded by ``placement_timeout``), then
   every waiting request gets 503. A start that waits for room lets other starts go first.
+- Turns (no thrash): requests the gateway holds for a model outside the pool (queued for a slot
+  or holding one: ``count_demand``) keep it from being idle, so a model serves its run of
+  requests before it is swapped out, not one request per swap. Once a start or a wake has
+  waited half its ``placement_timeout``, the busy models in its way yield their turn: they take
+  no new lease, those in flight finish, and they are then evicted even though requests wait
+  for them (those wait for the model's next turn).
 - The reaper stops a ready model with no leases after its ``idle_timeout``. It checks and
   changes the state in one synchronous step, so it cannot race a lease.
 - Sleep (vLLM's sleep mode, ``backends.sleep``): a model with ``sleep_level`` is put to sleep
@@ -37,6 +43,7 @@ model goes ``failed`` with the reason, its bookkeeping completes, the other mode
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -121,6 +128,10 @@ class Backend:
     # False once this run's server turned out to have no sleep API; warned: said so in the log.
     sleep_capable: bool = True
     warned_no_sleep: bool = False
+    # Requests for the model the gateway holds outside the pool (``BackendPool.count_demand``).
+    demand: Callable[[], int] = lambda: 0
+    # Set while the model gives its turn to a start or a wake waiting for room: no new lease.
+    yields_to: Backend | None = None
 
     @property
     def name(self) -> str:
@@ -140,8 +151,10 @@ class Backend:
         return self.measured_vram_mb or self.settings.vram_mb
 
     def is_idle(self) -> bool:
-        """Ready, and neither leased nor waited for by a request that is about to lease it."""
-        return self.state is ModelState.READY and self.leases == 0 and self.waiting == 0
+        """Ready, and neither leased nor waited for by a request (one that is about to lease
+        it, or one the gateway queues for it), unless it gave its turn away."""
+        return self.state is ModelState.READY and self.leases == 0 and (
+            self.yields_to is not None or (self.waiting == 0 and self.demand() == 0))
 
     def occupies_slot(self) -> bool:
         return self.state in LOADED or (self.state in COMING and self.placed)
@@ -210,6 +223,12 @@ class BackendPool:
                     tg.cancel_scope.cancel()
             self._tg = None
 
+    def count_demand(self, demand: Callable[[str], int]) -> None:
+        """Count ``demand(name)``, the requests the gateway holds for a model outside the pool,
+        as requests that wait for it: a model is not idle while it has them."""
+        for name, backend in self.backends.items():
+            backend.demand = functools.partial(demand, name)
+
     def problem(self) -> str | None:
         """Why the pool no longer does its work (``/health`` says so), or None."""
         if self._tg is None:
@@ -243,7 +262,7 @@ class BackendPool:
                 self._notify()
 
     async def _until_ready(self, backend: Backend) -> None:
-        while backend.state is not ModelState.READY:
+        while backend.state is not ModelState.READY or backend.yields_to is not None:
             # Failed: refused within the backoff; a static server that is down (its watch still
             # runs) until a check passes.
             if backend.state is ModelState.FAILED and (
@@ -472,27 +491,53 @@ class BackendPool:
         once no room came within ``placement_timeout``."""
         assert self._start_lock is not None
         deadline: float | None = None
-        while True:
-            async with AsyncExitStack() as devices:
-                for g in sorted(backend.settings.gpus):
-                    await devices.enter_async_context(self._device_locks[g])
-                async with self._start_lock:
-                    assert self._changed is not None
-                    changed = self._changed
-                    placed = await self._make_room(backend)
-                if placed:
-                    yield
-                    return
-            # No room yet: wait without the lock, so that models that fit can start meanwhile.
-            now = anyio.current_time()
-            if deadline is None:
-                deadline = now + self.placement_timeout
-            if now >= deadline:
-                raise unavailable(
-                    f"No capacity for model '{backend.name}': every loaded model is busy.",
-                    code="no_capacity", retry_after=self.placement_timeout)
-            with anyio.move_on_after(min(MEMORY_POLL, deadline - now)):
-                await changed.wait()
+        try:
+            while True:
+                async with AsyncExitStack() as devices:
+                    for g in sorted(backend.settings.gpus):
+                        await devices.enter_async_context(self._device_locks[g])
+                    async with self._start_lock:
+                        assert self._changed is not None
+                        changed = self._changed
+                        placed = await self._make_room(backend)
+                    if placed:
+                        self._turn_ends(backend)
+                        yield
+                        return
+                # No room yet: wait without the lock, so that models that fit can start
+                # meanwhile.
+                now = anyio.current_time()
+                if deadline is None:
+                    deadline = now + self.placement_timeout
+                elif now >= deadline - self.placement_timeout / 2:
+                    self._take_turn(backend)
+                if now >= deadline:
+                    raise unavailable(
+                        f"No capacity for model '{backend.name}': every loaded model is busy.",
+                        code="no_capacity", retry_after=self.placement_timeout)
+                with anyio.move_on_after(min(MEMORY_POLL, deadline - now)):
+                    await changed.wait()
+        finally:
+            self._turn_ends(backend)
+
+    def _take_turn(self, backend: Backend) -> None:
+        """The busy models in the way of a start or a wake yield their turn to it."""
+        over_budget = sum(b.occupies_slot() for b in self.backends.values()) >= self.max_models
+        short = self._short_devices(backend)
+        for other in self.backends.values():
+            in_the_way = over_budget or short & set(other.settings.gpus)
+            if other.state is ModelState.READY and other.yields_to is None and in_the_way:
+                other.yields_to = backend
+                log.info("model yields its turn", model=other.name, to_model=backend.name,
+                         leases=other.leases)
+                self._notify()
+
+    def _turn_ends(self, backend: Backend) -> None:
+        """The start or wake is placed or gave up: the models that yielded to it serve on."""
+        for other in self.backends.values():
+            if other.yields_to is backend:
+                other.yields_to = None
+                self._notify()
 
     async def _start_placed(self, backend: Backend, helpers: TaskGroup,
                             launched_by: str | None) -> str | None:

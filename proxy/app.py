@@ -111,6 +111,10 @@ class Gateway:
         retry = RetryConnectFailures(passthrough, config=config, metrics=self.metrics)
         self.semaphores = ModelConcurrencyLimit(retry, config=config, metrics=self.metrics)
         self.queue = QueueDepthLimit(self.semaphores, config=config, metrics=self.metrics)
+        # A model with requests queued for a slot or holding one is not idle: it serves its run
+        # before it is swapped out (the slot is released just after the lease).
+        self.pool.count_demand(lambda name: self.queue.depth(name)
+                               + self.semaphores.in_flight(name))
         self.response_ids = ResponseIds(config.gateway.max_response_ids)
         self.feedback = (StreamFeedback(self.queue, config=config, pool=self.pool)
                          if config.gateway.stream_keepalive else None)

@@ -122,7 +122,7 @@ async def test_a_server_without_sleep_mode_is_stopped_with_one_warning() -> None
                 await ask(pool, "a")
                 pid = pid_of(pool, "a")
                 await eventually(lambda: pool.backends["a"].state is ModelState.STOPPED)
-                await eventually(lambda: not running(pid))
+                await eventually(lambda pid=pid: not running(pid))
         warnings = [e for e in logs if e["log_level"] == "warning"]
         assert len(warnings) == 1
         assert "--enable-sleep-mode and VLLM_SERVER_DEV_MODE=1" in warnings[0]["needs"]
