@@ -658,21 +658,25 @@ class BackendPool:
         The sleep budget is kept: beyond it the model asleep longest is stopped."""
         assert self._health is not None and backend.sleeping is not None
         settings = backend.settings
-        assert settings.sleep_level is not None and backend.address is not None
+        assert settings.sleep_level is not None
         others = sorted((b for b in self.backends.values()
                          if b is not backend and b.state is ModelState.ASLEEP),
                         key=lambda b: b.asleep_since)
         for other in others[:max(0, len(others) - self.max_asleep + 1)]:
             self.request_stop(other, "the sleep budget (max_models_asleep) needs its place")
-        before = self._used(backend)
         problem = None
         try:
+            address = backend.address
             if self.max_asleep == 0:
                 problem = "max_models_asleep is 0"
+            elif address is None:  # it died meanwhile: its lifecycle ends it
+                problem = "it stopped"
             else:
+                before = self._used(backend)
                 with anyio.fail_after(settings.startup_timeout):
-                    await sleep_mode.is_sleeping(self._health, backend.address)
-                    await sleep_mode.sleep(self._health, backend.address, settings.sleep_level)
+                    await sleep_mode.is_sleeping(self._health, address)
+                    await sleep_mode.sleep(self._health, address, settings.sleep_level)
+                self._measure_asleep(backend, before)
         except sleep_mode.NoSleepMode as exc:
             backend.sleep_capable = False
             problem = str(exc)
@@ -680,8 +684,8 @@ class BackendPool:
                 backend.warned_no_sleep = True
                 log.warning("model has no sleep mode: stopped instead", model=backend.name,
                             reason=problem, needs=sleep_mode.FLAGS)
-        except Exception as exc:  # the server's failure, never the pool's
-            problem = f"its sleep failed: {exc or type(exc).__name__}"
+        except Exception as exc:  # the server's or NVML's failure, never the pool's
+            problem = f"its sleep failed: {str(exc) or type(exc).__name__}"
             log.error("model sleep failed: stopped instead", model=backend.name, reason=problem)
         finally:
             sleeping, backend.sleeping = backend.sleeping, None
@@ -691,7 +695,6 @@ class BackendPool:
             return
         backend.sleeps += 1
         backend.asleep_since = anyio.current_time()
-        self._measure_asleep(backend, before)
         log.info("model asleep", model=backend.name, level=settings.sleep_level,
                  asleep_vram_mb=backend.asleep_vram_mb)
         self._notify()
