@@ -61,7 +61,20 @@ class _ReadAtScrape(Collector):
 
 
 class _PoolAtScrape(Collector):
-    """Each model's state, starts, evictions and measured VRAM, as the pool has them now."""
+    """Each model's state, counts and measured VRAM, as the pool has them now."""
+
+    # Each per-model counter: its name, what it counts, the Backend attribute that holds it.
+    COUNTERS = (
+        ("gateway_cold_starts_total", "Times a model's server was started and became ready.",
+         "starts"),
+        ("gateway_evictions_total",
+         "Times an idle model was stopped (or put to sleep) to make room for another.",
+         "evictions"),
+        ("gateway_sleeps_total", "Times a model's server was put to sleep (vLLM's sleep mode).",
+         "sleeps"),
+        ("gateway_wakes_total", "Times a model's server was woken from sleep and became ready.",
+         "wakes"),
+    )
 
     def __init__(self, pool: BackendPool) -> None:
         self.pool = pool
@@ -70,31 +83,21 @@ class _PoolAtScrape(Collector):
         state = GaugeMetricFamily("gateway_backend_state",
                                   "1 for the state each model's backend is in, 0 for the others.",
                                   labels=["model", "state"])
-        starts = CounterMetricFamily("gateway_cold_starts_total",
-                                     "Times a model's server was started and became ready.",
-                                     labels=["model"])
-        evictions = CounterMetricFamily("gateway_evictions_total",
-                                        "Times an idle model was stopped to make room for another.",
-                                        labels=["model"])
-        sleeps = CounterMetricFamily("gateway_sleeps_total",
-                                     "Times a model's server was put to sleep (vLLM's sleep mode).",
-                                     labels=["model"])
-        wakes = CounterMetricFamily("gateway_wakes_total",
-                                    "Times a model's server was woken from sleep and became ready.",
-                                    labels=["model"])
+        counters = [(CounterMetricFamily(name, documentation, labels=["model"]), attribute)
+                    for name, documentation, attribute in self.COUNTERS]
         vram = GaugeMetricFamily("gateway_backend_measured_vram_bytes",
                                  "GPU memory a model took when it started, as measured (NVML).",
                                  labels=["model"])
         for name, backend in self.pool.backends.items():
             for each in ModelState:
                 state.add_metric([name, each.value], 1.0 if backend.state is each else 0.0)
-            starts.add_metric([name], backend.starts)
-            evictions.add_metric([name], backend.evictions)
-            sleeps.add_metric([name], backend.sleeps)
-            wakes.add_metric([name], backend.wakes)
+            for family, attribute in counters:
+                family.add_metric([name], getattr(backend, attribute))
             if backend.measured_vram_mb is not None:
                 vram.add_metric([name], backend.measured_vram_mb * MIB)
-        yield from (state, starts, evictions, sleeps, wakes, vram)
+        yield state
+        yield from (family for family, _ in counters)
+        yield vram
 
 
 class _Children:
