@@ -13,7 +13,7 @@ import structlog
 from backends.pool import BackendPool, ModelState
 from tests.backends.checks import running
 from tests.backends.test_pool import launcher, pid_of, running_pool, states
-from tests.support import chat, eventually, make_config, sim_model
+from tests.support import HTTP, chat, eventually, make_config, sim_model
 
 pytestmark = pytest.mark.anyio
 
@@ -142,3 +142,46 @@ async def test_a_failed_wake_stops_the_server_and_starts_it_cold() -> None:
         backend = pool.backends["a"]
         assert (backend.state, backend.sleeps, backend.wakes, backend.starts) == (
             ModelState.READY, 1, 0, 2)
+
+
+class SleepyGpu:
+    """One 1000 MiB device, as NVML would read it: each simulator takes 600 MiB awake and keeps
+    100 MiB asleep (its CUDA context)."""
+
+    measures = True
+
+    def __init__(self) -> None:
+        self.pool: BackendPool | None = None
+
+    def total_mb(self, index: int) -> int | None:
+        return 1000 if index == 0 else None
+
+    def used_mb(self, index: int) -> int | None:
+        assert self.pool is not None
+        used = 0
+        for backend in self.pool.backends.values():
+            if backend.address is None:
+                continue
+            try:
+                asleep = HTTP.get(backend.address + "/is_sleeping").json()["is_sleeping"]
+            except (httpx2.TransportError, ValueError):
+                continue  # not listening yet: it holds nothing
+            used += 100 if asleep else 600
+        return used if index == 0 else None
+
+
+async def test_gpu_memory_is_measured_after_the_sleep_and_a_wake_makes_room() -> None:
+    gpu = SleepyGpu()
+    config = make_config([sleepy_model("a", gpus=[0], vram_mb=600),
+                          sleepy_model("b", gpus=[0], vram_mb=600)])
+    async with running_pool(config, gpu=gpu) as pool:
+        gpu.pool = pool
+        await ask(pool, "a")
+        assert pool.backends["a"].measured_vram_mb == 600
+        await ask(pool, "b")  # 400 MiB free: a sleeps, and keeps 100
+        assert states(pool) == {"a": "asleep", "b": "ready"}
+        assert pool.backends["a"].asleep_vram_mb == 100
+        assert pool.backends["b"].measured_vram_mb == 600
+        await ask(pool, "a")  # a needs 500 more, 300 are free: b sleeps first
+        assert states(pool) == {"a": "ready", "b": "asleep"}
+        assert gpu.used_mb(0) == 700
