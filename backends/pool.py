@@ -550,12 +550,28 @@ class BackendPool:
             with anyio.fail_after(timeout):
                 await backend.launcher.start(helpers)
                 down = await self._wait_healthy(backend)
+                if down is None and backend.settings.sleep_level is not None:
+                    await self._wake_if_asleep(backend)
         except TimeoutError:
             raise LaunchError(f"not healthy within {timeout:g} s") from None
         self._measure(backend, before)
         if self.on_ready is not None and down is None:
             self.on_ready(backend.name, anyio.current_time() - began)
         return down
+
+    async def _wake_if_asleep(self, backend: Backend) -> None:
+        """A server found asleep once healthy (an adopted container that an earlier gateway put
+        to sleep: /health says nothing about sleep) is woken before anything is forwarded."""
+        assert self._health is not None and backend.address is not None
+        level = backend.settings.sleep_level
+        assert level is not None
+        try:
+            if not await sleep_mode.is_sleeping(self._health, backend.address):
+                return
+        except sleep_mode.NoSleepMode:
+            return  # it cannot sleep: said when it would be put to sleep
+        log.info("model found asleep: waking it", model=backend.name, level=level)
+        await sleep_mode.wake(self._health, backend.address, level)
 
     async def _wait_healthy(self, backend: Backend) -> str | None:
         """Until the server passes a check; a static one that refuses connections (nothing

@@ -131,6 +131,7 @@ class SimulatorConfig:
     sleep_delay: float = 0.0
     wake_delay: float = 0.0
     fail_wake: bool = False  # fault: every wake_up answers 500, the engine stays asleep
+    start_asleep: bool = False  # as a server an earlier gateway put to sleep (level 1)
 
     def __post_init__(self) -> None:
         problems = [
@@ -371,7 +372,8 @@ class Simulator:
         )
         self._answered = 0
         self.sleep_mode = (
-            SleepMode(config.sleep_delay, config.wake_delay, fail_wake=config.fail_wake)
+            SleepMode(config.sleep_delay, config.wake_delay, fail_wake=config.fail_wake,
+                      start_asleep=config.start_asleep)
             if config.enable_sleep_mode and config.server_dev_mode
             else None
         )
@@ -1315,6 +1317,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--wake-delay", type=float, default=0.0, metavar="S", help="seconds a wake_up takes")
     add("--fail-wake", action="store_true",
         help="fault: every wake_up answers 500 and the engine stays asleep")
+    add("--start-asleep", action="store_true",
+        help="start asleep at level 1, as a server an earlier gateway put to sleep")
     return parser
 
 
@@ -1350,6 +1354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sleep_delay=args.sleep_delay,
             wake_delay=args.wake_delay,
             fail_wake=args.fail_wake,
+            start_asleep=args.start_asleep,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -23,8 +23,9 @@ From the moment a sleep begins until the engine is fully awake, new generations 
 answered (as vLLM holds them); ``vllm:engine_sleep_state`` tells the state. ``calls`` records
 every sleep-mode call in order, so a test can check a level-2 wake (weights, reload_weights,
 kv_cache). With ``--fail-wake`` every ``wake_up`` answers 500 (vLLM's error shape) and the
-engine sleeps on. ``MEMORY`` lets a process that really holds GPU memory
-(``tests/gpu/gpu_holder.py``) free and take it back with the sleep and the wake.
+engine sleeps on; with ``--start-asleep`` it starts as after a level 1 sleep. ``MEMORY`` lets
+a process that really holds GPU memory (``tests/gpu/gpu_holder.py``) free and take it back
+with the sleep and the wake.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class SleepMode:
     weights_lost: bool = False  # level 2 dropped them: reload_weights before they serve
     keeping: bool = False  # a sleep with mode=keep: generations in flight pause as well
     fail_wake: bool = False
+    start_asleep: bool = False  # as after a level 1 sleep (``--start-asleep``)
     calls: list[str] = field(default_factory=list)
     held: int = 0  # generations that came while asleep
     _awake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -78,8 +80,11 @@ class SleepMode:
     _idle: asyncio.Event = field(default_factory=asyncio.Event)  # no generation in flight
 
     def __post_init__(self) -> None:
-        self._awake.set()
         self._idle.set()
+        if self.start_asleep:
+            self.level, self.paused, self.asleep = 1, True, set(TAGS)
+        else:
+            self._awake.set()
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/sleep", self.sleep)

@@ -185,3 +185,14 @@ async def test_gpu_memory_is_measured_after_the_sleep_and_a_wake_makes_room() ->
         await ask(pool, "a")  # a needs 500 more, 300 are free: b sleeps first
         assert states(pool) == {"a": "ready", "b": "asleep"}
         assert gpu.used_mb(0) == 700
+
+
+async def test_a_server_found_asleep_at_its_start_is_woken_before_it_serves() -> None:
+    # As a container that an earlier gateway put to sleep, adopted: healthy, but asleep.
+    config = make_config([sleepy_model("a", "--start-asleep")])
+    async with running_pool(config) as pool:
+        await ask(pool, "a")
+        recorded = await sim_sleep(pool, "a")
+        assert recorded["calls"] == ["wake_up all"]
+        assert recorded["held"] == 0
+        assert pool.backends["a"].state is ModelState.READY
