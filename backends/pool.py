@@ -22,13 +22,28 @@ model goes ``failed`` with the reason, its bookkeeping completes, the other mode
   the model's VRAM, the least recently used idle models are stopped (those on a short device
   first); if none is idle, the start waits for one (bounded by ``placement_timeout``), then
   every waiting request gets 503. A start that waits for room lets other starts go first.
+- Turns (no thrash): requests the gateway holds for a model outside the pool (queued for a slot
+  or holding one: ``count_demand``) keep it from being idle, so a model serves its run of
+  requests before it is swapped out, not one request per swap. Once a start or a wake has
+  waited half its ``placement_timeout``, the busy models in its way yield their turn: they take
+  no new lease, those in flight finish, and they are then evicted even though requests wait
+  for them (those wait for the model's next turn).
 - The reaper stops a ready model with no leases after its ``idle_timeout``. It checks and
   changes the state in one synchronous step, so it cannot race a lease.
+- Sleep (vLLM's sleep mode, ``backends.sleep``): a model with ``sleep_level`` is put to sleep
+  instead of stopped, when it is idle for its ``idle_timeout`` or evicted: ``ready -> asleep``,
+  its server still running. An asleep model holds no slot of ``max_models_concurrent``; at most
+  ``max_models_asleep`` sleep (the one asleep longest is stopped for another), and each is
+  stopped after its ``asleep_timeout``. A request for it wakes it: ``asleep -> waking ->
+  ready``, placed as a start is (room made first); nothing is leased until the server says it
+  is awake. A server without the sleep API is stopped instead (one warning); a wake that fails
+  stops the server and its requests start it cold.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -41,6 +56,7 @@ from anyio.abc import TaskGroup
 from proxy.config import Config, ModelSettings
 from proxy.errors import GatewayError, unavailable
 
+from . import sleep as sleep_mode
 from .gpu import ConfiguredMemory, GpuMemory
 from .launcher import Launcher, LaunchError, Supervisor
 from .static import StaticLauncher
@@ -61,9 +77,13 @@ class ModelState(enum.Enum):
     DRAINING = "draining"
     STOPPING = "stopping"
     FAILED = "failed"
+    ASLEEP = "asleep"
+    WAKING = "waking"
 
 
 LOADED = (ModelState.READY, ModelState.DRAINING, ModelState.STOPPING)
+# Brought up for requests that wait for it: started, or woken.
+COMING = (ModelState.STARTING, ModelState.WAKING)
 # The error codes of a model that is ``failed``: its start, its server or its stop went wrong.
 START_FAILED = "model_start_failed"
 UNAVAILABLE = "backend_unavailable"
@@ -98,6 +118,20 @@ class Backend:
     start: _Start | None = None
     scope: anyio.CancelScope | None = None
     stop_reason: str | None = None
+    sleeps: int = 0
+    wakes: int = 0
+    asleep_since: float = 0.0
+    # GPU memory the server still held once asleep, as measured (NVML); None: not measured.
+    asleep_vram_mb: int | None = None
+    # Set while a sleep call is in flight (a wake waits for it); None otherwise.
+    sleeping: anyio.Event | None = None
+    # False once this run's server turned out to have no sleep API; warned: said so in the log.
+    sleep_capable: bool = True
+    warned_no_sleep: bool = False
+    # Requests for the model the gateway holds outside the pool (``BackendPool.count_demand``).
+    demand: Callable[[], int] = lambda: 0
+    # Set while the model gives its turn to a start or a wake waiting for room: no new lease.
+    yields_to: Backend | None = None
 
     @property
     def name(self) -> str:
@@ -117,11 +151,22 @@ class Backend:
         return self.measured_vram_mb or self.settings.vram_mb
 
     def is_idle(self) -> bool:
-        """Ready, and neither leased nor waited for by a request that is about to lease it."""
-        return self.state is ModelState.READY and self.leases == 0 and self.waiting == 0
+        """Ready, and neither leased nor waited for by a request (one that is about to lease
+        it, or one the gateway queues for it), unless it gave its turn away."""
+        return self.state is ModelState.READY and self.leases == 0 and (
+            self.yields_to is not None or (self.waiting == 0 and self.demand() == 0))
 
     def occupies_slot(self) -> bool:
-        return self.state in LOADED or (self.state is ModelState.STARTING and self.placed)
+        return self.state in LOADED or (self.state in COMING and self.placed)
+
+    def sleeps_when_idle(self) -> bool:
+        return self.settings.sleep_level is not None and self.sleep_capable
+
+    def need_mb(self) -> int:
+        """GPU memory a start or a wake needs: a wake needs less what the server still holds."""
+        if self.state is ModelState.WAKING and self.asleep_vram_mb is not None:
+            return max(0, self.vram_mb - self.asleep_vram_mb)
+        return self.vram_mb
 
 
 LauncherFactory = Callable[[ModelSettings], Launcher]
@@ -131,17 +176,22 @@ class BackendPool:
     def __init__(self, config: Config, *, launchers: LauncherFactory,
                  gpu: GpuMemory | None = None,
                  on_ready: Callable[[str, float], None] | None = None,
+                 on_wake: Callable[[str, float], None] | None = None,
                  on_change: Callable[[], None] | None = None) -> None:
         self.config = config
         self.on_ready = on_ready
+        self.on_wake = on_wake
         # Told after every change of a model's state (the admin API's event stream).
         self.on_change = on_change
         self.gpu = gpu or ConfiguredMemory(config.gateway.gpu_memory_mb)
         self.backends = {m.name: Backend(m, launchers(m)) for m in config.models}
         self.max_models = config.gateway.max_models_concurrent
         self.placement_timeout = config.gateway.placement_timeout
+        self.max_asleep = config.gateway.max_models_asleep
         self.reap_interval = min(REAP_INTERVAL_MAX,
-                                 *(m.idle_timeout / 10 for m in config.models))
+                                 *(m.idle_timeout / 10 for m in config.models),
+                                 *(m.asleep_timeout / 10 for m in config.models
+                                   if m.sleep_level is not None))
         self._changed: anyio.Event | None = None
         self._start_lock: anyio.Lock | None = None
         self._device_locks: dict[int, anyio.Lock] = {}
@@ -172,6 +222,12 @@ class BackendPool:
                         self.request_stop(backend, "gateway stopping")
                     tg.cancel_scope.cancel()
             self._tg = None
+
+    def count_demand(self, demand: Callable[[str], int]) -> None:
+        """Count ``demand(name)``, the requests the gateway holds for a model outside the pool,
+        as requests that wait for it: a model is not idle while it has them."""
+        for name, backend in self.backends.items():
+            backend.demand = functools.partial(demand, name)
 
     def problem(self) -> str | None:
         """Why the pool no longer does its work (``/health`` says so), or None."""
@@ -206,7 +262,7 @@ class BackendPool:
                 self._notify()
 
     async def _until_ready(self, backend: Backend) -> None:
-        while backend.state is not ModelState.READY:
+        while backend.state is not ModelState.READY or backend.yields_to is not None:
             # Failed: refused within the backoff; a static server that is down (its watch still
             # runs) until a check passes.
             if backend.state is ModelState.FAILED and (
@@ -214,8 +270,11 @@ class BackendPool:
                 raise self._refusal(backend)
             if backend.state in (ModelState.STOPPED, ModelState.FAILED):
                 self._launch(backend)
+            elif backend.state is ModelState.ASLEEP:
+                self._begin_wake(backend)
             start = backend.start
-            if backend.state is ModelState.STARTING and start is not None:
+            if backend.state in COMING and start is not None:
+                # A wake that failed ends without an error: the loop then starts the model cold.
                 await start.done.wait()
                 if start.error is not None:
                     raise start.error.fresh()
@@ -235,6 +294,7 @@ class BackendPool:
         backend.state = ModelState.STARTING
         backend.placed = False
         backend.stop_reason = None
+        backend.sleep_capable = True
         backend.start = _Start()
         # Made here, not in the task, so that a stop requested before the task runs is kept.
         backend.scope = anyio.CancelScope()
@@ -422,28 +482,62 @@ class BackendPool:
                      launched_by: str | None) -> str | None:
         """Make room, start the server, wait for its health; a static server that nothing
         listens at is not waited for: why it is down."""
+        async with self._room(backend):
+            return await self._start_placed(backend, helpers, launched_by)
+
+    @asynccontextmanager
+    async def _room(self, backend: Backend) -> AsyncIterator[None]:
+        """Make room for the model (a start or a wake) and hold its devices meanwhile; 503
+        once no room came within ``placement_timeout``."""
         assert self._start_lock is not None
         deadline: float | None = None
-        while True:
-            async with AsyncExitStack() as devices:
-                for g in sorted(backend.settings.gpus):
-                    await devices.enter_async_context(self._device_locks[g])
-                async with self._start_lock:
-                    assert self._changed is not None
-                    changed = self._changed
-                    placed = await self._make_room(backend)
-                if placed:
-                    return await self._start_placed(backend, helpers, launched_by)
-            # No room yet: wait without the lock, so that models that fit can start meanwhile.
-            now = anyio.current_time()
-            if deadline is None:
-                deadline = now + self.placement_timeout
-            if now >= deadline:
-                raise unavailable(
-                    f"No capacity for model '{backend.name}': every loaded model is busy.",
-                    code="no_capacity", retry_after=self.placement_timeout)
-            with anyio.move_on_after(min(MEMORY_POLL, deadline - now)):
-                await changed.wait()
+        try:
+            while True:
+                async with AsyncExitStack() as devices:
+                    for g in sorted(backend.settings.gpus):
+                        await devices.enter_async_context(self._device_locks[g])
+                    async with self._start_lock:
+                        assert self._changed is not None
+                        changed = self._changed
+                        placed = await self._make_room(backend)
+                    if placed:
+                        self._turn_ends(backend)
+                        yield
+                        return
+                # No room yet: wait without the lock, so that models that fit can start
+                # meanwhile.
+                now = anyio.current_time()
+                if deadline is None:
+                    deadline = now + self.placement_timeout
+                elif now >= deadline - self.placement_timeout / 2:
+                    self._take_turn(backend)
+                if now >= deadline:
+                    raise unavailable(
+                        f"No capacity for model '{backend.name}': every loaded model is busy.",
+                        code="no_capacity", retry_after=self.placement_timeout)
+                with anyio.move_on_after(min(MEMORY_POLL, deadline - now)):
+                    await changed.wait()
+        finally:
+            self._turn_ends(backend)
+
+    def _take_turn(self, backend: Backend) -> None:
+        """The busy models in the way of a start or a wake yield their turn to it."""
+        over_budget = sum(b.occupies_slot() for b in self.backends.values()) >= self.max_models
+        short = self._short_devices(backend)
+        for other in self.backends.values():
+            in_the_way = over_budget or short & set(other.settings.gpus)
+            if other.state is ModelState.READY and other.yields_to is None and in_the_way:
+                other.yields_to = backend
+                log.info("model yields its turn", model=other.name, to_model=backend.name,
+                         leases=other.leases)
+                self._notify()
+
+    def _turn_ends(self, backend: Backend) -> None:
+        """The start or wake is placed or gave up: the models that yielded to it serve on."""
+        for other in self.backends.values():
+            if other.yields_to is backend:
+                other.yields_to = None
+                self._notify()
 
     async def _start_placed(self, backend: Backend, helpers: TaskGroup,
                             launched_by: str | None) -> str | None:
@@ -456,12 +550,28 @@ class BackendPool:
             with anyio.fail_after(timeout):
                 await backend.launcher.start(helpers)
                 down = await self._wait_healthy(backend)
+                if down is None and backend.settings.sleep_level is not None:
+                    await self._wake_if_asleep(backend)
         except TimeoutError:
             raise LaunchError(f"not healthy within {timeout:g} s") from None
         self._measure(backend, before)
         if self.on_ready is not None and down is None:
             self.on_ready(backend.name, anyio.current_time() - began)
         return down
+
+    async def _wake_if_asleep(self, backend: Backend) -> None:
+        """A server found asleep once healthy (an adopted container that an earlier gateway put
+        to sleep: /health says nothing about sleep) is woken before anything is forwarded."""
+        assert self._health is not None and backend.address is not None
+        level = backend.settings.sleep_level
+        assert level is not None
+        try:
+            if not await sleep_mode.is_sleeping(self._health, backend.address):
+                return
+        except sleep_mode.NoSleepMode:
+            return  # it cannot sleep: said when it would be put to sleep
+        log.info("model found asleep: waking it", model=backend.name, level=level)
+        await sleep_mode.wake(self._health, backend.address, level)
 
     async def _wait_healthy(self, backend: Backend) -> str | None:
         """Until the server passes a check; a static one that refuses connections (nothing
@@ -488,7 +598,7 @@ class BackendPool:
 
     def _short_devices(self, backend: Backend) -> set[int]:
         """The devices of the model that lack the memory it needs."""
-        need = backend.vram_mb
+        need = backend.need_mb()
         short = set()
         for g in backend.settings.gpus if need else ():
             total = self.gpu.total_mb(g)
@@ -507,7 +617,8 @@ class BackendPool:
         return short
 
     async def _make_room(self, backend: Backend) -> bool:
-        """Stop idle models until the model fits; False if it does not and none is idle."""
+        """Put idle models to sleep (or stop them) until the model fits; False if it does not
+        and none is idle. Short of GPU memory, asleep models on the device are stopped last."""
         while True:
             over_budget = sum(b.occupies_slot() for b in self.backends.values()) >= self.max_models
             short = self._short_devices(backend)
@@ -518,13 +629,23 @@ class BackendPool:
             idle = sorted((b for b in self.backends.values()
                            if b.is_idle() and (over_budget or short & set(b.settings.gpus))),
                           key=lambda b: (not short & set(b.settings.gpus), b.last_used))
-            if not idle:
+            asleep = sorted((b for b in self.backends.values() if short & set(b.settings.gpus)
+                             and b.state is ModelState.ASLEEP and b.sleeping is None),
+                            key=lambda b: b.last_used)
+            if not idle and not asleep:
                 return False
-            victim = idle[0]
+            victim = (idle or asleep)[0]
             victim.evictions += 1
-            log.info("evicting idle model", model=victim.name, for_model=backend.name,
-                     reason="model budget" if over_budget else "GPU memory")
-            await self._stop_and_wait(victim, "evicted")
+            why = "model budget" if over_budget else "GPU memory"
+            if victim.state is ModelState.READY and victim.sleeps_when_idle():
+                log.info("putting idle model to sleep", model=victim.name, for_model=backend.name,
+                         reason=why)
+                self._begin_sleep(victim)
+                await self._sleep(victim)
+            else:
+                log.info("evicting idle model", model=victim.name, for_model=backend.name,
+                         reason=why)
+                await self._stop_and_wait(victim, "evicted")
 
     def request_stop(self, backend: Backend, reason: str) -> None:
         """Begin stopping a starting or loaded model (synchronously: no lease can slip in)."""
@@ -540,6 +661,141 @@ class BackendPool:
         while backend.state is ModelState.STOPPING:
             assert self._changed is not None
             await self._changed.wait()
+
+    def _begin_sleep(self, backend: Backend) -> None:
+        """Take an idle model out of service for its sleep (synchronously: no lease can slip
+        in); ``_sleep`` then makes the call."""
+        backend.state = ModelState.ASLEEP
+        backend.sleeping = anyio.Event()
+        self._notify()
+
+    async def _sleep(self, backend: Backend) -> None:
+        """Put the server to sleep; stop it instead if it has no sleep API or the sleep fails.
+        The sleep budget is kept: beyond it the model asleep longest is stopped."""
+        assert self._health is not None and backend.sleeping is not None
+        settings = backend.settings
+        assert settings.sleep_level is not None
+        others = sorted((b for b in self.backends.values()
+                         if b is not backend and b.state is ModelState.ASLEEP),
+                        key=lambda b: b.asleep_since)
+        for other in others[:max(0, len(others) - self.max_asleep + 1)]:
+            self.request_stop(other, "the sleep budget (max_models_asleep) needs its place")
+        problem = None
+        try:
+            address = backend.address
+            if self.max_asleep == 0:
+                problem = "max_models_asleep is 0"
+            elif address is None:  # it died meanwhile: its lifecycle ends it
+                problem = "it stopped"
+            else:
+                before = self._used(backend)
+                with anyio.fail_after(settings.startup_timeout):
+                    await sleep_mode.is_sleeping(self._health, address)
+                    await sleep_mode.sleep(self._health, address, settings.sleep_level)
+                self._measure_asleep(backend, before)
+        except sleep_mode.NoSleepMode as exc:
+            backend.sleep_capable = False
+            problem = str(exc)
+            if not backend.warned_no_sleep:
+                backend.warned_no_sleep = True
+                log.warning("model has no sleep mode: stopped instead", model=backend.name,
+                            reason=problem, needs=sleep_mode.FLAGS)
+        except Exception as exc:  # the server's or NVML's failure, never the pool's
+            problem = f"its sleep failed: {str(exc) or type(exc).__name__}"
+            log.error("model sleep failed: stopped instead", model=backend.name, reason=problem)
+        finally:
+            sleeping, backend.sleeping = backend.sleeping, None
+            sleeping.set()
+        if problem is not None:
+            await self._stop_and_wait(backend, f"could not sleep: {problem}")
+            return
+        backend.sleeps += 1
+        backend.asleep_since = anyio.current_time()
+        log.info("model asleep", model=backend.name, level=settings.sleep_level,
+                 asleep_vram_mb=backend.asleep_vram_mb)
+        self._notify()
+
+    def _measure_asleep(self, backend: Backend, before: dict[int, int | None]) -> None:
+        """What the server still holds asleep: its VRAM less what the sleep freed (NVML)."""
+        if not self.gpu.measures or not before:
+            return
+        freed = [before[g] - after for g, after in self._used(backend).items()
+                 if after is not None and before[g] is not None]
+        if freed:
+            backend.asleep_vram_mb = max(0, backend.vram_mb - max(freed))
+
+    def _begin_wake(self, backend: Backend) -> None:
+        assert self._tg is not None, "the pool is not running"
+        backend.state = ModelState.WAKING
+        backend.placed = False
+        backend.start = start = _Start()
+        self._tg.start_soon(self._wake, backend, start)
+        self._notify()
+
+    async def _wake(self, backend: Backend, start: _Start) -> None:
+        """Make room, wake the server and wait until it says it is awake. A wake that fails
+        stops the server; its requests then start it cold."""
+        assert self._health is not None
+        settings = backend.settings
+        assert settings.sleep_level is not None
+        error: GatewayError | None = unavailable(
+            f"The model '{backend.name}' was stopped while waking.", code="model_stopped",
+            retry_after=1)
+        try:
+            if backend.sleeping is not None:
+                await backend.sleeping.wait()
+            async with self._room(backend):
+                address = backend.address
+                if backend.state is not ModelState.WAKING or address is None:
+                    return
+                log.info("model waking", model=backend.name, level=settings.sleep_level)
+                began = anyio.current_time()
+                with anyio.fail_after(settings.startup_timeout):
+                    await sleep_mode.wake(self._health, address, settings.sleep_level)
+            if backend.state is ModelState.WAKING:
+                error = None
+                backend.wakes += 1
+                backend.asleep_vram_mb = None
+                woke = anyio.current_time() - began
+                log.info("model awake", model=backend.name, seconds=round(woke, 3))
+                if self.on_wake is not None:
+                    self.on_wake(backend.name, woke)
+                backend.state = ModelState.READY
+                backend.last_used = anyio.current_time()
+        except GatewayError as exc:  # no room within placement_timeout: it sleeps on
+            error = exc
+            if backend.state is ModelState.WAKING:
+                backend.state = ModelState.ASLEEP
+        except Exception as exc:  # the server's failure, never the pool's
+            if backend.state is ModelState.WAKING:
+                error = None
+                log.error("model wake failed: starting it cold", model=backend.name,
+                          reason=str(exc) or type(exc).__name__)
+                await self._stop_and_wait(backend, "its wake failed")
+        finally:
+            start.error = error
+            start.done.set()
+            self._notify()
+
+    async def sleep(self, name: str) -> None:
+        """Put an idle model to sleep now (as eviction would); at once if it sleeps."""
+        backend = self.backends[name]
+        if backend.settings.sleep_level is None:
+            raise GatewayError(409, f"The model '{name}' cannot sleep: it has no sleep_level.",
+                               type="invalid_request_error", code="model_cannot_sleep",
+                               should_retry=False)
+        if backend.state is ModelState.ASLEEP:
+            if backend.sleeping is not None:
+                await backend.sleeping.wait()
+            return
+        if not backend.is_idle():
+            raise GatewayError(409, f"The model '{name}' is {backend.state.value}"
+                               + (" and in use" if backend.state is ModelState.READY else "")
+                               + ": only a ready model with no request sleeps.",
+                               type="invalid_request_error", code="model_not_idle",
+                               should_retry=False)
+        self._begin_sleep(backend)
+        await self._sleep(backend)
 
     async def load(self, name: str) -> None:
         """Start a model now (as a request would), and wait until it is ready."""
@@ -569,12 +825,20 @@ class BackendPool:
         await self._stop_and_wait(backend, "unloaded")
 
     async def _reap(self) -> None:
+        assert self._tg is not None
         while True:
             await anyio.sleep(self.reap_interval)
             now = anyio.current_time()
             for backend in self.backends.values():
                 if should_reap(backend, now):
-                    self.request_stop(backend, "idle")
+                    if backend.sleeps_when_idle():
+                        self._begin_sleep(backend)
+                        self._tg.start_soon(self._sleep, backend)
+                    else:
+                        self.request_stop(backend, "idle")
+                elif (backend.state is ModelState.ASLEEP and backend.sleeping is None
+                      and now - backend.asleep_since >= backend.settings.asleep_timeout):
+                    self.request_stop(backend, "asleep for its asleep_timeout")
 
 
 def should_reap(backend: Backend, now: float) -> bool:

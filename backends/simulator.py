@@ -135,6 +135,8 @@ class SimulatorConfig:
     wake_delay: float = 0.0
     # Seconds an idle connection stays open: vLLM's HTTP server (uvicorn) closes it after 5.
     keep_alive: float = 5.0
+    fail_wake: bool = False  # fault: every wake_up answers 500, the engine stays asleep
+    start_asleep: bool = False  # as a server an earlier gateway put to sleep (level 1)
 
     def __post_init__(self) -> None:
         problems = [
@@ -388,7 +390,8 @@ class Simulator:
         )
         self._answered = 0
         self.sleep_mode = (
-            SleepMode(config.sleep_delay, config.wake_delay)
+            SleepMode(config.sleep_delay, config.wake_delay, fail_wake=config.fail_wake,
+                      start_asleep=config.start_asleep)
             if config.enable_sleep_mode and config.server_dev_mode
             else None
         )
@@ -615,6 +618,7 @@ class Simulator:
             raise _ApiError(500, "Simulated internal server error")
         sleep = self.sleep_mode
         if sleep is not None and sleep.sleeping:
+            sleep.held += 1
             stats.waiting += 1
             try:
                 await sleep.hold()  # as vLLM: held, not answered, until awake
@@ -1363,6 +1367,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     add("--sleep-delay", type=float, default=0.0, metavar="S", help="seconds a sleep takes")
     add("--wake-delay", type=float, default=0.0, metavar="S", help="seconds a wake_up takes")
+    add("--fail-wake", action="store_true",
+        help="fault: every wake_up answers 500 and the engine stays asleep")
+    add("--start-asleep", action="store_true",
+        help="start asleep at level 1, as a server an earlier gateway put to sleep")
     return parser
 
 
@@ -1398,6 +1406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sleep_delay=args.sleep_delay,
             wake_delay=args.wake_delay,
             keep_alive=args.keep_alive,
+            fail_wake=args.fail_wake,
+            start_asleep=args.start_asleep,
         )
     except ValueError as exc:
         parser.error(str(exc))

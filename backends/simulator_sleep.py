@@ -13,16 +13,19 @@ real vLLM needs); otherwise these paths are 404, as on a vLLM server without the
   ``{"status": "awake" | "sleeping", "tags": ...}`` ("sleeping" while something is still
   asleep).
 * ``GET /is_sleeping``: ``{"is_sleeping": bool}``.
-* ``GET /sim/sleep`` (the simulator's own): the calls so far, the level, what sleeps, and
-  whether level 2's weights still wait for their reload.
+* ``GET /sim/sleep`` (the simulator's own): the calls so far, the level, what sleeps, whether
+  level 2's weights still wait for their reload, and ``held``: the generations that came while
+  the engine slept (a gateway that waits for the wake sends none).
 * ``POST /collective_rpc`` with ``{"method": "reload_weights"}``: ``{"results": [null]}``;
   reloads the weights dropped by level 2.
 
 From the moment a sleep begins until the engine is fully awake, new generations are held, not
 answered (as vLLM holds them); ``vllm:engine_sleep_state`` tells the state. ``calls`` records
 every sleep-mode call in order, so a test can check a level-2 wake (weights, reload_weights,
-kv_cache). ``MEMORY`` lets a process that really holds GPU memory (``tests/gpu/gpu_holder.py``)
-free and take it back with the sleep and the wake.
+kv_cache). With ``--fail-wake`` every ``wake_up`` answers 500 (vLLM's error shape) and the
+engine sleeps on; with ``--start-asleep`` it starts as after a level 1 sleep. ``MEMORY`` lets
+a process that really holds GPU memory (``tests/gpu/gpu_holder.py``) free and take it back
+with the sleep and the wake.
 """
 
 from __future__ import annotations
@@ -68,14 +71,20 @@ class SleepMode:
     asleep: set[str] = field(default_factory=set)  # tags whose memory is freed
     weights_lost: bool = False  # level 2 dropped them: reload_weights before they serve
     keeping: bool = False  # a sleep with mode=keep: generations in flight pause as well
+    fail_wake: bool = False
+    start_asleep: bool = False  # as after a level 1 sleep (``--start-asleep``)
     calls: list[str] = field(default_factory=list)
+    held: int = 0  # generations that came while asleep
     _awake: asyncio.Event = field(default_factory=asyncio.Event)
     _running: set[asyncio.Task[object]] = field(default_factory=set)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)  # no generation in flight
 
     def __post_init__(self) -> None:
-        self._awake.set()
         self._idle.set()
+        if self.start_asleep:
+            self.level, self.paused, self.asleep = 1, True, set(TAGS)
+        else:
+            self._awake.set()
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/sleep", self.sleep)
@@ -152,6 +161,10 @@ class SleepMode:
         tags = request.query.getall("tags", []) or None
         self.calls.append("wake_up " + (",".join(tags) if tags else "all"))
         await asyncio.sleep(self.wake_delay)
+        if self.fail_wake:
+            return web.json_response(
+                {"error": {"message": "Simulated wake failure", "type": "InternalServerError",
+                           "param": None, "code": 500}}, status=500)
         for tag in TAGS if tags is None else tags:
             if tag in self.asleep:
                 self.asleep.discard(tag)
@@ -170,7 +183,7 @@ class SleepMode:
         """For tests: the calls so far and what sleeps."""
         return web.json_response({"calls": self.calls, "level": self.level,
                                   "asleep": sorted(self.asleep), "paused": self.paused,
-                                  "weights_lost": self.weights_lost})
+                                  "weights_lost": self.weights_lost, "held": self.held})
 
     async def collective_rpc(self, request: web.Request) -> web.Response:
         try:

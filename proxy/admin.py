@@ -11,6 +11,11 @@ OpenAI shape.
   ready (or with the error a request would get).
 - ``POST /admin/models/{name}/unload``: no new leases, those in flight finish, then the server
   stops; answers once it has stopped. A request that comes meanwhile starts it again.
+- ``POST /admin/models/{name}/sleep``: put an idle model with ``sleep_level`` to sleep now
+  (409 if it has no ``sleep_level`` or is not ready with no request); answers once it sleeps
+  (or was stopped instead, when its server has no sleep API).
+- ``POST /admin/models/{name}/wake``: wake it (or start it) as a request would; answers once it
+  is ready.
 - ``POST /admin/drain``: the whole gateway stops taking requests, as on SIGTERM, but keeps
   running; answers at once (202). ``GET /admin/models`` then shows what is still in flight.
 - ``GET /admin/events``: the same state, and each request as it ends, as a live stream of
@@ -57,7 +62,8 @@ class AdminApi:
         # Each verb, and whether a backend offers it (sleep and wake will, for some models).
         self._actions: dict[str, tuple[Callable[[str], Awaitable[None]],
                                        Callable[[Backend], bool]]] = {
-            "load": (self._load, _always), "unload": (self._unload, _always)}
+            "load": (self._load, _always), "unload": (self._unload, _always),
+            "sleep": (self._sleep, _sleeps), "wake": (self._load, _sleeps)}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"]
@@ -115,6 +121,10 @@ class AdminApi:
         with anyio.CancelScope(shield=True):
             await self.gateway.pool.unload(name)
 
+    async def _sleep(self, name: str) -> None:
+        with anyio.CancelScope(shield=True):  # as an unload: it goes through once asked
+            await self.gateway.pool.sleep(name)
+
     def _models(self) -> dict[str, Any]:
         return {"object": "list", "draining": self.gateway.draining,
                 "in_flight": self.gateway.in_flight,
@@ -156,6 +166,10 @@ class AdminApi:
             "measured_vram_mb": backend.measured_vram_mb,
             "starts": backend.starts,
             "evictions": backend.evictions,
+            "sleep_level": backend.settings.sleep_level,
+            "sleeps": backend.sleeps,
+            "wakes": backend.wakes,
+            "asleep_vram_mb": backend.asleep_vram_mb,
             "failure": backend.failure,
             "actions": [verb for verb, (_, offered) in self._actions.items() if offered(backend)],
         }
@@ -163,6 +177,10 @@ class AdminApi:
 
 def _always(backend: Backend) -> bool:
     return True
+
+
+def _sleeps(backend: Backend) -> bool:
+    return backend.settings.sleep_level is not None
 
 
 def _allow(scope: Scope, method: str) -> None:

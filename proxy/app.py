@@ -99,7 +99,8 @@ class Gateway:
         self.engine_pings = EnginePings(self.engines)
         self.events = EventHub.from_settings(config.admin)
         self.pool = BackendPool(config, launchers=launchers or launchers_for(self.engines),
-                                gpu=gpu, on_ready=self._started, on_change=self.events.changed)
+                                gpu=gpu, on_ready=self._started, on_wake=self._woke,
+                                on_change=self.events.changed)
         self.metrics.watch_pool(self.pool)
         self.upstream = Upstream(config)
         self.running_now = False
@@ -110,6 +111,10 @@ class Gateway:
         retry = RetryConnectFailures(passthrough, config=config, metrics=self.metrics)
         self.semaphores = ModelConcurrencyLimit(retry, config=config, metrics=self.metrics)
         self.queue = QueueDepthLimit(self.semaphores, config=config, metrics=self.metrics)
+        # A model with requests queued for a slot or holding one is not idle: it serves its run
+        # before it is swapped out (the slot is released just after the lease).
+        self.pool.count_demand(lambda name: self.queue.depth(name)
+                               + self.semaphores.in_flight(name))
         self.response_ids = ResponseIds(config.gateway.max_response_ids)
         self.feedback = (StreamFeedback(self.queue, config=config, pool=self.pool)
                          if config.gateway.stream_keepalive else None)
@@ -140,6 +145,9 @@ class Gateway:
 
     def _started(self, model: str, seconds: float) -> None:
         self.metrics.start_duration(model).observe(seconds)
+
+    def _woke(self, model: str, seconds: float) -> None:
+        self.metrics.wake_duration(model).observe(seconds)
 
     @property
     def draining(self) -> bool:

@@ -67,6 +67,9 @@ class GatewaySettings:
     max_queue_size: int = _spec(200, lo=1, hi=1_000_000)
     max_concurrent: int = _spec(50, lo=1, hi=10_000)
     max_models_concurrent: int = _spec(3, lo=1, hi=1_000)
+    # Models kept asleep at once (vLLM's sleep mode: level 1 holds the weights in host memory);
+    # beyond it the one asleep longest is stopped.
+    max_models_asleep: int = _spec(2, lo=0, hi=1_000)
     max_concurrent_total: int | None = _spec(None, lo=1, hi=1_000_000)
     queue_timeout: float = _spec(60.0, lo=0.001, hi=DAY)
     max_body_bytes: int = _spec(10 * 1024 * 1024, lo=1, hi=1024 ** 3)
@@ -154,6 +157,10 @@ class ModelSettings:
     health_failures: int = _spec(2, lo=1, hi=1000)
     startup_timeout: float = _spec(600.0, lo=0.001, hi=DAY)
     idle_timeout: float = _spec(300.0, lo=0.001, hi=30 * DAY)
+    # vLLM's sleep mode: an idle model is put to sleep at this level (1: weights to host memory,
+    # 2: weights dropped) instead of stopped, and stopped after asleep_timeout seconds asleep.
+    sleep_level: int | None = _spec(None, lo=1, hi=2)
+    asleep_timeout: float = _spec(3600.0, lo=0.001, hi=30 * DAY)
     failure_backoff: float = _spec(5.0, lo=0.0, hi=DAY)
     vram_mb: int = _spec(0, lo=0, hi=10_000_000)
     gpus: tuple[int, ...] = ()
@@ -526,6 +533,9 @@ def _check_model(model: ModelSettings, path: str, engines: Mapping[str, EngineSe
             _fail(f"{path}.command[{i}]", part, sources, "a string whose only placeholders are "
                   + ", ".join(f"{{{p}}}" for p in COMMAND_PLACEHOLDERS)
                   + " (write {{ and }} for a literal brace)")
+    if model.launcher == "static" and model.sleep_level is not None:
+        _fail(f"{path}.sleep_level", model.sleep_level, sources, "absent for a static model: "
+              "the gateway does not run its server, so it never puts it to sleep")
     if model.launcher == "container" and model.engine not in engines:
         _fail(f"{path}.engine", model.engine, sources,
               "the name of an [engines.NAME] table: " + (", ".join(engines) or "none defined"))

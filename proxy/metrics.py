@@ -1,10 +1,10 @@
 """Prometheus metrics of one gateway, on a registry of its own (several apps can share a process).
 
 Figures that a layer or the pool already keeps (queue depth, in flight, each model's state,
-starts, evictions, measured VRAM) are read at scrape time from their owner, so the number
-exposed is the number in force and is changed in one place only. What only exists as an event
-(a request's timings, a rejection) is counted here, on children resolved once per label set:
-``.labels()`` formats and locks on every call, so the hot path never calls it.
+starts, evictions, sleeps, wakes, measured VRAM) are read at scrape time from their owner, so
+the number exposed is the number in force and is changed in one place only. What only exists as
+an event (a request's timings, a rejection) is counted here, on children resolved once per label
+set: ``.labels()`` formats and locks on every call, so the hot path never calls it.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ QUEUE_WAIT_BUCKETS = (.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30
 FIRST_BYTE_BUCKETS = (.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120)
 DURATION_BUCKETS = (.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 START_BUCKETS = (.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200)
+# A wake from vLLM's sleep mode: 0.1 to a few seconds (level 2 reloads the weights from disk).
+WAKE_BUCKETS = (.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120)
 
 PerModel = Callable[[], Iterable[tuple[str, float]]]
 
@@ -59,7 +61,20 @@ class _ReadAtScrape(Collector):
 
 
 class _PoolAtScrape(Collector):
-    """Each model's state, starts, evictions and measured VRAM, as the pool has them now."""
+    """Each model's state, counts and measured VRAM, as the pool has them now."""
+
+    # Each per-model counter: its name, what it counts, the Backend attribute that holds it.
+    COUNTERS = (
+        ("gateway_cold_starts_total", "Times a model's server was started and became ready.",
+         "starts"),
+        ("gateway_evictions_total",
+         "Times an idle model was stopped (or put to sleep) to make room for another.",
+         "evictions"),
+        ("gateway_sleeps_total", "Times a model's server was put to sleep (vLLM's sleep mode).",
+         "sleeps"),
+        ("gateway_wakes_total", "Times a model's server was woken from sleep and became ready.",
+         "wakes"),
+    )
 
     def __init__(self, pool: BackendPool) -> None:
         self.pool = pool
@@ -68,23 +83,21 @@ class _PoolAtScrape(Collector):
         state = GaugeMetricFamily("gateway_backend_state",
                                   "1 for the state each model's backend is in, 0 for the others.",
                                   labels=["model", "state"])
-        starts = CounterMetricFamily("gateway_cold_starts_total",
-                                     "Times a model's server was started and became ready.",
-                                     labels=["model"])
-        evictions = CounterMetricFamily("gateway_evictions_total",
-                                        "Times an idle model was stopped to make room for another.",
-                                        labels=["model"])
+        counters = [(CounterMetricFamily(name, documentation, labels=["model"]), attribute)
+                    for name, documentation, attribute in self.COUNTERS]
         vram = GaugeMetricFamily("gateway_backend_measured_vram_bytes",
                                  "GPU memory a model took when it started, as measured (NVML).",
                                  labels=["model"])
         for name, backend in self.pool.backends.items():
             for each in ModelState:
                 state.add_metric([name, each.value], 1.0 if backend.state is each else 0.0)
-            starts.add_metric([name], backend.starts)
-            evictions.add_metric([name], backend.evictions)
+            for family, attribute in counters:
+                family.add_metric([name], getattr(backend, attribute))
             if backend.measured_vram_mb is not None:
                 vram.add_metric([name], backend.measured_vram_mb * MIB)
-        yield from (state, starts, evictions, vram)
+        yield state
+        yield from (family for family, _ in counters)
+        yield vram
 
 
 class _Children:
@@ -137,6 +150,10 @@ class GatewayMetrics:
             "Seconds from starting a model's server (room already made) until it answered its "
             "health check.", ["model"], buckets=START_BUCKETS,
             registry=self.registry))
+        self.wake_duration = _Children(Histogram(
+            "gateway_backend_wake_seconds",
+            "Seconds from waking a model's server (room already made) until it said it was "
+            "awake.", ["model"], buckets=WAKE_BUCKETS, registry=self.registry))
         Gauge("gateway_build_info", "The gateway's version; always 1.", ["version"],
               registry=self.registry).labels(version("vllm-gateway")).set(1)
 

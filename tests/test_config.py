@@ -239,6 +239,14 @@ def test_missing_launcher_is_refused():
                        "one of 'process', 'static', 'container'")
 
 
+def test_a_static_model_cannot_sleep():
+    assert_names(refusal({"models": [{**STATIC, "sleep_level": 1}]}),
+                 'models["remote"].sleep_level', "1", FILE, "must be absent for a static model")
+    assert load({"models": [sim_model("a", sleep_level=2)]}).models[0].sleep_level == 2
+    assert_names(refusal({"models": [sim_model("a", sleep_level=3)]}),
+                 'models["a"].sleep_level', "3", FILE, "must be an integer from 1 to 2")
+
+
 ENGINES = {"docker": {"url": "unix:///run/docker.sock"}}
 
 

@@ -81,10 +81,12 @@ def test_a_request_is_held_while_asleep_and_answered_after_the_wake(
         time.sleep(0.5)
         assert not answers  # held, not answered
         assert sim.stats()["waiting"] == 1
+        assert client.get(sim.url + "/sim/sleep").json()["held"] == 1
         client.post(sim.url + "/wake_up")
         sender.join(5)
         assert answers[0].status_code == 200
         assert sim.stats()["completed"] == 1
+        assert client.get(sim.url + "/sim/sleep").json()["held"] == 1
 
 
 def test_level_2_wakes_weights_reloads_them_then_wakes_the_kv_cache(
@@ -176,3 +178,13 @@ def test_a_bad_level_or_mode_is_refused(dev_mode: None, client: httpx2.Client,
     with sleepy() as sim:
         assert client.post(sim.url + "/sleep", params=query).status_code == 422
         assert client.get(sim.url + "/is_sleeping").json() == {"is_sleeping": False}
+
+
+def test_a_failing_wake_answers_500_and_the_engine_sleeps_on(dev_mode: None,
+                                                             client: httpx2.Client) -> None:
+    with sleepy("--fail-wake") as sim:
+        client.post(sim.url + "/sleep", params={"level": 1})
+        answer = client.post(sim.url + "/wake_up")
+        assert answer.status_code == 500
+        assert answer.json()["error"]["message"] == "Simulated wake failure"
+        assert client.get(sim.url + "/is_sleeping").json() == {"is_sleeping": True}

@@ -620,3 +620,19 @@ async def test_without_nvml_the_configured_figures_place_models(health_url: str)
             await pool.load("huge")
         assert anyio.current_time() - began < 2
         assert states(pool)["b"] == "ready"
+
+
+async def test_a_model_with_requests_queued_in_the_gateway_is_not_evicted(
+        health_url: str) -> None:
+    config = make_config([fake_model("a"), fake_model("b")],
+                         gateway={"max_models_concurrent": 1, "placement_timeout": 30.0})
+    async with running_pool(config, fakes(health_url)) as pool:
+        queued = {"a": 1, "b": 0}  # a request for a waits for a slot of a
+        pool.count_demand(queued.__getitem__)
+        await pool.load("a")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.load, "b")
+            await anyio.sleep(0.5)
+            assert states(pool) == {"a": "ready", "b": "starting"}
+            queued["a"] = 0
+            await eventually(lambda: states(pool) == {"a": "stopped", "b": "ready"})

@@ -29,3 +29,12 @@ def test_the_commented_vllm_models_are_valid_once_uncommented(tmp_path: Path) ->
     for model in vllm:
         assert "--gpu-memory-utilization" in model.args
         assert model.gpus == (0,)
+
+
+def test_the_sleep_example_is_valid_and_its_models_sleep() -> None:
+    config = load_config(str(ROOT / "examples" / "vllm-sleep.toml"), environ={})
+    assert config.gateway.max_models_concurrent == 1
+    assert [m.sleep_level for m in config.models] == [1, 2]
+    for model in config.models:
+        assert "--enable-sleep-mode" in model.command
+        assert model.env["VLLM_SERVER_DEV_MODE"] == "1"

@@ -180,3 +180,36 @@ async def test_drain_refuses_new_requests_and_lets_those_in_flight_finish() -> N
                 backend.release.set()
             assert answered[0].status_code == 200
             assert backend.received == 1  # the refused request never reached it
+
+
+async def test_sleep_and_wake_a_model_with_their_counters_and_wake_times() -> None:
+    sleepy = sim_model("a", "--enable-sleep-mode", "--wake-delay", "0.2", sleep_level=1,
+                       env={"VLLM_SERVER_DEV_MODE": "1"})
+    config = make_config([sleepy, sim_model("plain")], admin={"token": TOKEN})
+    async with serving(config) as (url, _), httpx2.AsyncClient(timeout=30) as client:
+        async def admin(path: str, status: int = 200) -> Any:
+            response = await client.post(url + path, headers=ADMIN)
+            assert response.status_code == status, response.text
+            return response.json()
+
+        await admin("/admin/models/a/load")
+        asleep = await admin("/admin/models/a/sleep")
+        assert (asleep["state"], asleep["sleeps"], asleep["wakes"]) == ("asleep", 1, 0)
+        assert asleep["actions"] == ["load", "unload", "sleep", "wake"]
+        assert asleep["address"] is not None  # the server runs on
+        samples = await scrape(client, url)
+        assert value(samples, "gateway_backend_state", model="a", state="asleep") == 1
+        woken = await admin("/admin/models/a/wake")
+        assert (woken["state"], woken["sleeps"], woken["wakes"]) == ("ready", 1, 1)
+
+        refused = error_of(await client.post(url + "/admin/models/plain/sleep", headers=ADMIN))
+        assert refused["code"] == "model_cannot_sleep"
+        listed = {m["name"]: m for m in (await client.get(url + "/admin/models",
+                                                          headers=ADMIN)).json()["data"]}
+        assert listed["plain"]["actions"] == ["load", "unload"]
+        samples = await scrape(client, url)
+    assert value(samples, "gateway_sleeps_total", model="a") == 1
+    assert value(samples, "gateway_wakes_total", model="a") == 1
+    assert value(samples, "gateway_backend_wake_seconds_count", model="a") == 1
+    assert value(samples, "gateway_backend_wake_seconds_sum", model="a") >= 0.2
+    assert value(samples, "gateway_backend_start_seconds_count", model="a") == 1
