@@ -1321,7 +1321,7 @@ def _parser() -> argparse.ArgumentParser:
         "--max-model-len",
         type=int,
         default=SimulatorConfig.max_model_len,
-        help="max_model_len reported by /v1/models",
+        help="max_model_len reported by /v1/models; max_tokens past it is a 400, as in vLLM",
     )
     add(
         "--fail-health",

@@ -56,7 +56,9 @@ def _not_reading(port: int, body: bytes) -> socket.socket:
 async def test_clients_that_stop_reading_lose_their_slots_after_send_timeout(
         access_log: Lines) -> None:
     send_timeout = 1.0
-    with simulator(model="m") as sim:
+    # Streams that outlast the test: vLLM (and so the simulator) refuses max_tokens past its
+    # context.
+    with simulator("--max-model-len", "10000000", model="m") as sim:
         config = make_config([static_model("m", sim.url, max_concurrent=2)],
                              gateway={"send_timeout": send_timeout, "queue_timeout": 30})
         async with serving(config) as (url, gateway), httpx2.AsyncClient(timeout=30) as client:
