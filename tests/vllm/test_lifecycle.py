@@ -53,11 +53,14 @@ def test_an_engine_that_dies_is_noticed_and_the_next_request_starts_a_new_one(
     starts = lifecycle.admin()["starts"]
     stream = ask(lifecycle, max_tokens=MAX_MODEL_LEN - 64, stream=True,
                  extra_body={"ignore_eos": True})
-    next(iter(stream))  # in flight
+    chunks = iter(stream)
+    generating = time.monotonic()
+    while time.monotonic() - generating < 1.0:  # well under way (a generation of ~15 s)
+        next(chunks)
     engine = next(line for line in lifecycle.engine_processes() if "VLLM::EngineCore" in line)
     os.kill(int(engine.split()[0]), signal.SIGKILL)
     with pytest.raises(openai.APIError) as failed:
-        for _ in stream:
+        for _ in chunks:
             pass
     assert "EngineCore encountered an issue" in failed.value.message
     # vLLM's server exits once its engine is dead (its worker stays), and the gateway sees it.
