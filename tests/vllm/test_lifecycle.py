@@ -38,6 +38,10 @@ def titles(served: Served) -> list[str]:
 lifecycle = long_lived_gateway("module", "lifecycle")
 
 
+def parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def test_an_idle_stop_leaves_no_vllm_process(vllm_python: Path, tiny_model: Path,
                                              tmp_path: Path) -> None:
     with serving_vllm(vllm_python, tiny_model, tmp_path, idle_timeout=2.0) as served:
@@ -57,8 +61,12 @@ def test_an_engine_that_dies_is_noticed_and_the_next_request_starts_a_new_one(
     generating = time.monotonic()
     while time.monotonic() - generating < 1.0:  # well under way (a generation of ~15 s)
         next(chunks)
-    engine = next(line for line in lifecycle.engine_processes() if "VLLM::EngineCore" in line)
-    os.kill(int(engine.split()[0]), signal.SIGKILL)
+    # The engine itself, not one of its children that carry its title (its compile workers):
+    # after PIDs wrap (pid_max 32768 here) a child may come first in /proc.
+    titled = {int(line.split()[0]) for line in lifecycle.engine_processes()
+              if "VLLM::EngineCore" in line}
+    engine = next(pid for pid in titled if parent(pid) not in titled)
+    os.kill(engine, signal.SIGKILL)
     with pytest.raises(openai.APIError) as failed:
         for _ in chunks:
             pass
