@@ -35,7 +35,9 @@ VLLM_VENV = ROOT / ".venv-vllm"
 VLLM_PYTHON = VLLM_VENV / "bin" / "python"
 MAKE_TINY_MODEL = ROOT / "scripts" / "make-tiny-model.py"
 MARKER = "VLLM_GATEWAY_TEST_RUN"
-MAX_MODEL_LEN = 8192  # a generation of ~15 s on 2 cores: it outlasts a test's look at it
+# A generation of 8,128 tokens of the tiny model took a minute on a busy 2-core machine (load 8)
+# and takes seconds on an idle one: it outlasts a test's look at it.
+MAX_MODEL_LEN = 8192
 STARTUP_TIMEOUT = 300.0
 ADMIN_TOKEN = "vllm-tier-admin"
 # vLLM's flags for the tiny model on a CPU (docs in scripts/make-tiny-model.py).

@@ -58,8 +58,7 @@ def test_an_engine_that_dies_is_noticed_and_the_next_request_starts_a_new_one(
     stream = ask(lifecycle, max_tokens=MAX_MODEL_LEN - 64, stream=True,
                  extra_body={"ignore_eos": True})
     chunks = iter(stream)
-    generating = time.monotonic()
-    while time.monotonic() - generating < 1.0:  # well under way (a generation of ~15 s)
+    for _ in range(5):  # under way, and seconds from its end (see MAX_MODEL_LEN)
         next(chunks)
     # The engine itself, not one of its children that carry its title (its compile workers):
     # after PIDs wrap (pid_max 32768 here) a child may come first in /proc.

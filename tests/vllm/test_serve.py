@@ -26,8 +26,8 @@ from .conftest import (
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(STARTUP_TIMEOUT + 60)]
 
 HI = [{"role": "user", "content": "hi"}]
-# A generation of ~15 s on 2 cores (~550 tokens/s): the random weights would stop it at
-# their first end-of-sequence token without ignore_eos.
+# A generation of seconds (see MAX_MODEL_LEN): the random weights would stop it at their first
+# end-of-sequence token without ignore_eos.
 LONG = MAX_MODEL_LEN - 64
 
 
