@@ -3,13 +3,14 @@
     .venv-vllm/bin/python scripts/make-tiny-model.py DIR
 
 writes a byte-level BPE tokenizer (trained here on a few sentences, with a chat template so that
-``/v1/chat/completions`` works) and the ``config.json`` of a small ``LlamaForCausalLM`` (15M parameters). There
-are no weights: serve it with ``--load-format dummy`` (random weights: the text is nonsense, the
-serving is real). ``head_dim`` is 64 because the CPU attention refuses smaller heads on the
-first request (and the engine then dies). The model is no smaller so that a long generation
-outlasts what a test does meanwhile: with hidden size 128 and 2 layers an idle 2-core machine
-generated 8,128 tokens in about a second. Needs ``tokenizers`` and ``transformers`` (both come
-with vLLM). Idempotent: a directory that holds the model already is left as it is.
+``/v1/chat/completions`` works) and the ``config.json`` of a small ``LlamaForCausalLM`` (15M
+parameters). There are no weights: serve it with ``--load-format dummy`` (random weights: the
+text is nonsense, the serving is real). ``head_dim`` is 64 because the CPU attention refuses
+smaller heads on the first request (and the engine then dies). The model is no smaller so that
+a long generation outlasts what a test does meanwhile: with hidden size 128 and 2 layers an idle
+2-core machine generated 8,128 tokens in about a second. Needs ``tokenizers`` and
+``transformers`` (both come with vLLM). Idempotent: a directory that holds the model already is
+left as it is.
 """
 
 from __future__ import annotations
