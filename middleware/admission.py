@@ -35,7 +35,7 @@ import msgspec
 import sniffio
 
 from proxy.config import Config, ModelSettings
-from proxy.errors import GatewayError, bad_request, not_found, unavailable
+from proxy.errors import ERROR_KEY, GatewayError, bad_request, not_found, unavailable
 from proxy.types import ASGIApp, Message, Receive, Scope, Send, header, request_state
 
 from .forms import FORM_TYPE, form_model
@@ -349,8 +349,10 @@ class Admission:
         answer = error.body()
         await send({"type": "http.response.start", "status": error.status,
                     "headers": [*error.headers(),
-                                (b"content-length", str(len(answer)).encode())]})
-        await send({"type": "http.response.body", "body": answer, "more_body": True})
+                                (b"content-length", str(len(answer)).encode())],
+                    ERROR_KEY: error})
+        await send({"type": "http.response.body", "body": answer, "more_body": True,
+                    ERROR_KEY: error})
         await _drop_rest(receive)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 

@@ -36,9 +36,11 @@ from anyio.abc import TaskGroup
 
 from backends.pool import BackendPool, ModelState
 from proxy.config import Config
-from proxy.errors import GatewayError, internal_error, standalone_sse_event
+from proxy.errors import ERROR_KEY, GatewayError, internal_error, standalone_sse_event
 from proxy.passthrough import SSE
 from proxy.types import ASGIApp, Message, Receive, Scope, Send, request_state
+
+from .progress import FEEDBACK
 
 log = structlog.get_logger("gateway.feedback")
 
@@ -119,17 +121,21 @@ class _Stream:
                     if self.answered or self.stopped:
                         return
                     await self._send({"type": "http.response.start", "status": 200,
-                                      "headers": list(HEADERS)})
+                                      "headers": list(HEADERS), FEEDBACK: True})
                     self.shown = True
                 while True:
                     async with self._lock:
                         if self.answered or self.stopped:
                             return
                         await self._send({"type": "http.response.body",
-                                          "body": describe(self), "more_body": True})
+                                          "body": describe(self), "more_body": True,
+                                          FEEDBACK: True})
                     await anyio.sleep(every)
         except OSError:
             return  # the client is gone; the request's own layers see it leave
+        except Exception:
+            # This task runs in the gateway's task group: what it raises would end the gateway.
+            log.exception("loading feedback failed", model=self.model)
         finally:
             self._done.set()
 
@@ -147,6 +153,11 @@ class _Stream:
             if not any(k.lower() == b"content-type" and v.startswith(SSE) for k, v in headers):
                 self._error = bytearray()
                 self._status = message["status"]
+            return
+        gateway_error = message.get(ERROR_KEY)
+        if gateway_error is not None:  # the gateway's own (a queue timeout): sent as itself
+            if not message.get("more_body", False):
+                await self._send(gateway_error.sse_message())
             return
         error = self._error
         assert error is not None

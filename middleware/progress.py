@@ -14,21 +14,26 @@ import time
 
 from proxy.types import Message, Scope, Send, request_state
 
+# Marks the messages of the loading feedback (``middleware.feedback``): its 200 and comments are
+# no answer of the model's, so they set no first byte.
+FEEDBACK = "vllm_gateway.feedback"
+
 
 class ResponseProgress:
     """The record, kept in ``scope["state"]``. It holds no reference to the server's ``send``:
     the scope belongs to the server's stream object, and a reference back to it would make every
     request a reference cycle that only the garbage collector frees."""
 
-    __slots__ = ("complete", "error_body", "extra_headers", "first_byte", "send_failed", "sent",
-                 "start")
+    __slots__ = ("complete", "error_body", "extra_headers", "fed", "first_byte", "send_failed",
+                 "sent", "start")
 
     def __init__(self) -> None:
         # The ``http.response.start`` message once it went out, with the headers added here.
         self.start: Message | None = None
         # Headers added to the response's own (the request id).
         self.extra_headers: list[tuple[bytes, bytes]] = []
-        self.first_byte = 0.0  # perf_counter of the first body message
+        self.first_byte = 0.0  # perf_counter of the answer's first body message
+        self.fed = False  # the start that went out is the loading feedback's
         self.sent = 0
         # The first body message of an error status (it holds the error's code).
         self.error_body: bytes | None = None
@@ -39,6 +44,11 @@ class ResponseProgress:
     @property
     def started(self) -> bool:
         return self.start is not None
+
+    @property
+    def answered(self) -> bool:
+        """Whether some of the answer itself went out (not only the loading feedback)."""
+        return self.start is not None and (not self.fed or bool(self.first_byte))
 
     @property
     def status(self) -> int:
@@ -58,8 +68,9 @@ def progress(scope: Scope, send: Send) -> tuple[ResponseProgress, Send]:
             if tracker.extra_headers:
                 message["headers"] = [*message.get("headers", ()), *tracker.extra_headers]
             tracker.start = message
+            tracker.fed = FEEDBACK in message
         else:
-            if not tracker.first_byte:
+            if not tracker.first_byte and FEEDBACK not in message:
                 tracker.first_byte = time.perf_counter()
                 if tracker.status >= 400:
                     tracker.error_body = message.get("body")

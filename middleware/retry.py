@@ -1,7 +1,8 @@
 """Retry: re-run the inner app when the request never reached the backend.
 
 Only ``UpstreamConnectError`` is retried (refused, reset before sending, connect timeout, a
-backend not yet listening), and only while nothing has gone to the client. Never after a
+backend not yet listening), and only while nothing of the answer has gone to the client (the
+loading feedback's comments may have). Never after a
 response started, never on an HTTP status from the backend (the passthrough relays those as
 they are). Waits grow exponentially with full jitter, within ``retries`` attempts and an
 overall deadline, and every retry is paid from a budget shared by all requests (a fraction of
@@ -85,7 +86,7 @@ class RetryConnectFailures:
                 await self.app(scope, receive, send)
                 return
             except UpstreamConnectError:
-                if response.started:
+                if response.answered:  # the loading feedback alone does not stop a retry
                     raise
                 attempt += 1
                 delay = random.uniform(0, min(self.cap, self.base * 2 ** (attempt - 1)))

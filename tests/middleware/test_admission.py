@@ -12,6 +12,7 @@ import pytest
 from middleware import admission
 from middleware.admission import LARGE_BODY, Admission
 from middleware.response_ids import ResponseIds
+from proxy.anthropic import AnthropicErrors
 from proxy.types import Message, Receive, Scope, Send, request_state
 from tests.support import make_config, sim_model
 
@@ -112,6 +113,20 @@ async def test_a_declared_length_over_the_limit_is_answered_before_reading() -> 
     assert client.read_when_sent == [0, 0, 2]
     assert client.sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
     assert inner.state is None
+
+
+async def test_an_anthropic_client_gets_a_body_over_the_limit_in_anthropics_shape() -> None:
+    chunk = b" " * 50
+    client = Client(*({"type": "http.request", "body": chunk, "more_body": True}
+                      for _ in range(4)),
+                    {"type": "http.request", "body": chunk, "more_body": False})
+    app = AnthropicErrors(Admission(Inner(), config=config()))
+    with anyio.fail_after(1):
+        await app(http_scope(path="/v1/messages"), client.receive, client.send)
+    assert client.status == 413
+    assert client.json() == {"type": "error", "error": {
+        "type": "request_too_large", "message": client.json()["error"]["message"]}}
+    assert int(client.headers["content-length"]) == len(client.body)
 
 
 async def test_reading_stops_at_the_limit() -> None:

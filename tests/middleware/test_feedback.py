@@ -5,6 +5,7 @@ stream gets."""
 from __future__ import annotations
 
 import json
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -13,8 +14,12 @@ import pytest
 
 from backends.pool import ModelState
 from middleware.feedback import StreamFeedback
+from middleware.progress import progress
+from middleware.retry import RetryConnectFailures
 from proxy.anthropic import AnthropicErrors
 from proxy.errors import unavailable
+from proxy.metrics import GatewayMetrics
+from proxy.passthrough import UpstreamConnectError
 from proxy.types import Message, request_state
 from tests.middleware.asgi import Client, admitted_scope, call
 from tests.support import make_config, static_model
@@ -159,3 +164,56 @@ async def test_a_backend_error_after_feedback_on_an_anthropic_path_is_an_error_e
         final = client.sent[-1]["body"]
         assert final.startswith(b"\n\nevent: error\ndata: ") and final.count(b"\n") == 5
         assert json.loads(final.removeprefix(b"\n\nevent: error\ndata: ")) == shaped
+
+
+async def test_a_gateway_error_answered_after_feedback_on_an_anthropic_path_is_anthropics(
+        anyio_backend: str) -> None:
+    async def answering_a_timeout(scope: Any, receive: Any, send: Any) -> None:
+        await anyio.sleep(WAIT)
+        await unavailable("No slot of model 'm' came free in time.",
+                          code="queue_timeout").answer(scope, send)
+
+    app = layer(answering_a_timeout)
+    async with app.running():
+        client = await call(AnthropicErrors(app), stream_scope())
+    final = client.sent[-1]["body"]
+    assert final.startswith(b"\n\nevent: error\ndata: ") and final.count(b"\n") == 5
+    assert json.loads(final.removeprefix(b"\n\nevent: error\ndata: "))["error"] == {
+        "type": "overloaded_error", "message": "No slot of model 'm' came free in time."}
+
+
+async def test_a_connect_failure_after_feedback_is_still_retried(anyio_backend: str) -> None:
+    attempts = []
+
+    async def connecting(scope: Any, receive: Any, send: Any) -> None:
+        attempts.append(1)
+        await anyio.sleep(WAIT)
+        if len(attempts) == 1:
+            raise UpstreamConnectError("m")
+        await send(start(200, b"text/event-stream"))
+        await send(body(b"data: [DONE]\n\n"))
+
+    retry = RetryConnectFailures(connecting, config=make_config(
+        [static_model("m", "http://127.0.0.1:9")],
+        upstream={"backoff_base": 0.001, "backoff_max": 0.002}), metrics=GatewayMetrics())
+    client = Client.with_body()
+    scope = stream_scope()
+    _, send = progress(scope, client.send)  # as the request context does, around every layer
+    app = layer(retry)
+    async with app.running():
+        await app(scope, client.receive, send)
+    assert len(attempts) == 2
+    assert client.status == 200
+    assert client.body.startswith(b": waiting") and client.body.endswith(b"data: [DONE]\n\n")
+
+
+async def test_the_first_byte_is_the_answers_not_a_comments(anyio_backend: str) -> None:
+    scope = stream_scope()
+    tracker, send = progress(scope, Client.with_body().send)
+    app = layer(answering_after(WAIT, start(200, b"text/event-stream"),
+                                body(b"data: [DONE]\n\n")))
+    async with app.running():
+        began = time.perf_counter()
+        await app(scope, Client.with_body().receive, send)
+    assert tracker.sent > len(b"data: [DONE]\n\n")  # the comments count as bytes sent
+    assert tracker.first_byte - began >= WAIT
