@@ -123,6 +123,11 @@ def instance_name(config: Config) -> str:
     return instance
 
 
+def _field(container: aiodocker.containers.DockerContainer, key: str) -> Any:
+    """A field of the engine's listing of a container, or None where it has none."""
+    return container[key] if key in container else None
+
+
 class Engine:
     """One engine's API, shared by the models that name it, and its event stream."""
 
@@ -133,7 +138,7 @@ class Engine:
         self.version: tuple[int, ...] = ()
         self.docker: aiodocker.Docker | None = None
         self.shutting_down = False
-        self.adoptable: dict[str, dict[str, Any]] = {}
+        self.adoptable: dict[str, str] = {}  # model -> id of its container to adopt
         self._deaths: dict[str, anyio.Event] = {}
         self._exit_codes: dict[str, str] = {}
 
@@ -192,13 +197,12 @@ class Engine:
     async def tidy(self, models: dict[str, ModelSettings]) -> None:
         """Adopt or remove the labelled containers an earlier run left, by policy."""
         for container in await self._labelled():
-            data = container._container
-            model = (data.get("Labels") or {}).get(LABEL_MODEL, "")
-            running = data.get("State") == "running"
+            model = (_field(container, "Labels") or {}).get(LABEL_MODEL, "")
+            running = _field(container, "State") == "running"
             keep = (self.settings.on_start == "adopt" and running and model in models
                     and models[model].engine == self.settings.name)
             if keep:
-                self.adoptable[model] = data
+                self.adoptable[model] = container.id
                 log.info("adopting container", engine=self.settings.name, model=model,
                          container=container.id[:12])
             else:
@@ -267,10 +271,12 @@ class Engine:
 
     async def reconcile(self) -> None:
         """A watched container that the engine lists as ended, or no longer lists, is dead."""
-        if not any(not death.is_set() for death in self._deaths.values()):
+        # Only those watched before the listing: one created meanwhile is not in it.
+        watched = [(cid, death) for cid, death in self._deaths.items() if not death.is_set()]
+        if not watched:
             return
-        states = {c.id: c._container.get("State") for c in await self._labelled()}
-        for container_id, death in self._deaths.items():
+        states = {c.id: _field(c, "State") for c in await self._labelled()}
+        for container_id, death in watched:
             state = states.get(container_id)
             if not death.is_set() and (state is None or state in ENDED):
                 log.warning("container ended while the engine's events were lost",
@@ -349,7 +355,7 @@ class ContainerLauncher:
     async def start(self, task_group: TaskGroup) -> str:
         adopted = self.engine.adoptable.pop(self.model.name, None)
         if adopted is not None:
-            container_id = adopted["Id"]
+            container_id = adopted
             self._death = self.engine.watch(container_id)
             self._id = container_id
         else:

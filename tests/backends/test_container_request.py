@@ -1,4 +1,5 @@
-"""The create request the container launcher sends, for Docker's and Podman's GPU shapes."""
+"""The create request the container launcher sends, for Docker's and Podman's GPU shapes, and
+the engine's reconciling of the containers it watches."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import socket
 
 import anyio
 import pytest
+from aiodocker.containers import DockerContainer
 
-from backends.container import ContainerEngines, container_name, create_request
+from backends.container import ContainerEngines, Engine, container_name, create_request
 from backends.launcher import LaunchError
 from proxy.config import config_from_mapping
 from tests.support import make_config
@@ -100,3 +102,30 @@ def test_the_default_instance_is_the_hosts_and_the_configs() -> None:
     configured = make_config([{"name": "c", "launcher": "container", "engine": "local",
                                "image": "i"}], engines=ENGINES, gateway={"instance": "gw1"})
     assert ContainerEngines(configured).instance == "gw1"
+
+
+
+class _Listing:
+    """Stands in for an engine's listing of containers: only ``a``, and while it lists, the
+    gateway starts to watch ``c``."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.meanwhile: anyio.Event | None = None
+
+    async def __call__(self) -> list[DockerContainer]:
+        await anyio.sleep(0.01)
+        self.meanwhile = self.engine.watch("c")
+        return [DockerContainer(None, Id="a", State="running")]  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_a_container_watched_while_the_engine_lists_is_not_declared_dead(
+        anyio_backend: str) -> None:
+    table = {"name": "m", "launcher": "container", "engine": "local", "image": "sim"}
+    engine = Engine(make_config([table], engines=ENGINES).engines["local"], "gw1")
+    running, gone = engine.watch("a"), engine.watch("b")
+    listing = engine._labelled = _Listing(engine)  # type: ignore[method-assign]
+    await engine.reconcile()
+    assert not running.is_set() and gone.is_set()
+    assert listing.meanwhile is not None and not listing.meanwhile.is_set()
