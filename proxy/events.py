@@ -6,7 +6,8 @@ one subscriber holds is bounded however fast events come and however slowly it r
 
 - State is coalesced: a change only marks the subscriber stale, and its writer sends one fresh
   snapshot for any number of changes, at most every ``COALESCE`` seconds (and every ``REFRESH``
-  seconds without a change: last use and NVML's memory figures change without an event).
+  seconds without a change: last use and NVML's memory figures change without an event). The
+  streams share the snapshot: it is built once for all that owe one at about the same time.
 - Request summaries wait per subscriber, up to ``admin.events_buffer``; beyond it the oldest is
   dropped, and the next batch says how many were.
 - A write that takes longer than ``admin.events_send_timeout`` ends the stream, and at most
@@ -116,6 +117,10 @@ class EventHub:
         self.listening = False
         self.closed = False
         self._subscribers: set[Subscriber] = set()
+        # The last ``state`` event: (changes so far, when built, the event); the streams that
+        # owe a snapshot at about the same time share one.
+        self._changes = 0
+        self._state: tuple[int, float, bytes] | None = None
 
     @classmethod
     def from_settings(cls, admin: AdminSettings) -> EventHub:
@@ -124,6 +129,7 @@ class EventHub:
 
     def changed(self) -> None:
         """Something in the state changed: every stream owes a snapshot."""
+        self._changes += 1
         for subscriber in self._subscribers:
             subscriber.stale = True
             subscriber.wake()
@@ -180,13 +186,23 @@ class EventHub:
             chunk = b""
             if subscriber.stale:
                 subscriber.stale = False
-                chunk = sse("state", json.dumps(snapshot()).encode())
+                chunk = self._state_event(snapshot)
             chunk += subscriber.take() or b""
             if chunk and not await self._send(subscriber, send, chunk, more=True):
                 return
             await subscriber.wait(REFRESH)
             await anyio.sleep(COALESCE)
         await self._send(subscriber, send, b"", more=False)
+
+    def _state_event(self, snapshot: Callable[[], dict[str, Any]]) -> bytes:
+        """The ``state`` event: built anew after a change or once ``COALESCE`` has passed (the
+        figures that change without an event), else the one just built for another stream."""
+        now = anyio.current_time()
+        state = self._state
+        if state is None or state[0] != self._changes or now - state[1] >= COALESCE:
+            state = self._state = (self._changes, now,
+                                   sse("state", json.dumps(snapshot()).encode()))
+        return state[2]
 
     async def _send(self, subscriber: Subscriber, send: Send, chunk: bytes, *,
                     more: bool) -> bool:

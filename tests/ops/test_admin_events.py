@@ -14,7 +14,7 @@ import httpx2
 import pytest
 
 from proxy.errors import error_body, unavailable
-from proxy.events import error_code
+from proxy.events import EventHub, error_code
 from tests.support import (
     HeldBackend,
     chat,
@@ -236,3 +236,36 @@ def test_the_error_code_of_a_summary_names_what_went_wrong() -> None:
     assert error_code(None, 200, refused) is None
     assert error_code(unavailable("x", code="shutting_down"), 200, None) == "shutting_down"
     assert error_code(OSError("gone"), 200, None) == "OSError"
+
+
+async def test_the_streams_share_one_snapshot_per_change() -> None:
+    """Every open dashboard owes a snapshot after a change; the gateway builds it once (it reads
+    NVML), not once per dashboard."""
+    hub = EventHub(streams=4)
+    built = 0
+
+    def snapshot() -> dict[str, Any]:
+        nonlocal built
+        built += 1
+        return {"n": built}
+
+    sent: list[list[bytes]] = [[] for _ in range(4)]
+
+    async def stream(chunks: list[bytes]) -> None:
+        async def send(message: Any) -> None:
+            if b"event: state" in message.get("body", b""):
+                chunks.append(message["body"])
+
+        await hub.stream(anyio.Event().wait, send, snapshot)  # type: ignore[arg-type]
+
+    async with anyio.create_task_group() as tg:
+        for chunks in sent:
+            tg.start_soon(stream, chunks)
+        await eventually(lambda: all(sent))
+        for _ in range(3):
+            hub.changed()
+            await eventually(lambda: all(len(chunks) == len(sent[0]) for chunks in sent))
+            await anyio.sleep(0.1)
+        hub.close()
+    assert all(len(chunks) >= 4 for chunks in sent)
+    assert built == len(sent[0])
