@@ -37,7 +37,8 @@ TAIL_LINES = 40
 STOP_TIMEOUT = 10.0
 # Seconds to read the rest of the output after the exit (a child may keep it open longer).
 OUTPUT_GRACE = 1.0
-GROUP_POLL = 0.02
+GROUP_POLL = 0.02  # seconds, doubling up to GROUP_POLL_MAX, while a stopped group is left
+GROUP_POLL_MAX = 0.25
 LEASH = str(Path(__file__).with_name("leash.py"))
 _lifeline: int | None = None
 
@@ -151,10 +152,11 @@ class ProcessLauncher:
             await process.wait()
             await process.aclose()
             with anyio.move_on_after(self.stop_timeout):
-                while True:
-                    if not _group_runs(process.pid):
-                        break
-                    await anyio.sleep(GROUP_POLL)
+                poll = GROUP_POLL
+                # The scan of /proc runs in a thread: on a busy host it takes milliseconds.
+                while await anyio.to_thread.run_sync(_group_runs, process.pid):
+                    await anyio.sleep(poll)
+                    poll = min(2 * poll, GROUP_POLL_MAX)
 
     def has_running(self) -> bool:
         return False
@@ -166,6 +168,12 @@ class ProcessLauncher:
 def _group_runs(pgid: int) -> bool:
     """Whether a process of the group is left that is not a zombie (a zombie holds no memory,
     and where the reaper of orphans is no init it may never be reaped)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False  # no process at all, not even a zombie: no need to look
+    except PermissionError:
+        pass
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rpartition(")")[2].split()
