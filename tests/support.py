@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 import httpx2
+import pytest
 import sniffio
 from hypercorn.config import Config as HypercornConfig
 
@@ -255,3 +256,13 @@ def gateway_process(config_text: str, tmp_path: Path, *args: str,
                 proc.kill()
                 proc.wait()
         log.close()
+
+
+def module_gateway(config_text: str) -> Any:
+    """A module's fixture: one ``gateway_process`` on ``config_text`` for all its tests; its
+    URL."""
+    @pytest.fixture(scope="module")
+    def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+        with gateway_process(config_text, tmp_path_factory.mktemp("gateway")) as (url, _):
+            yield url
+    return gateway

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import anthropic
 import openai
 import pytest
 
-from tests.support import HTTP, gateway_process
+from tests.support import HTTP, module_gateway
 
 KEY = "sk-gateway-test"
 SIM = '["{python}", "-m", "backends.simulator", "--port", "{port}", "--model", "{name}"'
@@ -47,11 +45,7 @@ QUEUE_RETRY_AFTER = 3
 HELLO = [{"role": "user", "content": "hello there"}]
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    tmp: Path = tmp_path_factory.mktemp("anthropic")
-    with gateway_process(CONFIG, tmp) as (url, _):
-        yield url
+gateway = module_gateway(CONFIG)
 
 
 @pytest.fixture

@@ -7,13 +7,12 @@ import hashlib
 import os
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
 
-from tests.support import HTTP, gateway_process
+from tests.support import HTTP, gateway_process, module_gateway
 
 LIMIT = 256 * 1024
 SIM = '["{python}", "-m", "backends.simulator", "--port", "{port}", "--model", "{name}"'
@@ -34,11 +33,7 @@ startup_timeout = 20.0
 """
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    tmp: Path = tmp_path_factory.mktemp("more-api")
-    with gateway_process(CONFIG, tmp) as (url, _):
-        yield url
+gateway = module_gateway(CONFIG)
 
 
 @pytest.fixture
