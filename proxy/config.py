@@ -635,11 +635,9 @@ def _check_replicas(model: ModelSettings, path: str, gateway: GatewaySettings,
               "is one loaded server")
 
 
-def placement_for(model: ModelSettings,
-                       held: Mapping[tuple[str | None, tuple[int, ...]], int]) -> int:
-    """The index of the placement a new replica takes: the one fewest replicas of the model
-    hold (``held``), the first listed among equals."""
-    return min(range(len(model.placements)), key=lambda i: held.get(model.placements[i], 0))
+def placement(model: ModelSettings, replica: int) -> tuple[str | None, tuple[int, ...]]:
+    """The engine and GPUs a replica of the model runs on: the placements in turn."""
+    return model.placements[replica % len(model.placements)]
 
 
 def _check_always_on(models: tuple[ModelSettings, ...], gateway: GatewaySettings,
@@ -655,11 +653,8 @@ def _check_always_on(models: tuple[ModelSettings, ...], gateway: GatewaySettings
             _fail(path, model.min_replicas, sources, "replicas that fit in "
                   f"gateway.max_models_concurrent ({gateway.max_models_concurrent}) together "
                   "with the other models' min_replicas")
-        held: dict[tuple[str | None, tuple[int, ...]], int] = {}
-        for _ in range(model.min_replicas):
-            placement = model.placements[placement_for(model, held)]
-            held[placement] = held.get(placement, 0) + 1
-            engine, gpus = placement
+        for replica in range(model.min_replicas):
+            engine, gpus = placement(model, replica)
             for g in gpus:
                 used[engine, g] = used.get((engine, g), 0) + model.vram_mb
                 if gateway.gpu_memory_mb is not None and used[engine, g] > gateway.gpu_memory_mb:
