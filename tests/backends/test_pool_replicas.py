@@ -24,6 +24,7 @@ from tests.backends.test_pool import (
     fakes,
     running_pool,
 )
+from tests.backends.test_pool_sleep import sleepy_model
 from tests.support import eventually, make_config, simulator
 
 pytestmark = pytest.mark.anyio
@@ -228,3 +229,26 @@ async def test_unload_drains_and_stops_every_replica() -> None:
             pool.watch_queue(lambda name: None)
         await pool.unload("a")
         assert states(pool, "a") == ["stopped", "stopped"]
+
+
+async def test_an_idle_replica_sleeps_first_and_is_woken_for_the_next_scale_up() -> None:
+    config = make_config([sleepy_model("a", max_replicas=2, min_replicas=1, max_concurrent=1,
+                                       scale_up_after=0.05, idle_timeout=0.5)])
+    waited: dict[str, float | None] = {"a": None}
+    async with running_pool(config) as pool:
+        pool.watch_queue(waited.__getitem__)
+        await eventually(lambda: states(pool, "a") == ["ready", "stopped"], within=20)
+        second = pool.replicas["a"][1]
+        for _ in range(2):
+            async with AsyncExitStack() as stack:
+                await hold(stack, pool, "a")
+                waited["a"] = 1.0
+                await eventually(lambda: second.state is ModelState.READY, within=20)
+                assert (await hold(stack, pool, "a")).replica == 1
+                waited["a"] = None
+            # Idle: the second replica sleeps (its server runs on); the first is kept.
+            await eventually(lambda: states(pool, "a") == ["ready", "asleep"]
+                             and second.sleeping is None)
+        # The second scale-up woke it: one start, one wake.
+        assert (second.starts, second.wakes, second.sleeps) == (1, 1, 2)
+        assert pool.backends["a"].scale_ups == 3  # min_replicas' first start, then two
