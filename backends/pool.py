@@ -225,6 +225,9 @@ class BackendPool:
         self.backends = {name: servers[0] for name, servers in self.replicas.items()}
         self.servers = [b for servers in self.replicas.values() for b in servers]
         self.replicated = [servers[0] for servers in self.replicas.values() if len(servers) > 1]
+        # The models the reaper may bring a server up for: load, or min_replicas to keep.
+        self.scaled = [servers[0] for servers in self.replicas.values()
+                       if len(servers) > 1 or servers[0].settings.min_replicas]
         # Told how many replicas of a model are ready, as it changes (its slots follow).
         self.on_serving: Callable[[str, int], None] | None = None
         self._queued: Callable[[str], float | None] = lambda name: None
@@ -271,7 +274,7 @@ class BackendPool:
                     # that is down is refused at once.
                     if backend.launcher.has_running() or backend.static:
                         self._launch(backend)
-                for backend in self.backends.values():
+                for backend in self.scaled:
                     self._scale(backend, anyio.current_time())
                 try:
                     yield self
@@ -938,7 +941,7 @@ class BackendPool:
         while True:
             await anyio.sleep(self.reap_interval)
             now = anyio.current_time()
-            for first in self.replicated:
+            for first in self.scaled:
                 self._scale(first, now)
             # A model's last replicas first: the ones it keeps are its first (routing prefers
             # them), so that a model scaled in looks as it did before it scaled out.
@@ -977,7 +980,8 @@ class BackendPool:
             why = "saturated"
         spare = next((r for r in replicas if r.state is ModelState.ASLEEP and r.sleeping is None),
                      None) or next((r for r in replicas if r.state is ModelState.STOPPED or (
-                         r.state is ModelState.FAILED and now >= r.retry_at)), None)
+                         r.state is ModelState.FAILED and r.scope is None
+                         and now >= r.retry_at)), None)
         if spare is None:
             return
         first.scale_ups += 1

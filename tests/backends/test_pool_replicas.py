@@ -122,6 +122,22 @@ async def test_a_dead_replica_takes_no_new_request_and_is_brought_back() -> None
         assert recorded.pid != pid
 
 
+async def test_a_model_of_one_server_with_min_replicas_is_always_on() -> None:
+    config = make_config([replicated("a", max_replicas=1, min_replicas=1, idle_timeout=0.2,
+                                     failure_backoff=0.1)])
+    async with running_pool(config) as pool:
+        backend = pool.backends["a"]
+        await eventually(lambda: backend.state is ModelState.READY)
+        recorded = backend.launcher
+        assert isinstance(recorded, RecordingLauncher) and recorded.pid is not None
+        pid = recorded.pid
+        await anyio.sleep(0.6)  # past its idle_timeout: kept
+        assert backend.state is ModelState.READY
+        os.kill(pid, signal.SIGKILL)
+        await eventually(lambda: backend.state is ModelState.READY and recorded.pid != pid)
+        assert backend.starts == 2
+
+
 async def test_a_failed_connect_goes_to_another_replica_if_one_is_ready() -> None:
     config = make_config([replicated("a", min_replicas=2)])
     async with running_pool(config) as pool:
