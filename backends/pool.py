@@ -38,6 +38,14 @@ model goes ``failed`` with the reason, its bookkeeping completes, the other mode
   ready``, placed as a start is (room made first); nothing is leased until the server says it
   is awake. A server without the sleep API is stopped instead (one warning); a wake that fails
   stops the server and its requests start it cold.
+- Replicas: a model with ``max_replicas`` has that many ``Backend``s, each one server with all
+  of the above (``replicas[name]``; ``backends[name]`` is the first). ``route`` sends a request
+  to the least loaded ready one, or to its session's (rendezvous hashing) within
+  ``affinity_slack`` of the average load. The reaper brings one more up, one at a time per
+  model, while fewer than ``min_replicas`` are ready or once a request waited ``scale_up_after``
+  for a slot with every ready one saturated (``watch_queue``); such a start takes only idle
+  room. A replica is idle when the model's other replicas serve its demand; ``min_replicas``
+  are never reaped or evicted.
 """
 
 from __future__ import annotations
@@ -242,7 +250,7 @@ class BackendPool:
                                    if m.max_replicas > 1))
         self._changed: anyio.Event | None = None
         self._start_lock: anyio.Lock | None = None
-        self._device_locks: dict[int, anyio.Lock] = {}
+        self._device_locks: dict[tuple[str | None, int], anyio.Lock] = {}
         self._tg: TaskGroup | None = None
         self._health: httpx2.AsyncClient | None = None
         self.supervisor = Supervisor()
