@@ -131,3 +131,26 @@ async def test_requests_of_one_session_go_to_one_replica() -> None:
         counts = sorted(served(a) - b for a, b in zip(addresses, before, strict=True) if a)
         # The body's user and the header name the same session: all eight on one replica.
         assert counts == [0, 8]
+
+
+async def test_a_connect_that_fails_is_tried_again_on_the_other_replica() -> None:
+    config = make_config([sim_model("m", max_replicas=2, min_replicas=2,
+                                    health_interval=3600.0)],
+                         upstream={"backoff_base": 0.0, "backoff_max": 0.0})
+    async with serving(config) as (url, gateway), httpx2.AsyncClient(timeout=60) as client:
+        replicas = gateway.pool.replicas["m"]
+        await eventually(lambda: all(r.state is ModelState.READY for r in replicas), within=20)
+        # Replica 1's address now refuses connections (nothing listens at port 9; no health
+        # check will notice within the test), and the session goes there first.
+        launcher = replicas[1].launcher
+        assert isinstance(launcher, ProcessLauncher)
+        working, launcher.address = launcher.address, "http://127.0.0.1:9"
+        session = next(f"s{i}" for i in range(100) if hash((f"s{i}", 1)) > hash((f"s{i}", 0)))
+        try:
+            response = await client.post(url + "/v1/chat/completions",
+                                         json=chat("m", user=session))
+        finally:
+            launcher.address = working
+        assert response.status_code == 200
+        assert gateway.metrics.retries.labels("m")._value.get() == 1
+        assert served(replicas[0].address or "") == 1
