@@ -268,3 +268,24 @@ async def test_an_idle_replica_sleeps_first_and_is_woken_for_the_next_scale_up()
         # The second scale-up woke it: one start, one wake.
         assert (second.starts, second.wakes, second.sleeps) == (1, 1, 2)
         assert pool.backends["a"].scale_ups == 3  # min_replicas' first start, then two
+
+
+async def test_a_scale_up_makes_room_by_stopping_an_idle_model_but_not_a_busy_one() -> None:
+    config = make_config([replicated("a", max_concurrent=1, scale_up_after=0.05),
+                          replicated("b", max_replicas=1)],
+                         gateway={"max_models_concurrent": 2, "placement_timeout": 0.5})
+    async with running_pool(config) as pool, AsyncExitStack() as stack:
+        pool.watch_queue(lambda name: 1.0 if name == "a" else None)
+        held_b = AsyncExitStack()
+        await hold(held_b, pool, "b")
+        await hold(stack, pool, "a")
+        # b is busy: the replica waits for room and gives up, b serves on.
+        await anyio.sleep(1.0)
+        assert states(pool, "b") == ["ready"]
+        assert states(pool, "a")[0] == "ready"
+        assert pool.replicas["a"][1].starts == 0
+        # b idle: it makes room for a's second replica.
+        await held_b.aclose()
+        await eventually(lambda: states(pool, "a") == ["ready", "ready"])
+        assert states(pool, "b") == ["stopped"]
+        assert pool.backends["b"].evictions == 1
