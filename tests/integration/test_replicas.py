@@ -16,6 +16,8 @@ import pytest
 
 from backends.pool import ModelState
 from backends.process import ProcessLauncher
+from middleware import request_context
+from tests.middleware.test_request_context import Lines
 from tests.support import HTTP, chat, eventually, make_config, serving, sim_model
 
 pytestmark = pytest.mark.anyio
@@ -112,7 +114,10 @@ async def test_a_replica_killed_mid_stream_ends_that_stream_and_the_other_serves
         await eventually(lambda: all(r.state is ModelState.READY for r in replicas), within=20)
 
 
-async def test_requests_of_one_session_go_to_one_replica() -> None:
+async def test_requests_of_one_session_go_to_one_replica(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    lines = Lines()
+    monkeypatch.setattr(request_context, "access_log", lines)
     config = make_config([sim_model("m", max_replicas=2, min_replicas=2)])
     async with serving(config) as (url, gateway), httpx2.AsyncClient(timeout=60) as client:
         replicas = gateway.pool.replicas["m"]
@@ -129,8 +134,14 @@ async def test_requests_of_one_session_go_to_one_replica() -> None:
                                          headers={"x-session-id": "alice"})
             assert response.status_code == 200
         counts = sorted(served(a) - b for a, b in zip(addresses, before, strict=True) if a)
-        # The body's user and the header name the same session: all eight on one replica.
+        # The body's user and the header name the same session: all eight on one replica,
+        # and the access line names it.
         assert counts == [0, 8]
+        home = next(r.replica for r, a in zip(replicas, addresses, strict=True)
+                    if a and served(a) - before[r.replica] == 8)
+        # (The line is written just after the answer went out.)
+        await eventually(lambda: [line["replica"] for line in lines.lines
+                                  if line["path"] == "/v1/chat/completions"] == [home] * 8)
 
 
 async def test_a_connect_that_fails_is_tried_again_on_the_other_replica() -> None:
