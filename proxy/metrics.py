@@ -78,7 +78,7 @@ class _PoolAtScrape(Collector):
     # Counted once per model (on its first replica), not summed over its replicas.
     MODEL_COUNTERS = (
         ("gateway_scale_ups_total",
-         "Times a replica of a model was brought up for load or to keep min_replicas.",
+         "Replica starts or wakes begun for load or to keep min_replicas.",
          "scale_ups"),
         ("gateway_scale_downs_total",
          "Times an idle replica of a model with replicas was stopped or put to sleep.",
