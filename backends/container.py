@@ -32,7 +32,7 @@ import sniffio
 import structlog
 from anyio.abc import TaskGroup
 
-from proxy.config import Config, EngineSettings, ModelSettings, parse_size
+from proxy.config import Config, EngineSettings, ModelSettings, parse_size, placement
 
 from .launcher import LaunchError, Supervisor
 
@@ -40,6 +40,8 @@ log = structlog.get_logger("gateway.container")
 
 LABEL_INSTANCE = "vllm-gateway.instance"
 LABEL_MODEL = "vllm-gateway.model"
+# Which replica of the model (absent on the first: a container of an earlier gateway is one).
+LABEL_REPLICA = "vllm-gateway.replica"
 LOG_TAIL = 40
 PODMAN_CDI_SINCE = (5, 4)
 RECONNECT_DELAY = 1.0
@@ -90,7 +92,8 @@ def create_request(model: ModelSettings, *, kind: str, version: tuple[int, ...],
         "Image": model.image,
         "Cmd": list(model.args),
         "Env": [f"{k}={v}" for k, v in model.env.items()],
-        "Labels": {LABEL_INSTANCE: instance, LABEL_MODEL: model.name},
+        "Labels": {LABEL_INSTANCE: instance, LABEL_MODEL: model.name,
+                   **({LABEL_REPLICA: str(model.replica)} if model.replica else {})},
         "ExposedPorts": {port: {}},
         "HostConfig": host_config,
     }
@@ -100,13 +103,14 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def container_name(instance: str, model: str) -> str:
+def container_name(instance: str, model: str, replica: int = 0) -> str:
     """The model's name where a container name allows it; a model name that had to be changed
-    gets a digest of itself, so that ``org/m`` and ``org-m`` are two containers."""
+    gets a digest of itself, so that ``org/m`` and ``org-m`` are two containers. A replica
+    after the first has its number after it (``-r1``)."""
     safe = "".join(c if c.isascii() and (c.isalnum() or c in "_.-") else "-" for c in model)
     if safe != model:
         safe += "-" + _digest(model)
-    return f"vllm-gateway-{instance}-{safe}"
+    return f"vllm-gateway-{instance}-{safe}" + (f"-r{replica}" if replica else "")
 
 
 def instance_name(config: Config) -> str:
@@ -138,7 +142,8 @@ class Engine:
         self.version: tuple[int, ...] = ()
         self.docker: aiodocker.Docker | None = None
         self.shutting_down = False
-        self.adoptable: dict[str, str] = {}  # model -> id of its container to adopt
+        # The ids of the running containers an earlier run left, by model and replica.
+        self.adoptable: dict[tuple[str, int], str] = {}
         self._deaths: dict[str, anyio.Event] = {}
         self._exit_codes: dict[str, str] = {}
 
@@ -197,18 +202,25 @@ class Engine:
     async def tidy(self, models: dict[str, ModelSettings]) -> None:
         """Adopt or remove the labelled containers an earlier run left, by policy."""
         for container in await self._labelled():
-            model = (_field(container, "Labels") or {}).get(LABEL_MODEL, "")
+            labels = _field(container, "Labels") or {}
+            model = labels.get(LABEL_MODEL, "")
+            replica = labels.get(LABEL_REPLICA, "0")
             running = _field(container, "State") == "running"
             keep = (self.settings.on_start == "adopt" and running and model in models
-                    and models[model].engine == self.settings.name)
+                    and replica.isdigit() and int(replica) < models[model].max_replicas
+                    and self._places(models[model], int(replica)))
             if keep:
-                self.adoptable[model] = container.id
+                self.adoptable[model, int(replica)] = container.id
                 log.info("adopting container", engine=self.settings.name, model=model,
                          container=container.id[:12])
             else:
                 log.info("removing container left by an earlier run",
                          engine=self.settings.name, model=model, container=container.id[:12])
                 await self.remove(container.id)
+
+    def _places(self, model: ModelSettings, replica: int) -> bool:
+        """Whether the model's replica runs on this engine (``BackendPool``'s placement)."""
+        return placement(model, replica)[0] == self.settings.name
 
     async def _labelled(self) -> list[aiodocker.containers.DockerContainer]:
         return await self.call("list containers", self.api.containers.list(
@@ -301,7 +313,7 @@ class ContainerEngines:
 
     def __init__(self, config: Config) -> None:
         self.models = {m.name: m for m in config.models if m.launcher == "container"}
-        used = {m.engine for m in self.models.values()}
+        used = {engine for m in self.models.values() for engine, _ in m.placements}
         self.instance = instance_name(config) if used else ""
         self.engines = {name: Engine(settings, self.instance)
                         for name, settings in config.engines.items() if name in used}
@@ -350,10 +362,10 @@ class ContainerLauncher:
         self._death: anyio.Event | None = None
 
     def has_running(self) -> bool:
-        return self.model.name in self.engine.adoptable
+        return (self.model.name, self.model.replica) in self.engine.adoptable
 
     async def start(self, task_group: TaskGroup) -> str:
-        adopted = self.engine.adoptable.pop(self.model.name, None)
+        adopted = self.engine.adoptable.pop((self.model.name, self.model.replica), None)
         if adopted is not None:
             container_id = adopted
             self._death = self.engine.watch(container_id)
@@ -394,7 +406,7 @@ class ContainerLauncher:
         request = create_request(self.model, kind=engine.kind, version=engine.version,
                                  instance=engine.instance,
                                  publish_ip=engine.settings.publish_ip)
-        name = container_name(engine.instance, self.model.name)
+        name = container_name(engine.instance, self.model.name, self.model.replica)
         await engine.remove(name)
         try:
             container = await engine.call("create the container",

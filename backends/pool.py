@@ -38,22 +38,31 @@ model goes ``failed`` with the reason, its bookkeeping completes, the other mode
   ready``, placed as a start is (room made first); nothing is leased until the server says it
   is awake. A server without the sleep API is stopped instead (one warning); a wake that fails
   stops the server and its requests start it cold.
+- Replicas: a model with ``max_replicas`` has that many ``Backend``s, each one server with all
+  of the above (``replicas[name]``; ``backends[name]`` is the first). ``route`` sends a request
+  to the least loaded ready one, or to its session's (rendezvous hashing) within
+  ``affinity_slack`` of the average load. The reaper brings one more up, one at a time per
+  model, while fewer than ``min_replicas`` are ready or once a request waited ``scale_up_after``
+  for a slot with every ready one saturated (``watch_queue``); such a start takes only idle
+  room. A replica is idle when the model's other replicas serve its demand; ``min_replicas``
+  are never reaped or evicted.
 """
 
 from __future__ import annotations
 
 import enum
 import functools
+import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import anyio
 import httpx2
 import structlog
 from anyio.abc import TaskGroup
 
-from proxy.config import Config, ModelSettings
+from proxy.config import Config, ModelSettings, placement
 from proxy.errors import GatewayError, unavailable
 
 from . import sleep as sleep_mode
@@ -84,6 +93,10 @@ class ModelState(enum.Enum):
 LOADED = (ModelState.READY, ModelState.DRAINING, ModelState.STOPPING)
 # Brought up for requests that wait for it: started, or woken.
 COMING = (ModelState.STARTING, ModelState.WAKING)
+# A model with replicas is in the first of these states that one of them is in.
+MODEL_STATE_ORDER = (ModelState.READY, ModelState.WAKING, ModelState.STARTING,
+                     ModelState.DRAINING, ModelState.STOPPING, ModelState.ASLEEP,
+                     ModelState.FAILED, ModelState.STOPPED)
 # The error codes of a model that is ``failed``: its start, its server or its stop went wrong.
 START_FAILED = "model_start_failed"
 UNAVAILABLE = "backend_unavailable"
@@ -132,6 +145,18 @@ class Backend:
     demand: Callable[[], int] = lambda: 0
     # Set while the model gives its turn to a start or a wake waiting for room: no new lease.
     yields_to: Backend | None = None
+    # Which server of the model this is (``max_replicas``), its requests' slots, and every
+    # server of the model, itself among them; the first holds the model's ``waiting``.
+    replica: int = 0
+    slots: int = 1
+    replicas: list[Backend] = field(default_factory=list, repr=False)
+    scale_ups: int = 0
+    scale_downs: int = 0
+    # The first replica's: how many of the model's replicas were ready when last told.
+    serving: int = 0
+
+    def __post_init__(self) -> None:
+        self.replicas.append(self)
 
     @property
     def name(self) -> str:
@@ -150,11 +175,30 @@ class Backend:
     def vram_mb(self) -> int:
         return self.measured_vram_mb or self.settings.vram_mb
 
+    @property
+    def devices(self) -> set[tuple[str | None, int]]:
+        """The GPUs the server runs on, each named with its engine (its host)."""
+        return {(self.settings.engine, g) for g in self.settings.gpus}
+
     def is_idle(self) -> bool:
         """Ready, and neither leased nor waited for by a request (one that is about to lease
-        it, or one the gateway queues for it), unless it gave its turn away."""
+        it, or one the gateway queues for it, that the model's other replicas do not serve),
+        unless it gave its turn away."""
         return self.state is ModelState.READY and self.leases == 0 and (
-            self.yields_to is not None or (self.waiting == 0 and self.demand() == 0))
+            self.yields_to is not None or self._unserved() <= 0)
+
+    def _unserved(self) -> int:
+        unserved = self.replicas[0].waiting + self.demand()
+        if len(self.replicas) > 1:
+            unserved -= sum(r.leases for r in self.replicas if r is not self)
+        return unserved
+
+    def may_go(self) -> bool:
+        """Idle, and not one of the ``min_replicas`` the model keeps ready."""
+        return self.is_idle() and (
+            self.settings.min_replicas == 0
+            or sum(r.state is ModelState.READY for r in self.replicas)
+            > self.settings.min_replicas)
 
     def occupies_slot(self) -> bool:
         return self.state in LOADED or (self.state in COMING and self.placed)
@@ -184,50 +228,91 @@ class BackendPool:
         # Told after every change of a model's state (the admin API's event stream).
         self.on_change = on_change
         self.gpu = gpu or ConfiguredMemory(config.gateway.gpu_memory_mb)
-        self.backends = {m.name: Backend(m, launchers(m)) for m in config.models}
+        # Every server of every model, each model's first under its name.
+        self.replicas = {m.name: self._servers_of(m, launchers) for m in config.models}
+        self.backends = {name: servers[0] for name, servers in self.replicas.items()}
+        self.servers = [b for servers in self.replicas.values() for b in servers]
+        self.replicated = [servers[0] for servers in self.replicas.values() if len(servers) > 1]
+        # The models the reaper may bring a server up for: load, or min_replicas to keep.
+        self.scaled = [servers[0] for servers in self.replicas.values()
+                       if len(servers) > 1 or servers[0].settings.min_replicas]
+        # Told how many replicas of a model are ready, as it changes (its slots follow).
+        self.on_serving: Callable[[str, int], None] | None = None
+        self._queued: Callable[[str], float | None] = lambda name: None
         self.max_models = config.gateway.max_models_concurrent
         self.placement_timeout = config.gateway.placement_timeout
         self.max_asleep = config.gateway.max_models_asleep
         self.reap_interval = min(REAP_INTERVAL_MAX,
                                  *(m.idle_timeout / 10 for m in config.models),
                                  *(m.asleep_timeout / 10 for m in config.models
-                                   if m.sleep_level is not None))
+                                   if m.sleep_level is not None),
+                                 *(m.scale_up_after / 4 for m in config.models
+                                   if m.max_replicas > 1))
         self._changed: anyio.Event | None = None
         self._start_lock: anyio.Lock | None = None
-        self._device_locks: dict[int, anyio.Lock] = {}
+        self._device_locks: dict[tuple[str | None, int], anyio.Lock] = {}
         self._tg: TaskGroup | None = None
         self._health: httpx2.AsyncClient | None = None
         self.supervisor = Supervisor()
+
+    def _servers_of(self, model: ModelSettings, launchers: LauncherFactory) -> list[Backend]:
+        """The model's servers, each with its placement (the alternatives in turn)."""
+        servers: list[Backend] = []
+        for i in range(model.max_replicas):
+            engine, gpus = placement(model, i)
+            settings = model if i == 0 else replace(model, engine=engine, gpus=gpus, replica=i)
+            # The new server joins ``servers`` itself.
+            Backend(settings, launchers(settings), replica=i,
+                    slots=self.config.max_concurrent_of(model), replicas=servers)
+        return servers
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[BackendPool]:
         """Run the pool: the reaper and every model's lifecycle live inside this block."""
         self._changed = anyio.Event()
         self._start_lock = anyio.Lock()
-        self._device_locks = {g: anyio.Lock() for m in self.config.models for g in m.gpus}
+        self._device_locks = {d: anyio.Lock() for b in self.servers for d in b.devices}
         async with httpx2.AsyncClient(timeout=HEALTH_TIMEOUT, trust_env=False) as health:
             self._health = health
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 tg.start_soon(self.supervisor.run, "the idle reaper", self._reap)
-                for backend in self.backends.values():
+                for backend in self.servers:
                     # A static server is watched from the start, so that a request for one
                     # that is down is refused at once.
                     if backend.launcher.has_running() or backend.static:
                         self._launch(backend)
+                for backend in self.scaled:
+                    self._scale(backend, anyio.current_time())
                 try:
                     yield self
                 finally:
-                    for backend in self.backends.values():
+                    for backend in self.servers:
                         self.request_stop(backend, "gateway stopping")
                     tg.cancel_scope.cancel()
             self._tg = None
 
+    def state_of(self, name: str) -> ModelState:
+        """The model's state: its one server's, or of its replicas the one nearest to serving
+        (ready if one is)."""
+        replicas = self.replicas[name]
+        if len(replicas) == 1:
+            return replicas[0].state
+        states = {r.state for r in replicas}
+        return next(s for s in MODEL_STATE_ORDER if s in states)
+
     def count_demand(self, demand: Callable[[str], int]) -> None:
         """Count ``demand(name)``, the requests the gateway holds for a model outside the pool,
         as requests that wait for it: a model is not idle while it has them."""
-        for name, backend in self.backends.items():
-            backend.demand = functools.partial(demand, name)
+        for name, servers in self.replicas.items():
+            for backend in servers:
+                backend.demand = functools.partial(demand, name)
+
+    def watch_queue(self, oldest_wait: Callable[[str], float | None]) -> None:
+        """``oldest_wait(name)``: seconds the longest-waiting request of the model has waited
+        for a slot (None: none waits); a saturated model gains a replica after
+        ``scale_up_after`` of it."""
+        self._queued = oldest_wait
 
     def problem(self) -> str | None:
         """Why the pool no longer does its work (``/health`` says so), or None."""
@@ -239,18 +324,26 @@ class BackendPool:
         assert self._changed is not None
         self._changed, changed = anyio.Event(), self._changed
         changed.set()
+        for first in self.replicated:
+            serving = sum(r.state is ModelState.READY for r in first.replicas)
+            if serving != first.serving and self.on_serving is not None:
+                first.serving = serving
+                self.on_serving(first.name, serving)
         if self.on_change is not None:
             self.on_change()
 
     @asynccontextmanager
-    async def lease(self, name: str) -> AsyncIterator[Backend]:
-        """A ready backend of the model, kept from stopping until the block exits."""
-        backend = self.backends[name]
-        backend.waiting += 1
+    async def lease(self, name: str, *, session: str | None = None,
+                    avoid: int | None = None) -> AsyncIterator[Backend]:
+        """A ready backend of the model, kept from stopping until the block exits: of its
+        replicas, the session's (bounded by ``affinity_slack``), else the least loaded, and
+        not replica ``avoid`` (whose connect failed) while another is ready."""
+        first = self.backends[name]
+        first.waiting += 1
         try:
-            await self._until_ready(backend)
+            backend = await self._until_ready(first, session, avoid)
         finally:
-            backend.waiting -= 1
+            first.waiting -= 1
         backend.leases += 1
         backend.last_used = anyio.current_time()
         try:
@@ -261,8 +354,18 @@ class BackendPool:
             if backend.leases == 0:
                 self._notify()
 
-    async def _until_ready(self, backend: Backend) -> None:
-        while backend.state is not ModelState.READY or backend.yields_to is not None:
+    async def _until_ready(self, first: Backend, session: str | None,
+                           avoid: int | None) -> Backend:
+        while True:
+            if len(first.replicas) == 1:
+                if first.state is ModelState.READY and first.yields_to is None:
+                    return first
+                backend = first
+            else:
+                chosen = route(first.replicas, session, avoid)
+                if chosen is not None:
+                    return chosen
+                backend = min(first.replicas, key=_bring_up_order)
             # Failed: refused within the backoff; a static server that is down (its watch still
             # runs) until a check passes.
             if backend.state is ModelState.FAILED and (
@@ -306,6 +409,8 @@ class BackendPool:
         # request's (the launching request logs its own id with "model starting").
         launched_by = structlog.contextvars.get_contextvars().get("request_id")
         structlog.contextvars.clear_contextvars()
+        if len(backend.replicas) > 1:
+            structlog.contextvars.bind_contextvars(replica=backend.replica)
         outcome: GatewayError | None = None
         try:
             with scope:
@@ -494,8 +599,8 @@ class BackendPool:
         try:
             while True:
                 async with AsyncExitStack() as devices:
-                    for g in sorted(backend.settings.gpus):
-                        await devices.enter_async_context(self._device_locks[g])
+                    for device in sorted(backend.devices, key=str):
+                        await devices.enter_async_context(self._device_locks[device])
                     async with self._start_lock:
                         assert self._changed is not None
                         changed = self._changed
@@ -509,7 +614,9 @@ class BackendPool:
                 now = anyio.current_time()
                 if deadline is None:
                     deadline = now + self.placement_timeout
-                elif now >= deadline - self.placement_timeout / 2:
+                elif now >= deadline - self.placement_timeout / 2 and not any(
+                        r.state is ModelState.READY for r in backend.replicas):
+                    # A replica added to a model that serves already takes only idle room.
                     self._take_turn(backend)
                 if now >= deadline:
                     raise unavailable(
@@ -522,10 +629,10 @@ class BackendPool:
 
     def _take_turn(self, backend: Backend) -> None:
         """The busy models in the way of a start or a wake yield their turn to it."""
-        over_budget = sum(b.occupies_slot() for b in self.backends.values()) >= self.max_models
+        over_budget = sum(b.occupies_slot() for b in self.servers) >= self.max_models
         short = self._short_devices(backend)
-        for other in self.backends.values():
-            in_the_way = over_budget or short & set(other.settings.gpus)
+        for other in self.servers:
+            in_the_way = over_budget or short & other.devices
             if other.state is ModelState.READY and other.yields_to is None and in_the_way:
                 other.yields_to = backend
                 log.info("model yields its turn", model=other.name, to_model=backend.name,
@@ -534,7 +641,7 @@ class BackendPool:
 
     def _turn_ends(self, backend: Backend) -> None:
         """The start or wake is placed or gave up: the models that yielded to it serve on."""
-        for other in self.backends.values():
+        for other in self.servers:
             if other.yields_to is backend:
                 other.yields_to = None
                 self._notify()
@@ -596,11 +703,11 @@ class BackendPool:
             log.info("model VRAM measured", model=backend.name, vram_mb=max(deltas),
                      configured_mb=backend.settings.vram_mb)
 
-    def _short_devices(self, backend: Backend) -> set[int]:
+    def _short_devices(self, backend: Backend) -> set[tuple[str | None, int]]:
         """The devices of the model that lack the memory it needs."""
         need = backend.need_mb()
         short = set()
-        for g in backend.settings.gpus if need else ():
+        for engine, g in backend.devices if need else ():
             total = self.gpu.total_mb(g)
             if total is None:
                 continue
@@ -610,26 +717,26 @@ class BackendPool:
                     f"{total} MiB.", code="no_capacity", should_retry=False)
             used = self.gpu.used_mb(g)
             if used is None:
-                used = sum(b.vram_mb for b in self.backends.values()
-                           if b is not backend and b.occupies_slot() and g in b.settings.gpus)
+                used = sum(b.vram_mb for b in self.servers
+                           if b is not backend and b.occupies_slot() and (engine, g) in b.devices)
             if total - used < need:
-                short.add(g)
+                short.add((engine, g))
         return short
 
     async def _make_room(self, backend: Backend) -> bool:
         """Put idle models to sleep (or stop them) until the model fits; False if it does not
         and none is idle. Short of GPU memory, asleep models on the device are stopped last."""
         while True:
-            over_budget = sum(b.occupies_slot() for b in self.backends.values()) >= self.max_models
+            over_budget = sum(b.occupies_slot() for b in self.servers) >= self.max_models
             short = self._short_devices(backend)
             if not over_budget and not short:
                 backend.placed = True
                 return True
             # The least recently used first, but one on a short device frees a slot as well.
-            idle = sorted((b for b in self.backends.values()
-                           if b.is_idle() and (over_budget or short & set(b.settings.gpus))),
-                          key=lambda b: (not short & set(b.settings.gpus), b.last_used))
-            asleep = sorted((b for b in self.backends.values() if short & set(b.settings.gpus)
+            idle = sorted((b for b in self.servers
+                           if b.may_go() and (over_budget or short & b.devices)),
+                          key=lambda b: (not short & b.devices, b.last_used))
+            asleep = sorted((b for b in self.servers if short & b.devices
                              and b.state is ModelState.ASLEEP and b.sleeping is None),
                             key=lambda b: b.last_used)
             if not idle and not asleep:
@@ -675,7 +782,7 @@ class BackendPool:
         assert self._health is not None and backend.sleeping is not None
         settings = backend.settings
         assert settings.sleep_level is not None
-        others = sorted((b for b in self.backends.values()
+        others = sorted((b for b in self.servers
                          if b is not backend and b.state is ModelState.ASLEEP),
                         key=lambda b: b.asleep_since)
         for other in others[:max(0, len(others) - self.max_asleep + 1)]:
@@ -778,8 +885,15 @@ class BackendPool:
             self._notify()
 
     async def sleep(self, name: str) -> None:
-        """Put an idle model to sleep now (as eviction would); at once if it sleeps."""
-        backend = self.backends[name]
+        """Put an idle model (each replica that runs) to sleep now (as eviction would); at once
+        if it sleeps."""
+        running = [r for r in self.replicas[name]
+                   if r.state not in (ModelState.STOPPED, ModelState.FAILED)]
+        for backend in running or [self.backends[name]]:
+            await self._sleep_now(backend)
+
+    async def _sleep_now(self, backend: Backend) -> None:
+        name = backend.name
         if backend.settings.sleep_level is None:
             raise GatewayError(409, f"The model '{name}' cannot sleep: it has no sleep_level.",
                                type="invalid_request_error", code="model_cannot_sleep",
@@ -803,34 +917,48 @@ class BackendPool:
             pass
 
     async def unload(self, name: str) -> None:
-        """Drain a model (no new leases, in-flight ones finish), then stop it."""
-        backend = self.backends[name]
-        while backend.state is ModelState.DRAINING:  # another unload drains it: wait for that one
+        """Drain a model, every replica at once (no new leases, in-flight ones finish), then
+        stop it."""
+        replicas = self.replicas[name]
+        # Another unload drains it: wait for that one.
+        while any(r.state is ModelState.DRAINING for r in replicas):
             assert self._changed is not None
             await self._changed.wait()
-        if backend.state is ModelState.READY:
-            backend.state = ModelState.DRAINING
+        draining = [r for r in replicas if r.state is ModelState.READY]
+        if draining:
+            for backend in draining:
+                backend.state = ModelState.DRAINING
             self._notify()
             try:
-                while backend.leases:
+                while any(r.leases for r in draining):
                     assert self._changed is not None
                     await self._changed.wait()
             except BaseException:
                 # Whoever asked is gone: the model serves again rather than stay half-drained,
                 # with its new requests waiting for a stop that nobody will make.
-                if backend.state is ModelState.DRAINING:
-                    backend.state = ModelState.READY
-                    self._notify()
+                for backend in draining:
+                    if backend.state is ModelState.DRAINING:
+                        backend.state = ModelState.READY
+                self._notify()
                 raise
-        await self._stop_and_wait(backend, "unloaded")
+        for backend in replicas:
+            await self._stop_and_wait(backend, "unloaded")
 
     async def _reap(self) -> None:
         assert self._tg is not None
         while True:
             await anyio.sleep(self.reap_interval)
             now = anyio.current_time()
-            for backend in self.backends.values():
+            for first in self.scaled:
+                self._scale(first, now)
+            # A model's last replicas first: the ones it keeps are its first (routing prefers
+            # them), so that a model scaled in looks as it did before it scaled out.
+            for backend in reversed(self.servers):
                 if should_reap(backend, now):
+                    if len(backend.replicas) > 1:
+                        backend.replicas[0].scale_downs += 1
+                        log.info("scaling down", model=backend.name, replica=backend.replica,
+                                 sleeps=backend.sleeps_when_idle())
                     if backend.sleeps_when_idle():
                         self._begin_sleep(backend)
                         self._tg.start_soon(self._sleep, backend)
@@ -841,7 +969,86 @@ class BackendPool:
                     self.request_stop(backend, "asleep for its asleep_timeout")
 
 
+    def _scale(self, first: Backend, now: float) -> None:
+        """Bring up another replica of the model, one at a time: while fewer than
+        ``min_replicas`` are ready, or once a request waited ``scale_up_after`` for a slot with
+        every ready replica's slots taken. An asleep one is woken before a stopped one starts."""
+        replicas = first.replicas
+        settings = first.settings
+        if any(r.state in COMING for r in replicas):
+            return
+        ready = [r for r in replicas if r.state is ModelState.READY]
+        if len(ready) < settings.min_replicas:
+            why = "min_replicas"
+        else:
+            waited = self._queued(first.name)
+            if not (ready and waited is not None and waited >= settings.scale_up_after
+                    and all(r.leases >= r.slots for r in ready)):
+                return
+            why = "saturated"
+        spare = next((r for r in replicas if r.state is ModelState.ASLEEP and r.sleeping is None),
+                     None) or next((r for r in replicas if r.state is ModelState.STOPPED or (
+                         r.state is ModelState.FAILED and r.scope is None
+                         and now >= r.retry_at)), None)
+        if spare is None:
+            return
+        first.scale_ups += 1
+        log.info("scaling up", model=first.name, replica=spare.replica, reason=why,
+                 ready=len(ready))
+        if spare.state is ModelState.ASLEEP:
+            self._begin_wake(spare)
+        else:
+            self._launch(spare)
+
+
+def route(replicas: list[Backend], session: str | None, avoid: int | None) -> Backend | None:
+    """The ready replica a request goes to, or None if none is ready. The session's replica
+    (rendezvous hashing: the highest hash of session and replica) unless it has no free slot or
+    more than ``affinity_slack`` times the average load; else the least loaded (the first of
+    equals, so that a light load keeps to few replicas and the others go idle)."""
+    least = affine = None
+    top = 0
+    total = ready = 0
+    for r in replicas:
+        if r.state is not ModelState.READY or r.yields_to is not None or r.replica == avoid:
+            continue
+        ready += 1
+        total += r.leases
+        if least is None or r.leases < least.leases:
+            least = r
+        if session is not None:
+            score = hash((session, r.replica))
+            if affine is None or score > top:
+                affine, top = r, score
+    if least is None:
+        # The replica whose connect failed is the only one ready: it is tried again.
+        return route(replicas, session, None) if avoid is not None else None
+    if affine is not None and affine.leases < affine.slots and affine.leases + 1 <= math.ceil(
+            affine.settings.affinity_slack * (total + 1) / ready):
+        return affine
+    return least
+
+
+def _bring_up_order(backend: Backend) -> tuple[int, int]:
+    """With no replica ready, the one a request waits for: one coming up, then one that is busy
+    (draining, stopping, yielding its turn), then one asleep, then one that may start; last one
+    failed within its backoff (its refusal is the answer)."""
+    state = backend.state
+    if state in COMING:
+        rank = 0
+    elif state in LOADED:
+        rank = 1
+    elif state is ModelState.ASLEEP:
+        rank = 2
+    elif state is ModelState.STOPPED or (state is ModelState.FAILED and backend.scope is None
+                                         and anyio.current_time() >= backend.retry_at):
+        rank = 3
+    else:
+        rank = 4
+    return rank, backend.replica
+
+
 def should_reap(backend: Backend, now: float) -> bool:
     """The reaper's decision: stop a backend idle (no lease, no request waiting for it) for its
-    ``idle_timeout``."""
-    return backend.is_idle() and now - backend.last_used >= backend.settings.idle_timeout
+    ``idle_timeout``, unless the model keeps it (``min_replicas``)."""
+    return backend.may_go() and now - backend.last_used >= backend.settings.idle_timeout

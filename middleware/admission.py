@@ -41,6 +41,8 @@ from proxy.types import ASGIApp, Message, Receive, Scope, Send, header, request_
 from .forms import FORM_TYPE, form_model
 from .response_ids import ResponseIds, stored_response
 
+# A session named by the client: its requests go to one replica of a model (affinity).
+SESSION_HEADER = b"x-session-id"
 # Bytes: a larger body for an alias is renamed by appending the served name (JsonBody.renamed).
 LARGE_BODY = 1 << 20
 # Seconds the rest of a refused body is read for, so the answer reaches the client (above).
@@ -54,6 +56,8 @@ class BodyReader(Protocol):
 
     # Whether the body asks for a stream (``"stream": true``), once ``model`` has read it.
     stream: bool
+    # The OpenAI ``user`` field (a session, for replica affinity), once ``model`` has read it.
+    user: str | None
 
     async def feed(self, chunk: bytes) -> None:
         """Take the next chunk (raise GatewayError for a body that cannot be right)."""
@@ -87,11 +91,12 @@ def _no_model() -> GatewayError:
 
 
 class _Named(msgspec.Struct):
-    """The two fields of a body the gateway reads; msgspec skips the rest unbuilt (and checks
-    it is JSON), ~6 times as fast as json.loads builds it all."""
+    """The three fields of a body the gateway reads; msgspec skips the rest unbuilt (and
+    checks it is JSON), ~6 times as fast as json.loads builds it all."""
 
     model: object = None
     stream: object = None
+    user: object = None
 
 
 _named = msgspec.json.Decoder(_Named)
@@ -103,11 +108,12 @@ class JsonBody:
     ~18; parsing as it arrives (ijson) would free the loop between pieces, but takes ~3.5 times
     as long in all, and a long string in a body made it quadratic (20 s for 24 MiB)."""
 
-    __slots__ = ("stream",)
+    __slots__ = ("stream", "user")
 
     def __init__(self, content_type: bytes) -> None:
         """Nothing to take from the Content-Type: JSON is UTF-8, whatever charset it names."""
         self.stream = False
+        self.user: str | None = None
 
     async def feed(self, chunk: bytes) -> None:
         """Nothing to do yet: JSON is read whole, at the end."""
@@ -124,6 +130,8 @@ class JsonBody:
         if not isinstance(name, str) or not name:
             raise _no_model()
         self.stream = named.stream is True
+        user = named.user
+        self.user = user if isinstance(user, str) and user else None
         return name
 
     def renamed(self, body: bytes, served_name: str) -> bytes:
@@ -141,12 +149,13 @@ class FormBody:
     """A multipart form with a ``model`` field (``middleware/forms.py``), read whole, at the
     end; an alias is replaced where the field's value lies in the body."""
 
-    __slots__ = ("content_type", "span", "stream")
+    __slots__ = ("content_type", "span", "stream", "user")
 
     def __init__(self, content_type: bytes) -> None:
         self.content_type = content_type  # its boundary
         self.span: slice | None = None
         self.stream = False  # an upload's answer is not held for feedback
+        self.user = None
 
     async def feed(self, chunk: bytes) -> None:
         """Nothing to do yet: the form is searched once it is whole."""
@@ -398,6 +407,10 @@ class Admission:
         state["model"] = model
         state["stream"] = reader.stream
         state["body_bytes"] = raw
+        if model.max_replicas > 1:
+            # The session whose requests go to one replica: its header, else the body's user.
+            session = header(scope, SESSION_HEADER)
+            state["session"] = session.decode("latin-1") if session else reader.user
         return raw
 
     def _model(self, name: str) -> ModelSettings:

@@ -273,13 +273,13 @@ class StreamFeedback:
 
     def _waits(self, stream: _Stream) -> bool:
         return ("queue_wait" not in stream.state
-                or self.pool.backends[stream.model].state is not ModelState.READY)
+                or self.pool.state_of(stream.model) is not ModelState.READY)
 
     def _comment(self, stream: _Stream) -> bytes:
         model = stream.model.replace("\r", " ").replace("\n", " ")
         seconds = round(time.monotonic() - stream.began)
         if "queue_wait" in stream.state:
-            what = f"model '{model}': {self.pool.backends[stream.model].state.value}"
+            what = f"model '{model}': {self.pool.state_of(stream.model).value}"
         else:
             what = f"a slot of model '{model}': number {self._place(stream)} in the queue"
         return f": waiting for {what}, {seconds} s\n\n".encode()

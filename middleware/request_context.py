@@ -111,7 +111,8 @@ class RequestContext:
             access_log.info(
                 "request", method=scope["method"], path=scope["path"],
                 model=name if model is not None else state.get("requested_model", "-"),
-                status=status, bytes=response.sent, retries=state.get("retries", 0),
+                replica=state.get("replica"), status=status, bytes=response.sent,
+                retries=state.get("retries", 0),
                 queue_wait_ms=queue_wait_ms, ttfb_ms=ttfb_ms, duration_ms=duration_ms,
                 client_disconnected=client_disconnected,
                 client=scope["client"][0] if scope.get("client") else None,

@@ -138,12 +138,12 @@ class AdminApi:
         """Each device a model is placed on (or NVML sees): its size, what is used and by whom.
         Without NVML the used figure is the configured VRAM of the models loaded there."""
         pool = self.gateway.pool
-        devices = {g for b in pool.backends.values() for g in b.settings.gpus}
+        devices = {g for b in pool.servers for g in b.settings.gpus}
         if isinstance(pool.gpu, NvmlMemory):
             devices.update(range(pool.gpu.devices))
         gpus = []
         for g in sorted(devices):
-            models = [{"name": b.name, "vram_mb": b.vram_mb} for b in pool.backends.values()
+            models = [{"name": b.name, "vram_mb": b.vram_mb} for b in pool.servers
                       if g in b.settings.gpus and b.occupies_slot()]
             used = pool.gpu.used_mb(g)
             gpus.append({"index": g, "total_mb": pool.gpu.total_mb(g), "measured": used is not None,
@@ -152,27 +152,48 @@ class AdminApi:
         return gpus
 
     def _model(self, name: str) -> dict[str, Any]:
-        backend = self.gateway.pool.backends[name]
+        pool = self.gateway.pool
+        backend = pool.backends[name]
+        replicas = pool.replicas[name]
         return {
             "name": name,
-            "state": backend.state.value,
+            "state": pool.state_of(name).value,
             "launcher": backend.settings.launcher,
             "address": backend.address,
-            "leases": backend.leases,
+            "leases": sum(r.leases for r in replicas),
             "queue_depth": self.gateway.queue.depth(name),
             "in_flight": self.gateway.semaphores.in_flight(name),
-            "last_used": _wall_clock(backend.last_used),
+            "last_used": _wall_clock(max(r.last_used for r in replicas)),
             "vram_mb": backend.vram_mb,
             "measured_vram_mb": backend.measured_vram_mb,
-            "starts": backend.starts,
-            "evictions": backend.evictions,
+            "starts": sum(r.starts for r in replicas),
+            "evictions": sum(r.evictions for r in replicas),
             "sleep_level": backend.settings.sleep_level,
-            "sleeps": backend.sleeps,
-            "wakes": backend.wakes,
+            "sleeps": sum(r.sleeps for r in replicas),
+            "wakes": sum(r.wakes for r in replicas),
             "asleep_vram_mb": backend.asleep_vram_mb,
             "failure": backend.failure,
+            "max_replicas": backend.settings.max_replicas,
+            "min_replicas": backend.settings.min_replicas,
+            "scale_ups": backend.scale_ups,
+            "scale_downs": backend.scale_downs,
+            "replicas": [_replica(r) for r in replicas],
             "actions": [verb for verb, (_, offered) in self._actions.items() if offered(backend)],
         }
+
+
+def _replica(backend: Backend) -> dict[str, Any]:
+    return {
+        "replica": backend.replica,
+        "state": backend.state.value,
+        "address": backend.address,
+        "in_flight": backend.leases,
+        "last_used": _wall_clock(backend.last_used),
+        "engine": backend.settings.engine,
+        "gpus": list(backend.settings.gpus),
+        "starts": backend.starts,
+        "failure": backend.failure,
+    }
 
 
 def _always(backend: Backend) -> bool:

@@ -115,6 +115,8 @@ class Gateway:
         # before it is swapped out (the slot is released just after the lease).
         self.pool.count_demand(lambda name: self.queue.depth(name)
                                + self.semaphores.in_flight(name))
+        self.pool.watch_queue(self.semaphores.oldest_wait)
+        self.pool.on_serving = self.semaphores.serving
         self.response_ids = ResponseIds(config.gateway.max_response_ids)
         self.feedback = (StreamFeedback(self.queue, config=config, pool=self.pool)
                          if config.gateway.stream_keepalive else None)

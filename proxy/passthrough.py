@@ -88,8 +88,20 @@ class StreamingPassthrough:
     async def _forward(self, scope: Scope, send: Send, sends: SendWatch) -> None:
         state = request_state(scope)
         model = state["model"]
-        async with self.pool.lease(model.name) as backend:
-            answer = await self._open(scope, state, backend.address, model.name)
+        if model.max_replicas == 1:
+            lease = self.pool.lease(model.name)
+        else:
+            lease = self.pool.lease(model.name, session=state.get("session"),
+                                    avoid=state.get("failed_replica"))
+        async with lease as backend:
+            if model.max_replicas > 1:
+                state["replica"] = backend.replica
+            try:
+                answer = await self._open(scope, state, backend.address, model.name)
+            except UpstreamConnectError:
+                # A try again (the retry layer) goes to another replica where one is ready.
+                state["failed_replica"] = backend.replica
+                raise
             try:
                 await self._relay(answer, send, sends, model.name)
             finally:

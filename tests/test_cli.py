@@ -125,7 +125,8 @@ def test_check_config_prints_the_shipped_configuration_by_default():
     shown = json.loads(result.stdout)
     assert shown["source"] == "file config.toml"
     assert [m["name"] for m in shown["models"]] == ["sim-small", "sim-large"]
-    assert shown["derived"] == {"upstream_pool_size": 50 * 3, "upstream_keepalive_size": 50 * 3}
+    # Two models of 50 slots each (each model is one server by default).
+    assert shown["derived"] == {"upstream_pool_size": 50 * 2, "upstream_keepalive_size": 50 * 2}
 
 
 def test_check_config_honours_variables_and_masks_secrets(tmp_path):
@@ -140,7 +141,7 @@ def test_check_config_honours_variables_and_masks_secrets(tmp_path):
     assert shown["source"] == f"file {path}"
     assert (shown["gateway"]["max_concurrent"], shown["gateway"]["max_models_concurrent"],
             shown["upstream"]["timeout"], shown["admin"]["token"]) == (7, 4, 900.0, "***")
-    assert shown["derived"] == {"upstream_pool_size": 28, "upstream_keepalive_size": 28}
+    assert shown["derived"] == {"upstream_pool_size": 7, "upstream_keepalive_size": 7}
 
 
 def test_check_config_into_a_closed_pipe_is_quiet(tmp_path):
@@ -169,8 +170,8 @@ def test_serve_answers_health_and_exits_0_on_sigterm(tmp_path, monkeypatch):
     started = [json.loads(line) for line in log.splitlines() if "effective configuration" in line]
     assert len(started) == 1
     assert started[0]["config"]["admin"]["token"] == "***"
-    assert started[0]["config"]["derived"] == {"upstream_pool_size": 10,
-                                               "upstream_keepalive_size": 10}
+    assert started[0]["config"]["derived"] == {"upstream_pool_size": 5,
+                                               "upstream_keepalive_size": 5}
 
 
 SIMULATED = """

@@ -442,16 +442,89 @@ def test_config_is_frozen():
 
 @pytest.mark.parametrize(("concurrent", "models", "pool"), [(1, 1, 1), (50, 3, 150),
                                                             (100, 10, 1000)])
-def test_pool_and_keepalive_are_concurrency_times_models(concurrent, models, pool):
-    config = load({"gateway": {"max_concurrent": concurrent, "max_models_concurrent": models}})
+def test_pool_and_keepalive_are_every_server_at_full_concurrency(concurrent, models, pool):
+    config = load({"gateway": {"max_concurrent": concurrent, "max_models_concurrent": models},
+                   "models": [sim_model(f"m{i}") for i in range(models)]})
     assert config.upstream_pool_size == config.upstream_keepalive_size == pool
     assert effective(config)["derived"] == {"upstream_pool_size": pool,
                                             "upstream_keepalive_size": pool}
 
 
 def test_pool_follows_variable_overrides():
-    config = load(env={"GATEWAY_MAX_CONCURRENT": "7", "GATEWAY_MAX_MODELS_CONCURRENT": "4"})
+    config = load({"models": [sim_model(f"m{i}") for i in range(5)]},
+                  env={"GATEWAY_MAX_CONCURRENT": "7", "GATEWAY_MAX_MODELS_CONCURRENT": "4"})
     assert config.upstream_pool_size == config.upstream_keepalive_size == 28
+
+
+@pytest.mark.parametrize(("gateway", "models", "pool"), [
+    # A model's own max_concurrent counts, not the gateway's default (issue 16: 500 slots).
+    ({}, [sim_model("big", max_concurrent=500)], 500),
+    # Each replica has the model's slots.
+    ({}, [sim_model("r", max_concurrent=20, max_replicas=3)], 60),
+    # At most max_models_concurrent servers at once: the largest of them.
+    ({"max_models_concurrent": 2},
+     [sim_model("a", max_concurrent=5), sim_model("b", max_concurrent=30, max_replicas=2),
+      sim_model("c", max_concurrent=10)], 60),
+    # Fewer servers than the budget: only theirs.
+    ({"max_models_concurrent": 10}, [sim_model("a", max_concurrent=5)], 5),
+    # max_concurrent_total bounds them all.
+    ({"max_concurrent_total": 70}, [sim_model("big", max_concurrent=500)], 70),
+])
+def test_pool_is_what_can_be_in_flight_at_once(gateway, models, pool):
+    config = load({"gateway": gateway, "models": models})
+    assert config.upstream_pool_size == config.upstream_keepalive_size == pool
+
+
+def test_replica_keys_default_to_one_server_and_gpu_alternatives_are_placements():
+    plain = load().models[0]
+    assert (plain.max_replicas, plain.min_replicas, plain.scale_up_after,
+            plain.affinity_slack, plain.placements) == (1, 0, 2.0, 1.5, ((None, ()),))
+    model = load({"models": [sim_model("m", gpus=[[0], [1, 2]], max_replicas=2)]}).models[0]
+    assert model.gpus == (0,)
+    assert model.placements == ((None, (0,)), (None, (1, 2)))
+    engines = {"a": {"url": "unix:///a.sock"}, "b": {"url": "unix:///b.sock"}}
+    container = load({"engines": engines, "models": [
+        {"name": "c", "launcher": "container", "image": "i", "engines": ["a", "b"],
+         "gpus": [[0], [1]], "max_replicas": 3}]}).models[0]
+    assert container.engine == "a"
+    assert container.placements == (("a", (0,)), ("a", (1,)), ("b", (0,)), ("b", (1,)))
+
+
+@pytest.mark.parametrize(("doc", "key", "value", "allowed"), [
+    ({"models": [sim_model("m", max_replicas=2, min_replicas=3)]},
+     'models["m"].min_replicas', "3", "at most max_replicas (2)"),
+    ({"models": [sim_model("m", max_replicas=4)]}, 'models["m"].max_replicas', "4",
+     "at most gateway.max_models_concurrent (3)"),
+    ({"models": [{**STATIC, "max_replicas": 2}]}, 'models["remote"].max_replicas', "2",
+     "1 for a static model"),
+    ({"models": [sim_model("a", max_replicas=2, min_replicas=2),
+                 sim_model("b", max_replicas=2, min_replicas=2)]},
+     'models["b"].min_replicas', "2", "fit in gateway.max_models_concurrent (3)"),
+    # Two always-on replicas of 600 MiB on one 1000 MiB GPU cannot both run...
+    ({"gateway": {"gpu_memory_mb": 1000},
+      "models": [sim_model("m", gpus=[0], vram_mb=600, max_replicas=2, min_replicas=2)]},
+     'models["m"].min_replicas', "2", "fits in gateway.gpu_memory_mb (1000) on GPU 0"),
+    ({"models": [sim_model("m", gpus=[[0], []])]}, 'models["m"].gpus[1]', "[]",
+     "a non-empty list"),
+    ({"models": [sim_model("m", gpus=[[0], [64]])]}, 'models["m"].gpus', "[[0], [64]]",
+     "GPU indexes from 0 to 63"),
+    ({"models": [sim_model("m", engines=["a"])]}, 'models["m"].engines', "['a']",
+     "only a container model"),
+    ({"models": [sim_model("m", placements=[])]}, 'models["m"].placements', "[]",
+     "unknown key"),
+])
+def test_bad_replica_settings_are_refused(doc, key, value, allowed):
+    with pytest.raises(ConfigError) as err:
+        load(doc)
+    assert str(err.value).startswith(f"{key} = {value} (from {FILE}): ")
+    assert allowed in str(err.value)
+
+
+def test_always_on_replicas_on_gpu_alternatives_fit_one_per_gpu():
+    """... but on two GPUs they do: one each."""
+    config = load({"gateway": {"gpu_memory_mb": 1000}, "models": [
+        sim_model("m", gpus=[[0], [1]], vram_mb=600, max_replicas=2, min_replicas=2)]})
+    assert config.models[0].min_replicas == 2
 
 
 def test_effective_masks_secrets_and_keeps_the_rest():
@@ -494,7 +567,7 @@ def test_shipped_config_loads():
     assert [m.name for m in config.models] == ["sim-small", "sim-large"]
     assert config.by_name["small"].name == "sim-small"
     assert config.source == f"file {ROOT / 'config.toml'}"
-    assert config.upstream_pool_size == 150
+    assert config.upstream_pool_size == 100  # two models of 50
 
 
 def write(tmp_path: Path, text: str, name: str = "gw.toml") -> Path:

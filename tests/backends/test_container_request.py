@@ -11,6 +11,7 @@ from aiodocker.containers import DockerContainer
 
 from backends.container import ContainerEngines, Engine, container_name, create_request
 from backends.launcher import LaunchError
+from backends.pool import BackendPool
 from proxy.config import config_from_mapping
 from tests.support import make_config
 
@@ -104,7 +105,6 @@ def test_the_default_instance_is_the_hosts_and_the_configs() -> None:
     assert ContainerEngines(configured).instance == "gw1"
 
 
-
 class _Listing:
     """Stands in for an engine's listing of containers: only ``a``, and while it lists, the
     gateway starts to watch ``c``."""
@@ -129,3 +129,25 @@ async def test_a_container_watched_while_the_engine_lists_is_not_declared_dead(
     await engine.reconcile()
     assert not running.is_set() and gone.is_set()
     assert listing.meanwhile is not None and not listing.meanwhile.is_set()
+
+
+def test_replicas_take_the_engines_and_gpu_alternatives_in_turn() -> None:
+    engines = {"a": {"url": "unix:///a.sock"}, "b": {"url": "unix:///b.sock"}}
+    table = {"name": "m", "launcher": "container", "image": "img", "engines": ["a", "b"],
+             "gpus": [[0], [1]], "max_replicas": 3}
+    config = make_config([table], engines=engines, gateway={"instance": "gw"})
+    containers = ContainerEngines(config)
+    pool = BackendPool(config, launchers=containers.launcher)
+    placed = [(r.replica, r.settings.engine, r.settings.gpus) for r in pool.replicas["m"]]
+    assert placed == [(0, "a", (0,)), (1, "a", (1,)), (2, "b", (0,))]
+    launchers = [r.launcher for r in pool.replicas["m"]]
+    assert [launcher.engine.settings.name for launcher in launchers] == ["a", "a", "b"]
+    # A replica after the first has a container, and a label, of its own.
+    second = pool.replicas["m"][1].settings
+    assert container_name("gw", "m", second.replica) == "vllm-gateway-gw-m-r1"
+    request = create_request(second, kind="podman", version=(5, 4, 0), instance="gw",
+                             publish_ip="127.0.0.1")
+    assert request["Labels"] == {"vllm-gateway.instance": "gw", "vllm-gateway.model": "m",
+                                 "vllm-gateway.replica": "1"}
+    assert request["HostConfig"]["DeviceRequests"] == [
+        {"Driver": "cdi", "DeviceIDs": ["nvidia.com/gpu=1"]}]

@@ -364,7 +364,8 @@ class FakeGpus:
     """GPU memory as NVML reads it: each device's total, and what the fake servers hold."""
 
     totals: dict[int, int]
-    held: dict[str, dict[int, int]] = field(default_factory=dict)
+    # What each server (a model's replica) holds on each device.
+    held: dict[tuple[str, int], dict[int, int]] = field(default_factory=dict)
     measures: bool = True
 
     def total_mb(self, index: int) -> int | None:
@@ -394,7 +395,8 @@ class FakeLauncher:
         self.starts += 1
         await anyio.sleep(self.delay)
         if self.gpus is not None:
-            self.gpus.held[self.model.name] = dict.fromkeys(self.model.gpus, self.takes_mb)
+            self.gpus.held[self.model.name, self.model.replica] = dict.fromkeys(self.model.gpus,
+                                                                              self.takes_mb)
         self.address = self.url
         return self.url
 
@@ -407,7 +409,7 @@ class FakeLauncher:
 
     async def stop(self) -> None:
         if self.gpus is not None:
-            self.gpus.held.pop(self.model.name, None)
+            self.gpus.held.pop((self.model.name, self.model.replica), None)
         self.address = None
 
     def has_running(self) -> bool:

@@ -245,3 +245,24 @@ def test_screenshots_with_one_model_ready_and_one_stopped(browser: Any, gateway:
         screenshot(browser, artifacts / "dashboard-390x844.png", 390, 844)
     finally:
         browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def test_a_model_with_replicas_shows_each_one(browser: Any, tmp_path: Path) -> None:
+    config = CONFIG + """
+[[models]]
+name = "replicated"
+launcher = "process"
+command = """ + SIM + """
+startup_timeout = 20.0
+max_replicas = 2
+min_replicas = 2
+"""
+    with gateway_process(config, tmp_path) as (url, _):
+        open_page(browser, url)
+        signed_in(browser)
+        wait_for(browser, lambda: "2/2 replicas ready" in state_of(browser, "replicated"),
+                 within=30)
+        badges = [b.text for b in all_css(browser, 'tr[data-model="replicated"] td.state .badge')]
+        assert badges == ["ready", "#0", "#1"]
+        address = by_css(browser, 'tr[data-model="replicated"] td.address').text
+        assert address.startswith("#0 http://127.0.0.1:") and ", #1 http://127.0.0.1:" in address

@@ -17,6 +17,7 @@ import anyio
 import httpx2
 import pytest
 
+from proxy.config import Config
 from tests.support import (
     chat,
     make_config,
@@ -225,7 +226,11 @@ async def test_retry_budget_bounds_attempts_against_a_dead_backend() -> None:
             assert gateway.metrics.retries.labels("m")._value.get() <= 10
 
 
-async def test_pool_exhaustion_is_503_at_once_without_retry() -> None:
+async def test_pool_exhaustion_is_503_at_once_without_retry(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The pool is sized to what the slots let be in flight; one connection for four slots is
+    # the mis-sizing this answer guards against.
+    monkeypatch.setattr(Config, "upstream_pool_size", property(lambda self: 1))
     config = make_config(
         [sim_model("m", "--tokens-per-second", "10", max_concurrent=4)],
         gateway={"max_concurrent": 1, "max_models_concurrent": 1},

@@ -97,3 +97,26 @@ async def test_a_full_pool_is_kept_alive_for_the_next_round() -> None:
         await held_round()
         await held_round()
     assert statuses == [200] * 2 * full
+
+
+async def test_a_model_with_its_own_max_concurrent_gets_a_connection_for_each_slot() -> None:
+    """A model's ``max_concurrent = 200`` above the gateway's 50 x 3 models: its 151st request
+    and every one after it reach the backend (issue 16: they were 503 upstream_pool_exhausted)."""
+    backend = HeldBackend()
+    async with serving_app(backend) as backend_url:
+        config = make_config([static_model("big", backend_url, max_concurrent=200)],
+                             gateway={"max_concurrent": 50, "max_models_concurrent": 3})
+        async with serving(config) as (url, _), httpx2.AsyncClient(
+                timeout=30, limits=httpx2.Limits(max_connections=250)) as client:
+            statuses: list[int] = []
+
+            async def one() -> None:
+                response = await client.post(url + "/v1/chat/completions", json=chat("big"))
+                statuses.append(response.status_code)
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(200):
+                    tg.start_soon(one)
+                await eventually(lambda: backend.received == 200, within=30)
+                backend.release.set()
+    assert statuses == [200] * 200

@@ -8,7 +8,9 @@ runs must equal what the model says; at the end, with every request cancelled, a
 
 The model follows the layers' rules: a request takes its model's semaphore, then the shared one
 (``max_concurrent_total``), both FIFO; it is queued until it holds both; a freed slot goes to the
-first in line.
+first in line. Model ``a`` has replicas: its slots are ``max_concurrent`` per ready replica (at
+least one's), and replicas come and go among the steps (``serve``: the pool's word); those in
+flight when its slots shrink finish, and the line moves once there is room below the new size.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from tests.support import make_config, sim_model
 from .asgi import Client, admitted_scope, settle
 
 MODELS = ("a", "b")
+REPLICATED = "a"
 WAITS_FOR_MODEL, WAITS_FOR_SHARED, RUNS = "waits for its model", "waits for shared", "runs"
 
 
@@ -47,6 +50,21 @@ class Truth:
         self.stage: dict[int, str] = {}
         self.model_line: dict[str, list[int]] = {m: [] for m in limits}
         self.shared_line: list[int] = []
+        self.ready_replicas = 0
+
+    def capacity(self, model: str) -> int:
+        if model != REPLICATED:
+            return self.concurrent[model]
+        return self.concurrent[model] * max(1, self.ready_replicas)
+
+    def serve(self, replicas: int) -> None:
+        self.ready_replicas = replicas
+        self._fill(REPLICATED)
+
+    def _fill(self, model: str) -> None:
+        line = self.model_line[model]
+        while line and self.count(model, WAITS_FOR_SHARED, RUNS) < self.capacity(model):
+            self._has_model_slot(line.pop(0))
 
     def count(self, model: str, *stages: str) -> int:
         return sum(1 for n, s in self.stage.items() if self.model_of[n] == model and s in stages)
@@ -62,7 +80,8 @@ class Truth:
         if self.depth(model) >= self.queue_size[model]:
             return False
         self.model_of[number] = model
-        if self.count(model, WAITS_FOR_SHARED, RUNS) < self.concurrent[model]:
+        if (not self.model_line[model]
+                and self.count(model, WAITS_FOR_SHARED, RUNS) < self.capacity(model)):
             self._has_model_slot(number)
         else:
             self.stage[number] = WAITS_FOR_MODEL
@@ -86,8 +105,7 @@ class Truth:
             self.shared_line.remove(number)
         elif self.shared_line:
             self.stage[self.shared_line.pop(0)] = RUNS
-        if line:
-            self._has_model_slot(line.pop(0))
+        self._fill(self.model_of[number])
 
 
 @dataclass
@@ -104,7 +122,8 @@ class Request:
 async def scenario(limits: dict[str, tuple[int, int]], total: int | None,
                    steps: list[tuple[str, int]]) -> None:
     cfg = make_config(
-        [sim_model(m, max_concurrent=c, max_queue_size=q) for m, (c, q) in limits.items()],
+        [sim_model(m, max_concurrent=c, max_queue_size=q, max_replicas=2 if m == REPLICATED else 1)
+         for m, (c, q) in limits.items()],
         gateway={"queue_timeout": 600.0, "max_concurrent_total": total})
     requests: list[Request] = []
 
@@ -167,6 +186,10 @@ async def scenario(limits: dict[str, tuple[int, int]], total: int | None,
                 await settle()
                 runs = truth.stage.get(request.number) == RUNS
                 assert request.client.status == (429 if not admitted else 200 if runs else None)
+            elif kind == "serve":
+                truth.serve(pick % 3)
+                semaphores.serving(REPLICATED, pick % 3)
+                await settle()
             else:
                 action, _, when = kind.partition(" while ")
                 targets = sorted(n for n, stage in truth.stage.items()
@@ -198,7 +221,8 @@ per_model = st.tuples(st.integers(1, 2), st.integers(1, 3))
 # line twice, each way out of a running request once.
 KINDS = ["arrive", "disconnect while queued", "complete while running", "arrive",
          "cancel while queued", "fail while running", "arrive", "disconnect while queued",
-         "disconnect while running", "arrive", "cancel while queued", "cancel while running"]
+         "disconnect while running", "arrive", "cancel while queued", "cancel while running",
+         "serve", "serve"]
 step = st.tuples(st.sampled_from(KINDS), st.integers(0, 15))
 
 

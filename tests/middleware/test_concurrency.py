@@ -261,15 +261,53 @@ async def cancel_a_waiter_while_its_slot_frees(cfg: Config, steps: int) -> None:
     assert (queue.depth("a"), semaphores.in_flight("a")) == (0, 0)
 
 
+@pytest.mark.parametrize("replicas", [1, 2])
 @pytest.mark.parametrize("total", [None, 1])
 async def test_a_waiter_cancelled_at_any_point_releases_exactly_what_it_took(
-        total: int | None) -> None:
+        total: int | None, replicas: int) -> None:
     """Cancel a waiter after each number of scheduling steps while its slot is being freed, so
-    the cancellation lands before, during and after the handover; nothing may leak or double."""
-    cfg = make_config([sim_model("a", max_concurrent=1, max_queue_size=5)],
+    the cancellation lands before, during and after the handover; nothing may leak or double.
+    With replicas (one ready: the model's slots are one replica's), the same."""
+    cfg = make_config([sim_model("a", max_concurrent=1, max_queue_size=5,
+                                 max_replicas=replicas)],
                       gateway={"queue_timeout": 5.0, "max_concurrent_total": total})
     for steps in range(25):
         await cancel_a_waiter_while_its_slot_frees(cfg, steps)
+
+
+async def test_a_model_with_replicas_has_the_slots_of_each_ready_replica() -> None:
+    cfg = make_config([sim_model("a", max_concurrent=2, max_replicas=3)],
+                      gateway={"max_models_concurrent": 3})
+    inner = Held()
+    limit = inner.limit(cfg)
+    async with anyio.create_task_group() as tg:
+        # None ready yet: one replica's slots, so that requests may start the first.
+        for n in range(6):
+            await start(tg, limit, inner.request(cfg, "a", n))
+        assert inner.order == [0, 1]
+        assert limit.oldest_wait("a") is not None
+        # A second replica ready: two more, in the order they came.
+        limit.serving("a", 2)
+        await settle()
+        assert sorted(inner.order) == [0, 1, 2, 3]
+        limit.serving("a", 3)
+        await settle()
+        # (Two handed out at once run in the order the event loop wakes them.)
+        assert sorted(inner.order) == [0, 1, 2, 3, 4, 5]
+        assert limit.oldest_wait("a") is None
+        # Down to one replica: those in flight finish, a new one waits for room below two.
+        limit.serving("a", 1)
+        for n in range(4):
+            inner.finish[n].set()
+        await start(tg, limit, inner.request(cfg, "a", 6))
+        await settle()
+        assert 6 not in inner.order
+        inner.finish[4].set()
+        await settle()
+        assert inner.order[-1] == 6
+        for n in (5, 6):
+            inner.finish[n].set()
+    assert limit.in_flight("a") == 0
 
 
 async def test_max_concurrent_total_bounds_all_models_together() -> None:
