@@ -63,7 +63,7 @@ import structlog
 from anyio.abc import TaskGroup
 
 from proxy.config import Config, ModelSettings, placement
-from proxy.errors import GatewayError, unavailable
+from proxy.errors import GatewayError, not_found, unavailable
 
 from . import sleep as sleep_mode
 from .gpu import ConfiguredMemory, GpuMemory
@@ -333,15 +333,19 @@ class BackendPool:
             self.on_change()
 
     @asynccontextmanager
-    async def lease(self, name: str, *, session: str | None = None,
-                    avoid: int | None = None) -> AsyncIterator[Backend]:
+    async def lease(self, name: str, *, session: str | None = None, avoid: int | None = None,
+                    pin: tuple[int, int] | None = None) -> AsyncIterator[Backend]:
         """A ready backend of the model, kept from stopping until the block exits: of its
         replicas, the session's (bounded by ``affinity_slack``), else the least loaded, and
-        not replica ``avoid`` (whose connect failed) while another is ready."""
+        not replica ``avoid`` (whose connect failed) while another is ready. With ``pin``
+        (replica, run): that run of that replica only, woken if it sleeps, never started."""
         first = self.backends[name]
         first.waiting += 1
         try:
-            backend = await self._until_ready(first, session, avoid)
+            if pin is None:
+                backend = await self._until_ready(first, session, avoid)
+            else:
+                backend = await self._until_pinned(first.replicas[pin[0]], pin[1])
         finally:
             first.waiting -= 1
         backend.leases += 1
@@ -384,6 +388,28 @@ class BackendPool:
             else:
                 assert self._changed is not None
                 await self._changed.wait()
+
+    async def _until_pinned(self, backend: Backend, run: int) -> Backend:
+        """The server that made a stored response, as long as it runs: another run of it has
+        none of that one's responses, so it is not started for one."""
+        while backend.starts == run:
+            if backend.state is ModelState.READY and backend.yields_to is None:
+                return backend
+            if backend.state is ModelState.ASLEEP:  # asleep, it keeps what it holds in memory
+                self._begin_wake(backend)
+            start = backend.start
+            if backend.state is ModelState.WAKING and start is not None:
+                await start.done.wait()
+                if start.error is not None:
+                    raise start.error.fresh()
+            elif backend.state is ModelState.READY:  # it yields its turn to another start
+                assert self._changed is not None
+                await self._changed.wait()
+            else:
+                break
+        raise not_found(f"The server of model '{backend.name}' that made this response has "
+                        "stopped since, and the response with it.", code="response_not_found",
+                        param="response_id")
 
     def _refusal(self, backend: Backend) -> GatewayError:
         what = "failed to start" if backend.failure_code == START_FAILED else "is unavailable"

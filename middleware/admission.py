@@ -370,7 +370,7 @@ class Admission:
         stored = stored_response(scope["path"])
         if stored is not None:
             body.complete = True  # there is none to read
-            state["model"] = self.response_ids.model_of(stored[0])
+            state["model"], state["pin"] = self.response_ids.made(stored[0])
             state["body_bytes"] = b""
             return b""
         content_type = header(scope, b"content-type") or b""

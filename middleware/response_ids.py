@@ -1,12 +1,14 @@
 """Stored responses: ``GET /v1/responses/{id}`` and ``POST /v1/responses/{id}/cancel`` go to the
-model that created the response.
+server that created the response.
 
 A response lives in the memory of the vLLM server that made it, and those requests name no
-model, so the gateway remembers which model answered each response id it relayed: from the
-JSON answer of ``POST /v1/responses``, or from the first event of its stream
-(``response.created``). It keeps the last ``gateway.max_response_ids`` of them (least recently
-used out first); an id it does not know is 404. Only a successful answer is read, and only so
-much of it (``PEEK_BYTES``): the id comes first.
+model, so the gateway remembers which model answered each response id it relayed, and which of
+its servers (a replica, and which run of it): from the JSON answer of ``POST /v1/responses``, or
+from the first event of its stream (``response.created``). The requests for the response go to
+that server; if it has stopped since, the response is gone with it (404, and no server is
+started for it). It keeps the last ``gateway.max_response_ids`` ids (least recently used out
+first); an id it does not know is 404. Only a successful answer is read, and only so much of it
+(``PEEK_BYTES``): the id comes first.
 """
 
 from __future__ import annotations
@@ -37,30 +39,36 @@ def stored_response(path: str) -> tuple[str, str] | None:
     return rest, "POST" if cancel else "GET"
 
 
+# The server that made a response: its replica and the run of it (``Backend.starts``).
+Server = tuple[int, int]
+
+
 class ResponseIds:
-    """Which model answered each of the last ``size`` response ids."""
+    """Which model, and which server of it, answered each of the last ``size`` response ids."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._models: OrderedDict[str, ModelSettings] = OrderedDict()
+        self._made: OrderedDict[str, tuple[ModelSettings, Server | None]] = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._models)
+        return len(self._made)
 
-    def remember(self, response_id: str, model: ModelSettings) -> None:
-        self._models[response_id] = model
-        self._models.move_to_end(response_id)
-        if len(self._models) > self.size:
-            self._models.popitem(last=False)
+    def remember(self, response_id: str, model: ModelSettings,
+                 server: Server | None = None) -> None:
+        self._made[response_id] = model, server
+        self._made.move_to_end(response_id)
+        if len(self._made) > self.size:
+            self._made.popitem(last=False)
 
-    def model_of(self, response_id: str) -> ModelSettings:
-        model = self._models.get(response_id)
-        if model is None:
+    def made(self, response_id: str) -> tuple[ModelSettings, Server | None]:
+        """The model that made the response, and its server where known; 404 if unknown."""
+        made = self._made.get(response_id)
+        if made is None:
             raise not_found(f"No response with id '{response_id}' was made through this "
                             "gateway (or it is no longer remembered).",
                             code="response_not_found", param="response_id")
-        self._models.move_to_end(response_id)
-        return model
+        self._made.move_to_end(response_id)
+        return made
 
 
 def _id_of(payload: bytes) -> str | None:
@@ -82,10 +90,11 @@ def _event_data(event: bytes) -> bytes:
 class _IdReader:
     """Reads one answer for its response id, as it goes by."""
 
-    __slots__ = ("chunks", "size", "sse")
+    __slots__ = ("chunks", "length", "size", "sse")
 
-    def __init__(self, sse: bool) -> None:
+    def __init__(self, sse: bool, length: int | None) -> None:
         self.sse = sse
+        self.length = length  # the answer's content-length, where it has one
         self.chunks: list[bytes] = []
         self.size = 0
 
@@ -93,6 +102,9 @@ class _IdReader:
         """Whether reading is over, and the id if it was found."""
         self.chunks.append(body)
         self.size += len(body)
+        # Whole with its last byte, not with the empty message that may follow it: the client
+        # may ask for the response before that message is relayed.
+        ended = ended or (self.length is not None and self.size >= self.length)
         if not (ended or self.sse):
             return self.size > PEEK_BYTES, None
         seen = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
@@ -126,17 +138,23 @@ class RememberResponseIds:
             nonlocal reader
             if message["type"] == "http.response.start":
                 if message["status"] == 200:
-                    reader = _IdReader(any(
-                        key.lower() == b"content-type" and value.startswith(SSE)
-                        for key, value in message.get("headers", ())))
+                    sse, length = False, None
+                    for key, value in message.get("headers", ()):
+                        name = key.lower()
+                        if name == b"content-type":
+                            sse = value.startswith(SSE)
+                        elif name == b"content-length" and value.isdigit():
+                            length = int(value)
+                    reader = _IdReader(sse, length)
             elif reader is not None:
                 done, response_id = reader.feed(message.get("body", b""),
                                                 not message.get("more_body", False))
                 if done:
                     reader = None
-                    model = request_state(scope).get("model")
+                    state = request_state(scope)
+                    model = state.get("model")
                     if response_id is not None and model is not None:
-                        self.ids.remember(response_id, model)
+                        self.ids.remember(response_id, model, state.get("server"))
             await send(message)
 
         await self.app(scope, receive, remembering)

@@ -88,12 +88,14 @@ class StreamingPassthrough:
     async def _forward(self, scope: Scope, send: Send, sends: SendWatch) -> None:
         state = request_state(scope)
         model = state["model"]
-        if model.max_replicas == 1:
+        pin = state.get("pin")
+        if model.max_replicas == 1 and pin is None:
             lease = self.pool.lease(model.name)
         else:
             lease = self.pool.lease(model.name, session=state.get("session"),
-                                    avoid=state.get("failed_replica"))
+                                    avoid=state.get("failed_replica"), pin=pin)
         async with lease as backend:
+            state["server"] = (backend.replica, backend.starts)  # for a stored response
             if model.max_replicas > 1:
                 state["replica"] = backend.replica
             try:

@@ -31,12 +31,12 @@ def test_the_least_recently_used_id_is_forgotten_past_the_size() -> None:
     ids = ResponseIds(2)
     ids.remember("r1", A)
     ids.remember("r2", B)
-    assert ids.model_of("r1") is A  # r1 used: r2 is now the oldest
-    ids.remember("r3", A)
+    assert ids.made("r1") == (A, None)  # r1 used: r2 is now the oldest
+    ids.remember("r3", A, (1, 4))
     assert len(ids) == 2
-    assert ids.model_of("r1") is A and ids.model_of("r3") is A
+    assert ids.made("r1") == (A, None) and ids.made("r3") == (A, (1, 4))
     with pytest.raises(GatewayError) as caught:
-        ids.model_of("r2")
+        ids.made("r2")
     assert (caught.value.status, caught.value.code) == (404, "response_not_found")
 
 
@@ -63,7 +63,7 @@ async def remembered(*bodies: bytes, **answer: object) -> ResponseIds:
 async def test_the_id_of_a_json_answer_in_pieces_is_remembered() -> None:
     answer = json.dumps({"id": "resp_9", "object": "response", "output": []}).encode()
     ids = await remembered(answer[:10], answer[10:], b"")
-    assert ids.model_of("resp_9") is B
+    assert ids.made("resp_9")[0] is B
 
 
 async def test_the_id_of_a_stream_is_read_off_its_first_event_across_chunks() -> None:
@@ -72,7 +72,7 @@ async def test_the_id_of_a_stream_is_read_off_its_first_event_across_chunks() ->
     first = f"event: response.created\ndata: {json.dumps(created)}\n".encode()
     ids = await remembered(first, b"\n", b'event: response.in_progress\ndata: {}\n\n',
                            content_type=b"text/event-stream; charset=utf-8")
-    assert ids.model_of("resp_7") is B
+    assert ids.made("resp_7")[0] is B
 
 
 async def test_the_id_of_a_stream_after_loading_feedback_is_read_off_its_first_event() -> None:
@@ -81,7 +81,7 @@ async def test_the_id_of_a_stream_after_loading_feedback_is_read_off_its_first_e
                            b": waiting for model 'b': starting, 4 s\n\n",
                            f"event: response.created\ndata: {json.dumps(created)}\n\n".encode(),
                            content_type=b"text/event-stream; charset=utf-8")
-    assert ids.model_of("resp_8") is B
+    assert ids.made("resp_8")[0] is B
 
 
 async def test_nothing_is_remembered_from_an_error_or_an_answer_too_long_to_read() -> None:
@@ -93,3 +93,26 @@ async def test_nothing_is_remembered_from_an_error_or_an_answer_too_long_to_read
     assert len(await remembered(padded[:half], padded[half:])) == 1
     assert len(await remembered(padded[:half], padded[half:PEEK_BYTES + 1],
                                 padded[PEEK_BYTES + 1:])) == 0
+
+
+async def test_an_answer_is_remembered_with_its_last_byte_before_the_empty_end() -> None:
+    """The client has the whole answer once its content-length is there; it may ask for the
+    response at once, before the empty message that ends the answer is relayed."""
+    ids = ResponseIds(10)
+    answer = json.dumps({"id": "resp_5", "object": "response"}).encode()
+    known_before_the_end = []
+
+    async def backend(scope: Scope, receive: Receive, send: Send) -> None:
+        request_state(scope)["model"] = B
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(answer)).encode())]})
+        await send({"type": "http.response.body", "body": answer, "more_body": True})
+        known_before_the_end.append(len(ids))
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    scope = http_scope(path="/v1/responses")
+    scope["state"] = {}
+    await call(RememberResponseIds(backend, ids=ids), scope)
+    assert known_before_the_end == [1]
+    assert ids.made("resp_5")[0] is B
