@@ -53,6 +53,7 @@ from __future__ import annotations
 import enum
 import functools
 import math
+import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -1035,6 +1036,9 @@ def route(replicas: list[Backend], session: str | None, avoid: int | None) -> Ba
     least = affine = None
     top = 0
     total = ready = 0
+    # Hashes of ints are the same in every process (a str's is salted per process): a session
+    # keeps its replica across a restart of the gateway, which adopts its containers.
+    key = zlib.crc32(session.encode()) if session is not None else 0
     for r in replicas:
         if r.state is not ModelState.READY or r.yields_to is not None or r.replica == avoid:
             continue
@@ -1043,7 +1047,7 @@ def route(replicas: list[Backend], session: str | None, avoid: int | None) -> Ba
         if least is None or r.leases < least.leases:
             least = r
         if session is not None:
-            score = hash((session, r.replica))
+            score = hash((key, r.replica))
             if affine is None or score > top:
                 affine, top = r, score
     if least is None:

@@ -7,8 +7,11 @@ placement on fake GPUs with the fake launchers of ``test_pool``.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from typing import Any
@@ -25,7 +28,7 @@ from tests.backends.test_pool import (
     running_pool,
 )
 from tests.backends.test_pool_sleep import sleepy_model
-from tests.support import eventually, make_config, simulator
+from tests.support import ROOT, eventually, make_config, simulator
 
 pytestmark = pytest.mark.anyio
 
@@ -289,3 +292,27 @@ async def test_a_scale_up_makes_room_by_stopping_an_idle_model_but_not_a_busy_on
         await eventually(lambda: states(pool, "a") == ["ready", "ready"])
         assert states(pool, "b") == ["stopped"]
         assert pool.backends["b"].evictions == 1
+
+
+ROUTE_IN_A_PROCESS = """
+import json, sys
+from types import SimpleNamespace
+from backends.pool import ModelState, route
+settings = SimpleNamespace(affinity_slack=1.5)
+replicas = [SimpleNamespace(state=ModelState.READY, yields_to=None, replica=i, leases=0,
+                            slots=4, settings=settings) for i in range(4)]
+print(json.dumps([route(replicas, f"user-{n}", None).replica for n in range(40)]))
+"""
+
+
+def test_a_session_keeps_its_replica_in_another_gateway_process() -> None:
+    """A restarted gateway (which adopts its containers) sends each session to the replica it
+    went to before, whose prefix cache holds it: the hash is not salted per process."""
+    chosen = []
+    for seed in ("1", "2"):
+        ran = subprocess.run([sys.executable, "-c", ROUTE_IN_A_PROCESS], cwd=ROOT, check=True,
+                             capture_output=True, text=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed})
+        chosen.append(json.loads(ran.stdout))
+    assert chosen[0] == chosen[1]
+    assert len(set(chosen[0])) == 4  # and the sessions spread over the replicas
