@@ -655,16 +655,23 @@ class BackendPool:
             self._turn_ends(backend)
 
     def _take_turn(self, backend: Backend) -> None:
-        """The busy models in the way of a start or a wake yield their turn to it."""
-        over_budget = sum(b.occupies_slot() for b in self.servers) >= self.max_models
+        """The busy models in the way of a start or a wake yield their turn to it: those on the
+        devices short of memory, and where the start needs a place in ``max_models_concurrent``,
+        one more (the one with the fewest requests, then the least recently used) unless one
+        yields already. The others serve on."""
+        serving = [b for b in self.servers
+                   if b.state is ModelState.READY and b.yields_to is None and b is not backend]
         short = self._short_devices(backend)
-        for other in self.servers:
-            in_the_way = over_budget or short & other.devices
-            if other.state is ModelState.READY and other.yields_to is None and in_the_way:
-                other.yields_to = backend
-                log.info("model yields its turn", model=other.name, to_model=backend.name,
-                         leases=other.leases)
-                self._notify()
+        in_the_way = [b for b in serving if short & b.devices]
+        yielding = in_the_way or any(b.yields_to is backend for b in self.servers)
+        over_budget = sum(b.occupies_slot() for b in self.servers) >= self.max_models
+        if over_budget and serving and not yielding:
+            in_the_way.append(min(serving, key=lambda b: (b.leases, b.last_used)))
+        for other in in_the_way:
+            other.yields_to = backend
+            log.info("model yields its turn", model=other.name, to_model=backend.name,
+                     leases=other.leases)
+            self._notify()
 
     def _turn_ends(self, backend: Backend) -> None:
         """The start or wake is placed or gave up: the models that yielded to it serve on."""

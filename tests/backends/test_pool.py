@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -638,3 +638,24 @@ async def test_a_model_with_requests_queued_in_the_gateway_is_not_evicted(
             assert states(pool) == {"a": "ready", "b": "starting"}
             queued["a"] = 0
             await eventually(lambda: states(pool) == {"a": "stopped", "b": "ready"})
+
+
+async def test_only_one_busy_model_yields_its_turn_to_a_start_over_the_budget(
+        health_url: str) -> None:
+    """Two models busy, room for two, a third waits: one place is needed, so only one of them
+    (the one with fewer requests) stops taking new ones; the other serves on."""
+    config = make_config([fake_model("a"), fake_model("b"), fake_model("c")],
+                         gateway={"max_models_concurrent": 2, "placement_timeout": 1.0})
+    async with running_pool(config, fakes(health_url)) as pool:
+        await pool.load("a")
+        await pool.load("b")
+        async with AsyncExitStack() as held, anyio.create_task_group() as tg:
+            for name in ("a", "a", "b"):
+                await held.enter_async_context(pool.lease(name))
+            tg.start_soon(pool.load, "c")
+            await eventually(lambda: pool.backends["b"].yields_to is not None)
+            assert pool.backends["a"].yields_to is None
+            with anyio.fail_after(1):
+                async with pool.lease("a"):  # a serves on
+                    pass
+            tg.cancel_scope.cancel()
