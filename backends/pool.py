@@ -808,6 +808,7 @@ class BackendPool:
         in); ``_sleep`` then makes the call."""
         backend.state = ModelState.ASLEEP
         backend.sleeping = anyio.Event()
+        backend.asleep_since = anyio.current_time()  # the newest asleep, for the sleep budget
         self._notify()
 
     async def _sleep(self, backend: Backend) -> None:
@@ -816,6 +817,7 @@ class BackendPool:
         assert self._health is not None and backend.sleeping is not None
         settings = backend.settings
         assert settings.sleep_level is not None
+        run = backend.scope  # the run put to sleep: a failure stops that one, never a later one
         others = sorted((b for b in self.servers
                          if b is not backend and b.state is ModelState.ASLEEP),
                         key=lambda b: b.asleep_since)
@@ -824,9 +826,7 @@ class BackendPool:
         problem = None
         try:
             address = backend.address
-            if self.max_asleep == 0:
-                problem = "max_models_asleep is 0"
-            elif address is None:  # it died meanwhile: its lifecycle ends it
+            if address is None:  # it died meanwhile: its lifecycle ends it
                 problem = "it stopped"
             else:
                 before = self._used(backend)
@@ -847,11 +847,12 @@ class BackendPool:
         finally:
             sleeping, backend.sleeping = backend.sleeping, None
             sleeping.set()
+        if backend.scope is not run:  # it ended meanwhile (and may run anew): nothing to do
+            return
         if problem is not None:
             await self._stop_and_wait(backend, f"could not sleep: {problem}")
             return
         backend.sleeps += 1
-        backend.asleep_since = anyio.current_time()
         log.info("model asleep", model=backend.name, level=settings.sleep_level,
                  asleep_vram_mb=backend.asleep_vram_mb)
         self._notify()
@@ -885,6 +886,9 @@ class BackendPool:
         try:
             if backend.sleeping is not None:
                 await backend.sleeping.wait()
+                if backend.state is not ModelState.WAKING:  # the sleep failed: it stops
+                    error = None  # and the requests start it cold
+                    return
             async with self._room(backend):
                 address = backend.address
                 if backend.state is not ModelState.WAKING or address is None:

@@ -687,6 +687,10 @@ def _build_models(raw: Any, engines: Mapping[str, EngineSettings], gateway: Gate
         model = _place(model, path, engines, alternatives, sources)
         _check_model(model, path, engines, sources)
         _check_replicas(model, path, gateway, sources)
+        if model.sleep_level is not None and gateway.max_models_asleep == 0:
+            _fail(f"{path}.sleep_level", model.sleep_level, sources, "absent while "
+                  "gateway.max_models_asleep is 0: no model may sleep, so it would be stopped "
+                  "instead every time")
         names = [(f"{path}.name", model.name)]
         names += [(f"{path}.aliases[{j}]", alias) for j, alias in enumerate(model.aliases)]
         for key, name in names:

@@ -247,6 +247,13 @@ def test_a_static_model_cannot_sleep():
                  'models["a"].sleep_level', "3", FILE, "must be an integer from 1 to 2")
 
 
+def test_a_model_cannot_sleep_where_no_model_may_be_asleep():
+    assert_names(refusal({"gateway": {"max_models_asleep": 0},
+                          "models": [sim_model("a", sleep_level=1)]}),
+                 'models["a"].sleep_level', "1", FILE,
+                 "must be absent while gateway.max_models_asleep is 0")
+
+
 ENGINES = {"docker": {"url": "unix:///run/docker.sock"}}
 
 

@@ -3,6 +3,8 @@ launcher, put to sleep instead of stopped, woken for their requests."""
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any
 
 import anyio
@@ -10,6 +12,7 @@ import httpx2
 import pytest
 import structlog
 
+from backends import sleep as sleep_mode
 from backends.pool import BackendPool, ModelState
 from tests.backends.checks import running
 from tests.backends.test_pool import launcher, pid_of, running_pool, states
@@ -196,3 +199,51 @@ async def test_a_server_found_asleep_at_its_start_is_woken_before_it_serves() ->
         assert recorded["calls"] == ["wake_up all"]
         assert recorded["held"] == 0
         assert pool.backends["a"].state is ModelState.READY
+
+
+async def test_a_sleep_that_fails_after_the_server_died_and_started_again_stops_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server dies in its sleep and a request starts it again before the sleep call fails:
+    the failure is the dead run's, and the new server serves on."""
+    config = make_config([sleepy_model("a")])
+    async with running_pool(config) as pool:
+        await ask(pool, "a")
+        first = pid_of(pool, "a")
+        backend = pool.backends["a"]
+
+        async def dying_in_its_sleep(*args: Any) -> None:
+            os.kill(first, signal.SIGKILL)
+            await eventually(lambda: backend.state is ModelState.STOPPED)
+            await ask(pool, "a")  # started again meanwhile
+            raise httpx2.ConnectError("the first server is gone")
+
+        monkeypatch.setattr(sleep_mode, "sleep", dying_in_its_sleep)
+        await pool.sleep("a")
+        await anyio.sleep(0.5)
+        assert backend.state is ModelState.READY
+        assert running(pid_of(pool, "a")) and pid_of(pool, "a") != first
+        assert backend.sleeps == 0
+
+
+async def test_a_wake_that_meets_a_failed_sleep_starts_the_model_cold(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request arrives while the sleep is under way, and the sleep then fails: the server is
+    stopped, and the request is served by a fresh one (not refused)."""
+    config = make_config([sleepy_model("a")])
+    async with running_pool(config) as pool:
+        await ask(pool, "a")
+        first = pid_of(pool, "a")
+        asleep = anyio.Event()
+
+        async def failing(*args: Any) -> None:
+            asleep.set()
+            await anyio.sleep(0.3)
+            raise httpx2.ReadTimeout("no answer to the sleep")
+
+        monkeypatch.setattr(sleep_mode, "sleep", failing)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.sleep, "a")
+            await asleep.wait()
+            await ask(pool, "a")
+        assert pid_of(pool, "a") != first
+        assert not running(first)
