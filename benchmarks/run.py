@@ -33,7 +33,8 @@ from .systems import ROOT, System
 
 # Also the order each scenario visits them in: LiteLLM last, since a proxy that does not cancel
 # its upstream streams when the client goes leaves the shared backend busy for a while.
-ALL_SYSTEMS = ("direct", "hypercorn-bare", "aiohttp-bare", "nginx", "gateway", "litellm")
+ALL_SYSTEMS = ("direct", "hypercorn-bare", "aiohttp-bare", "nginx", "gateway", *systems.SERVERS,
+               "litellm")
 
 
 @dataclass(frozen=True)
@@ -193,8 +194,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             elif name == "aiohttp-bare":
                 system = systems.hypercorn_bare(work, backends=(fast_port, paced_port))
             else:
+                server = "hypercorn" if name == "gateway" else name
                 system = systems.gateway({"fast": fast_port, "paced": paced_port}, work,
-                                         src=src)
+                                         src=src, name=name, server=server)
             running.append(system)
             check_system(system)
             log(f"  {name} ready in {system.startup_s:.1f} s, answers checked")

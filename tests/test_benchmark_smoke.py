@@ -1,6 +1,7 @@
 """The benchmark harness runs end to end (``benchmarks.run --quick``, direct and gateway) and
-writes a table and a JSON document with sane figures; nginx and LiteLLM, when installed, answer
-through the harness's configuration of them. Timings are not asserted: this is no benchmark."""
+writes a table and a JSON document with sane figures; nginx, LiteLLM and the gateway under
+uvicorn and granian, when installed, answer through the harness's configuration of them.
+Timings are not asserted: this is no benchmark."""
 
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ def test_quick_run_writes_table_and_json(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("name", ["nginx", "litellm", "aiohttp-bare"])
+@pytest.mark.parametrize("name", ["nginx", "litellm", "aiohttp-bare", *systems.SERVERS])
 def test_other_proxies_answer_through_the_harness(name: str, tmp_path: Path) -> None:
     why = systems.available(name)
     if why:
@@ -114,6 +115,10 @@ def test_other_proxies_answer_through_the_harness(name: str, tmp_path: Path) -> 
             system = systems.nginx(fast_port, paced_port, tmp_path)
         elif name == "aiohttp-bare":
             system = systems.hypercorn_bare(tmp_path, backends=(fast_port, paced_port))
+        elif name in systems.SERVERS:
+            src, _ = systems.snapshot(tmp_path)
+            system = systems.gateway({"fast": fast_port, "paced": paced_port}, tmp_path,
+                                     src=src, name=name, server=name)
         else:
             system = systems.litellm(fast_port, paced_port, tmp_path)
         check_system(system)
