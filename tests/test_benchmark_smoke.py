@@ -127,3 +127,27 @@ def test_other_proxies_answer_through_the_harness(name: str, tmp_path: Path) -> 
             system.stop()
         fast.stop()
         paced.stop()
+
+
+@pytest.mark.timeout(120)
+def test_burst_ttft_run_reports_direct_and_gateway(tmp_path: Path) -> None:
+    """(e), ``benchmarks.ttft``: every request of the burst answered in full through each
+    system, and the gateway's figures put next to direct's."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.ttft", "--systems", "direct,gateway", "--reps", "1",
+         "--streams", "8", "--requests", "16", "--max-tokens", "8", "--prompt-words", "50",
+         "--tokens-per-second", "200", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "ttft.json").read_text())
+    for row in doc["raw"]:
+        assert (row["completed"], row["errors"]) == (16, {}), row
+        assert 0 < row["ttft_ms"]["p50"] <= row["ttft_ms"]["p99"]
+        assert row["ttft_first_wave_ms"]["p99"] is not None
+        assert row["ttft_later_waves_ms"]["p99"] is not None
+        assert row["itl_ms"]["p50"] is not None and row["output_tokens_per_s"] > 0
+    gateway = next(r for r in doc["summary"] if r["system"] == "gateway")
+    assert gateway["added_ttft_ms_p99"] is not None and 0 < gateway["throughput_share"]
+    # The gateway's own account: one access line per request, with its time to first byte.
+    assert doc["gateway_view"]["gateway"]["ttfb_ms"]["p99"] is not None
+    assert "+TTFT p99" in proc.stdout
