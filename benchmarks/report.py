@@ -127,6 +127,8 @@ def relative(summary: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     out = {}
     for key, figures in (("(a) req/s at concurrency 32", a), ("(b) streams/s", b),
                          (f"(c) chunks/s at {most} streams", c)):
+        if not figures:
+            continue
         for name in GATEWAYS:
             gateway = figures.get(name)
             if name != "gateway" and gateway is None:

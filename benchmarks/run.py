@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--systems", default=",".join(ALL_SYSTEMS),
                    help="comma-separated subset of " + ",".join(ALL_SYSTEMS))
     p.add_argument("--reps", type=int, help="repetitions of (a) and (b)")
-    p.add_argument("--concurrencies", help="comma-separated concurrencies of (a)")
+    p.add_argument("--concurrencies", help="comma-separated concurrencies of (a); empty: no (a)")
     p.add_argument("--c-steps", help="comma-separated stream counts of (c); empty: no (c)")
     p.add_argument("--soak-seconds", type=float, help="length of the soak in (d)")
     p.add_argument("--skip-load-tests", action="store_true", help="leave out (d)")
@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     plan = QUICK if args.quick else FULL
     if args.reps:
         plan = dataclasses.replace(plan, a_reps=args.reps, b_reps=args.reps)
-    if args.concurrencies:
+    if args.concurrencies is not None:
         plan = dataclasses.replace(plan, concurrencies=_ints(args.concurrencies))
     if args.c_steps is not None:
         plan = dataclasses.replace(plan, c_steps=_ints(args.c_steps))

@@ -75,9 +75,11 @@ def gateway_view(log_file: Path) -> dict[str, dict[str, float | None]]:
     wait for a slot and the time from the request's arrival in the app to its first byte."""
     seen: dict[str, list[float]] = {"queue_wait_ms": [], "ttfb_ms": []}
     for line in log_file.read_text().splitlines():
-        if not line.startswith("{") or '"event": "request"' not in line:
+        if not line.startswith("{"):
             continue
         entry = json.loads(line)
+        if entry.get("event") != "request":
+            continue
         for key, values in seen.items():
             if entry.get(key) is not None:
                 values.append(entry[key])
