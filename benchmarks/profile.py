@@ -1,4 +1,5 @@
-"""Profile the gateway under load: ``python -m benchmarks.profile [--seconds 10] [--out DIR]``.
+"""Profile the gateway under load: ``python -m benchmarks.profile [--seconds 10] [--out DIR]``
+(``--server gateway-uvicorn`` or ``gateway-granian``: its app under that server instead).
 
 Starts the fast responder (core 1) and the gateway (core 0, from a snapshot of the tree, as
 ``benchmarks.run`` does), drives it with (a) wrk at concurrency 32 and then (b) 32-token
@@ -136,7 +137,8 @@ def spy(pid: int, seconds: float, out: Path, fmt: str) -> None:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     subprocess.run(pinned(LOAD_CORE, [py_spy, "record", "--pid", str(pid), "--duration",
                                       str(int(seconds)), "--rate", "200",
-                                      "--format", fmt, "--output", str(out)]),
+                                      "--subprocesses", "--format", fmt, "--output",
+                                      str(out)]),
                    check=True, capture_output=True, timeout=seconds + 60)
 
 
@@ -144,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--server", default="hypercorn", choices=["hypercorn", *systems.SERVERS],
+                        help="the server the gateway runs under (vllm-gateway serve: hypercorn)")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -153,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     gw = None
     report: dict[str, object] = {"gateway_source_sha256": source_hash}
     try:
-        gw = systems.gateway({"fast": port}, work, src=src)
+        gw = systems.gateway({"fast": port}, work, src=src, server=args.server)
         assert gw.proc is not None
         check_system(gw)
         for scenario in ("nonstream-c32", "streams-c32"):
