@@ -33,7 +33,8 @@ from .systems import ROOT
 PACKAGES = (
     ("aiohttp", "aiohttp/"), ("yarl", "yarl/"), ("multidict", "multidict/"),
     ("httpx2", "httpx2/"), ("httpcore2", "httpcore2/"), ("httpcore", "httpcore/"),
-    ("h11", "h11/"), ("hypercorn", "hypercorn/"), ("structlog", "structlog/"),
+    ("h11", "h11/"), ("hypercorn", "hypercorn/"), ("uvicorn", "uvicorn/"),
+    ("httptools", "httptools/"), ("granian", "granian/"), ("structlog", "structlog/"),
     ("prometheus_client", "prometheus_client/"), ("anyio", "anyio/"), ("sniffio", "sniffio/"),
     ("asyncio", "asyncio/"), ("json", "json/"), ("logging", "logging/"),
     ("gateway proxy/", "proxy/"), ("gateway middleware/", "middleware/"),
@@ -59,6 +60,10 @@ def _function(frame: str) -> str:
     return frame[:frame.rfind("(")].strip() + " (" + where.rsplit(":", 1)[0] + ")"
 
 
+# The ASGI server's frames, whichever runs the gateway.
+SERVER = ("hypercorn/", "h11/", "uvicorn/", "httptools/", "granian/")
+
+
 def _has(stack: str, *keys: str) -> bool:
     return any(k in stack for k in keys)
 
@@ -76,8 +81,8 @@ def bucket(frames: list[str]) -> str:
     if _has(s, "_relay"):
         if _has(s, "aiter_raw", "iter_any", "aiohttp/"):
             return "relay: upstream body read (aiohttp or httpx2 client, chunked decode)"
-        if _has(s, "hypercorn/"):
-            return "relay: downstream write (hypercorn + h11 server, socket write)"
+        if _has(s, *SERVER):
+            return "relay: downstream write (the server, socket write)"
         if _has(s, "progress.py"):
             return "relay: the response tracker's send wrapper (own code)"
         return "relay: other (header filter, loop)"
@@ -88,13 +93,13 @@ def bucket(frames: list[str]) -> str:
     if _has(s, "disconnect.py"):
         return "ClientWatch and the pool lease under it (watcher task, cancel scope, lease)"
     if _has(s, "Gateway.__call__"):
-        if _has(leaf, "hypercorn/"):
-            return "hypercorn + h11 server (send path outside the relay)"
+        if _has(leaf, *SERVER):
+            return "the server (send path outside the relay)"
         if _has(leaf, "middleware/", "proxy/"):
             return "gateway middleware/proxy own code"
         return "anyio/asyncio inside the middleware chain (semaphores, scopes, pool lease)"
-    if _has(s, "hypercorn/"):
-        return "hypercorn + h11 server (accept, parse request, keep-alive)"
+    if _has(s, *SERVER):
+        return "the server (accept, parse request, keep-alive)"
     if _has(s, "aiohttp/"):
         return "upstream client callbacks (aiohttp: bytes received, parsed, pooled)"
     return "event loop / other"
