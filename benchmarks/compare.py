@@ -21,7 +21,7 @@ from typing import Any
 
 from . import scenarios, systems
 from .procs import Proc
-from .run import _responder, check_system, log
+from .run import _responder, check_system, log, stop_all
 from .systems import PACKAGES, ROOT
 
 
@@ -70,10 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             b += scenarios.streams(running, concurrency=32, reps=1, warmup_s=0.5,
                                    seconds=args.seconds, log=log)
     finally:
-        for system in running:
-            system.stop()
-        for proc in procs:
-            proc.stop()
+        stop_all(running, procs)
         shutil.rmtree(work, ignore_errors=True)
     print(f"\nbest of {args.reps} interleaved repetitions, concurrency 32, proxies on one core")
     bare = running[0].name

@@ -138,6 +138,14 @@ def check_system(system: System) -> None:
             response.read()
 
 
+def stop_all(running: list[System], procs: list[Proc]) -> None:
+    """Stop the systems, then the backends they stand in front of."""
+    for system in running:
+        system.stop()
+    for proc in procs:
+        proc.stop()
+
+
 def start_system(name: str, fast_port: int, paced_port: int, work: Path, src: Path) -> System:
     """One of ``ALL_SYSTEMS`` in front of the two backends, started and answering."""
     if name == "direct":
@@ -237,10 +245,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         doc["load_tests"] = load_tests(plan, wanted, args, paced_port, backend_paced, work,
                                        src)
     finally:
-        for system in running:
-            system.stop()
-        for proc in procs:
-            proc.stop()
+        stop_all(running, procs)
         if args.keep_logs:
             shutil.copytree(work, out / "logs", dirs_exist_ok=True)
         shutil.rmtree(work, ignore_errors=True)

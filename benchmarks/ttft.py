@@ -25,7 +25,7 @@ from typing import Any
 from . import scenarios, systems
 from .loadgen import quantiles
 from .procs import Proc
-from .run import ALL_SYSTEMS, _responder, check_system, log, start_system
+from .run import ALL_SYSTEMS, _responder, check_system, log, start_system, stop_all
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -129,10 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         inside = {s.name: gateway_view(s.proc.log) for s in running
                   if s.proc is not None and s.name.startswith("gateway")}
     finally:
-        for system in running:
-            system.stop()
-        for proc in procs:
-            proc.stop()
+        stop_all(running, procs)
         shutil.rmtree(work, ignore_errors=True)
     summary = summarize(rows)
     out = Path(args.out)

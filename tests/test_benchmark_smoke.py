@@ -151,3 +151,18 @@ def test_burst_ttft_run_reports_direct_and_gateway(tmp_path: Path) -> None:
     # The gateway's own account: one access line per request, with its time to first byte.
     assert doc["gateway_view"]["gateway"]["ttfb_ms"]["p99"] is not None
     assert "+TTFT p99" in proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_compare_measures_a_revision_against_the_tree() -> None:
+    """``benchmarks.compare``: the bare passthrough and two gateways (HEAD's and the tree's)
+    each answer (a) and (b), and each gateway is put as a share of the bare passthrough."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compare", "--base", "HEAD", "--reps", "1",
+         "--seconds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.split("best of 1 interleaved repetitions")[1].splitlines()[1:]
+    assert [line.split()[0] for line in lines] == ["aiohttp-bare", "gateway@HEAD",
+                                                   "gateway@tree"]
+    for line in lines[1:]:
+        assert "x aiohttp-bare" in line, line
