@@ -70,11 +70,15 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def gateway_view(log_file: Path) -> dict[str, dict[str, float | None]]:
-    """The gateway's own account of the streams, from its access lines (all repetitions): the
-    wait for a slot and the time from the request's arrival in the app to its first byte."""
+def gateway_view(log_file: Path, since: int) -> dict[str, dict[str, float | None]]:
+    """The gateway's own account of the streams, from its access lines after byte ``since``
+    (all repetitions): the wait for a slot and the time from the request's arrival in the app
+    to its first byte."""
     seen: dict[str, list[float]] = {"queue_wait_ms": [], "ttfb_ms": []}
-    for line in log_file.read_text().splitlines():
+    with open(log_file, "rb") as f:
+        f.seek(since)
+        text = f.read().decode()
+    for line in text.splitlines():
         if not line.startswith("{"):
             continue
         entry = json.loads(line)
@@ -123,11 +127,13 @@ def main(argv: list[str] | None = None) -> int:
             running.append(system)
             check_system(system)
             log(f"{name} ready")
+        # The gateways' access lines of the load only, not of the checks before it.
+        logs = {s.name: (s.proc.log, s.proc.log.stat().st_size) for s in running
+                if s.proc is not None and s.name.startswith("gateway")}
         rows = scenarios.serve(running, streams=args.streams, requests=args.requests,
                                max_tokens=args.max_tokens, prompt_words=args.prompt_words,
                                reps=args.reps, log=log)
-        inside = {s.name: gateway_view(s.proc.log) for s in running
-                  if s.proc is not None and s.name.startswith("gateway")}
+        inside = {name: gateway_view(path, since) for name, (path, since) in logs.items()}
     finally:
         stop_all(running, procs)
         shutil.rmtree(work, ignore_errors=True)
