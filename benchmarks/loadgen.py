@@ -16,6 +16,8 @@ Modes (``spec["mode"]``):
   cover the window; per-event inter-arrival gaps and relay delays inside the window.
 * ``burst``: ``count`` requests spread evenly over ``spread`` seconds, each on a new connection
   (a burst of clients); the status of each, and whether 429s carry ``Retry-After``.
+* ``serve``: ``vllm bench serve``'s load at a fixed concurrency: random prompts, a fixed
+  number of output tokens, a burst at the start; TTFT, ITL and output tokens/s.
 * ``soak``: closed loop over several models (``per_model`` connections each) until
   ``window_end``, alternating streaming and plain requests; per-second counts and statuses.
 """
@@ -23,9 +25,12 @@ Modes (``spec["mode"]``):
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import os
+import random
+import statistics
 import sys
 import time
 from collections import Counter
@@ -489,7 +494,85 @@ async def run_soak(spec: dict[str, Any]) -> dict[str, Any]:
             "elapsed_s": mono() - began, "per_second": seconds}
 
 
-MODES = {"streams": run_streams, "paced": run_paced, "burst": run_burst, "soak": run_soak}
+def random_prompt(rng: random.Random, words: int) -> str:
+    """A prompt of ``words`` random lowercase words (vLLM's random dataset: random tokens)."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return " ".join("".join(rng.choices(letters, k=rng.randint(2, 8))) for _ in range(words))
+
+
+async def run_serve(spec: dict[str, Any]) -> dict[str, Any]:
+    """``vllm bench serve`` with an infinite request rate and ``--max-concurrency``: ``streams``
+    clients start together, each on a new keep-alive connection, and send the next request as
+    soon as theirs ended, until ``requests`` were sent. Random prompts of ``prompt_words``
+    words, ``max_tokens`` output tokens. TTFT runs from the request's send (from the connect,
+    for a client's first request) to its first token; ITL is the gap between tokens."""
+    n, total = spec["streams"], spec["requests"]
+    rng = random.Random(spec.get("seed", 0))
+    requests = [build_request(spec, {
+        "model": spec["model"], "max_tokens": spec["max_tokens"], "stream": True,
+        "messages": [{"role": "user", "content": random_prompt(rng, spec["prompt_words"])}]})
+        for _ in range(total)]
+    sent = 0
+    ttft: list[tuple[int, float]] = []  # (wave: the client's n-th request, seconds)
+    itl: list[float] = []
+    tokens = 0
+    errors: Counter[str] = Counter()
+    began = mono()
+
+    async def client() -> None:
+        nonlocal sent, tokens
+        conn: Connection | None = None
+        wave = 0
+        try:
+            while sent < total:
+                request = requests[sent]
+                sent += 1
+                at = mono()
+                try:
+                    if conn is None or conn.transport is None:
+                        conn = await connect(spec["host"], spec["port"])
+                    ex = await asyncio.wait_for(conn.exchange(request, keep_times=True),
+                                                spec.get("timeout", 60))
+                except (OSError, HTTPError, TimeoutError) as exc:
+                    errors[type(exc).__name__] += 1
+                    if conn is not None:
+                        conn.close()
+                    conn = None
+                    continue
+                times = ex.token_times or []
+                if not _stream_ok(ex) or not times:
+                    errors[f"status {ex.status}" if ex.status != 200 else "incomplete"] += 1
+                    continue
+                ttft.append((wave, times[0] - at))
+                itl.extend(b - a for a, b in itertools.pairwise(times))
+                tokens += len(times)
+                wave += 1
+        finally:
+            if conn is not None:
+                conn.close()
+
+    await asyncio.gather(*(client() for _ in range(n)))
+    elapsed = mono() - began
+    ms = 1000.0
+
+    def summary(values: list[float]) -> dict[str, float | None]:
+        qs = quantiles(values, (0.5, 0.99))
+        return {"mean": statistics.fmean(values) * ms if values else None,
+                **{k: v * ms if v is not None else None for k, v in qs.items()}}
+
+    return {
+        "mode": "serve", "streams": n, "requests": total, "completed": len(ttft),
+        "elapsed_s": elapsed, "output_tokens_per_s": tokens / elapsed,
+        "requests_per_s": len(ttft) / elapsed,
+        "ttft_ms": summary([t for _, t in ttft]),
+        "ttft_first_wave_ms": summary([t for w, t in ttft if w == 0]),
+        "ttft_later_waves_ms": summary([t for w, t in ttft if w > 0]),
+        "itl_ms": summary(itl), "errors": dict(errors),
+    }
+
+
+MODES = {"streams": run_streams, "paced": run_paced, "burst": run_burst, "soak": run_soak,
+         "serve": run_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

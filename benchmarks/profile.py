@@ -1,4 +1,5 @@
-"""Profile the gateway under load: ``python -m benchmarks.profile [--seconds 10] [--out DIR]``.
+"""Profile the gateway under load: ``python -m benchmarks.profile [--seconds 10] [--out DIR]``
+(``--server gateway-uvicorn`` or ``gateway-granian``: its app under that server instead).
 
 Starts the fast responder (core 1) and the gateway (core 0, from a snapshot of the tree, as
 ``benchmarks.run`` does), drives it with (a) wrk at concurrency 32 and then (b) 32-token
@@ -32,7 +33,8 @@ from .systems import ROOT
 PACKAGES = (
     ("aiohttp", "aiohttp/"), ("yarl", "yarl/"), ("multidict", "multidict/"),
     ("httpx2", "httpx2/"), ("httpcore2", "httpcore2/"), ("httpcore", "httpcore/"),
-    ("h11", "h11/"), ("hypercorn", "hypercorn/"), ("structlog", "structlog/"),
+    ("h11", "h11/"), ("hypercorn", "hypercorn/"), ("uvicorn", "uvicorn/"),
+    ("httptools", "httptools/"), ("granian", "granian/"), ("structlog", "structlog/"),
     ("prometheus_client", "prometheus_client/"), ("anyio", "anyio/"), ("sniffio", "sniffio/"),
     ("asyncio", "asyncio/"), ("json", "json/"), ("logging", "logging/"),
     ("gateway proxy/", "proxy/"), ("gateway middleware/", "middleware/"),
@@ -58,6 +60,10 @@ def _function(frame: str) -> str:
     return frame[:frame.rfind("(")].strip() + " (" + where.rsplit(":", 1)[0] + ")"
 
 
+# The ASGI server's frames, whichever runs the gateway.
+SERVER = ("hypercorn/", "h11/", "uvicorn/", "httptools/", "granian/")
+
+
 def _has(stack: str, *keys: str) -> bool:
     return any(k in stack for k in keys)
 
@@ -75,8 +81,8 @@ def bucket(frames: list[str]) -> str:
     if _has(s, "_relay"):
         if _has(s, "aiter_raw", "iter_any", "aiohttp/"):
             return "relay: upstream body read (aiohttp or httpx2 client, chunked decode)"
-        if _has(s, "hypercorn/"):
-            return "relay: downstream write (hypercorn + h11 server, socket write)"
+        if _has(s, *SERVER):
+            return "relay: downstream write (the server, socket write)"
         if _has(s, "progress.py"):
             return "relay: the response tracker's send wrapper (own code)"
         return "relay: other (header filter, loop)"
@@ -87,13 +93,13 @@ def bucket(frames: list[str]) -> str:
     if _has(s, "disconnect.py"):
         return "ClientWatch and the pool lease under it (watcher task, cancel scope, lease)"
     if _has(s, "Gateway.__call__"):
-        if _has(leaf, "hypercorn/"):
-            return "hypercorn + h11 server (send path outside the relay)"
+        if _has(leaf, *SERVER):
+            return "the server (send path outside the relay)"
         if _has(leaf, "middleware/", "proxy/"):
             return "gateway middleware/proxy own code"
         return "anyio/asyncio inside the middleware chain (semaphores, scopes, pool lease)"
-    if _has(s, "hypercorn/"):
-        return "hypercorn + h11 server (accept, parse request, keep-alive)"
+    if _has(s, *SERVER):
+        return "the server (accept, parse request, keep-alive)"
     if _has(s, "aiohttp/"):
         return "upstream client callbacks (aiohttp: bytes received, parsed, pooled)"
     return "event loop / other"
@@ -136,7 +142,8 @@ def spy(pid: int, seconds: float, out: Path, fmt: str) -> None:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     subprocess.run(pinned(LOAD_CORE, [py_spy, "record", "--pid", str(pid), "--duration",
                                       str(int(seconds)), "--rate", "200",
-                                      "--format", fmt, "--output", str(out)]),
+                                      "--subprocesses", "--format", fmt, "--output",
+                                      str(out)]),
                    check=True, capture_output=True, timeout=seconds + 60)
 
 
@@ -144,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--server", default="hypercorn", choices=["hypercorn", *systems.SERVERS],
+                        help="the server the gateway runs under (vllm-gateway serve: hypercorn)")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -153,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     gw = None
     report: dict[str, object] = {"gateway_source_sha256": source_hash}
     try:
-        gw = systems.gateway({"fast": port}, work, src=src)
+        gw = systems.gateway({"fast": port}, work, src=src, server=args.server)
         assert gw.proc is not None
         check_system(gw)
         for scenario in ("nonstream-c32", "streams-c32"):

@@ -9,6 +9,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .systems import SERVERS
+
 TARGETS = {
     "a_rps_c32": ("(a) req/s at concurrency 32", ">=", 1500.0),
     "a_added_p50_c1_ms": ("(a) added p50 at concurrency 1, ms", "<=", 1.0),
@@ -111,6 +113,8 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 REFERENCES = ("aiohttp-bare", "nginx")
+# The gateway under vllm-gateway serve (hypercorn), then its app under the other servers.
+GATEWAYS = ("gateway", *SERVERS)
 
 
 def relative(summary: dict[str, Any]) -> dict[str, dict[str, float | None]]:
@@ -123,9 +127,15 @@ def relative(summary: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     out = {}
     for key, figures in (("(a) req/s at concurrency 32", a), ("(b) streams/s", b),
                          (f"(c) chunks/s at {most} streams", c)):
-        gateway = figures.get("gateway")
-        out[key] = {ref: gateway / figures[ref] if gateway and figures.get(ref) else None
-                    for ref in REFERENCES}
+        if not figures:
+            continue
+        for name in GATEWAYS:
+            gateway = figures.get(name)
+            if name != "gateway" and gateway is None:
+                continue
+            label = key if name == "gateway" else f"{key}, on {name.removeprefix('gateway-')}"
+            out[label] = {ref: gateway / figures[ref] if gateway and figures.get(ref) else None
+                          for ref in REFERENCES}
     return out
 
 
@@ -327,7 +337,7 @@ def _failed(checks: dict[str, bool]) -> str:
     return ", ".join(k for k, v in checks.items() if not v)
 
 
-ORDER = ("direct", "hypercorn-bare", "aiohttp-bare", "nginx", "gateway", "litellm")
+ORDER = ("direct", "hypercorn-bare", "aiohttp-bare", "nginx", *GATEWAYS, "litellm")
 
 
 def _order(system: str) -> int:

@@ -33,7 +33,8 @@ from .systems import ROOT, System
 
 # Also the order each scenario visits them in: LiteLLM last, since a proxy that does not cancel
 # its upstream streams when the client goes leaves the shared backend busy for a while.
-ALL_SYSTEMS = ("direct", "hypercorn-bare", "aiohttp-bare", "nginx", "gateway", "litellm")
+ALL_SYSTEMS = ("direct", "hypercorn-bare", "aiohttp-bare", "nginx", "gateway", *systems.SERVERS,
+               "litellm")
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--systems", default=",".join(ALL_SYSTEMS),
                    help="comma-separated subset of " + ",".join(ALL_SYSTEMS))
     p.add_argument("--reps", type=int, help="repetitions of (a) and (b)")
+    p.add_argument("--concurrencies", help="comma-separated concurrencies of (a); empty: no (a)")
+    p.add_argument("--c-steps", help="comma-separated stream counts of (c); empty: no (c)")
     p.add_argument("--soak-seconds", type=float, help="length of the soak in (d)")
     p.add_argument("--skip-load-tests", action="store_true", help="leave out (d)")
     p.add_argument("--keep-logs", action="store_true",
                    help="copy the servers' logs into OUT/logs")
     return p
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
 
 
 _T0 = time.monotonic()
@@ -131,10 +138,39 @@ def check_system(system: System) -> None:
             response.read()
 
 
+def stop_all(running: list[System], procs: list[Proc]) -> None:
+    """Stop the systems, then the backends they stand in front of."""
+    for system in running:
+        system.stop()
+    for proc in procs:
+        proc.stop()
+
+
+def start_system(name: str, fast_port: int, paced_port: int, work: Path, src: Path) -> System:
+    """One of ``ALL_SYSTEMS`` in front of the two backends, started and answering."""
+    if name == "direct":
+        return systems.direct(fast_port, paced_port)
+    if name == "nginx":
+        return systems.nginx(fast_port, paced_port, work)
+    if name == "litellm":
+        return systems.litellm(fast_port, paced_port, work)
+    if name == "hypercorn-bare":
+        return systems.hypercorn_bare(work)
+    if name == "aiohttp-bare":
+        return systems.hypercorn_bare(work, backends=(fast_port, paced_port))
+    server = "hypercorn" if name == "gateway" else name
+    return systems.gateway({"fast": fast_port, "paced": paced_port}, work, src=src, name=name,
+                           server=server)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     plan = QUICK if args.quick else FULL
     if args.reps:
         plan = dataclasses.replace(plan, a_reps=args.reps, b_reps=args.reps)
+    if args.concurrencies is not None:
+        plan = dataclasses.replace(plan, concurrencies=_ints(args.concurrencies))
+    if args.c_steps is not None:
+        plan = dataclasses.replace(plan, c_steps=_ints(args.c_steps))
     if args.soak_seconds:
         plan = dataclasses.replace(plan, soak_seconds=args.soak_seconds)
     wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -182,19 +218,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 log(f"skipping {name}: {why}")
                 continue
             log(f"starting {name}")
-            if name == "direct":
-                system = systems.direct(fast_port, paced_port)
-            elif name == "nginx":
-                system = systems.nginx(fast_port, paced_port, work)
-            elif name == "litellm":
-                system = systems.litellm(fast_port, paced_port, work)
-            elif name == "hypercorn-bare":
-                system = systems.hypercorn_bare(work)
-            elif name == "aiohttp-bare":
-                system = systems.hypercorn_bare(work, backends=(fast_port, paced_port))
-            else:
-                system = systems.gateway({"fast": fast_port, "paced": paced_port}, work,
-                                         src=src)
+            system = start_system(name, fast_port, paced_port, work, src)
             running.append(system)
             check_system(system)
             log(f"  {name} ready in {system.startup_s:.1f} s, answers checked")
@@ -221,10 +245,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         doc["load_tests"] = load_tests(plan, wanted, args, paced_port, backend_paced, work,
                                        src)
     finally:
-        for system in running:
-            system.stop()
-        for proc in procs:
-            proc.stop()
+        stop_all(running, procs)
         if args.keep_logs:
             shutil.copytree(work, out / "logs", dirs_exist_ok=True)
         shutil.rmtree(work, ignore_errors=True)

@@ -448,3 +448,36 @@ def burst(system: System, *, count: int, spread_s: float, max_tokens: int,
         f"statuses {statuses}, peak queue {peak['queue_depth']:.0f}, peak in flight "
         f"{peak['in_flight']:.0f}  {'PASS' if out['passed'] else 'FAIL ' + str(checks)}")
     return out
+
+
+# -- (e) ------------------------------------------------------------------------------------
+
+
+def serve(systems: list[System], *, streams: int, requests: int, max_tokens: int,
+          prompt_words: int, reps: int, log: Any) -> list[dict[str, Any]]:
+    """``vllm bench serve``'s load (``loadgen`` mode ``serve``) against each system in turn,
+    repetitions interleaved; the proxy's CPU over the whole run."""
+    rows = []
+    for rep in range(reps):
+        for system in systems:
+            spec = {"mode": "serve", **system.fast.spec(), "streams": streams,
+                    "requests": requests, "max_tokens": max_tokens,
+                    "prompt_words": prompt_words, "seed": rep}
+            before = Sample.take(_procs(system))
+            result, _ = loadgen(spec, procs=_procs(system))
+            use = usage(before, Sample.take(_procs(system)))
+            row = {"system": system.name, "rep": rep, **{
+                k: result[k] for k in ("streams", "requests", "completed", "elapsed_s",
+                                       "output_tokens_per_s", "requests_per_s", "ttft_ms",
+                                       "ttft_first_wave_ms", "ttft_later_waves_ms", "itl_ms",
+                                       "errors")}, **_cpu_fields(system, use)}
+            rows.append(row)
+            log(f"  (e) {system.name:8} {streams} streams rep {rep}: "
+                f"{row['output_tokens_per_s']:7.0f} tokens/s  TTFT p50/p99 "
+                f"{_f(row['ttft_ms']['p50'])}/{_f(row['ttft_ms']['p99'])} ms (first wave p99 "
+                f"{_f(row['ttft_first_wave_ms']['p99'])}, later "
+                f"{_f(row['ttft_later_waves_ms']['p99'])})  ITL p50/p99 "
+                f"{_f(row['itl_ms']['p50'])}/{_f(row['itl_ms']['p99'])} ms  errors "
+                f"{row['errors'] or ''}  core0 {use.get('core0_busy', 0):.0%} (other "
+                f"{_pct(row.get('core0_other'))}) {_core1(row)}")
+    return rows

@@ -8,6 +8,9 @@
   backends as OpenAI-compatible models, the master key sent with every request.
 - ``gateway``: ``python -m proxy.cli serve --worker uvloop`` with its full middleware stack and
   access log (to a file), the two backends as static models.
+- ``gateway-uvicorn``, ``gateway-granian``: the same gateway application (``proxy.asgi:app``)
+  under uvicorn (httptools, uvloop) and under granian (its Rust HTTP/1.1, uvloop), one process
+  each: what the server costs, next to hypercorn.
 - ``hypercorn-bare``: not a proxy but a reference for (a): hypercorn answering a canned
   completion itself (``benchmarks/bare_asgi.py``), the ceiling of anything built on hypercorn
   on the proxy core at that moment.
@@ -71,6 +74,8 @@ def available(name: str) -> str | None:
     """Why ``name`` cannot run here, or None."""
     if name == "nginx" and not Path(NGINX).exists():
         return "nginx is not installed (apt-get install nginx-light)"
+    if name in SERVERS and not _version_of(SERVERS[name][0]):
+        return (f"{SERVERS[name][0]} is not installed: .venv/bin/pip install -e '.[bench]'")
     if name == "litellm" and not (LITELLM_VENV / "bin" / "litellm").exists():
         return ("LiteLLM is not installed: python -m benchmarks.setup_litellm "
                 "(makes benchmarks/.venv-litellm)")
@@ -213,21 +218,54 @@ def snapshot(work: Path) -> tuple[Path, str]:
     return src, digest.hexdigest()[:12]
 
 
+# The same gateway application (``proxy.asgi:app``) under other ASGI servers, each on uvloop,
+# one process (the queues and slots are one process's state), access log off (the gateway
+# writes its own), limits past anything the scenarios reach.
+SERVERS = {
+    "gateway-uvicorn": ("uvicorn", [
+        "-m", "uvicorn", "proxy.asgi:app", "--loop", "uvloop", "--http", "httptools",
+        "--lifespan", "on", "--no-access-log", "--log-level", "warning", "--backlog", "4096",
+        "--host", "127.0.0.1", "--port", "{port}"]),
+    "gateway-granian": ("granian", [
+        "-m", "granian", "--interface", "asgi", "--loop", "uvloop", "--http", "1",
+        "--workers", "1", "--runtime-threads", "1", "--backlog", "4096", "--backpressure",
+        "4096", "--log-level", "warning", "--host", "127.0.0.1", "--port", "{port}",
+        "proxy.asgi:app"]),
+}
+
+
 def gateway(models: dict[str, int], work: Path, *, src: Path, name: str = "gateway",
-            max_concurrent: int = 1000, max_queue_size: int = 5000) -> System:
+            max_concurrent: int = 1000, max_queue_size: int = 5000,
+            server: str = "hypercorn") -> System:
+    """The gateway under ``vllm-gateway serve`` (hypercorn), or, with ``server`` one of
+    ``SERVERS``, its ASGI app under that server's own command line."""
     port = free_port()
     conf = work / f"{name}.toml"
     conf.write_text(gateway_config(models, max_concurrent=max_concurrent,
                                    max_queue_size=max_queue_size))
-    proc = start(name, [sys.executable, "-m", "proxy.cli", "serve", "--config", str(conf),
-                        "--bind", f"127.0.0.1:{port}", "--worker", "uvloop"],
-                 core=PROXY_CORE, logs=work, cwd=src)
+    if server == "hypercorn":
+        argv = ["-m", "proxy.cli", "serve", "--config", str(conf), "--bind",
+                f"127.0.0.1:{port}", "--worker", "uvloop"]
+    else:
+        argv = [arg.format(port=port) for arg in SERVERS[server][1]]
+    proc = start(name, [sys.executable, *argv], core=PROXY_CORE, logs=work, cwd=src,
+                 env={"GATEWAY_CONFIG": str(conf)})
     names = list(models)
     system = System(name, Target("127.0.0.1", port, CHAT, names[0]),
                     Target("127.0.0.1", port, CHAT, names[-1]), proc)
     system.startup_s = wait_http(proc, f"http://127.0.0.1:{port}/ready")
-    system.version = _git_describe()
+    system.version = _git_describe() + ("" if server == "hypercorn"
+                                        else f" on {server} {_version_of(server)}")
     return system
+
+
+def _version_of(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return ""
 
 
 def _git_describe() -> str:

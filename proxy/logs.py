@@ -15,6 +15,7 @@ import sys
 import textwrap
 from typing import Any
 
+import msgspec
 import structlog
 
 from .config import SECTIONS, Config, effective
@@ -66,9 +67,19 @@ class _Console:
         return line if not isinstance(config, dict) else f"{line}\n{config_block(config)}"
 
 
+# One JSON line per request (the access line): msgspec encodes one in ~1 us where the json
+# module took 10-20, half of the line's cost. What it cannot encode is written as its repr, as
+# structlog's own fallback does (bytes, which no line carries, would come out as base64).
+_ENCODER = msgspec.json.Encoder(enc_hook=repr)
+
+
+def _json(event: dict[str, Any], **_: Any) -> str:
+    return _ENCODER.encode(event).decode()
+
+
 def configure_logging(fmt: str = "auto", level: int = logging.INFO) -> None:
     console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
-    renderer = _Console() if console else structlog.processors.JSONRenderer()
+    renderer = _Console() if console else structlog.processors.JSONRenderer(serializer=_json)
     stamp = [structlog.processors.add_log_level,
              structlog.processors.TimeStamper(fmt="iso", utc=True)]
     structlog.configure(

@@ -1,6 +1,7 @@
 """The benchmark harness runs end to end (``benchmarks.run --quick``, direct and gateway) and
-writes a table and a JSON document with sane figures; nginx and LiteLLM, when installed, answer
-through the harness's configuration of them. Timings are not asserted: this is no benchmark."""
+writes a table and a JSON document with sane figures; nginx, LiteLLM and the gateway under
+uvicorn and granian, when installed, answer through the harness's configuration of them.
+Timings are not asserted: this is no benchmark."""
 
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ def test_quick_run_writes_table_and_json(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("name", ["nginx", "litellm", "aiohttp-bare"])
+@pytest.mark.parametrize("name", ["nginx", "litellm", "aiohttp-bare", *systems.SERVERS])
 def test_other_proxies_answer_through_the_harness(name: str, tmp_path: Path) -> None:
     why = systems.available(name)
     if why:
@@ -114,6 +115,10 @@ def test_other_proxies_answer_through_the_harness(name: str, tmp_path: Path) -> 
             system = systems.nginx(fast_port, paced_port, tmp_path)
         elif name == "aiohttp-bare":
             system = systems.hypercorn_bare(tmp_path, backends=(fast_port, paced_port))
+        elif name in systems.SERVERS:
+            src, _ = systems.snapshot(tmp_path)
+            system = systems.gateway({"fast": fast_port, "paced": paced_port}, tmp_path,
+                                     src=src, name=name, server=name)
         else:
             system = systems.litellm(fast_port, paced_port, tmp_path)
         check_system(system)
@@ -122,3 +127,42 @@ def test_other_proxies_answer_through_the_harness(name: str, tmp_path: Path) -> 
             system.stop()
         fast.stop()
         paced.stop()
+
+
+@pytest.mark.timeout(120)
+def test_burst_ttft_run_reports_direct_and_gateway(tmp_path: Path) -> None:
+    """(e), ``benchmarks.ttft``: every request of the burst answered in full through each
+    system, and the gateway's figures put next to direct's."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.ttft", "--systems", "direct,gateway", "--reps", "1",
+         "--streams", "8", "--requests", "16", "--max-tokens", "8", "--prompt-words", "50",
+         "--tokens-per-second", "200", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "ttft.json").read_text())
+    for row in doc["raw"]:
+        assert (row["completed"], row["errors"]) == (16, {}), row
+        assert 0 < row["ttft_ms"]["p50"] <= row["ttft_ms"]["p99"]
+        assert row["ttft_first_wave_ms"]["p99"] is not None
+        assert row["ttft_later_waves_ms"]["p99"] is not None
+        assert row["itl_ms"]["p50"] is not None and row["output_tokens_per_s"] > 0
+    gateway = next(r for r in doc["summary"] if r["system"] == "gateway")
+    assert gateway["added_ttft_ms_p99"] is not None and 0 < gateway["throughput_share"]
+    # The gateway's own account: one access line per request, with its time to first byte.
+    assert doc["gateway_view"]["gateway"]["ttfb_ms"]["p99"] is not None
+    assert "+TTFT p99" in proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_compare_measures_a_revision_against_the_tree() -> None:
+    """``benchmarks.compare``: the bare passthrough and two gateways (HEAD's and the tree's)
+    each answer (a) and (b), and each gateway is put as a share of the bare passthrough."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compare", "--base", "HEAD", "--reps", "1",
+         "--seconds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.split("best of 1 interleaved repetitions")[1].splitlines()[1:]
+    assert [line.split()[0] for line in lines] == ["aiohttp-bare", "gateway@HEAD",
+                                                   "gateway@tree"]
+    for line in lines[1:]:
+        assert "x aiohttp-bare" in line, line
