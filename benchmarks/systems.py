@@ -75,7 +75,8 @@ def available(name: str) -> str | None:
     if name == "nginx" and not Path(NGINX).exists():
         return "nginx is not installed (apt-get install nginx-light)"
     if name in SERVERS and not _version_of(SERVERS[name][0]):
-        return (f"{SERVERS[name][0]} is not installed: .venv/bin/pip install -e '.[bench]'")
+        return (f"{SERVERS[name][0]} is not installed: scripts/bootstrap.sh installs it "
+                "(the test extra)")
     if name == "litellm" and not (LITELLM_VENV / "bin" / "litellm").exists():
         return ("LiteLLM is not installed: python -m benchmarks.setup_litellm "
                 "(makes benchmarks/.venv-litellm)")
