@@ -153,8 +153,10 @@ def test_access_log_names_the_client_nginx_forwarded_and_only_that(stack: Stack)
     spoofed_direct = ask(stack.gateway, "127.0.0.7", **{"x-forwarded-for": "203.0.113.9"})
 
     def client(request_id: str) -> str:
-        wait_until(lambda: access_log(stack.gateway_log, request_id), timeout=5)
-        return access_log(stack.gateway_log, request_id)["client"]
+        wait_until(lambda: access_log(stack.gateway_log, request_id) is not None, timeout=5)
+        entry = access_log(stack.gateway_log, request_id)
+        assert entry is not None
+        return entry["client"]
 
     assert client(through_nginx) == "127.0.0.5"  # nginx itself connects from 127.0.0.1
     assert client(spoofed_through_nginx) == "127.0.0.5"  # nginx appends the real peer last
