@@ -8,6 +8,7 @@ address the gateway cannot listen on (in use, not this host's), before any model
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import gc
 import importlib.util
@@ -16,9 +17,11 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 import structlog
@@ -28,12 +31,14 @@ from .app import build_app, shutdown_allowance
 from .config import Config, ConfigError, effective, load_config
 from .forwarded import behind_proxies
 from .logs import SERVER_LOGGER, configure_logging, log_configuration
+from .types import ASGIApp
 
 EXIT_CONFIG = 2
 # Seconds the server gives the connections still open after the wind-down (an admin call, a
 # scrape) before it cancels them and the lifespan stops the models.
 CLOSE_TIMEOUT = 5.0
 WORKERS = ("asyncio", "uvloop", "trio")
+SERVERS = ("hypercorn", "uvicorn")
 # uvloop where it is installed (a dependency everywhere but Windows): measured on one core, ~7%
 # less CPU per request than asyncio's own loop (benchmarks/).
 DEFAULT_WORKER = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
@@ -47,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--bind", help="HOST:PORT, overrides gateway.bind")
     serve.add_argument("--worker", choices=WORKERS, default=DEFAULT_WORKER,
                        help=f"event loop (default: {DEFAULT_WORKER})")
+    serve.add_argument("--server", choices=SERVERS, default="hypercorn",
+                       help="HTTP server (default: hypercorn; uvicorn needs the uvicorn extra, "
+                            "asyncio or uvloop, and serves HTTP/1.1 only)")
     check = commands.add_parser("check-config", help="validate and print the configuration")
     check.add_argument("--config", help="TOML file (default: $GATEWAY_CONFIG or ./config.toml)")
     return parser
@@ -83,9 +91,9 @@ def _listener(port: int) -> str | None:
     return None
 
 
-def _listen(bind: str, hc: HypercornConfig) -> None:
+def _listen(bind: str, hc: HypercornConfig) -> list[socket.socket]:
     """Bind the gateway's address now, before the lifespan starts (or adopts, or removes) any
-    model, and hand the socket to hypercorn; exit 2 with one line if it cannot be bound."""
+    model; exit 2 with one line if it cannot be bound."""
     hc.bind = [bind]
     try:
         sockets = hc.create_sockets()
@@ -97,12 +105,12 @@ def _listen(bind: str, hc: HypercornConfig) -> None:
         print(f"vllm-gateway: cannot listen on {bind}: {reason}; choose another with --bind "
               "or gateway.bind", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
-    hc.bind = [f"fd://{sock.detach()}" for sock in sockets.insecure_sockets]
+    return sockets.insecure_sockets
 
 
 def _hypercorn_config(config: Config) -> HypercornConfig:
     hc = HypercornConfig()
-    _listen(config.gateway.bind, hc)
+    hc.bind = [f"fd://{sock.detach()}" for sock in _listen(config.gateway.bind, hc)]
     # The gateway winds down by itself first (``_serve``): what is left is closed quickly.
     hc.graceful_timeout = CLOSE_TIMEOUT
     # The lifespan's shutdown stops the models: never cut short (hypercorn's default is 60 s).
@@ -114,11 +122,37 @@ def _hypercorn_config(config: Config) -> HypercornConfig:
     return hc
 
 
-async def _serve(config: Config, worker: str, hc: HypercornConfig) -> None:
+def _uvicorn_server(config: Config, app: ASGIApp) -> Any:
+    """uvicorn's server for the app (httptools), with the settings hypercorn gets and its own
+    signal handling left out: the gateway winds down first, then tells it to exit."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    server_log = logging.getLogger(SERVER_LOGGER)
+    for name in ("uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers, logger.propagate = server_log.handlers, False
+        logger.setLevel(server_log.level)
+    return Server(uvicorn.Config(
+        app, loop="none", http="httptools", ws="none", lifespan="on", log_config=None,
+        access_log=False, server_header=False, backlog=config.gateway.backlog,
+        timeout_keep_alive=config.gateway.keep_alive_timeout,
+        timeout_graceful_shutdown=CLOSE_TIMEOUT))
+
+
+async def _serve(config: Config, worker: str, listen: HypercornConfig | list[socket.socket],
+                 ) -> None:
+    """Serve until the signals' wind-down is over: on hypercorn (``listen`` its config) or on
+    uvicorn (``listen`` the bound sockets)."""
     gateway = build_app(config)
     app = behind_proxies(gateway, config.gateway.trusted_proxies)
     stop = anyio.Event()
     log = structlog.get_logger("gateway")
+    uvicorn_server = _uvicorn_server(config, app) if isinstance(listen, list) else None
 
     async def on_signals() -> None:
         # The first signal winds down within the grace (the server keeps answering meanwhile:
@@ -143,17 +177,23 @@ async def _serve(config: Config, worker: str, hc: HypercornConfig) -> None:
                 await gateway.wind_down()
                 tg.cancel_scope.cancel()
         stop.set()
+        if uvicorn_server is not None:
+            uvicorn_server.should_exit = True
 
     # Everything made so far (modules, configuration, the app) lives as long as the process:
     # out of the collector's sight, its full passes no longer walk it (~50 ms each before).
     gc.freeze()
     async with anyio.create_task_group() as tg:
         tg.start_soon(on_signals)
-        if worker == "trio":
+        if uvicorn_server is not None:
+            assert isinstance(listen, list)
+            await uvicorn_server.serve(sockets=listen)
+        elif worker == "trio":
             from hypercorn.trio import serve as hypercorn_serve
+            await hypercorn_serve(app, listen, shutdown_trigger=stop.wait)
         else:
             from hypercorn.asyncio import serve as hypercorn_serve
-        await hypercorn_serve(app, hc, shutdown_trigger=stop.wait)
+            await hypercorn_serve(app, listen, shutdown_trigger=stop.wait)
         tg.cancel_scope.cancel()
 
 
@@ -178,14 +218,18 @@ def log_start_up(config: Config) -> None:
                     "api_keys_file", bind=config.gateway.bind)
 
 
-def serve(config: Config, worker: str) -> None:
-    hc = _hypercorn_config(config)
+def serve(config: Config, worker: str, server: str = "hypercorn") -> None:
+    listen: HypercornConfig | list[socket.socket]
+    if server == "uvicorn":
+        listen = _listen(config.gateway.bind, HypercornConfig())
+    else:
+        listen = _hypercorn_config(config)
     configure_logging(config.gateway.log_format)
     log_start_up(config)
     if worker == "trio":
-        anyio.run(_serve, config, worker, hc, backend="trio")
+        anyio.run(_serve, config, worker, listen, backend="trio")
     else:
-        anyio.run(_serve, config, worker, hc, backend="asyncio",
+        anyio.run(_serve, config, worker, listen, backend="asyncio",
                   backend_options={"use_uvloop": worker == "uvloop"})
     structlog.get_logger("gateway").info("gateway stopped", exit_status=0)
 
@@ -212,7 +256,16 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"({', '.join(containers)}): their engine client, aiodocker, runs on asyncio "
               "only; use --worker asyncio or uvloop", file=sys.stderr)
         return EXIT_CONFIG
-    serve(config, args.worker)
+    if args.server == "uvicorn":
+        problem = None
+        if args.worker == "trio":
+            problem = "uvicorn runs on asyncio only; use --worker asyncio or uvloop"
+        elif not importlib.util.find_spec("uvicorn") or not importlib.util.find_spec("httptools"):
+            problem = "uvicorn is not installed: pip install 'vllm-gateway[uvicorn]'"
+        if problem:
+            print(f"vllm-gateway: --server uvicorn: {problem}", file=sys.stderr)
+            return EXIT_CONFIG
+    serve(config, args.worker, args.server)
     return 0
 
 

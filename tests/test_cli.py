@@ -250,6 +250,17 @@ def test_trio_worker_refuses_container_models(tmp_path: Path) -> None:
     assert "aiodocker" in result.stderr
 
 
+def test_uvicorn_refuses_the_trio_worker_in_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(GOOD)
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config), "--server",
+         "uvicorn", "--worker", "trio"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr == ("vllm-gateway: --server uvicorn: uvicorn runs on asyncio only; "
+                             "use --worker asyncio or uvloop\n")
+
+
 def test_the_server_gives_the_shutdown_the_time_the_slowest_stop_takes() -> None:
     from proxy.cli import _hypercorn_config
     from tests.support import make_config

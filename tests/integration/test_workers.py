@@ -1,4 +1,5 @@
-"""``vllm-gateway serve`` under each hypercorn worker: a streamed answer, and a disconnect."""
+"""``vllm-gateway serve`` under each hypercorn worker, and on uvicorn: a streamed answer, and a
+disconnect."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import pytest
 from tests.support import chat, gateway_process, simulator
 
 
-@pytest.mark.parametrize("worker", ["asyncio", "uvloop", "trio"])
-def test_worker_streams_and_notices_a_disconnect(worker: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("options", [["--worker", "asyncio"], ["--worker", "uvloop"],
+                                     ["--worker", "trio"], ["--server", "uvicorn"]],
+                         ids=["asyncio", "uvloop", "trio", "uvicorn"])
+def test_worker_streams_and_notices_a_disconnect(options: list[str], tmp_path: Path) -> None:
     with simulator("--tokens-per-second", "20") as sim:
         config = f"""
 [[models]]
@@ -21,7 +24,7 @@ served_name = "sim"
 launcher = "static"
 url = "{sim.url}"
 """
-        with gateway_process(config, tmp_path, "--worker", worker) as (url, _):
+        with gateway_process(config, tmp_path, *options) as (url, _):
             with httpx2.stream("POST", url + "/v1/chat/completions", timeout=30,
                                json=chat("m", max_tokens=4, stream=True)) as response:
                 lines = [line for line in response.iter_lines() if line.startswith("data: ")]

@@ -59,10 +59,11 @@ class Stream(threading.Thread):
         self.ended_at = time.monotonic()
 
 
-@pytest.mark.parametrize("worker", ["asyncio", "trio"])
+@pytest.mark.parametrize("options", [["--worker", "asyncio"], ["--worker", "trio"],
+                                     ["--server", "uvicorn"]], ids=["asyncio", "trio", "uvicorn"])
 def test_sigterm_finishes_streams_within_the_grace_ends_the_rest_and_leaves_no_process(
-        tmp_path: Path, worker: str) -> None:
-    with gateway_process(CONFIG, tmp_path, "--worker", worker) as (url, proc):
+        tmp_path: Path, options: list[str]) -> None:
+    with gateway_process(CONFIG, tmp_path, *options) as (url, proc):
         assert HTTP.post(url + "/v1/chat/completions", json=chat("m")).status_code == 200
         models = children_of(proc.pid)
         assert len(models) == 1
