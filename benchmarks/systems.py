@@ -8,9 +8,9 @@
   backends as OpenAI-compatible models, the master key sent with every request.
 - ``gateway``: ``python -m proxy.cli serve --worker uvloop`` with its full middleware stack and
   access log (to a file), the two backends as static models.
-- ``gateway-uvicorn``, ``gateway-granian``: the same gateway application (``proxy.asgi:app``)
-  under uvicorn (httptools, uvloop) and under granian (its Rust HTTP/1.1, uvloop), one process
-  each: what the server costs, next to hypercorn.
+- ``gateway-uvicorn``, ``gateway-granian``: the same gateway under uvicorn (``serve --server
+  uvicorn``: httptools, uvloop) and under granian (its own command line on ``proxy.asgi:app``:
+  its Rust HTTP/1.1, uvloop), one process each: what the server costs, next to hypercorn.
 - ``hypercorn-bare``: not a proxy but a reference for (a): hypercorn answering a canned
   completion itself (``benchmarks/bare_asgi.py``), the ceiling of anything built on hypercorn
   on the proxy core at that moment.
@@ -219,14 +219,14 @@ def snapshot(work: Path) -> tuple[Path, str]:
     return src, digest.hexdigest()[:12]
 
 
-# The same gateway application (``proxy.asgi:app``) under other ASGI servers, each on uvloop,
-# one process (the queues and slots are one process's state), access log off (the gateway
-# writes its own), limits past anything the scenarios reach.
+# The same gateway under other ASGI servers, each on uvloop, one process (the queues and slots
+# are one process's state), access log off (the gateway writes its own), limits past anything
+# the scenarios reach: on uvicorn as `vllm-gateway serve --server uvicorn` runs it (httptools),
+# on granian as its own command line runs ``proxy.asgi:app``.
 SERVERS = {
     "gateway-uvicorn": ("uvicorn", [
-        "-m", "uvicorn", "proxy.asgi:app", "--loop", "uvloop", "--http", "httptools",
-        "--lifespan", "on", "--no-access-log", "--log-level", "warning", "--backlog", "4096",
-        "--host", "127.0.0.1", "--port", "{port}"]),
+        "-m", "proxy.cli", "serve", "--config", "{conf}", "--bind", "127.0.0.1:{port}",
+        "--worker", "uvloop", "--server", "uvicorn"]),
     "gateway-granian": ("granian", [
         "-m", "granian", "--interface", "asgi", "--loop", "uvloop", "--http", "1",
         "--workers", "1", "--runtime-threads", "1", "--backlog", "4096", "--backpressure",
@@ -239,7 +239,7 @@ def gateway(models: dict[str, int], work: Path, *, src: Path, name: str = "gatew
             max_concurrent: int = 1000, max_queue_size: int = 5000,
             server: str = "hypercorn") -> System:
     """The gateway under ``vllm-gateway serve`` (hypercorn), or, with ``server`` one of
-    ``SERVERS``, its ASGI app under that server's own command line."""
+    ``SERVERS``, under that server."""
     port = free_port()
     conf = work / f"{name}.toml"
     conf.write_text(gateway_config(models, max_concurrent=max_concurrent,
@@ -248,7 +248,7 @@ def gateway(models: dict[str, int], work: Path, *, src: Path, name: str = "gatew
         argv = ["-m", "proxy.cli", "serve", "--config", str(conf), "--bind",
                 f"127.0.0.1:{port}", "--worker", "uvloop"]
     else:
-        argv = [arg.format(port=port) for arg in SERVERS[server][1]]
+        argv = [arg.format(port=port, conf=conf) for arg in SERVERS[server][1]]
     proc = start(name, [sys.executable, *argv], core=PROXY_CORE, logs=work, cwd=src,
                  env={"GATEWAY_CONFIG": str(conf)})
     names = list(models)
