@@ -194,6 +194,9 @@ class StreamFeedback:
         self._arrived: dict[str, dict[int, dict[str, Any]]] = {m.name: {} for m in config.models}
         # Streams that have not begun their answer, in the order they came.
         self._pending: dict[int, _Stream] = {}
+        # The places in the queue of a model's waiting requests, counted once a tick for all
+        # the comments of that tick (not once per comment: that is quadratic in the queue).
+        self._places: dict[str, dict[int, int]] = {}
         self._tg: TaskGroup | None = None
 
     @asynccontextmanager
@@ -259,6 +262,7 @@ class StreamFeedback:
             await anyio.sleep(self.every / TICKS)
             now = time.monotonic()
             tg = self._tg
+            self._places.clear()
             for key, stream in list(self._pending.items()):
                 if stream.answered:
                     del self._pending[key]
@@ -285,10 +289,11 @@ class StreamFeedback:
         return f": waiting for {what}, {seconds} s\n\n".encode()
 
     def _place(self, stream: _Stream) -> int:
-        place = 1
-        for state in self._arrived[stream.model].values():
-            if state is stream.state:
-                return place
-            if "queue_wait" not in state:
-                place += 1
-        return place
+        places = self._places.get(stream.model)
+        if places is None:
+            places = self._places[stream.model] = {}
+            for key, state in self._arrived[stream.model].items():
+                if "queue_wait" not in state:  # waits for a slot still
+                    places[key] = len(places) + 1
+        # One that came since this tick's count is behind all of them.
+        return places.get(id(stream.state), len(places) + 1)
