@@ -15,8 +15,8 @@ import anyio
 import structlog
 
 from proxy.errors import GatewayError, unavailable
-from proxy.passthrough import SSE
-from proxy.types import ASGIApp, Message, Receive, Scope, Send
+from proxy.passthrough import is_sse
+from proxy.types import ASGIApp, Receive, Scope, Send
 
 from .progress import progress
 
@@ -29,11 +29,6 @@ RETRY_AFTER = 1
 def shutting_down() -> GatewayError:
     return unavailable("The gateway is shutting down; send the request again.",
                        code="shutting_down", retry_after=RETRY_AFTER)
-
-
-def _is_sse(start: Message) -> bool:
-    return any(key.lower() == b"content-type" and value.startswith(SSE)
-               for key, value in start.get("headers", ()))
 
 
 class Draining:
@@ -86,7 +81,7 @@ class Draining:
         try:
             if response.start is None:
                 await shutting_down().answer(scope, send)
-            elif _is_sse(response.start):
+            elif is_sse(response.start):
                 await send(unavailable("The gateway is shutting down; the answer was cut short.",
                                        code="shutting_down").sse_message())
         except OSError:  # the client is gone as well (servers that raise on such a send)

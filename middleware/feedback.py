@@ -37,7 +37,7 @@ from anyio.abc import TaskGroup
 from backends.pool import BackendPool, ModelState
 from proxy.config import Config
 from proxy.errors import ERROR_KEY, GatewayError, internal_error, standalone_sse_event
-from proxy.passthrough import SSE
+from proxy.passthrough import is_sse
 from proxy.types import ASGIApp, Message, Receive, Scope, Send, request_state
 
 from .progress import FEEDBACK
@@ -149,8 +149,7 @@ class _Stream:
                 self.fed = False
                 await self._send(message)
                 return
-            headers = message.get("headers", ())
-            if not any(k.lower() == b"content-type" and v.startswith(SSE) for k, v in headers):
+            if not is_sse(message):
                 self._error = bytearray()
                 self._status = message["status"]
             return

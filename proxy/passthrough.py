@@ -48,6 +48,12 @@ RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server", b"x-request-id"}
 SSE = b"text/event-stream"
 
 
+def is_sse(start: Message) -> bool:
+    """Whether an ``http.response.start`` begins a stream of server-sent events."""
+    return any(key.lower() == b"content-type" and value.startswith(SSE)
+               for key, value in start.get("headers", ()))
+
+
 def _named_by(connection: bytes) -> frozenset[bytes]:
     """The header names a ``Connection`` header lists: hop-by-hop for this connection only."""
     return frozenset(token.strip().lower() for token in connection.split(b","))
