@@ -371,13 +371,12 @@ class BackendPool:
                 if chosen is not None:
                     return chosen
                 backend = min(first.replicas, key=_bring_up_order)
-            # Failed: refused within the backoff; a static server that is down (its watch still
-            # runs) until a check passes.
-            if backend.state is ModelState.FAILED and (
-                    backend.scope is not None or anyio.current_time() < backend.retry_at):
-                raise self._refusal(backend)
-            if backend.state in (ModelState.STOPPED, ModelState.FAILED):
+            # Started if it may be; a failed one is refused within its backoff, and a static
+            # server that is down (its watch still runs) until a check passes.
+            if _may_start(backend, anyio.current_time()):
                 self._launch(backend)
+            elif backend.state is ModelState.FAILED:
+                raise self._refusal(backend)
             elif backend.state is ModelState.ASLEEP:
                 self._begin_wake(backend)
             start = backend.start
@@ -1006,7 +1005,6 @@ class BackendPool:
                       and now - backend.asleep_since >= backend.settings.asleep_timeout):
                     self.request_stop(backend, "asleep for its asleep_timeout")
 
-
     def _scale(self, first: Backend, now: float) -> None:
         """Bring up another replica of the model, one at a time: while fewer than
         ``min_replicas`` are ready, or once a request waited ``scale_up_after`` for a slot with
@@ -1025,9 +1023,7 @@ class BackendPool:
                 return
             why = "saturated"
         spare = next((r for r in replicas if r.state is ModelState.ASLEEP and r.sleeping is None),
-                     None) or next((r for r in replicas if r.state is ModelState.STOPPED or (
-                         r.state is ModelState.FAILED and r.scope is None
-                         and now >= r.retry_at)), None)
+                     None) or next((r for r in replicas if _may_start(r, now)), None)
         if spare is None:
             return
         first.scale_ups += 1
@@ -1070,6 +1066,12 @@ def route(replicas: list[Backend], session: str | None, avoid: int | None) -> Ba
     return least
 
 
+def _may_start(backend: Backend, now: float) -> bool:
+    """Stopped, or failed with its run over and its backoff past: a start may begin."""
+    return backend.state is ModelState.STOPPED or (
+        backend.state is ModelState.FAILED and backend.scope is None and now >= backend.retry_at)
+
+
 def _bring_up_order(backend: Backend) -> tuple[int, int]:
     """With no replica ready, the one a request waits for: one coming up, then one that is busy
     (draining, stopping, yielding its turn), then one asleep, then one that may start; last one
@@ -1081,8 +1083,7 @@ def _bring_up_order(backend: Backend) -> tuple[int, int]:
         rank = 1
     elif state is ModelState.ASLEEP:
         rank = 2
-    elif state is ModelState.STOPPED or (state is ModelState.FAILED and backend.scope is None
-                                         and anyio.current_time() >= backend.retry_at):
+    elif _may_start(backend, anyio.current_time()):
         rank = 3
     else:
         rank = 4
