@@ -68,6 +68,18 @@ def simulator(*args: str, model: str = "sim", port: int = 0,
         proc.stdout.close()
 
 
+def need(problem: str | None, *, required: bool | None = None) -> None:
+    """Skip the test for what it needs and lacks (``problem``), or fail it where the run must
+    have everything: ``required``, by default ``VLLM_GATEWAY_TEST_REQUIRE_ENGINE=1`` (CI)."""
+    if problem is None:
+        return
+    if required is None:
+        required = os.environ.get("VLLM_GATEWAY_TEST_REQUIRE_ENGINE") == "1"
+    if required:
+        pytest.fail(problem)
+    pytest.skip(problem)
+
+
 def wait_until(check: Any, timeout: float = 10.0, interval: float = 0.02) -> None:
     deadline = time.monotonic() + timeout
     while True:

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import httpx2
 import pytest
 
+from tests.support import need
+
 ENGINE_URL = os.environ.get("VLLM_GATEWAY_TEST_ENGINE", "unix:///run/podman/podman.sock")
 SIM_IMAGE = "localhost/vllm-gateway-sim:test"
 
@@ -37,11 +39,7 @@ def _engine_problem() -> str | None:
 
 @pytest.fixture(scope="session")
 def engine_url() -> str:
-    problem = _engine_problem()
-    if problem:
-        if os.environ.get("VLLM_GATEWAY_TEST_REQUIRE_ENGINE") == "1":
-            pytest.fail(problem)
-        pytest.skip(problem)
+    need(_engine_problem())
     return ENGINE_URL
 
 

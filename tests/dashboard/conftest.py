@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import need
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 # Headless, as root, and quiet: no sandbox (root), no network of its own, a profile of its own.
@@ -35,11 +37,7 @@ def _problem() -> str | None:
 
 @pytest.fixture(scope="session")
 def browser() -> Iterator[object]:
-    problem = _problem()
-    if problem is not None:
-        if os.environ.get("VLLM_GATEWAY_TEST_REQUIRE_ENGINE") == "1":
-            pytest.fail(problem)
-        pytest.skip(problem)
+    need(_problem())
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

@@ -18,20 +18,12 @@ from typing import Any
 import pytest
 
 from backends.launcher import free_port
-from tests.support import HTTP, ROOT, wait_until
+from tests.support import HTTP, ROOT, need, wait_until
 
 GATEWAY_IMAGE = "localhost/vllm-gateway:latest"
 SIM_IMAGE = "localhost/vllm-gateway-sim:test"
 ENGINE_SOCKET = os.environ.get("VLLM_GATEWAY_TEST_ENGINE",
                                "unix:///run/podman/podman.sock").removeprefix("unix://")
-
-
-def need(problem: str | None) -> None:
-    if problem is None:
-        return
-    if os.environ.get("VLLM_GATEWAY_TEST_REQUIRE_ENGINE") == "1":
-        pytest.fail(problem)
-    pytest.skip(problem)
 
 
 def image_problem(*images: str) -> str | None:

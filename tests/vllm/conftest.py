@@ -28,7 +28,7 @@ from typing import Any, Literal, TypeVar
 import httpx2
 import pytest
 
-from tests.support import ROOT, gateway_process
+from tests.support import ROOT, gateway_process, need
 
 T = TypeVar("T")
 VLLM_VENV = ROOT / ".venv-vllm"
@@ -64,11 +64,7 @@ def _vllm_problem() -> str | None:
 
 @pytest.fixture(scope="session")
 def vllm_python() -> Path:
-    problem = _vllm_problem()
-    if problem:
-        if _required():
-            pytest.fail(problem)
-        pytest.skip(problem)
+    need(_vllm_problem(), required=_required())
     return VLLM_PYTHON
 
 

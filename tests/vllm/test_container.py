@@ -7,7 +7,6 @@ process-launched vLLM here has not (a cold compile takes over a minute on 2 core
 from __future__ import annotations
 
 import getpass
-import os
 import signal
 import subprocess
 import tempfile
@@ -19,7 +18,7 @@ import openai
 import pytest
 
 from tests.containers.conftest import ENGINE_URL, _engine_problem, containers_of
-from tests.support import gateway_process
+from tests.support import gateway_process, need
 
 from .conftest import ADMIN_TOKEN, STARTUP_TIMEOUT, VLLM_ARGS, VLLM_ENV, VLLM_VENV, toml_config
 
@@ -31,11 +30,7 @@ BASE_IMAGE = "localhost/vllm-gateway-base:bookworm"  # scripts/build-images.sh, 
 
 @pytest.fixture
 def instance() -> Iterator[str]:
-    problem = _engine_problem()
-    if problem:
-        if os.environ.get("VLLM_GATEWAY_TEST_REQUIRE_ENGINE") == "1":
-            pytest.fail(problem)
-        pytest.skip(problem)
+    need(_engine_problem())
     name = "vllm-test-" + uuid.uuid4().hex[:8]
     yield name
     for line in containers_of(name):
