@@ -32,7 +32,7 @@ import sniffio
 import structlog
 from anyio.abc import TaskGroup
 
-from proxy.config import Config, EngineSettings, ModelSettings, parse_size, placement
+from kernel.config import Config, EngineSettings, ModelSettings, parse_size, placement
 
 from .launcher import LaunchError, Supervisor
 

@@ -63,8 +63,8 @@ import httpx2
 import structlog
 from anyio.abc import TaskGroup
 
-from proxy.config import Config, ModelSettings, placement
-from proxy.errors import GatewayError, not_found, unavailable
+from kernel.config import Config, ModelSettings, placement
+from kernel.errors import GatewayError, not_found, unavailable
 
 from . import sleep as sleep_mode
 from .gpu import ConfiguredMemory, GpuMemory

@@ -29,7 +29,7 @@ from pathlib import Path
 import anyio
 from anyio.abc import Process, TaskGroup
 
-from proxy.config import ENV_PREFIX, ModelSettings
+from kernel.config import ENV_PREFIX, ModelSettings
 
 from .launcher import LaunchError, free_port
 

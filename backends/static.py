@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 from anyio.abc import TaskGroup
 
-from proxy.config import ModelSettings
+from kernel.config import ModelSettings
 
 
 class StaticLauncher:

@@ -16,8 +16,8 @@ import time
 import anyio
 from anyio.lowlevel import checkpoint
 
+from kernel.config import config_from_mapping
 from middleware.admission import Admission
-from proxy.config import config_from_mapping
 
 CHUNK = 1 << 16
 

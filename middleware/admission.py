@@ -34,9 +34,9 @@ import anyio
 import msgspec
 import sniffio
 
-from proxy.config import Config, ModelSettings
-from proxy.errors import ERROR_KEY, GatewayError, bad_request, not_found, unavailable
-from proxy.types import ASGIApp, Message, Receive, Scope, Send, header, request_state
+from kernel.config import Config, ModelSettings
+from kernel.errors import ERROR_KEY, GatewayError, bad_request, not_found, unavailable
+from kernel.types import ASGIApp, Message, Receive, Scope, Send, header, request_state
 
 from .forms import FORM_TYPE, form_model
 from .response_ids import ResponseIds, stored_response

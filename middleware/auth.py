@@ -14,8 +14,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
-from proxy.errors import GatewayError
-from proxy.types import ASGIApp, Receive, Scope, Send, header
+from kernel.errors import GatewayError
+from kernel.types import ASGIApp, Receive, Scope, Send, header
 
 KEY_HEADERS = frozenset({b"authorization", b"x-api-key"})
 

@@ -20,10 +20,10 @@ from collections import deque
 
 import anyio
 
-from proxy.config import Config
-from proxy.errors import unavailable
+from kernel.config import Config
+from kernel.errors import unavailable
+from kernel.types import ASGIApp, Receive, Scope, Send, request_state
 from proxy.metrics import GatewayMetrics
-from proxy.types import ASGIApp, Receive, Scope, Send, request_state
 
 from .disconnect import ClientWatch
 

@@ -30,7 +30,7 @@ import anyio
 import sniffio
 import trio
 
-from proxy.types import Message, Receive, Send
+from kernel.types import Message, Receive, Send
 
 T = TypeVar("T")
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import anyio
 import structlog
 
-from proxy.errors import GatewayError, unavailable
+from kernel.errors import GatewayError, unavailable
+from kernel.types import ASGIApp, Receive, Scope, Send
 from proxy.passthrough import is_sse
-from proxy.types import ASGIApp, Receive, Scope, Send
 
 from .progress import progress
 

@@ -35,10 +35,10 @@ import structlog
 from anyio.abc import TaskGroup
 
 from backends.pool import BackendPool, ModelState
-from proxy.config import Config
-from proxy.errors import ERROR_KEY, GatewayError, internal_error, standalone_sse_event
+from kernel.config import Config
+from kernel.errors import ERROR_KEY, GatewayError, internal_error, standalone_sse_event
+from kernel.types import ASGIApp, Message, Receive, Scope, Send, request_state
 from proxy.passthrough import is_sse
-from proxy.types import ASGIApp, Message, Receive, Scope, Send, request_state
 
 from .progress import FEEDBACK
 

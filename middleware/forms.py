@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from proxy.errors import GatewayError, bad_request
+from kernel.errors import GatewayError, bad_request
 
 FORM_TYPE = b"multipart/form-data"
 # Bytes handed to the parser at a time: each is one slice (a copy) of the body.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from proxy.types import Message, Scope, Send, request_state
+from kernel.types import Message, Scope, Send, request_state
 
 # Marks the messages of the loading feedback (``middleware.feedback``): its 200 and comments are
 # no answer of the model's, so they set no first byte.

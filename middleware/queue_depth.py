@@ -9,10 +9,10 @@ them. A request that would exceed ``max_queue_size`` gets 429 at once and is nev
 
 from __future__ import annotations
 
-from proxy.config import Config
-from proxy.errors import GatewayError
+from kernel.config import Config
+from kernel.errors import GatewayError
+from kernel.types import ASGIApp, Receive, Scope, Send, request_state
 from proxy.metrics import GatewayMetrics
-from proxy.types import ASGIApp, Receive, Scope, Send, request_state
 
 
 class _QueuePlace:

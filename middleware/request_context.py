@@ -24,10 +24,10 @@ import time
 
 import structlog
 
-from proxy.errors import GatewayError, internal_error
+from kernel.errors import GatewayError, internal_error
+from kernel.types import ASGIApp, Message, Receive, Scope, Send, header, request_state
 from proxy.events import EventHub, error_code
 from proxy.metrics import GatewayMetrics
-from proxy.types import ASGIApp, Message, Receive, Scope, Send, header, request_state
 
 from .progress import progress
 

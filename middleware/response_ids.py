@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 
-from proxy.config import ModelSettings
-from proxy.errors import not_found
+from kernel.config import ModelSettings
+from kernel.errors import not_found
+from kernel.types import ASGIApp, Message, Receive, Scope, Send, request_state
 from proxy.passthrough import SSE
-from proxy.types import ASGIApp, Message, Receive, Scope, Send, request_state
 
 CREATE_PATH = "/v1/responses"
 PREFIX = CREATE_PATH + "/"

@@ -16,10 +16,10 @@ import random
 import anyio
 import structlog
 
-from proxy.config import Config
+from kernel.config import Config
+from kernel.types import ASGIApp, Receive, Scope, Send, request_state
 from proxy.metrics import GatewayMetrics
 from proxy.passthrough import UpstreamConnectError
-from proxy.types import ASGIApp, Receive, Scope, Send, request_state
 
 from .progress import progress
 

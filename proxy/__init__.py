@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import Config, ConfigError, load_config
+from kernel.config import Config, ConfigError, load_config
 
 __all__ = ["Config", "ConfigError", "Gateway", "build_app", "load_config"]
 

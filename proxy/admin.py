@@ -38,13 +38,13 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from backends.gpu import NvmlMemory
+from kernel.errors import GatewayError, not_found
+from kernel.types import Receive, Scope, Send
 from middleware.auth import Keys, bearer_token
 from middleware.draining import shutting_down
 
 from . import dashboard
-from .errors import GatewayError, not_found
 from .routes import method_not_allowed, no_route, respond_json
-from .types import Receive, Scope, Send
 
 if TYPE_CHECKING:
     from backends.pool import Backend

@@ -10,17 +10,16 @@ event that ends a stream the gateway cuts short) as ``{"type": "error", "error":
 "message"}}``, with the same status and the same ``Retry-After`` and ``x-should-retry``
 headers, which the Anthropic clients retry by as the OpenAI ones do. A backend's answers, its
 errors too, pass as sent; the gateway's are told apart by the error they carry
-(``proxy.errors.ERROR_KEY``).
+(``kernel.errors.ERROR_KEY``).
 """
 
 from __future__ import annotations
 
 import json
 
+from kernel.errors import ERROR_KEY, GatewayError, internal_error, standalone_sse_event
+from kernel.types import ASGIApp, Message, Receive, Scope, Send
 from middleware.progress import progress
-
-from .errors import ERROR_KEY, GatewayError, internal_error, standalone_sse_event
-from .types import ASGIApp, Message, Receive, Scope, Send
 
 PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
 # Anthropic's error types by status; another 5xx is an ``api_error``, another 4xx an

@@ -34,6 +34,8 @@ from backends.launcher import Launcher
 from backends.pool import BackendPool, LauncherFactory
 from backends.process import STOP_TIMEOUT, ProcessLauncher
 from backends.static import StaticLauncher
+from kernel.config import Config, ModelSettings
+from kernel.types import ASGIApp, Receive, Scope, Send
 from middleware.admission import Admission
 from middleware.auth import ClientKeys
 from middleware.concurrency import ModelConcurrencyLimit
@@ -46,12 +48,10 @@ from middleware.retry import RetryConnectFailures
 
 from . import anthropic, routes
 from .admin import AdminApi
-from .config import Config, ModelSettings
 from .events import EventHub
 from .metrics import GatewayMetrics
 from .passthrough import StreamingPassthrough
 from .routes import EnginePings, method_not_allowed, no_route
-from .types import ASGIApp, Receive, Scope, Send
 from .upstream import Upstream
 
 log = structlog.get_logger("gateway")

@@ -27,11 +27,12 @@ import anyio
 import structlog
 from hypercorn.config import Config as HypercornConfig
 
+from kernel.config import Config, ConfigError, effective, load_config
+from kernel.types import ASGIApp
+
 from .app import build_app, shutdown_allowance
-from .config import Config, ConfigError, effective, load_config
 from .forwarded import behind_proxies
 from .logs import SERVER_LOGGER, configure_logging, log_configuration
-from .types import ASGIApp
 
 EXIT_CONFIG = 2
 # Seconds the server gives the connections still open after the wind-down (an admin call, a

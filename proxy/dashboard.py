@@ -15,7 +15,7 @@ import re
 from functools import cache
 from importlib.resources import files
 
-from .types import Send
+from kernel.types import Send
 
 _INLINE = re.compile(rb"<(script|style)>(.*?)</\1>", re.DOTALL)
 

@@ -29,9 +29,9 @@ from typing import Any
 import anyio
 import structlog
 
-from .config import AdminSettings
-from .errors import GatewayError, unavailable
-from .types import Receive, Scope, Send
+from kernel.config import AdminSettings
+from kernel.errors import GatewayError, unavailable
+from kernel.types import Receive, Scope, Send
 
 log = structlog.get_logger("gateway.events")
 

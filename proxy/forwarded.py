@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 from hypercorn.middleware import ProxyFixMiddleware
 
-from .types import ASGIApp, Receive, Scope, Send
+from kernel.types import ASGIApp, Receive, Scope, Send
 
 
 class TrustedProxyHeaders:

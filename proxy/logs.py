@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from .config import SECTIONS, Config, effective
+from kernel.config import SECTIONS, Config, effective
 
 SERVER_LOGGER = "gateway.server"
 CONFIG_KEY = "config"

@@ -21,11 +21,11 @@ import aiohttp
 import anyio
 
 from backends.container import ContainerEngines, Engine
+from kernel.config import ModelSettings
+from kernel.errors import GatewayError, not_found
+from kernel.types import Send
 
-from .config import ModelSettings
-from .errors import GatewayError, not_found
 from .metrics import CONTENT_TYPE
-from .types import Send
 
 if TYPE_CHECKING:
     from .app import Gateway

@@ -24,7 +24,7 @@ import httpx2
 import sniffio
 from yarl import URL
 
-from .config import Config
+from kernel.config import Config
 
 # Headers aiohttp would add on its own; the backend gets the client's, not ours.
 AIOHTTP_OWN_HEADERS = ("Accept", "Accept-Encoding", "User-Agent")

@@ -22,8 +22,8 @@ import sniffio
 from hypercorn.config import Config as HypercornConfig
 
 from backends.launcher import free_port
+from kernel.config import Config, config_from_mapping
 from proxy.app import Gateway
-from proxy.config import Config, config_from_mapping
 
 ROOT = Path(__file__).resolve().parent.parent
 SIM = ["{python}", "-m", "backends.simulator", "--port", "{port}", "--model", "{name}"]

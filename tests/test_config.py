@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.config import (
+from kernel.config import (
     Config,
     ConfigError,
     config_from_mapping,

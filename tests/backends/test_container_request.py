@@ -12,7 +12,7 @@ from aiodocker.containers import DockerContainer
 from backends.container import ContainerEngines, Engine, container_name, create_request
 from backends.launcher import LaunchError
 from backends.pool import BackendPool
-from proxy.config import config_from_mapping
+from kernel.config import config_from_mapping
 from tests.support import make_config
 
 ENGINES = {"local": {"url": "unix:///run/podman/podman.sock"}}

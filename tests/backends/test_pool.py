@@ -24,8 +24,8 @@ from anyio.abc import TaskGroup
 from backends.gpu import GpuMemory
 from backends.pool import Backend, BackendPool, LauncherFactory, ModelState, should_reap
 from backends.process import ProcessLauncher
-from proxy.config import Config, ModelSettings
-from proxy.errors import GatewayError
+from kernel.config import Config, ModelSettings
+from kernel.errors import GatewayError
 from tests.backends.checks import running
 from tests.support import chat, eventually, make_config, sim_model, simulator
 

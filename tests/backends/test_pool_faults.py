@@ -11,8 +11,8 @@ import anyio
 import pytest
 
 from backends.pool import BackendPool, ModelState
-from proxy.config import ModelSettings
-from proxy.errors import GatewayError
+from kernel.config import ModelSettings
+from kernel.errors import GatewayError
 from tests.backends.checks import running
 from tests.backends.test_pool import (
     HEALTHY,

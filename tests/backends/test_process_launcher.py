@@ -9,7 +9,7 @@ from anyio import create_task_group, current_time, fail_after, sleep
 
 from backends.launcher import LaunchError
 from backends.process import ProcessLauncher
-from proxy.config import ModelSettings
+from kernel.config import ModelSettings
 from tests.backends.checks import running
 from tests.support import eventually, make_config
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from proxy.config import load_config
+from kernel.config import load_config
 from tests.support import ROOT
 
 PODMAN_CONFIG = ROOT / "deploy" / "config.podman.toml"

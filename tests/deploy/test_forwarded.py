@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from proxy.config import ConfigError, config_from_mapping
+from kernel.config import ConfigError, config_from_mapping
+from kernel.types import Scope
 from proxy.forwarded import TrustedProxyHeaders, behind_proxies
-from proxy.types import Scope
 from tests.support import make_config, static_model
 
 pytestmark = pytest.mark.anyio

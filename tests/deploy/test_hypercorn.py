@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from proxy.config import GatewaySettings
+from kernel.config import GatewaySettings
 from tests.support import HTTP, ROOT, chat
 
 from .conftest import processes_with, stop

@@ -24,7 +24,7 @@ if not torch.cuda.is_available():
 from backends.gpu import NvmlMemory  # noqa: E402
 from backends.pool import BackendPool, ModelState  # noqa: E402
 from backends.process import ProcessLauncher  # noqa: E402
-from proxy.config import config_from_mapping  # noqa: E402
+from kernel.config import config_from_mapping  # noqa: E402
 
 HOLDER = str(Path(__file__).with_name("gpu_holder.py"))
 

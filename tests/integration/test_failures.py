@@ -17,7 +17,7 @@ import anyio
 import httpx2
 import pytest
 
-from proxy.config import Config
+from kernel.config import Config
 from tests.support import (
     chat,
     make_config,

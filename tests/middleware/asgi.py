@@ -12,8 +12,8 @@ import anyio
 import sniffio
 from anyio.abc import TaskGroup
 
-from proxy.config import Config
-from proxy.types import ASGIApp, Message, Scope, request_state
+from kernel.config import Config
+from kernel.types import ASGIApp, Message, Scope, request_state
 
 
 def http_scope(*, headers: list[tuple[bytes, bytes]] | None = None, method: str = "POST",

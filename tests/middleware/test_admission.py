@@ -9,11 +9,11 @@ from typing import Any
 import anyio
 import pytest
 
+from kernel.types import Message, Receive, Scope, Send, request_state
 from middleware import admission
 from middleware.admission import LARGE_BODY, Admission
 from middleware.response_ids import ResponseIds
 from proxy.anthropic import AnthropicErrors
-from proxy.types import Message, Receive, Scope, Send, request_state
 from tests.support import make_config, sim_model
 
 from .asgi import Client, http_scope

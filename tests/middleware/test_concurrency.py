@@ -9,11 +9,11 @@ import anyio
 import pytest
 from anyio.lowlevel import checkpoint
 
+from kernel.config import Config
+from kernel.types import Receive, Scope, Send, request_state
 from middleware.concurrency import ModelConcurrencyLimit
 from middleware.queue_depth import QueueDepthLimit
-from proxy.config import Config
 from proxy.metrics import GatewayMetrics
-from proxy.types import Receive, Scope, Send, request_state
 from tests.support import make_config, sim_model
 
 from .asgi import Client, admitted_scope, call, settle, start

@@ -13,14 +13,14 @@ import anyio
 import pytest
 
 from backends.pool import ModelState
+from kernel.errors import unavailable
+from kernel.types import Message, request_state
 from middleware.feedback import StreamFeedback
 from middleware.progress import progress
 from middleware.retry import RetryConnectFailures
 from proxy.anthropic import AnthropicErrors
-from proxy.errors import unavailable
 from proxy.metrics import GatewayMetrics
 from proxy.passthrough import UpstreamConnectError
-from proxy.types import Message, request_state
 from tests.middleware.asgi import Client, admitted_scope, call
 from tests.support import make_config, static_model
 

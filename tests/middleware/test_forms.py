@@ -6,8 +6,8 @@ from __future__ import annotations
 import httpx2
 import pytest
 
+from kernel.errors import GatewayError
 from middleware.forms import FEED, MAX_MODEL_BYTES, form_model
-from proxy.errors import GatewayError
 
 TYPE = b"multipart/form-data; boundary=XyZ"
 

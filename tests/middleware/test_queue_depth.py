@@ -5,11 +5,11 @@ from __future__ import annotations
 import anyio
 import pytest
 
+from kernel.config import Config
+from kernel.types import Receive, Scope, Send, request_state
 from middleware.concurrency import ModelConcurrencyLimit
 from middleware.queue_depth import QueueDepthLimit
-from proxy.config import Config
 from proxy.metrics import GatewayMetrics
-from proxy.types import Receive, Scope, Send, request_state
 from tests.support import make_config, sim_model
 
 from .asgi import admitted_scope, call, settle, start

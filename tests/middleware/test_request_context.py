@@ -8,11 +8,11 @@ import anyio
 import pytest
 import structlog
 
+from kernel.errors import GatewayError
+from kernel.types import Receive, Scope, Send, request_state
 from middleware import request_context
 from middleware.request_context import RequestContext
-from proxy.errors import GatewayError
 from proxy.metrics import GatewayMetrics
-from proxy.types import Receive, Scope, Send, request_state
 from tests.support import make_config, sim_model
 
 from .asgi import Client, call, http_scope

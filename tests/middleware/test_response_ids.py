@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from kernel.errors import GatewayError
+from kernel.types import Receive, Scope, Send, request_state
 from middleware.response_ids import PEEK_BYTES, RememberResponseIds, ResponseIds, stored_response
-from proxy.errors import GatewayError
-from proxy.types import Receive, Scope, Send, request_state
 from tests.support import make_config, sim_model
 
 from .asgi import call, http_scope

@@ -7,13 +7,13 @@ from typing import Any
 import anyio
 import pytest
 
+from kernel.config import Config
+from kernel.errors import GatewayError
+from kernel.types import Receive, Scope, Send, request_state
 from middleware import retry as retry_module
 from middleware.retry import RetryBudget, RetryConnectFailures
-from proxy.config import Config
-from proxy.errors import GatewayError
 from proxy.metrics import GatewayMetrics
 from proxy.passthrough import UpstreamConnectError
-from proxy.types import Receive, Scope, Send, request_state
 from tests.support import make_config, sim_model
 
 from .asgi import admitted_scope, call

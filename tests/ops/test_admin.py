@@ -8,7 +8,7 @@ import anyio
 import httpx2
 import pytest
 
-from proxy.config import config_from_mapping
+from kernel.config import config_from_mapping
 from tests.support import (
     HeldBackend,
     chat,

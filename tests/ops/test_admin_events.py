@@ -13,7 +13,7 @@ import anyio.lowlevel
 import httpx2
 import pytest
 
-from proxy.errors import error_body, unavailable
+from kernel.errors import error_body, unavailable
 from proxy.events import EventHub, error_code
 from tests.support import (
     HeldBackend,

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
+from kernel.errors import GatewayError, bad_request, unavailable
+from kernel.types import Receive, Scope, Send
 from proxy.anthropic import AnthropicErrors
-from proxy.errors import GatewayError, bad_request, unavailable
-from proxy.types import Receive, Scope, Send
 from tests.middleware.asgi import Client, call, http_scope
 
 pytestmark = pytest.mark.anyio

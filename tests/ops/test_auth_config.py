@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import structlog
 
+from kernel.config import ConfigError, config_from_mapping, effective
 from proxy import cli
-from proxy.config import ConfigError, config_from_mapping, effective
 from tests.support import static_model
 
 MODELS = [static_model("m", "http://127.0.0.1:9")]

@@ -7,8 +7,8 @@ import json
 import anyio
 import pytest
 
+from kernel.types import Receive, Scope, Send
 from middleware.draining import Draining
-from proxy.types import Receive, Scope, Send
 from tests.middleware.asgi import Client, call, http_scope, settle, start
 
 pytestmark = pytest.mark.anyio

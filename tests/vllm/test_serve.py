@@ -10,7 +10,7 @@ import httpx2
 import openai
 import pytest
 
-from proxy.config import load_config
+from kernel.config import load_config
 from tests.support import ROOT
 
 from .conftest import (
