@@ -132,7 +132,10 @@ t=$(now)
 ctx="$work/gateway-context"
 mkdir -p "$ctx/src"
 cp Containerfile "$ctx/Containerfile"
-tar -c --exclude=__pycache__ --exclude='*.pyc' pyproject.toml README.md proxy middleware backends |
+# The packages are pyproject.toml's [tool.setuptools] packages, so that a new one needs no edit here.
+packages=$(.venv/bin/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"]["packages"])')
+# shellcheck disable=SC2086  # one word per package
+tar -c --exclude=__pycache__ --exclude='*.pyc' pyproject.toml README.md $packages |
     tar -C "$ctx/src" -x
 # The runtime dependencies of vllm-gateway in .venv, followed through their requirements.
 .venv/bin/python - >"$work/pins.txt" <<'PY'
