@@ -16,7 +16,7 @@ import structlog
 
 from kernel.errors import GatewayError, unavailable
 from kernel.types import ASGIApp, Receive, Scope, Send
-from proxy.passthrough import is_sse
+from relay.passthrough import is_sse
 
 from .progress import progress
 

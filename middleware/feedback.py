@@ -38,7 +38,7 @@ from backends.pool import BackendPool, ModelState
 from kernel.config import Config
 from kernel.errors import ERROR_KEY, GatewayError, internal_error, standalone_sse_event
 from kernel.types import ASGIApp, Message, Receive, Scope, Send, request_state
-from proxy.passthrough import is_sse
+from relay.passthrough import is_sse
 
 from .progress import FEEDBACK
 

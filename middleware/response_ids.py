@@ -19,7 +19,7 @@ from collections import OrderedDict
 from kernel.config import ModelSettings
 from kernel.errors import not_found
 from kernel.types import ASGIApp, Message, Receive, Scope, Send, request_state
-from proxy.passthrough import SSE
+from relay.passthrough import SSE
 
 CREATE_PATH = "/v1/responses"
 PREFIX = CREATE_PATH + "/"

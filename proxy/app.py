@@ -45,14 +45,14 @@ from middleware.queue_depth import QueueDepthLimit
 from middleware.request_context import RequestContext
 from middleware.response_ids import CREATE_PATH, RememberResponseIds, ResponseIds, stored_response
 from middleware.retry import RetryConnectFailures
+from relay.passthrough import StreamingPassthrough
+from relay.upstream import Upstream
+from telemetry.events import EventHub
+from telemetry.metrics import GatewayMetrics
 
 from . import anthropic, routes
 from .admin import AdminApi
-from .events import EventHub
-from .metrics import GatewayMetrics
-from .passthrough import StreamingPassthrough
 from .routes import EnginePings, method_not_allowed, no_route
-from .upstream import Upstream
 
 log = structlog.get_logger("gateway")
 

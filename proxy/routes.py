@@ -23,8 +23,7 @@ from backends.container import ContainerEngines, Engine
 from kernel.config import ModelSettings
 from kernel.errors import GatewayError, not_found
 from kernel.types import Send
-
-from .metrics import CONTENT_TYPE
+from telemetry.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
     from .app import Gateway

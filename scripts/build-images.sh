@@ -132,8 +132,8 @@ t=$(now)
 ctx="$work/gateway-context"
 mkdir -p "$ctx/src"
 cp Containerfile "$ctx/Containerfile"
-tar -c --exclude=__pycache__ --exclude='*.pyc' pyproject.toml README.md kernel backends middleware proxy \
-    simulator |
+tar -c --exclude=__pycache__ --exclude='*.pyc' pyproject.toml README.md kernel telemetry backends relay \
+    middleware proxy simulator |
     tar -C "$ctx/src" -x
 # The runtime dependencies of vllm-gateway in .venv, followed through their requirements.
 .venv/bin/python - >"$work/pins.txt" <<'PY'

@@ -31,8 +31,8 @@ import structlog
 from backends.pool import BackendPool
 from kernel.errors import GatewayError
 from kernel.types import Message, Receive, Scope, Send, header, request_state
-from middleware.disconnect import ClientWatch, SendWatch, SendWatches, cancellable
 
+from .disconnect import ClientWatch, SendWatch, SendWatches, cancellable
 from .upstream import Answer, Broken, ConnectFailed, NoFirstByte, PoolExhausted, Upstream
 
 log = structlog.get_logger("gateway.proxy")
