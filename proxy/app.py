@@ -32,6 +32,7 @@ from backends.container import ContainerEngines
 from backends.gpu import GpuMemory, probe_gpus
 from backends.launcher import Launcher
 from backends.pool import BackendPool, LauncherFactory
+from backends.pool_metrics import PoolMetrics
 from backends.process import STOP_TIMEOUT, ProcessLauncher
 from backends.static import StaticLauncher
 from kernel.config import Config, ModelSettings
@@ -101,7 +102,7 @@ class Gateway:
         self.pool = BackendPool(config, launchers=launchers or launchers_for(self.engines),
                                 gpu=gpu, on_ready=self._started, on_wake=self._woke,
                                 on_change=self.events.changed)
-        self.metrics.watch_pool(self.pool)
+        self.metrics.registry.register(PoolMetrics(self.pool))
         self.upstream = Upstream(config)
         self.running_now = False
         self._told: str | None = None
