@@ -1,7 +1,7 @@
 """A lean OpenAI-shaped backend for the benchmarks: raw asyncio protocol on uvloop.
 
 Run it as ``python -m benchmarks.responder --port N [--tokens-per-second R]``. It answers what
-the simulator answers (``backends/simulator.py``), in the same shapes, but with a hand-written
+the simulator answers (``simulator/server.py``), in the same shapes, but with a hand-written
 HTTP/1.1 parser and pre-built byte templates, so one core serves several times the simulator's
 rate and the backend is not what a benchmark measures. It is not a general HTTP server: requests
 carry ``Content-Length`` bodies (as httpx, nginx and the openai client send them), keep-alive,

@@ -203,7 +203,7 @@ log_format = "json"
 {tables}"""
 
 
-PACKAGES = ("proxy", "middleware", "backends")
+PACKAGES = ("kernel", "telemetry", "backends", "relay", "middleware", "proxy")
 
 
 def snapshot(work: Path) -> tuple[Path, str]:

@@ -1,4 +1,4 @@
-"""ASGI callable types, shared by every layer."""
+"""ASGI callable types and the helpers that read ASGI messages, shared by every layer."""
 
 from __future__ import annotations
 
@@ -18,6 +18,15 @@ def header(scope: Scope, name: bytes) -> bytes | None:
         if key == name:
             return value
     return None
+
+
+SSE = b"text/event-stream"
+
+
+def is_sse(start: Message) -> bool:
+    """Whether an ``http.response.start`` begins a stream of server-sent events."""
+    return any(key.lower() == b"content-type" and value.startswith(SSE)
+               for key, value in start.get("headers", ()))
 
 
 # The gateway's own keys go under this one key of ``scope["state"]``: an application that mounts

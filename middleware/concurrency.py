@@ -23,9 +23,8 @@ import anyio
 from kernel.config import Config
 from kernel.errors import unavailable
 from kernel.types import ASGIApp, Receive, Scope, Send, request_state
-from proxy.metrics import GatewayMetrics
-
-from .disconnect import ClientWatch
+from relay.disconnect import ClientWatch
+from telemetry.metrics import GatewayMetrics
 
 
 class _Slot:

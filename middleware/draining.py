@@ -15,8 +15,7 @@ import anyio
 import structlog
 
 from kernel.errors import GatewayError, unavailable
-from kernel.types import ASGIApp, Receive, Scope, Send
-from proxy.passthrough import is_sse
+from kernel.types import ASGIApp, Receive, Scope, Send, is_sse
 
 from .progress import progress
 

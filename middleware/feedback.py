@@ -37,8 +37,7 @@ from anyio.abc import TaskGroup
 from backends.pool import BackendPool, ModelState
 from kernel.config import Config
 from kernel.errors import ERROR_KEY, GatewayError, internal_error, standalone_sse_event
-from kernel.types import ASGIApp, Message, Receive, Scope, Send, request_state
-from proxy.passthrough import is_sse
+from kernel.types import ASGIApp, Message, Receive, Scope, Send, is_sse, request_state
 
 from .progress import FEEDBACK
 

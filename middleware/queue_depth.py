@@ -12,7 +12,7 @@ from __future__ import annotations
 from kernel.config import Config
 from kernel.errors import GatewayError
 from kernel.types import ASGIApp, Receive, Scope, Send, request_state
-from proxy.metrics import GatewayMetrics
+from telemetry.metrics import GatewayMetrics
 
 
 class _QueuePlace:

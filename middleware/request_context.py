@@ -14,7 +14,7 @@ answer (``GatewayError.answer``), or of the way the request ended (``send_timeou
 that stopped reading). The model is the one the client asked for when it is not configured.
 For a request that got a slot, the time to the first byte and the duration are observed per
 model as well, and while the admin API's event stream has subscribers, the request's start and
-a summary of its end go to them (``proxy.events``).
+a summary of its end go to them (``telemetry.events``).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import structlog
 
 from kernel.errors import GatewayError, internal_error
 from kernel.types import ASGIApp, Message, Receive, Scope, Send, header, request_state
-from proxy.events import EventHub, error_code
-from proxy.metrics import GatewayMetrics
+from telemetry.events import EventHub, error_code
+from telemetry.metrics import GatewayMetrics
 
 from .progress import progress
 

@@ -18,8 +18,7 @@ from collections import OrderedDict
 
 from kernel.config import ModelSettings
 from kernel.errors import not_found
-from kernel.types import ASGIApp, Message, Receive, Scope, Send, request_state
-from proxy.passthrough import SSE
+from kernel.types import SSE, ASGIApp, Message, Receive, Scope, Send, request_state
 
 CREATE_PATH = "/v1/responses"
 PREFIX = CREATE_PATH + "/"

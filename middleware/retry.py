@@ -18,8 +18,8 @@ import structlog
 
 from kernel.config import Config
 from kernel.types import ASGIApp, Receive, Scope, Send, request_state
-from proxy.metrics import GatewayMetrics
-from proxy.passthrough import UpstreamConnectError
+from relay.passthrough import UpstreamConnectError
+from telemetry.metrics import GatewayMetrics
 
 from .progress import progress
 

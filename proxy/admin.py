@@ -19,7 +19,7 @@ OpenAI shape.
 - ``POST /admin/drain``: the whole gateway stops taking requests, as on SIGTERM, but keeps
   running; answers at once (202). ``GET /admin/models`` then shows what is still in flight.
 - ``GET /admin/events``: the same state, and each request as it ends, as a live stream of
-  server-sent events (``proxy.events``).
+  server-sent events (``telemetry.events``).
 - ``GET /admin/ui``: the dashboard (``proxy.dashboard``), a page that asks for the token
   itself: it is the one path here that needs none (a browser cannot send it on navigation).
 

@@ -32,6 +32,7 @@ from backends.container import ContainerEngines
 from backends.gpu import GpuMemory, probe_gpus
 from backends.launcher import Launcher
 from backends.pool import BackendPool, LauncherFactory
+from backends.pool_metrics import PoolMetrics
 from backends.process import STOP_TIMEOUT, ProcessLauncher
 from backends.static import StaticLauncher
 from kernel.config import Config, ModelSettings
@@ -45,14 +46,14 @@ from middleware.queue_depth import QueueDepthLimit
 from middleware.request_context import RequestContext
 from middleware.response_ids import CREATE_PATH, RememberResponseIds, ResponseIds, stored_response
 from middleware.retry import RetryConnectFailures
+from relay.passthrough import StreamingPassthrough
+from relay.upstream import Upstream
+from telemetry.events import EventHub
+from telemetry.metrics import GatewayMetrics
 
 from . import anthropic, routes
 from .admin import AdminApi
-from .events import EventHub
-from .metrics import GatewayMetrics
-from .passthrough import StreamingPassthrough
 from .routes import EnginePings, method_not_allowed, no_route
-from .upstream import Upstream
 
 log = structlog.get_logger("gateway")
 
@@ -101,7 +102,7 @@ class Gateway:
         self.pool = BackendPool(config, launchers=launchers or launchers_for(self.engines),
                                 gpu=gpu, on_ready=self._started, on_wake=self._woke,
                                 on_change=self.events.changed)
-        self.metrics.watch_pool(self.pool)
+        self.metrics.registry.register(PoolMetrics(self.pool))
         self.upstream = Upstream(config)
         self.running_now = False
         self._told: str | None = None

@@ -16,16 +16,14 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-import aiodocker
-import aiohttp
 import anyio
 
+from backends import engine_api
 from backends.container import ContainerEngines, Engine
 from kernel.config import ModelSettings
 from kernel.errors import GatewayError, not_found
 from kernel.types import Send
-
-from .metrics import CONTENT_TYPE
+from telemetry.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -57,15 +55,9 @@ async def respond_json(send: Send, status: int, payload: object) -> None:
 
 
 async def _answers(engine: Engine) -> bool:
-    """Whether the engine answers ``GET /_ping``. aiodocker has no public ping, and its
-    ``version()`` takes a second on Podman 4, so the ping goes through its request method
-    (unversioned: asking for the API version would call ``/version`` first)."""
+    """Whether the engine answers its ping within ``PING_TIMEOUT``."""
     with anyio.move_on_after(PING_TIMEOUT):
-        try:
-            async with engine.api._query("_ping", versioned_api=False):
-                return True  # an error status raised DockerError
-        except (aiodocker.DockerError, aiohttp.ClientError, OSError):
-            return False
+        return await engine_api.ping(engine.api)
     return False
 
 

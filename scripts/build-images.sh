@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the container images the tests and deployment need, without any registry:
 #   localhost/vllm-gateway-base:bookworm  Debian bookworm (debootstrap) + python3 3.11 + aiohttp, uvloop
-#   localhost/vllm-gateway-sim:test       tests/containers/Containerfile.simulator + backends/
+#   localhost/vllm-gateway-sim:test       tests/containers/Containerfile.simulator + simulator/
 #   localhost/vllm-gateway:latest         ./Containerfile: the gateway, from wheels built here
 # Each image carries a content-hash label; an image whose label matches is not rebuilt, so a warm
 # run takes under a second. Cold: 2-4 min (debootstrap 70-170 s, load-dependent). Run as root after
@@ -10,7 +10,7 @@
 # Env: DEBIAN_MIRROR (default: this machine's apt source for bookworm),
 #      SIM_BASE (e.g. python:3.11-slim where a registry is reachable; skips the debootstrap image),
 #      IMAGE_BASE (the gateway image's base; default: SIM_BASE),
-#      BACKENDS_DIR (default: backends; the package copied into the simulator image).
+#      SIMULATOR_DIR (default: simulator; the package copied into the simulator image).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -19,7 +19,7 @@ SIM_IMAGE=localhost/vllm-gateway-sim:test
 GATEWAY_IMAGE=localhost/vllm-gateway:latest
 SIM_BASE="${SIM_BASE:-$BASE_IMAGE}"
 IMAGE_BASE="${IMAGE_BASE:-$SIM_BASE}"
-BACKENDS_DIR="${BACKENDS_DIR:-backends}"
+SIMULATOR_DIR="${SIMULATOR_DIR:-simulator}"
 SUITE=bookworm
 PKGS=python3,python3-venv,python3-pip,ca-certificates
 # The simulator needs aiohttp >= 3.9 (web.AppKey); Debian 12 ships 3.8.4. pip cannot reach PyPI inside
@@ -37,7 +37,7 @@ id_of() { podman image inspect --format '{{.Id}}' "$1" 2>/dev/null || true; }
 
 [[ $(id -u) -eq 0 ]] || die "must run as root (rootful Podman, debootstrap)"
 for c in podman debootstrap; do command -v "$c" >/dev/null || die "$c missing: run scripts/setup-podman.sh"; done
-[[ -f $BACKENDS_DIR/__init__.py ]] || die "$BACKENDS_DIR is not a Python package"
+[[ -f $SIMULATOR_DIR/__init__.py ]] || die "$SIMULATOR_DIR is not a Python package"
 [[ -x .venv/bin/python ]] || die ".venv missing: run scripts/bootstrap.sh"
 
 # One build at a time (parallel test workers may all call this script).
@@ -106,12 +106,12 @@ if [[ $SIM_BASE == "$BASE_IMAGE" || $IMAGE_BASE == "$BASE_IMAGE" ]]; then
     fi
 fi
 
-# --- b. simulator image: key = the staged build context (Containerfile + backends/) + base image id.
+# --- b. simulator image: key = the staged build context (Containerfile + simulator/) + base image id.
 t=$(now)
 ctx="$work/sim-context"
 mkdir -p "$ctx"
 cp tests/containers/Containerfile.simulator "$ctx/Containerfile"
-tar -C "$BACKENDS_DIR" --exclude=__pycache__ --exclude='*.pyc' -c . | { mkdir -p "$ctx/backends" && tar -C "$ctx/backends" -x; }
+tar -C "$SIMULATOR_DIR" --exclude=__pycache__ --exclude='*.pyc' -c . | { mkdir -p "$ctx/simulator" && tar -C "$ctx/simulator" -x; }
 key=$({ echo "$SIM_BASE $(id_of "$SIM_BASE")"
         cd "$ctx" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum; } | sha256sum | cut -c1-16)
 if [[ $(key_of "$SIM_IMAGE") == "$key" ]]; then

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up what the tests need, run the whole suite, and stop what was started for it. Extra
-# arguments go to pytest.
+# Set up what the tests need, check the import contract, run the whole suite, and stop what was
+# started for it. Extra arguments go to pytest.
 #
 # As any user it creates .venv (scripts/bootstrap.sh) and .venv-vllm, the CPU build of vLLM for
 # tests/vllm (scripts/setup-vllm.sh: ~3.4 GB, ~2.5 min once). As root it also changes the machine,
@@ -39,4 +39,6 @@ else
     echo "test.sh: not root, so nothing is installed and no Podman service is started;" \
          "container and deployment tests skip where their tool is missing" >&2
 fi
+# The import contract ([tool.importlinter] in pyproject.toml): imports point one way.
+.venv/bin/lint-imports
 .venv/bin/pytest "$@"

@@ -26,7 +26,7 @@ from kernel.config import Config, config_from_mapping
 from proxy.app import Gateway
 
 ROOT = Path(__file__).resolve().parent.parent
-SIM = ["{python}", "-m", "backends.simulator", "--port", "{port}", "--model", "{name}"]
+SIM = ["{python}", "-m", "simulator", "--port", "{port}", "--model", "{name}"]
 
 
 # One client for the tests' polling: a fresh httpx2.get() builds a TLS context each call (~80 ms).
@@ -47,7 +47,7 @@ def simulator(*args: str, model: str = "sim", port: int = 0,
               ready: bool = True) -> Iterator[Simulator]:
     """A simulator process (on a free port unless given one), stopped and reaped at the end."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "backends.simulator", "--port", str(port), "--model", model,
+        [sys.executable, "-m", "simulator", "--port", str(port), "--model", model,
          *args],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

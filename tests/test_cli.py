@@ -178,7 +178,7 @@ SIMULATED = """
 [[models]]
 name = "sim"
 launcher = "process"
-command = ["{python}", "-m", "backends.simulator", "--port", "{port}", "--model", "{name}"]
+command = ["{python}", "-m", "simulator", "--port", "{port}", "--model", "{name}"]
 startup_timeout = 20.0
 """
 

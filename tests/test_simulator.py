@@ -1,4 +1,4 @@
-"""Tests of backends/simulator.py, run as real subprocesses over real sockets."""
+"""Tests of simulator/server.py, run as real subprocesses over real sockets."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Any
 import httpx2
 import pytest
 
-from backends.simulator import SimulatorConfig, serve
+from simulator.server import SimulatorConfig, serve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,7 +93,7 @@ class Sim:
 def _spawn(args: list[str], stderr_path: Path) -> subprocess.Popen[bytes]:
     with stderr_path.open("wb") as stderr:
         return subprocess.Popen(
-            [sys.executable, "-m", "backends.simulator", "--port", "0", "--model", MODEL, *args],
+            [sys.executable, "-m", "simulator", "--port", "0", "--model", MODEL, *args],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=stderr,

@@ -1,4 +1,4 @@
-"""The simulator's sleep mode (backends/simulator_sleep.py), as real subprocesses over real
+"""The simulator's sleep mode (simulator/sleep.py), as real subprocesses over real
 sockets: served only with the flag and the variable real vLLM needs, vLLM's shapes, the delays,
 requests held while asleep, the modes, the metric, and level 2's wake sequence as recorded."""
 

@@ -16,7 +16,7 @@ from tests.support import HTTP, chat, gateway_process
 
 TOKEN = "dash-t0ken"
 ADMIN = {"authorization": f"Bearer {TOKEN}"}
-SIM = '["{python}", "-m", "backends.simulator", "--port", "{port}", "--model", "{name}"]'
+SIM = '["{python}", "-m", "simulator", "--port", "{port}", "--model", "{name}"]'
 CONFIG = f"""
 [gateway]
 gpu_memory_mb = 24576

@@ -29,7 +29,7 @@ def sim_config(model: str) -> str:
 [[models]]
 name = "{model}"
 launcher = "process"
-command = ["{{python}}", "-m", "backends.simulator", "--port", "{{port}}", "--model", "{{name}}"]
+command = ["{{python}}", "-m", "simulator", "--port", "{{port}}", "--model", "{{name}}"]
 startup_timeout = 20.0
 """
 

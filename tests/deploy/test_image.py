@@ -25,7 +25,7 @@ max_concurrent = 4
 [[models]]
 name = "sim"
 launcher = "process"
-command = ["{python}", "-m", "backends.simulator", "--port", "{port}", "--model", "{name}"]
+command = ["{python}", "-m", "simulator", "--port", "{port}", "--model", "{name}"]
 startup_timeout = 20.0
 """
 MOUNT = "/etc/vllm-gateway/config.toml"

@@ -22,7 +22,7 @@ def test_mounted_gateway_serves_under_its_prefix_and_lives_in_the_host_lifespan(
 [[models]]
 name = "{model}"
 launcher = "process"
-command = ["{{python}}", "-m", "backends.simulator", "--port", "{{port}}", "--model", "{{name}}",
+command = ["{{python}}", "-m", "simulator", "--port", "{{port}}", "--model", "{{name}}",
            "--tokens-per-second", "20"]
 startup_timeout = 20.0
 """, "--config", str(ROOT / "deploy" / "hypercorn.toml"), "examples.mounted_app:create_app()")

@@ -25,7 +25,7 @@ def main() -> int:
     args, rest = parser.parse_known_args()
     import torch
 
-    from backends import simulator_sleep
+    from simulator import sleep as simulator_sleep
 
     device = f"cuda:{args.device}"
     weights_mib = args.mib // 2
@@ -45,7 +45,7 @@ def main() -> int:
         restore(tag)
     simulator_sleep.MEMORY.release = release
     simulator_sleep.MEMORY.restore = restore
-    from backends.simulator import main as simulator
+    from simulator.server import main as simulator
 
     return simulator([a for a in rest if a != "--"])
 

@@ -15,7 +15,7 @@ import pytest
 from tests.support import HTTP, module_gateway
 
 KEY = "sk-gateway-test"
-SIM = '["{python}", "-m", "backends.simulator", "--port", "{port}", "--model", "{name}"'
+SIM = '["{python}", "-m", "simulator", "--port", "{port}", "--model", "{name}"'
 CONFIG = f"""
 [gateway]
 queue_timeout = 3.0

@@ -88,7 +88,7 @@ def servers_of(model: str) -> list[int]:
             argv = cmdline.read_bytes().split(b"\0")
         except OSError:
             continue
-        if argv[1:3] == [b"-m", b"backends.simulator"] and model.encode() in argv:
+        if argv[1:3] == [b"-m", b"simulator"] and model.encode() in argv:
             pid = int(cmdline.parent.name)
             if running(pid):
                 pids.append(pid)
@@ -101,7 +101,7 @@ def test_a_gateway_killed_with_9_leaves_no_server_and_no_secret(tmp_path: Path) 
 [[models]]
 name = "{model}"
 launcher = "process"
-command = ["{sys.executable}", "-m", "backends.simulator", "--port", "{{port}}",
+command = ["{sys.executable}", "-m", "simulator", "--port", "{{port}}",
            "--model", "{{name}}"]
 """
     env = {"GATEWAY_ADMIN_TOKEN": TOKEN}

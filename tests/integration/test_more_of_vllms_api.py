@@ -15,7 +15,7 @@ import pytest
 from tests.support import HTTP, gateway_process, module_gateway
 
 LIMIT = 256 * 1024
-SIM = '["{python}", "-m", "backends.simulator", "--port", "{port}", "--model", "{name}"'
+SIM = '["{python}", "-m", "simulator", "--port", "{port}", "--model", "{name}"'
 CONFIG = f"""
 [gateway]
 max_body_bytes = {LIMIT}

@@ -17,7 +17,7 @@ max_concurrent = 8
 name = "sim-chat"
 aliases = ["chat"]
 launcher = "process"
-command = ["{python}", "-m", "backends.simulator", "--port", "{port}", "--model", "{name}",
+command = ["{python}", "-m", "simulator", "--port", "{port}", "--model", "{name}",
            "--tokens-per-second", "200"]
 startup_timeout = 20.0
 idle_timeout = 60.0

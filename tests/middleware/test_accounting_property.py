@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from kernel.types import Receive, Scope, Send
 from middleware.concurrency import ModelConcurrencyLimit
 from middleware.queue_depth import QueueDepthLimit
-from proxy.metrics import GatewayMetrics
+from telemetry.metrics import GatewayMetrics
 from tests.support import make_config, sim_model
 
 from .asgi import Client, admitted_scope, settle

@@ -13,7 +13,7 @@ from kernel.config import Config
 from kernel.types import Receive, Scope, Send, request_state
 from middleware.concurrency import ModelConcurrencyLimit
 from middleware.queue_depth import QueueDepthLimit
-from proxy.metrics import GatewayMetrics
+from telemetry.metrics import GatewayMetrics
 from tests.support import make_config, sim_model
 
 from .asgi import Client, admitted_scope, call, settle, start

@@ -7,7 +7,7 @@ import anyio
 import pytest
 from anyio.lowlevel import checkpoint
 
-from middleware.disconnect import ClientWatch, SendWatches, cancellable
+from relay.disconnect import ClientWatch, SendWatches, cancellable
 
 from .asgi import Client, settle
 

@@ -19,8 +19,8 @@ from middleware.feedback import StreamFeedback
 from middleware.progress import progress
 from middleware.retry import RetryConnectFailures
 from proxy.anthropic import AnthropicErrors
-from proxy.metrics import GatewayMetrics
-from proxy.passthrough import UpstreamConnectError
+from relay.passthrough import UpstreamConnectError
+from telemetry.metrics import GatewayMetrics
 from tests.middleware.asgi import Client, admitted_scope, call
 from tests.support import make_config, static_model
 

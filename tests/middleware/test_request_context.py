@@ -12,7 +12,7 @@ from kernel.errors import GatewayError
 from kernel.types import Receive, Scope, Send, request_state
 from middleware import request_context
 from middleware.request_context import RequestContext
-from proxy.metrics import GatewayMetrics
+from telemetry.metrics import GatewayMetrics
 from tests.support import make_config, sim_model
 
 from .asgi import Client, call, http_scope

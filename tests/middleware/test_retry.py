@@ -12,8 +12,8 @@ from kernel.errors import GatewayError
 from kernel.types import Receive, Scope, Send, request_state
 from middleware import retry as retry_module
 from middleware.retry import RetryBudget, RetryConnectFailures
-from proxy.metrics import GatewayMetrics
-from proxy.passthrough import UpstreamConnectError
+from relay.passthrough import UpstreamConnectError
+from telemetry.metrics import GatewayMetrics
 from tests.support import make_config, sim_model
 
 from .asgi import admitted_scope, call

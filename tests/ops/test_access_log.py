@@ -10,7 +10,7 @@ import pytest
 from kernel.types import Receive, Scope, Send, request_state
 from middleware import request_context
 from middleware.request_context import RequestContext
-from proxy.metrics import GatewayMetrics
+from telemetry.metrics import GatewayMetrics
 from tests.middleware.asgi import Client, call, http_scope
 from tests.middleware.test_request_context import Lines
 from tests.support import make_config, serving, sim_model, static_model

@@ -14,7 +14,7 @@ import httpx2
 import pytest
 
 from kernel.errors import error_body, unavailable
-from proxy.events import EventHub, error_code
+from telemetry.events import EventHub, error_code
 from tests.support import (
     HeldBackend,
     chat,

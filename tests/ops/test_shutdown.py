@@ -22,7 +22,7 @@ shutdown_grace = {GRACE}
 [[models]]
 name = "m"
 launcher = "process"
-command = ["{{python}}", "-m", "backends.simulator", "--port", "{{port}}", "--model", "{{name}}",
+command = ["{{python}}", "-m", "simulator", "--port", "{{port}}", "--model", "{{name}}",
            "--tokens-per-second", "20"]
 startup_timeout = 20.0
 """

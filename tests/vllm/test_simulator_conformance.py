@@ -1,4 +1,4 @@
-"""The simulator (backends/simulator.py) held to real vLLM: the same requests to both, and what
+"""The simulator (simulator/server.py) held to real vLLM: the same requests to both, and what
 a client or the gateway can see compared.
 
 Compared: status codes and the error envelope (``type``, ``param``, ``code``), the SSE framing

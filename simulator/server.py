@@ -1,6 +1,6 @@
 """Simulated vLLM server: an OpenAI-compatible backend for tests and benchmarks.
 
-Run it as ``python -m backends.simulator --port 8000 --model NAME``; see
+Run it as ``python -m simulator --port 8000 --model NAME``; see
 ``--help`` for the pacing, concurrency and fault-injection switches.  It
 depends only on the standard library and aiohttp (uvloop is used when it is
 importable), so it runs in minimal container images too.
@@ -40,7 +40,7 @@ Endpoints (shaped like vLLM's):
 * With ``--enable-sleep-mode`` and ``VLLM_SERVER_DEV_MODE=1`` (as vLLM): vLLM's
   sleep API (``/sleep``, ``/wake_up``, ``/is_sleeping``, ``/collective_rpc``),
   generations held while asleep, ``vllm:engine_sleep_state``; see
-  :mod:`backends.simulator_sleep`.
+  :mod:`simulator.sleep`.
 
 Prompt token counts in ``usage`` are whitespace-separated words of the
 prompt (token-id prompts count one per id).
@@ -73,7 +73,7 @@ from typing import Any, ClassVar
 
 from aiohttp import web
 
-from .simulator_sleep import SleepMode
+from .sleep import SleepMode
 
 __all__ = [
     "SIMULATOR_KEY",
@@ -128,7 +128,7 @@ class SimulatorConfig:
     die_after_tokens: int | None = None
     exit_after_requests: int | None = None
     # vLLM's sleep mode: served only with both, as vLLM (``--enable-sleep-mode`` and
-    # ``VLLM_SERVER_DEV_MODE=1``); see backends/simulator_sleep.py.
+    # ``VLLM_SERVER_DEV_MODE=1``); see simulator/sleep.py.
     enable_sleep_mode: bool = False
     server_dev_mode: bool = False
     sleep_delay: float = 0.0
@@ -1289,7 +1289,7 @@ async def _serve_until_stopped(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m backends.simulator",
+        prog="python -m simulator",
         description="Simulated vLLM OpenAI-compatible server.",
     )
     add = parser.add_argument
@@ -1419,10 +1419,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
     return 0
 
-
-if __name__ == "__main__":
-    status = main()
-    # Skip the interpreter's slow (~0.1 s) teardown: nothing is left to clean up.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)

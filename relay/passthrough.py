@@ -30,9 +30,9 @@ import structlog
 
 from backends.pool import BackendPool
 from kernel.errors import GatewayError
-from kernel.types import Message, Receive, Scope, Send, header, request_state
-from middleware.disconnect import ClientWatch, SendWatch, SendWatches, cancellable
+from kernel.types import SSE, Message, Receive, Scope, Send, header, request_state
 
+from .disconnect import ClientWatch, SendWatch, SendWatches, cancellable
 from .upstream import Answer, Broken, ConnectFailed, NoFirstByte, PoolExhausted, Upstream
 
 log = structlog.get_logger("gateway.proxy")
@@ -45,13 +45,6 @@ HOP_BY_HOP = frozenset({
 REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"x-request-id", b"expect", b"forwarded"}
 FORWARDED_PREFIX = b"x-forwarded-"
 RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server", b"x-request-id"}
-SSE = b"text/event-stream"
-
-
-def is_sse(start: Message) -> bool:
-    """Whether an ``http.response.start`` begins a stream of server-sent events."""
-    return any(key.lower() == b"content-type" and value.startswith(SSE)
-               for key, value in start.get("headers", ()))
 
 
 def _named_by(connection: bytes) -> frozenset[bytes]:

@@ -1,8 +1,9 @@
 """Prometheus metrics of one gateway, on a registry of its own (several apps can share a process).
 
 Figures that a layer or the pool already keeps (queue depth, in flight, each model's state,
-starts, evictions, sleeps, wakes, measured VRAM) are read at scrape time from their owner, so
-the number exposed is the number in force and is changed in one place only. What only exists as
+starts, evictions, sleeps, wakes, measured VRAM) are read at scrape time from their owner (the
+pool's by backends/pool_metrics.py, registered here by the app), so the number exposed is the
+number in force and is changed in one place only. What only exists as
 an event (a request's timings, a rejection) is counted here, on children resolved once per label
 set: ``.labels()`` formats and locks on every call, so the hot path never calls it.
 """
@@ -21,13 +22,10 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from backends.pool import BackendPool, ModelState
-
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-MIB = 1024 * 1024
 
 # The *_created series double every counter on the hot scrape path and nobody graphs them.
 disable_created_metrics()
@@ -58,76 +56,6 @@ class _ReadAtScrape(Collector):
             for model, value in read():
                 family.add_metric([model], value)
             yield family
-
-
-class _PoolAtScrape(Collector):
-    """Each model's state, counts and measured VRAM, as the pool has them now."""
-
-    # Each per-model counter: its name, what it counts, the Backend attribute that holds it.
-    COUNTERS = (
-        ("gateway_cold_starts_total", "Times a model's server was started and became ready.",
-         "starts"),
-        ("gateway_evictions_total",
-         "Times an idle model was stopped (or put to sleep) to make room for another.",
-         "evictions"),
-        ("gateway_sleeps_total", "Times a model's server was put to sleep (vLLM's sleep mode).",
-         "sleeps"),
-        ("gateway_wakes_total", "Times a model's server was woken from sleep and became ready.",
-         "wakes"),
-    )
-    # Counted once per model (on its first replica), not summed over its replicas.
-    MODEL_COUNTERS = (
-        ("gateway_scale_ups_total",
-         "Replica starts or wakes begun for load or to keep min_replicas.",
-         "scale_ups"),
-        ("gateway_scale_downs_total",
-         "Times an idle replica of a model with replicas was stopped or put to sleep.",
-         "scale_downs"),
-    )
-
-    def __init__(self, pool: BackendPool) -> None:
-        self.pool = pool
-
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        state = GaugeMetricFamily("gateway_backend_state",
-                                  "1 for the state each model's backend is in, 0 for the others.",
-                                  labels=["model", "state"])
-        counters = [(CounterMetricFamily(name, documentation, labels=["model"]), attribute)
-                    for name, documentation, attribute in self.COUNTERS]
-        model_counters = [(CounterMetricFamily(name, documentation, labels=["model"]), attribute)
-                          for name, documentation, attribute in self.MODEL_COUNTERS]
-        vram = GaugeMetricFamily("gateway_backend_measured_vram_bytes",
-                                 "GPU memory a model took when it started, as measured (NVML).",
-                                 labels=["model"])
-        replica_state = GaugeMetricFamily(
-            "gateway_replica_state", "1 for the state each replica of a model is in, 0 for the "
-            "others.", labels=["model", "replica", "state"])
-        replica_in_flight = GaugeMetricFamily(
-            "gateway_replica_in_flight", "Requests forwarded to a replica of a model now.",
-            labels=["model", "replica"])
-        for name, backend in self.pool.backends.items():
-            replicas = self.pool.replicas[name]
-            now = self.pool.state_of(name)
-            for each in ModelState:
-                state.add_metric([name, each.value], 1.0 if now is each else 0.0)
-            for family, attribute in counters:
-                family.add_metric([name], sum(getattr(r, attribute) for r in replicas))
-            for family, attribute in model_counters:
-                family.add_metric([name], getattr(backend, attribute))
-            if backend.measured_vram_mb is not None:
-                vram.add_metric([name], backend.measured_vram_mb * MIB)
-            for r in replicas:
-                replica = str(r.replica)
-                for each in ModelState:
-                    replica_state.add_metric([name, replica, each.value],
-                                             1.0 if r.state is each else 0.0)
-                replica_in_flight.add_metric([name, replica], r.leases)
-        yield state
-        yield from (family for family, _ in counters)
-        yield from (family for family, _ in model_counters)
-        yield vram
-        yield replica_state
-        yield replica_in_flight
 
 
 class _Children:
@@ -190,10 +118,6 @@ class GatewayMetrics:
     def gauge(self, name: str, documentation: str, read: PerModel) -> None:
         """Expose a per-model figure that a layer owns; read when Prometheus scrapes."""
         self._gauges.add(name, documentation, read)
-
-    def watch_pool(self, pool: BackendPool) -> None:
-        """Expose the pool's per-model figures; read when Prometheus scrapes."""
-        self.registry.register(_PoolAtScrape(pool))
 
     def reject(self, model: str, reason: str) -> None:
         self._rejected(model, reason).inc()

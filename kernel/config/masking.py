@@ -1,0 +1,72 @@
+"""What ``check-config`` prints and the start-up log holds (``effective``): the configuration in
+force with its derived figures, and its secrets masked: ``admin.token``, ``auth.api_keys``, and
+whatever in a model's ``env``, ``command``, ``args`` or URL looks like a credential."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from .loader import SECTIONS, Config
+from .validation import _SECRET_NAME, MASK
+
+
+def _mask_env(env: Mapping[str, str]) -> dict[str, str]:
+    return {name: MASK if _SECRET_NAME.search(name) else value for name, value in env.items()}
+
+
+def _mask_argv(argv: tuple[str, ...]) -> list[str]:
+    """``--api-key X`` and ``--api-key=X`` lose X."""
+    out: list[str] = []
+    secret_next = False
+    for arg in argv:
+        flag, eq, _ = arg.partition("=")
+        is_secret_flag = flag.startswith("-") and bool(_SECRET_NAME.search(flag))
+        if secret_next:
+            out.append(MASK)
+        elif eq and is_secret_flag:
+            out.append(f"{flag}={MASK}")
+        else:
+            out.append(arg)
+        secret_next = is_secret_flag and not eq
+    return out
+
+
+def _mask_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    return parts._replace(netloc=f"{userinfo.partition(':')[0]}:{MASK}@{host}").geturl()
+
+
+_MASKS = {"env": _mask_env, "command": _mask_argv, "args": _mask_argv, "url": _mask_url}
+
+
+def effective(config: Config) -> dict[str, Any]:
+    """The configuration as in force, secrets masked, with the derived figures."""
+    def dump(obj: Any) -> dict[str, Any]:
+        out = {}
+        for field in dataclasses.fields(obj):
+            value = getattr(obj, field.name)
+            if field.metadata.get("secret") and value:  # an empty one shows that none is set
+                value = MASK
+            elif field.name in _MASKS and value is not None:
+                value = _MASKS[field.name](value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[field.name] = value
+        return out
+
+    return {
+        "source": config.source,
+        **{name: dump(getattr(config, name)) for name in SECTIONS},
+        "engines": {name: dump(e) for name, e in config.engines.items()},
+        "models": [dump(m) for m in config.models],
+        "derived": {
+            "upstream_pool_size": config.upstream_pool_size,
+            "upstream_keepalive_size": config.upstream_keepalive_size,
+        },
+    }
