@@ -16,6 +16,7 @@ import httpx2
 import pytest
 
 from backends.launcher import free_port
+from kernel.config import Config
 from tests.support import HTTP, chat, gateway_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -265,10 +266,18 @@ def test_the_server_gives_the_shutdown_the_time_the_slowest_stop_takes() -> None
     from proxy.cli import _hypercorn_config
     from tests.support import make_config
 
+    def shutdown_timeout(config: Config) -> float:
+        hc = _hypercorn_config(config)  # it binds the address: a free port, never 8080
+        for fd in hc.bind:
+            os.close(int(fd.removeprefix("fd://")))
+        return hc.shutdown_timeout
+
     model = {"name": "c", "launcher": "container", "engine": "slow", "image": "i"}
+    gateway = {"bind": f"127.0.0.1:{free_port()}"}
     slow = make_config([model], engines={"slow": {"url": "unix:///x.sock", "stop_timeout": 300.0,
-                                                  "api_timeout": 20.0}})
+                                                  "api_timeout": 20.0}}, gateway=gateway)
     # Hypercorn's own 60 s would cut the stop short and leave the container running.
-    assert _hypercorn_config(slow).shutdown_timeout >= 300 + 2 * 20
-    quick = make_config([{"name": "s", "launcher": "static", "url": "http://127.0.0.1:9"}])
-    assert _hypercorn_config(quick).shutdown_timeout == 60
+    assert shutdown_timeout(slow) >= 300 + 2 * 20
+    quick = make_config([{"name": "s", "launcher": "static", "url": "http://127.0.0.1:9"}],
+                        gateway=gateway)
+    assert shutdown_timeout(quick) == 60
