@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx2
 import pytest
@@ -33,18 +32,26 @@ url = "http://127.0.0.1:9"
 """
 
 
-def cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT,
-        stdout: Any = subprocess.PIPE) -> subprocess.Popen[str]:
-    """``vllm-gateway ARGS`` with no GATEWAY_* variable but those given."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "proxy.cli", *args], cwd=cwd, text=True, stdout=stdout,
-        stderr=subprocess.PIPE, env={**CLEAN_ENV, "PYTHONPATH": str(ROOT), **(env or {})})
+def command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "proxy.cli", *args]
 
 
-def run(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    proc = cli(*args, **kwargs)
-    out, err = proc.communicate(timeout=30)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+def environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """No GATEWAY_* variable but those given."""
+    return {**CLEAN_ENV, "PYTHONPATH": str(ROOT), **(env or {})}
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """``vllm-gateway ARGS``, running."""
+    return subprocess.Popen(command(*args), cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=environment(env))
+
+
+def run(*args: str, env: dict[str, str] | None = None,
+        cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """``vllm-gateway ARGS`` to its end (killed past 30 s: it starts nothing of its own)."""
+    return subprocess.run(command(*args), cwd=cwd, capture_output=True, text=True,
+                          env=environment(env), timeout=30)
 
 
 def listening(port: int) -> bool:
@@ -145,12 +152,14 @@ def test_check_config_honours_variables_and_masks_secrets(tmp_path):
     assert shown["derived"] == {"upstream_pool_size": 7, "upstream_keepalive_size": 7}
 
 
-def test_check_config_into_a_closed_pipe_is_quiet(tmp_path):
+def test_check_config_into_a_closed_pipe_is_quiet(tmp_path, processes):
     """``check-config | head -1``: the reader is gone before the output is written."""
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        proc = cli("check-config", "--config", str(write(tmp_path, GOOD)), stdout=write_end)
+        proc = processes.start(command("check-config", "--config", str(write(tmp_path, GOOD))),
+                               cwd=ROOT, text=True, stdout=write_end, stderr=subprocess.PIPE,
+                               env=environment())
     finally:
         os.close(write_end)
     _, err = proc.communicate(timeout=30)
