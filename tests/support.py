@@ -164,11 +164,12 @@ def end_strays(pids: list[int], timeout: float = STOP_TIMEOUT) -> None:
             for pid in pids:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)
-            pids = [pid for pid in pids if _running(pid)]
+            pids = [pid for pid in pids if is_running(pid)]
             time.sleep(0.05)
 
 
-def _running(pid: int) -> bool:
+def is_running(pid: int) -> bool:
+    """Whether the process runs (neither gone nor a zombie)."""
     try:
         return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
     except OSError:

@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from tests.support import ROOT, Processes
+from tests.support import ROOT, Processes, is_running
 
 CONFTEST = "from tests.conftest import *  # noqa: F403\n"
 
@@ -23,13 +23,6 @@ def inner_suite(processes: Processes, tmp_path: Path, test: str) -> tuple[int, s
     return run.returncode, run.stdout + run.stderr
 
 
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_a_process_left_running_fails_the_suite_and_is_named_and_ended(
         processes: Processes, tmp_path: Path) -> None:
     status, output = inner_suite(processes, tmp_path, """
@@ -42,7 +35,7 @@ def test_forgets_its_process():
     assert "1 passed" in output
     assert "processes the suite left running (now ended)" in output
     (pid,) = map(int, re.findall(r"pid (\d+): sleep 300", output))
-    assert not alive(pid)
+    assert not is_running(pid)
 
 
 def test_the_processes_fixture_ends_what_a_failed_test_started_and_what_that_started(
