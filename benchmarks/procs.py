@@ -103,7 +103,8 @@ def http_get(url: str, timeout: float = 2.0, headers: dict[str, str] | None = No
 
 def wait_http(proc: Proc, url: str, *, timeout: float = 30.0,
               headers: dict[str, str] | None = None) -> float:
-    """Seconds until ``url`` answers 200; raises with the log's tail if it never does."""
+    """Seconds until ``url`` answers 200; if it never does, stops the process (nothing holds
+    it yet to stop it later) and raises with the log's tail."""
     began = time.monotonic()
     while time.monotonic() - began < timeout:
         if not proc.alive():
@@ -113,6 +114,7 @@ def wait_http(proc: Proc, url: str, *, timeout: float = 30.0,
             if http_get(url, timeout=1.0, headers=headers)[0] == 200:
                 return time.monotonic() - began
         time.sleep(0.1)
+    proc.stop()
     raise RuntimeError(f"{proc.name} did not answer {url} within {timeout:g} s:\n"
                        f"{proc.log_tail()}")
 

@@ -114,6 +114,7 @@ def _responder(name: str, tokens_per_second: float, work: Path) -> tuple[Proc, i
         if not proc.alive():
             break
         time.sleep(0.05)
+    proc.stop()
     raise RuntimeError(f"{name} did not start: {proc.log_tail()}")
 
 

@@ -9,12 +9,15 @@ before its answer ends: a server that closes a connection with unread bytes rese
 client (or nginx, which sends the whole body first) would lose the answer.
 
 What the body is and which model it names is a ``BodyReader``'s to say, one per content type
-(415 for another): it is fed each chunk as it arrives and then names the model (400 for a body
-that names none). ``JsonBody`` reads JSON and builds nothing but the model's name, so a large
+(415 for another): it is fed each chunk as it arrives and then names the model, or says that
+the body names none. ``JsonBody`` reads JSON and builds nothing but the model's name, so a large
 body stalls the event loop a sixth as long as parsing it whole did. The model must be
 configured (404 ``model_not_found``; aliases resolve here, and the body is renamed to the served
-name). The model and the raw bytes go to the request's state, nothing parsed is kept; the body
-is replayed to the inner app through ``receive``.
+name). A body that names no model (no ``model``, ``null`` or ``""``, as vLLM takes them) goes to
+``gateway.default_model``, else to the only model when there is one, and is renamed to name it
+(vLLM checks the name it serves); otherwise it is a 400 that says how to set a default. The
+model and the raw bytes go to the request's state, nothing parsed is kept; the body is replayed
+to the inner app through ``receive``.
 
 Two kinds of path find their model another way: a form upload (``FORM_PATHS``: must be
 ``multipart/form-data``, read within the same bounds; the model is the form's ``model`` field,
@@ -38,7 +41,7 @@ from kernel.config import Config, ModelSettings
 from kernel.errors import ERROR_KEY, GatewayError, bad_request, not_found, unavailable
 from kernel.types import ASGIApp, Message, Receive, Scope, Send, header, request_state
 
-from .forms import FORM_TYPE, form_model
+from .forms import FORM_TYPE, form_model, with_model_field
 from .response_ids import ResponseIds, stored_response
 
 # A session named by the client: its requests go to one replica of a model (affinity).
@@ -62,11 +65,13 @@ class BodyReader(Protocol):
     async def feed(self, chunk: bytes) -> None:
         """Take the next chunk (raise GatewayError for a body that cannot be right)."""
 
-    def model(self, body: bytes) -> str:
-        """The name of the model the whole ``body`` asks for; GatewayError if none."""
+    def model(self, body: bytes) -> str | None:
+        """The name of the model the whole ``body`` asks for, None if it names none;
+        GatewayError for a body that cannot be right."""
 
     def renamed(self, body: bytes, served_name: str) -> bytes:
-        """``body`` asking for ``served_name`` instead (for an alias)."""
+        """``body`` asking for ``served_name`` instead (for an alias, or a body that named
+        no model)."""
 
 
 # A reader for a request, made from its Content-Type header (which may carry parameters).
@@ -85,9 +90,15 @@ def _not_json() -> GatewayError:
     return bad_request("The request body is not valid JSON.", code="invalid_json")
 
 
-def _no_model() -> GatewayError:
-    return bad_request("The request must name a model: 'model' must be a non-empty string.",
+def _not_a_name() -> GatewayError:
+    return bad_request("The request must name a model: 'model' must be a string.",
                        code="invalid_model", param="model")
+
+
+def _no_model() -> GatewayError:
+    return bad_request("The request names no model and this gateway has no default model: name "
+                       "one in 'model' (GET /v1/models lists them), or have the operator set "
+                       "gateway.default_model.", code="invalid_model", param="model")
 
 
 class _Named(msgspec.Struct):
@@ -118,7 +129,7 @@ class JsonBody:
     async def feed(self, chunk: bytes) -> None:
         """Nothing to do yet: JSON is read whole, at the end."""
 
-    def model(self, body: bytes) -> str:
+    def model(self, body: bytes) -> str | None:
         try:
             named = _named.decode(body)
         except msgspec.ValidationError:  # valid JSON, not an object
@@ -127,12 +138,12 @@ class JsonBody:
         except (msgspec.DecodeError, RecursionError):  # RecursionError: nested too deep
             raise _not_json() from None
         name = named.model
-        if not isinstance(name, str) or not name:
-            raise _no_model()
+        if name is not None and not isinstance(name, str):
+            raise _not_a_name()
         self.stream = named.stream is True
         user = named.user
         self.user = user if isinstance(user, str) and user else None
-        return name
+        return name or None
 
     def renamed(self, body: bytes, served_name: str) -> bytes:
         if len(body) > LARGE_BODY:
@@ -147,12 +158,14 @@ class JsonBody:
 
 class FormBody:
     """A multipart form with a ``model`` field (``middleware/forms.py``), read whole, at the
-    end; an alias is replaced where the field's value lies in the body."""
+    end; an alias is replaced where the field's value lies in the body, and a form without
+    one gets a ``model`` field at its end."""
 
-    __slots__ = ("content_type", "span", "stream", "user")
+    __slots__ = ("content_type", "named", "span", "stream", "user")
 
     def __init__(self, content_type: bytes) -> None:
         self.content_type = content_type  # its boundary
+        self.named = False
         self.span: slice | None = None
         self.stream = False  # an upload's answer is not held for feedback
         self.user = None
@@ -160,11 +173,14 @@ class FormBody:
     async def feed(self, chunk: bytes) -> None:
         """Nothing to do yet: the form is searched once it is whole."""
 
-    def model(self, body: bytes) -> str:
+    def model(self, body: bytes) -> str | None:
         name, self.span = form_model(body, self.content_type)
+        self.named = name is not None
         return name
 
     def renamed(self, body: bytes, served_name: str) -> bytes:
+        if not self.named:
+            return with_model_field(body, self.content_type, served_name)
         if self.span is None:
             raise bad_request("The form's 'model' field names an alias but is not sent in one "
                               "piece; name the model itself.", code="invalid_form")
@@ -310,6 +326,10 @@ class Admission:
                  response_ids: ResponseIds | None = None) -> None:
         self.app = app
         self.models = config.by_name
+        default = config.gateway.default_model
+        only = config.models[0] if len(config.models) == 1 else None
+        # Where a request that names no model goes (None: it is refused).
+        self.default = config.by_name[default] if default is not None else only
         self.readers = readers
         if response_ids is None:
             response_ids = ResponseIds(config.gateway.max_response_ids)
@@ -400,8 +420,15 @@ class Admission:
         except TimeoutError:
             raise bad_request(f"The request body did not arrive within {self.timeout:g} s.",
                               code="request_timeout", status=408) from None
-        state["requested_model"] = name = reader.model(raw)
-        model = self._model(name)
+        name = reader.model(raw)
+        if name is None:
+            if self.default is None:
+                raise _no_model()
+            model = self.default
+            state["model_default"] = True
+        else:
+            state["requested_model"] = name
+            model = self._model(name)
         if name != model.served_name:
             raw = reader.renamed(raw, model.served_name)
         state["model"] = model

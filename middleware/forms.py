@@ -5,7 +5,8 @@ for byte. Here python-multipart, the parser Starlette uses, finds the form's ``m
 it: the parser is fed the body a slice at a time and stopped once that field has been read. The
 OpenAI clients send the fields before the file, so the upload itself is then not even scanned;
 nothing of it is copied but the slice under the parser. Where the value lies in the body is kept
-as well, so that an alias can be replaced by the served name.
+as well, so that an alias can be replaced by the served name; a form that names no model gets a
+``model`` field of the served name added at its end (``with_model_field``).
 """
 
 from __future__ import annotations
@@ -79,12 +80,18 @@ class _ModelField:
             self.in_model = False
 
 
-def form_model(body: bytes, content_type: bytes) -> tuple[str, slice | None]:
-    """The form's ``model`` and where its value lies in ``body`` (None: not in one piece)."""
+def _boundary(content_type: bytes) -> bytes:
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
     if not boundary:
         raise _invalid_form("A multipart/form-data Content-Type needs a boundary.")
+    return boundary
+
+
+def form_model(body: bytes, content_type: bytes) -> tuple[str | None, slice | None]:
+    """The form's ``model`` and where its value lies in ``body`` (None: not in one piece);
+    None for a form without one or with an empty one (vLLM's form takes either as none)."""
+    boundary = _boundary(content_type)
     field = _ModelField()
     try:
         parser = MultipartParser(boundary, field.callbacks())  # type: ignore[arg-type]
@@ -101,6 +108,17 @@ def form_model(body: bytes, content_type: bytes) -> tuple[str, slice | None]:
     except UnicodeDecodeError:
         raise _invalid_form("The form's 'model' field is not UTF-8 text.") from None
     if not field.done or not name:
-        raise bad_request("The request must name a model: the form needs a 'model' field.",
-                          code="invalid_model", param="model")
+        return None, None
     return name, field.span if field.contiguous else None
+
+
+def with_model_field(body: bytes, content_type: bytes, name: str) -> bytes:
+    """``body`` with a ``model`` field of ``name`` as its last part: a form's last value of a
+    field is the one its reader takes (Starlette's, so vLLM's), which a field left empty has."""
+    close = b"\r\n--" + _boundary(content_type) + b"--"
+    end = body.rfind(close)
+    if end < 0:
+        raise _invalid_form("The multipart form does not end with its closing boundary.")
+    field = (close[:-2] + b'\r\nContent-Disposition: form-data; name="model"\r\n\r\n'
+             + name.encode())
+    return body[:end] + field + body[end:]

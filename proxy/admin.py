@@ -14,7 +14,7 @@ OpenAI shape.
 - ``POST /admin/models/{name}/sleep``: put an idle model with ``sleep_level`` to sleep now
   (409 if it has no ``sleep_level`` or is not ready with no request); answers once it sleeps
   (or was stopped instead, when its server has no sleep API).
-- ``POST /admin/models/{name}/wake``: wake it (or start it) as a request would; answers once it
+- ``POST /admin/models/{name}/wake``: wake an asleep model as a request would; answers once it
   is ready.
 - ``POST /admin/drain``: the whole gateway stops taking requests, as on SIGTERM, but keeps
   running; answers at once (202). ``GET /admin/models`` then shows what is still in flight.
@@ -23,7 +23,10 @@ OpenAI shape.
 - ``GET /admin/ui``: the dashboard (``proxy.dashboard``), a page that asks for the token
   itself: it is the one path here that needs none (a browser cannot send it on navigation).
 
-Each model lists the ``actions`` (verbs) it offers now; the dashboard shows a button for each.
+Each model lists the ``actions`` (verbs) it offers now, the ones ``VERBS`` gives its state
+(sleep and wake only to a model with ``sleep_level``); the dashboard shows a button for each. A
+verb it does not offer now is answered 409 ``invalid_state``, naming the state, and does nothing;
+one that would start a model, while the gateway drains, 503 ``shutting_down``.
 
 A model's name may hold slashes (``org/model``): the name is what lies between
 ``/admin/models/`` and the last segment.
@@ -38,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from backends.gpu import NvmlMemory
+from backends.pool import ModelState
 from kernel.errors import GatewayError, not_found
 from kernel.types import Receive, Scope, Send
 from middleware.auth import Keys, bearer_token
@@ -52,6 +56,21 @@ if TYPE_CHECKING:
     from .app import Gateway
 
 MODELS = "/admin/models"
+# The verbs that apply to a model in each state: nothing to do is no verb (no load for a ready
+# model, no sleep for an asleep one), nor is what a transition under way does already.
+VERBS: dict[ModelState, tuple[str, ...]] = {
+    ModelState.STOPPED: ("load",),
+    ModelState.FAILED: ("load",),  # a start again (within its backoff: the backoff's 503)
+    ModelState.STARTING: ("unload",),
+    ModelState.READY: ("unload", "sleep"),
+    ModelState.DRAINING: (),  # an unload under way
+    ModelState.STOPPING: (),
+    ModelState.ASLEEP: ("unload", "wake"),
+    ModelState.WAKING: ("unload",),
+}
+# Verbs only a model with ``sleep_level`` has, and verbs that start a model.
+SLEEP_VERBS = frozenset({"sleep", "wake"})
+STARTING_VERBS = frozenset({"load", "wake"})
 
 
 class AdminApi:
@@ -59,11 +78,9 @@ class AdminApi:
         self.gateway = gateway
         token = gateway.config.admin.token
         self.token = Keys([token]) if token else None
-        # Each verb, and whether a backend offers it (sleep and wake will, for some models).
-        self._actions: dict[str, tuple[Callable[[str], Awaitable[None]],
-                                       Callable[[Backend], bool]]] = {
-            "load": (self._load, _always), "unload": (self._unload, _always),
-            "sleep": (self._sleep, _sleeps), "wake": (self._load, _sleeps)}
+        self._actions: dict[str, Callable[[str], Awaitable[None]]] = {
+            "load": self._load, "unload": self._unload, "sleep": self._sleep,
+            "wake": self._load}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"]
@@ -99,20 +116,37 @@ class AdminApi:
     async def _model_action(self, scope: Scope, send: Send) -> None:
         path = scope["path"]
         name, _, action = path.removeprefix(MODELS + "/").rpartition("/")
-        verb = self._actions.get(action)
-        if not path.startswith(MODELS + "/") or not name or verb is None:
+        run = self._actions.get(action)
+        if not path.startswith(MODELS + "/") or not name or run is None:
             raise no_route(path)
-        run, _ = verb
         _allow(scope, "POST")
         model = self.gateway.config.by_name.get(name)
         if model is None:
             raise not_found(f"The model '{name}' does not exist.", code="model_not_found")
+        if action in SLEEP_VERBS and model.sleep_level is None:
+            raise GatewayError(409, f"The model '{model.name}' cannot sleep: it has no "
+                               "sleep_level.", type="invalid_request_error",
+                               code="model_cannot_sleep", should_retry=False)
+        if action in STARTING_VERBS and self.gateway.draining:
+            raise shutting_down()
+        offered = self._offered(model.name)
+        if action not in offered:
+            state = self.gateway.pool.state_of(model.name).value
+            raise GatewayError(409, f"The model '{model.name}' is {state}: {action} does not "
+                               f"apply (it offers {', '.join(offered) or 'nothing'} now).",
+                               type="invalid_request_error", code="invalid_state",
+                               should_retry=False)
         await run(model.name)
         await respond_json(send, 200, self._model(model.name))
 
+    def _offered(self, name: str) -> list[str]:
+        """The verbs that apply to the model now, in the order of the API."""
+        verbs = VERBS[self.gateway.pool.state_of(name)]
+        sleeps = self.gateway.pool.backends[name].settings.sleep_level is not None
+        return [verb for verb in self._actions
+                if verb in verbs and (sleeps or verb not in SLEEP_VERBS)]
+
     async def _load(self, name: str) -> None:
-        if self.gateway.draining:
-            raise shutting_down()
         await self.gateway.pool.load(name)
 
     async def _unload(self, name: str) -> None:
@@ -178,7 +212,7 @@ class AdminApi:
             "scale_ups": backend.scale_ups,
             "scale_downs": backend.scale_downs,
             "replicas": [_replica(r) for r in replicas],
-            "actions": [verb for verb, (_, offered) in self._actions.items() if offered(backend)],
+            "actions": self._offered(name),
         }
 
 
@@ -194,14 +228,6 @@ def _replica(backend: Backend) -> dict[str, Any]:
         "starts": backend.starts,
         "failure": backend.failure,
     }
-
-
-def _always(backend: Backend) -> bool:
-    return True
-
-
-def _sleeps(backend: Backend) -> bool:
-    return backend.settings.sleep_level is not None
 
 
 def _allow(scope: Scope, method: str) -> None:

@@ -68,6 +68,114 @@ def simulator(*args: str, model: str = "sim", port: int = 0,
         proc.stdout.close()
 
 
+# Every process the suite starts inherits it (pytest's pid), so the check after the suite finds
+# those left running even where they outlived their parent (``stray_processes``).
+SESSION_MARKER = "VLLM_GATEWAY_TEST_SESSION"
+# Seconds a process group gets between SIGTERM and SIGKILL.
+STOP_TIMEOUT = 10.0
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a member is another user's (a setuid helper): still there
+        return True
+    return True
+
+
+def end_group(proc: subprocess.Popen[Any], timeout: float = STOP_TIMEOUT) -> None:
+    """End ``proc`` and every process of its group (it leads one: ``Processes.start``), the
+    ones that outlived it too: SIGTERM, then SIGKILL for what is left after ``timeout``."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, timeout)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            proc.poll()  # reaped, the leader leaves the group
+            if proc.returncode is not None and not _group_alive(proc.pid):
+                return
+            time.sleep(0.02)
+
+
+class Processes:
+    """The processes one test starts, each the leader of a process group of its own, so that
+    what they start in turn (a benchmark's gateway and backends) is ended with them. The
+    ``processes`` fixture ends every group still running when the test ends, however it ends."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen[Any]] = []
+
+    def start(self, argv: list[str], **popen: Any) -> subprocess.Popen[Any]:
+        proc = subprocess.Popen(argv, start_new_session=True, **popen)
+        self.started.append(proc)
+        return proc
+
+    def run(self, argv: list[str], *, timeout: float,
+            **popen: Any) -> subprocess.CompletedProcess[str]:
+        """As ``subprocess.run(capture_output=True, text=True)``, but a timeout ends the whole
+        group (``subprocess.run`` kills the child alone: what it started would live on)."""
+        proc = self.start(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          **popen)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            end_group(proc)
+            raise
+        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+    def stop(self) -> None:
+        for proc in reversed(self.started):
+            end_group(proc)
+            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+
+
+def stray_processes(session: str) -> dict[int, str]:
+    """The live processes of this test session (``SESSION_MARKER`` = ``session`` in their
+    environment, or a child of this process) other than this one, with their command lines."""
+    me = os.getpid()
+    marker = f"{SESSION_MARKER}={session}".encode()
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            ours = int(stat[1]) == me or marker in (entry / "environ").read_bytes().split(b"\0")
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError):  # gone, or another user's
+            continue
+        if ours and stat[0] != "Z":
+            found[int(entry.name)] = cmdline.strip()
+    return found
+
+
+def end_strays(pids: list[int], timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM, then SIGKILL what is left after ``timeout``; a child of ours is reaped."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + timeout
+        while pids and time.monotonic() < deadline:
+            for pid in pids:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+            pids = [pid for pid in pids if is_running(pid)]
+            time.sleep(0.05)
+
+
+def is_running(pid: int) -> bool:
+    """Whether the process runs (neither gone nor a zombie)."""
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False
+
+
 def need(problem: str | None, *, required: bool | None = None) -> None:
     """Skip the test for what it needs and lacks (``problem``), or fail it where the run must
     have everything: ``required``, by default ``VLLM_GATEWAY_TEST_REQUIRE_ENGINE=1`` (CI)."""

@@ -8,15 +8,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
 from benchmarks import run, systems
 from benchmarks.procs import LOAD_CORE, PROXY_CORE
 from benchmarks.run import _responder, check_system
+from tests.support import Processes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,12 +35,26 @@ def _needs() -> str | None:
 pytestmark = pytest.mark.skipif(_needs() is not None, reason=_needs() or "")
 
 
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+@pytest.fixture
+def stopped() -> Iterator[list[Stoppable]]:
+    """The benchmark's processes (and systems) a test started in this process: stopped when
+    the test ends, however it ends."""
+    started: list[Stoppable] = []
+    yield started
+    for thing in reversed(started):
+        thing.stop()
+
+
 @pytest.mark.timeout(240)
-def test_quick_run_writes_table_and_json(tmp_path: Path) -> None:
+def test_quick_run_writes_table_and_json(tmp_path: Path, processes: Processes) -> None:
     out = tmp_path / "results"
-    proc = subprocess.run(
+    proc = processes.run(
         [sys.executable, "-m", "benchmarks.run", "--quick", "--systems", "direct,gateway",
-         "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=200)
+         "--out", str(out)], cwd=ROOT, timeout=200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     table = (out / "results.txt").read_text()
@@ -103,41 +119,39 @@ def test_quick_run_writes_table_and_json(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("name", ["nginx", "litellm", "aiohttp-bare", *systems.SERVERS])
-def test_other_proxies_answer_through_the_harness(name: str, tmp_path: Path) -> None:
+def test_other_proxies_answer_through_the_harness(name: str, tmp_path: Path,
+                                                  stopped: list[Stoppable]) -> None:
     why = systems.available(name)
     if why:
         pytest.skip(why)
     fast, fast_port = _responder("responder-fast", 0, tmp_path)
+    stopped.append(fast)
     paced, paced_port = _responder("responder-paced", 50, tmp_path)
-    system = None
-    try:
-        if name == "nginx":
-            system = systems.nginx(fast_port, paced_port, tmp_path)
-        elif name == "aiohttp-bare":
-            system = systems.hypercorn_bare(tmp_path, backends=(fast_port, paced_port))
-        elif name in systems.SERVERS:
-            src, _ = systems.snapshot(tmp_path)
-            system = systems.gateway({"fast": fast_port, "paced": paced_port}, tmp_path,
-                                     src=src, name=name, server=name)
-        else:
-            system = systems.litellm(fast_port, paced_port, tmp_path)
-        check_system(system)
-    finally:
-        if system is not None:
-            system.stop()
-        fast.stop()
-        paced.stop()
+    stopped.append(paced)
+    if name == "nginx":
+        system = systems.nginx(fast_port, paced_port, tmp_path)
+    elif name == "aiohttp-bare":
+        system = systems.hypercorn_bare(tmp_path, backends=(fast_port, paced_port))
+    elif name in systems.SERVERS:
+        src, _ = systems.snapshot(tmp_path)
+        system = systems.gateway({"fast": fast_port, "paced": paced_port}, tmp_path,
+                                 src=src, name=name, server=name)
+    else:
+        system = systems.litellm(fast_port, paced_port, tmp_path)
+    stopped.append(system)
+    check_system(system)
 
 
 @pytest.mark.timeout(120)
-def test_burst_ttft_run_reports_direct_and_gateway(tmp_path: Path) -> None:
+def test_burst_ttft_run_reports_direct_and_gateway(tmp_path: Path,
+                                                   processes: Processes) -> None:
     """(e), ``benchmarks.ttft``: every request of the burst answered in full through each
     system, and the gateway's figures put next to direct's."""
-    proc = subprocess.run(
+    proc = processes.run(
         [sys.executable, "-m", "benchmarks.ttft", "--systems", "direct,gateway", "--reps", "1",
          "--streams", "8", "--requests", "16", "--max-tokens", "8", "--prompt-words", "50",
          "--tokens-per-second", "200", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=100)
+        cwd=ROOT, timeout=100)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads((tmp_path / "ttft.json").read_text())
     for row in doc["raw"]:
@@ -154,12 +168,12 @@ def test_burst_ttft_run_reports_direct_and_gateway(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_compare_measures_a_revision_against_the_tree() -> None:
+def test_compare_measures_a_revision_against_the_tree(processes: Processes) -> None:
     """``benchmarks.compare``: the bare passthrough and two gateways (HEAD's and the tree's)
     each answer (a) and (b), and each gateway is put as a share of the bare passthrough."""
-    proc = subprocess.run(
+    proc = processes.run(
         [sys.executable, "-m", "benchmarks.compare", "--base", "HEAD", "--reps", "1",
-         "--seconds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=100)
+         "--seconds", "1"], cwd=ROOT, timeout=100)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.split("best of 1 interleaved repetitions")[1].splitlines()[1:]
     assert [line.split()[0] for line in lines] == ["aiohttp-bare", "gateway@HEAD",

@@ -10,12 +10,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx2
 import pytest
 
 from backends.launcher import free_port
+from kernel.config import Config
 from tests.support import HTTP, chat, gateway_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,18 +32,26 @@ url = "http://127.0.0.1:9"
 """
 
 
-def cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT,
-        stdout: Any = subprocess.PIPE) -> subprocess.Popen[str]:
-    """``vllm-gateway ARGS`` with no GATEWAY_* variable but those given."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "proxy.cli", *args], cwd=cwd, text=True, stdout=stdout,
-        stderr=subprocess.PIPE, env={**CLEAN_ENV, "PYTHONPATH": str(ROOT), **(env or {})})
+def command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "proxy.cli", *args]
 
 
-def run(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    proc = cli(*args, **kwargs)
-    out, err = proc.communicate(timeout=30)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+def environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """No GATEWAY_* variable but those given."""
+    return {**CLEAN_ENV, "PYTHONPATH": str(ROOT), **(env or {})}
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """``vllm-gateway ARGS``, running."""
+    return subprocess.Popen(command(*args), cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=environment(env))
+
+
+def run(*args: str, env: dict[str, str] | None = None,
+        cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """``vllm-gateway ARGS`` to its end (killed past 30 s: it starts nothing of its own)."""
+    return subprocess.run(command(*args), cwd=cwd, capture_output=True, text=True,
+                          env=environment(env), timeout=30)
 
 
 def listening(port: int) -> bool:
@@ -144,12 +152,14 @@ def test_check_config_honours_variables_and_masks_secrets(tmp_path):
     assert shown["derived"] == {"upstream_pool_size": 7, "upstream_keepalive_size": 7}
 
 
-def test_check_config_into_a_closed_pipe_is_quiet(tmp_path):
+def test_check_config_into_a_closed_pipe_is_quiet(tmp_path, processes):
     """``check-config | head -1``: the reader is gone before the output is written."""
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        proc = cli("check-config", "--config", str(write(tmp_path, GOOD)), stdout=write_end)
+        proc = processes.start(command("check-config", "--config", str(write(tmp_path, GOOD))),
+                               cwd=ROOT, text=True, stdout=write_end, stderr=subprocess.PIPE,
+                               env=environment())
     finally:
         os.close(write_end)
     _, err = proc.communicate(timeout=30)
@@ -265,10 +275,18 @@ def test_the_server_gives_the_shutdown_the_time_the_slowest_stop_takes() -> None
     from proxy.cli import _hypercorn_config
     from tests.support import make_config
 
+    def shutdown_timeout(config: Config) -> float:
+        hc = _hypercorn_config(config)  # it binds the address: a free port, never 8080
+        for fd in hc.bind:
+            os.close(int(fd.removeprefix("fd://")))
+        return hc.shutdown_timeout
+
     model = {"name": "c", "launcher": "container", "engine": "slow", "image": "i"}
+    gateway = {"bind": f"127.0.0.1:{free_port()}"}
     slow = make_config([model], engines={"slow": {"url": "unix:///x.sock", "stop_timeout": 300.0,
-                                                  "api_timeout": 20.0}})
+                                                  "api_timeout": 20.0}}, gateway=gateway)
     # Hypercorn's own 60 s would cut the stop short and leave the container running.
-    assert _hypercorn_config(slow).shutdown_timeout >= 300 + 2 * 20
-    quick = make_config([{"name": "s", "launcher": "static", "url": "http://127.0.0.1:9"}])
-    assert _hypercorn_config(quick).shutdown_timeout == 60
+    assert shutdown_timeout(slow) >= 300 + 2 * 20
+    quick = make_config([{"name": "s", "launcher": "static", "url": "http://127.0.0.1:9"}],
+                        gateway=gateway)
+    assert shutdown_timeout(quick) == 60

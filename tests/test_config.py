@@ -292,6 +292,24 @@ def test_duplicate_model_names_and_aliases_are_refused(models, key, value, owner
                  f"must be unique among model names and aliases (model {owner!r} has it")
 
 
+@pytest.mark.parametrize(("env", "source"), [({}, FILE),
+                                             ({"GATEWAY_DEFAULT_MODEL": "c"},
+                                              "environment variable GATEWAY_DEFAULT_MODEL")],
+                         ids=["file", "variable"])
+def test_default_model_must_be_a_configured_name_or_alias(env, source):
+    models = [sim_model("a", aliases=["x"]), sim_model("b")]
+    doc = {"models": models, **({} if env else {"gateway": {"default_model": "c"}})}
+    assert_names(refusal(doc, env=env), "gateway.default_model", "'c'", source,
+                 "must be the name or an alias of a configured model: a, x, b")
+
+
+@pytest.mark.parametrize("name", ["b", "x"])
+def test_default_model_may_be_a_name_or_an_alias(name):
+    models = [sim_model("a", aliases=["x"]), sim_model("b")]
+    config = load({"models": models, "gateway": {"default_model": name}})
+    assert effective(config)["gateway"]["default_model"] == name
+
+
 def test_empty_alias_is_refused():
     message = refusal({"models": [sim_model("a", aliases=[""])]})
     assert_names(message, 'models["a"].aliases[0]', "''", FILE, "must be a non-empty string")

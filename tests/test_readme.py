@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import need
+from tests.vllm.conftest import required, venv_problem
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 VENV_BIN = Path(sys.prefix) / "bin"  # the tests run from the .venv the README names
@@ -68,6 +71,8 @@ def test_readme_command_resolves(command: str) -> None:
     name, args = program(shlex.split(command, comments=True))
     if not name:
         return  # only setting a variable (H='...')
+    if name.startswith(".venv-vllm/"):  # made by scripts/setup-vllm.sh: the real-vLLM tier's
+        need(venv_problem(), required=required())
     if name.startswith(".venv/bin/"):
         path = VENV_BIN / name.removeprefix(".venv/bin/")
         assert os.access(path, os.X_OK), f"{name}: not in the .venv scripts/bootstrap.sh makes"

@@ -53,6 +53,9 @@ class GatewaySettings:
     keep_alive_timeout: float = _spec(75.0, lo=0.001, hi=DAY)
     # Peers (addresses or networks) whose X-Forwarded-For/-Proto/-Host are believed.
     trusted_proxies: tuple[str, ...] = ()
+    # The model (its name or an alias) a request that names none goes to; None: the only
+    # model, when exactly one is configured.
+    default_model: str | None = _spec(None)
 
 
 _BIND = re.compile(r"(?P<host>\[[^\]]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})")

@@ -164,6 +164,10 @@ def config_from_mapping(data: dict[str, Any], *, source: str = "<mapping>",
     engines = _build_engines(data.get("engines", {}), sources)
     models = _build_models(data.get("models"), engines, sections["gateway"], sources)
     by_name = {key: m for m in models for key in (m.name, *m.aliases)}
+    default = sections["gateway"].default_model
+    if default is not None and default not in by_name:
+        _fail("gateway.default_model", default, sources,
+              "the name or an alias of a configured model: " + ", ".join(by_name))
     return Config(engines=engines, models=models, source=source,
                   by_name=types.MappingProxyType(by_name), client_keys=client_keys, **sections)
 

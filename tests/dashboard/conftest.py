@@ -25,9 +25,11 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 
 def _problem() -> str | None:
-    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
-        if not Path(path).exists():
-            return f"{path} missing: apt-get install {package} (scripts/setup-system.sh)"
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not Path(path).exists()]
+    if missing:
+        # Both packages, whichever is missing: the browser is no use without its driver.
+        return (f"{' and '.join(missing)} missing: apt-get install chromium chromium-driver "
+                "(Debian's packages; scripts/setup-system.sh installs them)")
     try:
         import selenium  # noqa: F401
     except ImportError:

@@ -252,3 +252,14 @@ async def test_a_413_refused_before_the_body_was_read_reaches_the_client() -> No
             assert response.json()["error"]["code"] == "request_too_large"
         await back_to_zero(gateway)
         assert gateway.admission.budget.held == 0
+
+
+async def test_hypercorn_writes_status_lines_without_a_reason_phrase() -> None:
+    """As the README says where it compares the servers: h11 under hypercorn writes
+    ``HTTP/1.1 200 `` and hypercorn has no setting for the phrase (HTTP/1.1 clients ignore it).
+    Should hypercorn ever write one, this fails, and the README must say so."""
+    config = make_config([static_model("m", "http://127.0.0.1:9")])
+    async with serving(config) as (url, _):
+        head, _ = await anyio.to_thread.run_sync(
+            raw_exchange, port_of(url), b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n")
+    assert head.split(b"\r\n")[0] == b"http/1.1 200 "

@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 import pytest
+from starlette.requests import Request
 
 from kernel.types import Message, Receive, Scope, Send, request_state
 from middleware import admission
@@ -255,6 +256,77 @@ async def test_a_body_that_is_not_an_object_with_a_model_is_a_400(raw: bytes, co
     assert error["type"] == "invalid_request_error"
     assert error["code"] == code
     assert inner.state is None
+
+
+ONE_MODEL = make_config([sim_model("llama", served_name="meta/llama")],
+                        gateway={"max_body_bytes": 4 * LARGE_BODY})
+
+
+async def admitted(app_config: Any, raw: bytes, *,
+                   headers: list[tuple[bytes, bytes]] | None = None,
+                   path: str = "/v1/chat/completions") -> tuple[Client, Inner]:
+    client, inner = Client.with_body(raw), Inner()
+    await Admission(inner, config=app_config)(http_scope(headers=headers, path=path),
+                                              client.receive, client.send)
+    return client, inner
+
+
+@pytest.mark.parametrize("raw", [b'{"prompt": ""}', b'{"model": null, "tokens": [1]}',
+                                 b'{"model": "", "input": ""}'],
+                         ids=["absent", "null", "empty"])
+async def test_a_body_that_names_no_model_goes_to_the_only_one_under_its_served_name(
+        raw: bytes) -> None:
+    client, inner = await admitted(ONE_MODEL, raw)
+    assert client.status == 200
+    assert inner.state is not None and inner.state["model"].name == "llama"
+    assert inner.state["model_default"] is True
+    assert json.loads(inner.messages[0]["body"]) == {**json.loads(raw), "model": "meta/llama"}
+
+
+async def test_a_large_body_that_names_no_model_names_the_served_one() -> None:
+    raw = json.dumps({"prompt": [1] * LARGE_BODY}).encode()
+    client, inner = await admitted(ONE_MODEL, raw)
+    assert client.status == 200
+    assert inner.state is not None
+    assert json.loads(inner.state["body_bytes"])["model"] == "meta/llama"
+
+
+async def test_a_body_that_names_no_model_goes_to_the_default_model() -> None:
+    client, inner = await admitted(config(default_model="gpt-4"), b'{"input": "hi"}')
+    assert client.status == 200
+    assert inner.state is not None and inner.state["model"].name == "llama"
+    assert json.loads(inner.messages[0]["body"]) == {"input": "hi", "model": "meta/llama"}
+    client, inner = await admitted(config(default_model="gpt-4"), b'{"model": "qwen"}')
+    assert inner.state is not None and inner.state["model"].name == "qwen"
+    assert "model_default" not in inner.state
+
+
+async def test_without_a_default_among_several_models_no_model_is_a_400_saying_how_to_set_one(
+        ) -> None:
+    client, inner = await admitted(config(), b'{"prompt": ""}')
+    assert client.status == 400
+    error = client.error()
+    assert (error["code"], error["param"]) == ("invalid_model", "model")
+    assert "names no model" in error["message"]
+    assert "gateway.default_model" in error["message"]
+    assert inner.state is None
+
+
+async def test_a_form_that_names_no_model_gets_the_default_ones_served_name() -> None:
+    audio = bytes(range(256)) * 4
+    upload = (b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+              + audio + b"\r\n--XyZ--\r\n")
+    empty_model = b'--XyZ\r\nContent-Disposition: form-data; name="model"\r\n\r\n\r\n'
+    for raw in (upload, empty_model + upload):
+        client, inner = await admitted(ONE_MODEL, raw, headers=[FORM],
+                                       path="/v1/audio/transcriptions")
+        assert client.status == 200
+        assert inner.state is not None and inner.state["model_default"] is True
+        # The form as vLLM's reader (Starlette's) takes it: the served name, the file intact.
+        forwarded = Client.with_body(inner.state["body_bytes"])
+        parsed = await Request(http_scope(headers=[FORM]), forwarded.receive).form()
+        assert parsed["model"] == "meta/llama"
+        assert await parsed["file"].read() == audio
 
 
 async def test_json_nested_too_deep_to_parse_is_a_400_not_a_crash() -> None:

@@ -7,7 +7,7 @@ import httpx2
 import pytest
 
 from kernel.errors import GatewayError
-from middleware.forms import FEED, MAX_MODEL_BYTES, form_model
+from middleware.forms import FEED, MAX_MODEL_BYTES, form_model, with_model_field
 
 TYPE = b"multipart/form-data; boundary=XyZ"
 
@@ -39,9 +39,19 @@ def test_a_file_called_model_is_not_the_model_field() -> None:
     assert form_model(body, TYPE)[0] == "sim-b"
 
 
+@pytest.mark.parametrize("body", [part("file", b"RIFF", "a.wav") + b"--XyZ--\r\n",
+                                  part("model", b"") + b"--XyZ--\r\n"], ids=["absent", "empty"])
+def test_a_form_without_a_model_or_with_an_empty_one_names_none(body: bytes) -> None:
+    assert form_model(body, TYPE) == (None, None)
+
+
+def test_a_model_field_is_added_after_the_last_part() -> None:
+    body = part("file", b"RIFF", "a.wav") + b"--XyZ--\r\n"
+    assert with_model_field(body, TYPE, "org/m") == (part("file", b"RIFF", "a.wav")
+                                                     + part("model", b"org/m") + b"--XyZ--\r\n")
+
+
 @pytest.mark.parametrize(("body", "content_type", "code"), [
-    (part("file", b"RIFF", "a.wav") + b"--XyZ--\r\n", TYPE, "invalid_model"),
-    (part("model", b"") + b"--XyZ--\r\n", TYPE, "invalid_model"),
     (part("model", b"x" * (MAX_MODEL_BYTES + 1)) + b"--XyZ--\r\n", TYPE, "invalid_form"),
     (part("model", b"\xff\xfe") + b"--XyZ--\r\n", TYPE, "invalid_form"),
     (b"not a form at all", TYPE, "invalid_form"),

@@ -195,7 +195,7 @@ async def test_sleep_and_wake_a_model_with_their_counters_and_wake_times() -> No
         await admin("/admin/models/a/load")
         asleep = await admin("/admin/models/a/sleep")
         assert (asleep["state"], asleep["sleeps"], asleep["wakes"]) == ("asleep", 1, 0)
-        assert asleep["actions"] == ["load", "unload", "sleep", "wake"]
+        assert asleep["actions"] == ["unload", "wake"]
         assert asleep["address"] is not None  # the server runs on
         samples = await scrape(client, url)
         assert value(samples, "gateway_backend_state", model="a", state="asleep") == 1
@@ -206,10 +206,44 @@ async def test_sleep_and_wake_a_model_with_their_counters_and_wake_times() -> No
         assert refused["code"] == "model_cannot_sleep"
         listed = {m["name"]: m for m in (await client.get(url + "/admin/models",
                                                           headers=ADMIN)).json()["data"]}
-        assert listed["plain"]["actions"] == ["load", "unload"]
+        assert listed["plain"]["actions"] == ["load"]
         samples = await scrape(client, url)
     assert value(samples, "gateway_sleeps_total", model="a") == 1
     assert value(samples, "gateway_wakes_total", model="a") == 1
     assert value(samples, "gateway_backend_wake_seconds_count", model="a") == 1
     assert value(samples, "gateway_backend_wake_seconds_sum", model="a") >= 0.2
     assert value(samples, "gateway_backend_start_seconds_count", model="a") == 1
+
+
+async def test_a_model_offers_only_the_verbs_of_its_state_and_refuses_the_others() -> None:
+    sleepy = sim_model("a", "--enable-sleep-mode", sleep_level=1,
+                       env={"VLLM_SERVER_DEV_MODE": "1"})
+    config = make_config([sleepy], admin={"token": TOKEN})
+    async with serving(config) as (url, _), httpx2.AsyncClient(timeout=30) as client:
+        async def verb(action: str) -> httpx2.Response:
+            return await client.post(url + f"/admin/models/a/{action}", headers=ADMIN)
+
+        async def offered() -> list[str]:
+            listed = await client.get(url + "/admin/models", headers=ADMIN)
+            return listed.json()["data"][0]["actions"]
+
+        async def refused(action: str, state: str) -> None:
+            answer = await verb(action)
+            assert answer.status_code == 409, answer.text
+            assert error_of(answer)["code"] == "invalid_state"
+            assert error_of(answer)["type"] == "invalid_request_error"
+            assert f"is {state}: {action} does not apply" in error_of(answer)["message"]
+
+        assert await offered() == ["load"]
+        for action in ("unload", "sleep", "wake"):
+            await refused(action, "stopped")
+        assert (await verb("load")).json()["actions"] == ["unload", "sleep"]
+        for action in ("load", "wake"):
+            await refused(action, "ready")
+        assert (await verb("sleep")).json()["actions"] == ["unload", "wake"]
+        for action in ("load", "sleep"):
+            await refused(action, "asleep")
+        assert (await client.get(url + "/admin/models", headers=ADMIN)).json()["data"][0][
+            "sleeps"] == 1  # the refused sleep did nothing
+        assert (await verb("wake")).json()["state"] == "ready"
+        assert (await verb("unload")).json()["actions"] == ["load"]

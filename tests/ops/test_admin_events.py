@@ -98,7 +98,7 @@ async def test_state_changes_and_requests_arrive_as_they_happen() -> None:
         first = await next_event(stream, "state")
         assert {m["name"]: m["state"] for m in first["data"]} == {"a": "stopped",
                                                                   "b": "stopped"}
-        assert first["data"][0]["actions"] == ["load", "unload"]
+        assert first["data"][0]["actions"] == ["load"]
 
         async def load() -> None:
             assert (await client.post(url + "/admin/models/a/load",

@@ -46,14 +46,22 @@ VLLM_ARGS = ["--load-format", "dummy", "--max-model-len", str(MAX_MODEL_LEN),
 VLLM_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
-def _required() -> bool:
+def required() -> bool:
+    """Whether a run must have the tier (CI), not skip it."""
     return (os.environ.get("VLLM_GATEWAY_TEST_REQUIRE_ENGINE") == "1"
             or os.environ.get("CI") == "true")
 
 
-def _vllm_problem() -> str | None:
+def venv_problem() -> str | None:
+    """Why there is no vLLM venv to run, or None."""
     if not VLLM_PYTHON.is_file():
         return f"no vLLM venv at {VLLM_VENV}; run scripts/setup-vllm.sh"
+    return None
+
+
+def _vllm_problem() -> str | None:
+    if problem := venv_problem():
+        return problem
     found = subprocess.run([str(VLLM_PYTHON), "-c", "import vllm.entrypoints.openai.api_server"],
                            capture_output=True, text=True)
     if found.returncode != 0:
@@ -64,7 +72,7 @@ def _vllm_problem() -> str | None:
 
 @pytest.fixture(scope="session")
 def vllm_python() -> Path:
-    need(_vllm_problem(), required=_required())
+    need(_vllm_problem(), required=required())
     return VLLM_PYTHON
 
 
