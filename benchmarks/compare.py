@@ -1,7 +1,7 @@
 """Before and after, for a change on the hot path: ``python -m benchmarks.compare [--base main]``.
 
 Starts the fast responder (core 1), the bare aiohttp passthrough and two gateways on core 0:
-one from ``--base`` (a git revision, its ``proxy/``, ``middleware/`` and ``backends/``) and one
+one from ``--base`` (a git revision, the gateway's packages as they were there) and one
 from the working tree, and measures them in turn, repetitions interleaved so that the
 neighbours' load hits all three alike: (a) wrk at concurrency 32 and (b) 32-token streams at
 concurrency 32. Prints, per system, the best of ``--reps`` (the machine is shared: the best
@@ -29,7 +29,10 @@ def checkout(revision: str, work: Path) -> Path:
     """The gateway's packages as they are at ``revision``."""
     src = work / "base"
     src.mkdir(parents=True)
-    archive = subprocess.run(["git", "archive", revision, *PACKAGES], cwd=ROOT, check=True,
+    # The packages as they were then: a revision from before a package was added lacks it.
+    present = subprocess.run(["git", "ls-tree", "--name-only", revision, *PACKAGES], cwd=ROOT,
+                             check=True, capture_output=True, text=True).stdout.split()
+    archive = subprocess.run(["git", "archive", revision, *present], cwd=ROOT, check=True,
                              capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
     return src
