@@ -132,8 +132,8 @@ t=$(now)
 ctx="$work/gateway-context"
 mkdir -p "$ctx/src"
 cp Containerfile "$ctx/Containerfile"
-# The packages are pyproject.toml's [tool.setuptools] packages, so that a new one needs no edit here.
-packages=$(.venv/bin/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"]["packages"])')
+# The top-level packages of pyproject.toml's [tool.setuptools] packages: a new one needs no edit here.
+packages=$(.venv/bin/python -c 'import tomllib; print(*{p.split(".")[0]: 0 for p in tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"]["packages"]})')
 # shellcheck disable=SC2086  # one word per package
 tar -c --exclude=__pycache__ --exclude='*.pyc' pyproject.toml README.md $packages |
     tar -C "$ctx/src" -x
