@@ -9,7 +9,9 @@ the stack has none of them and a request pays nothing):
   log line then carries ``trace_id``); at the end it holds the status, the model, the retries,
   the bytes sent and the error's code, and is an error for a 5xx or an exception.
 - ``WaitSpans``, just inside the slot: ``queue wait``, made from the wait the slot layer
-  measured; and it opens the request's wait for a server, which the first upstream call closes.
+  measured when it was 1 ms or more (any wait is the request span's
+  ``vllm_gateway.queue_wait_ms``); and it opens the request's wait for a server, which the first
+  upstream call closes.
 - ``TracedUpstream``, the upstream client the passthrough uses: an ``upstream`` CLIENT span per
   call (so per try), from sending to the answer's close, whose context the request carries to
   the model server in place of any the client sent; vLLM started with
@@ -48,6 +50,9 @@ from .progress import ResponseProgress, progress
 
 # The refusals of a request that waited for its model's server to come up.
 START_REFUSALS = frozenset({START_FAILED, "no_capacity"})
+# Seconds of a wait for a slot worth a span of its own; a shorter one (a slot taken at once) is
+# only the request span's ``vllm_gateway.queue_wait_ms``: a span costs ~20 us to make and export.
+QUEUE_SPAN_MIN = 0.001
 
 
 class _ServerWait:
@@ -166,6 +171,8 @@ def _ended(span: trace.Span, scope: Scope, response: ResponseProgress,
     for key in ("request_id", "replica"):
         if state.get(key) is not None:
             attributes[f"vllm_gateway.{key}"] = state[key]
+    if state.get("queue_wait") is not None:
+        attributes["vllm_gateway.queue_wait_ms"] = round(state["queue_wait"] * 1000, 3)
     code = error_code(error, status, response.error_body) or state.get("error")
     if code:
         attributes["error.type"] = code
@@ -189,7 +196,7 @@ class WaitSpans:
         state = request_state(scope)
         now = time.time_ns()
         queued = state.get("queue_wait")
-        if queued is not None:
+        if queued is not None and queued >= QUEUE_SPAN_MIN:
             self.tracer.start_span("queue wait", start_time=now - int(queued * 1e9)).end(now)
         model = state["model"].name
         wait = _ServerWait(model, now, tuple(self.ready[model]))  # type: ignore[arg-type]
