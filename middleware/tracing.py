@@ -161,11 +161,12 @@ def _ended(span: trace.Span, scope: Scope, response: ResponseProgress,
     state = request_state(scope)
     status = response.status
     model = state.get("model")
-    attributes = {
-        "gen_ai.request.model": model.name if model else state.get("requested_model", "-"),
-        "http.response.body.size": response.sent,
-        "vllm_gateway.retries": state.get("retries", 0),
-    }
+    attributes = {"http.response.body.size": response.sent,
+                  "vllm_gateway.retries": state.get("retries", 0)}
+    # The model configured, else the name the client asked for (a 404), else none (a GET).
+    name = model.name if model else state.get("requested_model")
+    if name:
+        attributes["gen_ai.request.model"] = name
     if status:
         attributes["http.response.status_code"] = status
     for key in ("request_id", "replica"):

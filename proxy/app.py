@@ -12,6 +12,10 @@ semaphores -> retry -> streaming passthrough -> backend pool. The Anthropic path
 path reaches a backend: vLLM's development, render and management endpoints (``/sleep``,
 ``/collective_rpc``, ``/v1/load_lora_adapter``, ...) are 404 here.
 
+With tracing on (``[telemetry]`` or ``OTEL_EXPORTER_OTLP_ENDPOINT``, ``middleware.tracing``),
+the request's span wraps it all, the spans of the waits sit inside the semaphores, and the
+passthrough's upstream client makes a span per call; off, none of them is in the stack.
+
 Everything that runs in the background (the pool, its reaper, the model servers) lives inside
 ``Gateway.running()``; the ASGI lifespan enters it, and an application that mounts the gateway
 enters it from its own lifespan. ``wind_down()`` is the graceful stop that ``vllm-gateway
