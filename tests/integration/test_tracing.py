@@ -4,6 +4,8 @@ context reaching the model server."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from typing import Any
 
 import anyio
@@ -12,12 +14,12 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
-from backends.launcher import free_port
 from tests.otlp import in_memory
 from tests.support import (
     answer_lifespan,
     chat,
     make_config,
+    raw_backend,
     serving,
     serving_app,
     sim_model,
@@ -126,21 +128,29 @@ async def test_a_server_error_from_the_backend_marks_both_spans() -> None:
 
 async def test_a_backend_that_cannot_be_reached_is_an_error_per_try() -> None:
     tracing, exporter = in_memory()
-    down = f"http://127.0.0.1:{free_port()}"
-    config = make_config([static_model("m", down)],
-                         upstream={"retries": 1, "backoff_base": 0.0})
-    async with serving(config, tracing=tracing) as (url, gateway), httpx2.AsyncClient() as client:
-        # The static model is down: the pool refuses it at once without a try. A model it thinks
-        # is ready, whose connect fails, is tried twice.
-        gateway.pool.backends["m"].state = type(gateway.pool.backends["m"].state).READY
-        answer = await client.post(url + "/v1/chat/completions", json=chat("m"))
+
+    def ok(conn: socket.socket, head: bytes) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                     b"content-length: 2\r\nconnection: close\r\n\r\n{}")
+
+    with contextlib.ExitStack() as backend:
+        backend_url = backend.enter_context(raw_backend(ok))
+        config = make_config([static_model("m", backend_url)],
+                             upstream={"retries": 1, "backoff_base": 0.0})
+        async with serving(config, tracing=tracing) as (url, _), \
+                httpx2.AsyncClient() as client:
+            assert (await client.post(url + "/v1/chat/completions",
+                                      json=chat("m"))).status_code == 200
+            backend.close()  # gone: the model is still ready (no check since), connects fail
+            answer = await client.post(url + "/v1/chat/completions", json=chat("m"))
     assert answer.status_code == 502
     spans = exporter.get_finished_spans()
-    tries = [s for s in spans if s.name == "upstream"]
+    tries = [s for s in spans if s.name == "upstream"][1:]
     assert len(tries) == 2
     assert all(s.status.status_code is StatusCode.ERROR for s in tries)
     assert {s.attributes["error.type"] for s in tries} == {"ConnectFailed"}
-    request = by_name(spans)["POST /v1/chat/completions"]
+    request = [s for s in spans if s.name == "POST /v1/chat/completions"][1]
+    assert {parent_of(s) for s in tries} == {request.context.span_id}
     assert request.attributes["vllm_gateway.retries"] == 1
     assert request.attributes["error.type"] == "upstream_unavailable"
     assert request.status.status_code is StatusCode.ERROR
