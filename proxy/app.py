@@ -12,6 +12,10 @@ semaphores -> retry -> streaming passthrough -> backend pool. The Anthropic path
 path reaches a backend: vLLM's development, render and management endpoints (``/sleep``,
 ``/collective_rpc``, ``/v1/load_lora_adapter``, ...) are 404 here.
 
+With tracing on (``[telemetry]`` or ``OTEL_EXPORTER_OTLP_ENDPOINT``, ``middleware.tracing``),
+the request's span wraps it all, the spans of the waits sit inside the semaphores, and the
+passthrough's upstream client makes a span per call; off, none of them is in the stack.
+
 Everything that runs in the background (the pool, its reaper, the model servers) lives inside
 ``Gateway.running()``; the ASGI lifespan enters it, and an application that mounts the gateway
 enters it from its own lifespan. ``wind_down()`` is the graceful stop that ``vllm-gateway
@@ -24,6 +28,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, nullcontext
 from functools import partial
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
@@ -54,6 +59,9 @@ from telemetry.metrics import GatewayMetrics
 from . import anthropic, routes
 from .admin import AdminApi
 from .routes import EnginePings, method_not_allowed, no_route
+
+if TYPE_CHECKING:
+    from middleware.tracing import GatewayTracing
 
 log = structlog.get_logger("gateway")
 
@@ -92,8 +100,9 @@ class Gateway:
     """The ASGI application of one gateway."""
 
     def __init__(self, config: Config, *, launchers: LauncherFactory | None = None,
-                 gpu: GpuMemory | None = None) -> None:
+                 gpu: GpuMemory | None = None, tracing: GatewayTracing | None = None) -> None:
         self.config = config
+        self.tracing = tracing or tracing_for(config)
         self.metrics = GatewayMetrics()
         self.gpu = gpu
         self.engines = ContainerEngines(config)
@@ -107,9 +116,12 @@ class Gateway:
         self.running_now = False
         self._told: str | None = None
         self._ended: str | None = None
-        passthrough = StreamingPassthrough(pool=self.pool, upstream=self.upstream,
+        upstream = self.tracing.upstream(self.upstream) if self.tracing else self.upstream
+        passthrough = StreamingPassthrough(pool=self.pool, upstream=upstream,
                                            send_timeout=config.gateway.send_timeout)
-        retry = RetryConnectFailures(passthrough, config=config, metrics=self.metrics)
+        retry: ASGIApp = RetryConnectFailures(passthrough, config=config, metrics=self.metrics)
+        if self.tracing:
+            retry = self.tracing.waits(retry)
         self.semaphores = ModelConcurrencyLimit(retry, config=config, metrics=self.metrics)
         self.queue = QueueDepthLimit(self.semaphores, config=config, metrics=self.metrics)
         # A model with requests queued for a slot or holding one is not idle: it serves its run
@@ -130,7 +142,10 @@ class Gateway:
             self._clients = ClientKeys(self._client_routes, keys=config.client_keys)
         self._anthropic_clients = anthropic.AnthropicErrors(self._clients)
         self.admin = AdminApi(self)
-        self._app = RequestContext(self._route, metrics=self.metrics, events=self.events)
+        self._app: ASGIApp = RequestContext(self._route, metrics=self.metrics, events=self.events)
+        if self.tracing:
+            self._app = self.tracing.requests(self._app, untraced=frozenset(routes.OPEN_ROUTES),
+                                              routes=FORWARDED | frozenset(routes.CLIENT_ROUTES))
 
     def problem(self) -> str | None:
         """Why a gateway that started no longer does its work (the pool, its reaper or an
@@ -148,9 +163,13 @@ class Gateway:
 
     def _started(self, model: str, seconds: float) -> None:
         self.metrics.start_duration(model).observe(seconds)
+        if self.tracing:
+            self.tracing.model_ready(model, woke=False)
 
     def _woke(self, model: str, seconds: float) -> None:
         self.metrics.wake_duration(model).observe(seconds)
+        if self.tracing:
+            self.tracing.model_ready(model, woke=True)
 
     @property
     def draining(self) -> bool:
@@ -188,9 +207,10 @@ class Gateway:
         if self.gpu is None:
             self.gpu = self.pool.gpu = probe_gpus(self.config.gateway.gpu_memory_mb)
         feedback = self.feedback.running() if self.feedback else nullcontext()
+        tracing = self.tracing.running() if self.tracing else nullcontext()
         try:
-            async with (self.engines.running(), self.pool.running(), self.upstream.running(),
-                        feedback):
+            async with (tracing, self.engines.running(), self.pool.running(),
+                        self.upstream.running(), feedback):
                 self.running_now = True
                 try:
                     yield self
@@ -271,3 +291,12 @@ class Gateway:
 
 def build_app(config: Config) -> Gateway:
     return Gateway(config)
+
+
+def tracing_for(config: Config) -> GatewayTracing | None:
+    """The gateway's tracing, when ``[telemetry]`` or the ``OTEL_*`` variables turn it on."""
+    if config.telemetry.traces is None:
+        return None
+    # Imported only then: the OpenTelemetry SDK is an optional install (the otel extra).
+    from middleware.tracing import GatewayTracing
+    return GatewayTracing.from_settings(config.telemetry)

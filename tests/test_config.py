@@ -7,6 +7,7 @@ Every refusal is one line naming the key, the value, where it came from (the fil
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -679,3 +680,66 @@ def test_a_process_model_with_gpus_leaves_cuda_visible_devices_to_them() -> None
     model = {**sim_model("m"), "gpus": [1], "env": {"CUDA_VISIBLE_DEVICES": "0"}}
     assert_names(refusal({"models": [model]}), 'models["m"].env',
                  "{'CUDA_VISIBLE_DEVICES': '0'}", FILE, "without CUDA_VISIBLE_DEVICES")
+
+
+# --- telemetry ------------------------------------------------------------------------------
+
+COLLECTOR = "http://collector:4318"
+
+
+@pytest.mark.parametrize(("doc", "env", "traces"), [
+    ({}, {}, None),
+    ({"telemetry": {"endpoint": COLLECTOR}}, {}, "http/protobuf"),
+    ({}, {"OTEL_EXPORTER_OTLP_ENDPOINT": COLLECTOR}, "http/protobuf"),
+    ({}, {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": COLLECTOR + "/v1/traces",
+          "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, "grpc"),
+    ({"telemetry": {"endpoint": COLLECTOR, "protocol": "grpc"}},
+     {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}, "grpc"),
+    ({"telemetry": {"endpoint": COLLECTOR}}, {"OTEL_SDK_DISABLED": "true"}, None),
+    ({}, {"OTEL_EXPORTER_OTLP_ENDPOINT": COLLECTOR, "OTEL_SDK_DISABLED": "TRUE"}, None),
+], ids=["off", "table", "variable", "traces-variable-grpc", "table-wins", "disabled",
+        "disabled-variable"])
+def test_tracing_is_on_only_with_an_endpoint_and_its_protocol_is_the_tables_or_the_variables(
+        doc, env, traces):
+    config = load(doc, env=env)
+    assert config.telemetry.traces == traces
+    assert effective(config)["telemetry"]["traces"] == traces
+
+
+@pytest.mark.parametrize(("doc", "env", "key", "value", "source", "allowed"), [
+    ({"telemetry": {"endpoint": "collector:4317"}}, {}, "telemetry.endpoint",
+     "'collector:4317'", FILE, "must be an http:// or https:// URL"),
+    ({"telemetry": {"endpoint": COLLECTOR, "protocol": "http/json"}}, {}, "telemetry.protocol",
+     "'http/json'", FILE, "must be one of 'http/protobuf', 'grpc'"),
+    ({"telemetry": {"sample_ratio": 2}}, {}, "telemetry.sample_ratio", "2.0", FILE,
+     "must be a number from 0.0 to 1.0"),
+    ({}, {"OTEL_EXPORTER_OTLP_ENDPOINT": COLLECTOR, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
+     "OTEL_EXPORTER_OTLP_PROTOCOL", "'http/json'",
+     "environment variable OTEL_EXPORTER_OTLP_PROTOCOL", "must be one of 'http/protobuf'"),
+    ({}, {"GATEWAY_TELEMETRY_SAMPLE_RATIO": "x"}, "telemetry.sample_ratio", "'x'",
+     "environment variable GATEWAY_TELEMETRY_SAMPLE_RATIO", "must be a number"),
+], ids=["endpoint", "protocol", "ratio", "variable-protocol", "gateway-variable"])
+def test_a_bad_telemetry_setting_is_refused_in_one_line(doc, env, key, value, source, allowed):
+    assert_names(refusal(doc, env=env), key, value, source, allowed)
+
+
+def test_telemetry_headers_are_masked_even_when_refused():
+    shown = effective(load({"telemetry": {"endpoint": COLLECTOR,
+                                          "headers": {"authorization": "Bearer s3cret"}}}))
+    assert shown["telemetry"]["headers"] == "***"
+    message = refusal({"telemetry": {"headers": {"authorization": 5}}})
+    assert_names(message, "telemetry.headers", "'***'", FILE, "must be a table of strings")
+
+
+def test_tracing_without_the_packages_is_refused_naming_the_extra(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None
+                        if name.startswith("opentelemetry.exporter.otlp.proto.grpc")
+                        else real(name, *a))
+    message = refusal(env={"OTEL_EXPORTER_OTLP_ENDPOINT": COLLECTOR,
+                           "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
+    assert message.startswith("OTEL_EXPORTER_OTLP_ENDPOINT (from environment variable "
+                              "OTEL_EXPORTER_OTLP_ENDPOINT) turns tracing on, but "
+                              "opentelemetry.exporter.otlp.proto.grpc.trace_exporter is not "
+                              "installed: pip install 'vllm-gateway[otel]'"), message
+    assert load({"telemetry": {"endpoint": COLLECTOR}}).telemetry.traces == "http/protobuf"

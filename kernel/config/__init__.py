@@ -15,9 +15,10 @@ one key.
 credential (``HF_TOKEN``, ``--api-key X``, ``user:password@``) are masked.
 
 The package is split by section: ``gateway``, ``upstream``, ``access`` (``[admin]`` and
-``[auth]``), ``engines`` and ``models`` each own their tables and checks; ``validation`` checks
-one value and words its refusal, ``loader`` reads the file, the environment and the options
-into ``Config``, ``masking`` shows it. This module is the package's public API.
+``[auth]``), ``telemetry``, ``engines`` and ``models`` each own their tables and checks;
+``validation`` checks one value and words its refusal, ``loader`` reads the file, the
+environment and the options into ``Config``, ``masking`` shows it. This module is the package's
+public API.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .gateway import GatewaySettings
 from .loader import ENV_PREFIX, SECTIONS, Config, config_from_mapping, config_path, load_config
 from .masking import effective
 from .models import ModelSettings, parse_size, placement
+from .telemetry import TelemetrySettings
 from .upstream import UpstreamSettings
 from .validation import ConfigError
 
@@ -41,6 +43,7 @@ __all__ = [
     "EngineSettings",
     "GatewaySettings",
     "ModelSettings",
+    "TelemetrySettings",
     "UpstreamSettings",
     "config_from_mapping",
     "config_path",

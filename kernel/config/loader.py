@@ -25,6 +25,7 @@ from .gateway import (
     _check_trusted_proxies,
 )
 from .models import ModelSettings, _build_models
+from .telemetry import TelemetrySettings, _resolve_telemetry
 from .upstream import UpstreamSettings
 from .validation import _SECRET_NAME, MASK, ConfigError, _build, _fail, _show, _Sources, _unknown
 
@@ -41,6 +42,7 @@ class Config:
     upstream: UpstreamSettings
     admin: AdminSettings
     auth: AuthSettings
+    telemetry: TelemetrySettings
     engines: Mapping[str, EngineSettings]
     models: tuple[ModelSettings, ...]
     source: str
@@ -75,6 +77,7 @@ SECTIONS: dict[str, type] = {
     "upstream": UpstreamSettings,
     "admin": AdminSettings,
     "auth": AuthSettings,
+    "telemetry": TelemetrySettings,
 }
 
 
@@ -102,6 +105,8 @@ def _env_targets() -> dict[str, tuple[str, str]]:
     targets = dict(ENV_ALIASES)
     for section, cls in SECTIONS.items():
         for field in dataclasses.fields(cls):
+            if field.metadata.get("derived"):
+                continue
             name = field.name.upper()
             var = ENV_PREFIX + (name if section == "gateway" else f"{section.upper()}_{name}")
             targets[var] = (section, field.name)
@@ -132,7 +137,7 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str], sources: _Sourc
         sources.env[path] = var
 
 
-TOP_LEVEL = ("gateway", "upstream", "admin", "auth", "engines", "models")
+TOP_LEVEL = ("gateway", "upstream", "admin", "auth", "engines", "models", "telemetry")
 
 
 def config_from_mapping(data: dict[str, Any], *, source: str = "<mapping>",
@@ -147,7 +152,8 @@ def config_from_mapping(data: dict[str, Any], *, source: str = "<mapping>",
     for key, value in data.items():
         if key not in TOP_LEVEL:
             _unknown(key, value, source, TOP_LEVEL)
-    _apply_env(data, environ if environ is not None else {}, sources)
+    environ = environ if environ is not None else {}
+    _apply_env(data, environ, sources)
     for path, value in (options or {}).items():
         section, key = path.split(".")
         _table(data, section, sources)[key] = value
@@ -161,6 +167,7 @@ def config_from_mapping(data: dict[str, Any], *, source: str = "<mapping>",
     _check_keepalive(sections["gateway"].stream_keepalive, sources)
     _check_token("admin.token", sections["admin"].token, sources)
     client_keys = _client_keys(sections["auth"], sources)
+    sections["telemetry"] = _resolve_telemetry(sections["telemetry"], environ, sources)
     engines = _build_engines(data.get("engines", {}), sources)
     models = _build_models(data.get("models"), engines, sections["gateway"], sources)
     by_name = {key: m for m in models for key in (m.name, *m.aliases)}

@@ -57,6 +57,8 @@ def effective(config: Config) -> dict[str, Any]:
                 value = _MASKS[field.name](value)
             elif isinstance(value, tuple):
                 value = list(value)
+            elif isinstance(value, Mapping):  # an empty telemetry.headers
+                value = dict(value)
             out[field.name] = value
         return out
 

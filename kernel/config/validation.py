@@ -126,7 +126,7 @@ def _check_value(path: str, value: Any, hint: Any, meta: Mapping[str, Any],
                      for i, item in enumerate(value))
     if origin is Mapping:
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-            _fail(path, value, sources, "a table of strings")
+            _fail(path, MASK if meta["secret"] else value, sources, "a table of strings")
         return types.MappingProxyType(dict(value))
     value = _check_scalar(path, value, hint, meta, sources)
     if value == "":
