@@ -50,7 +50,6 @@ model goes ``failed`` with the reason, its bookkeeping completes, the other mode
 
 from __future__ import annotations
 
-import enum
 import functools
 import math
 import zlib
@@ -69,6 +68,7 @@ from kernel.errors import GatewayError, not_found, unavailable
 from . import sleep as sleep_mode
 from .gpu import ConfiguredMemory, GpuMemory
 from .launcher import Launcher, LaunchError, Supervisor
+from .states import Event, ModelState, move
 from .static import StaticLauncher
 
 log = structlog.get_logger("gateway.pool")
@@ -78,17 +78,6 @@ HEALTH_TIMEOUT = 2.0
 MEMORY_POLL = 0.25
 REAP_INTERVAL_MAX = 1.0
 REFUSED = "it refuses connections"
-
-
-class ModelState(enum.Enum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    READY = "ready"
-    DRAINING = "draining"
-    STOPPING = "stopping"
-    FAILED = "failed"
-    ASLEEP = "asleep"
-    WAKING = "waking"
 
 
 LOADED = (ModelState.READY, ModelState.DRAINING, ModelState.STOPPING)
@@ -155,6 +144,10 @@ class Backend:
     scale_downs: int = 0
     # The first replica's: how many of the model's replicas were ready when last told.
     serving: int = 0
+    # Why and when the state last changed (``states.move``), and whom it tells.
+    reason: str = ""
+    since: float = 0.0
+    notify: Callable[[], None] = lambda: None
 
     def __post_init__(self) -> None:
         self.replicas.append(self)
@@ -264,7 +257,8 @@ class BackendPool:
             settings = model if i == 0 else replace(model, engine=engine, gpus=gpus, replica=i)
             # The new server joins ``servers`` itself.
             Backend(settings, launchers(settings), replica=i,
-                    slots=self.config.max_concurrent_of(model), replicas=servers)
+                    slots=self.config.max_concurrent_of(model), replicas=servers,
+                    notify=self._notify)
         return servers
 
     @asynccontextmanager
@@ -420,7 +414,6 @@ class BackendPool:
 
     def _launch(self, backend: Backend) -> None:
         assert self._tg is not None, "the pool is not running"
-        backend.state = ModelState.STARTING
         backend.placed = False
         backend.stop_reason = None
         backend.sleep_capable = True
@@ -428,7 +421,7 @@ class BackendPool:
         # Made here, not in the task, so that a stop requested before the task runs is kept.
         backend.scope = anyio.CancelScope()
         self._tg.start_soon(self._lifecycle, backend, backend.start, backend.scope)
-        self._notify()
+        move(backend, Event.LAUNCH)
 
     async def _lifecycle(self, backend: Backend, start: _Start, scope: anyio.CancelScope) -> None:
         # This task outlives the request that launched it: its lines are the model's, not that
@@ -449,7 +442,7 @@ class BackendPool:
             outcome = self._failure(backend, UNAVAILABLE, exc)
         finally:
             # No lease from here on: the launcher forgets the address as it stops.
-            backend.state = ModelState.STOPPING
+            move(backend, Event.RUN_ENDS, backend.stop_reason or "")
             with anyio.CancelScope(shield=True):
                 try:
                     await backend.launcher.stop()
@@ -566,7 +559,6 @@ class BackendPool:
 
     def _down(self, backend: Backend, problem: str) -> None:
         """A static server found down: its requests are refused at once until it is up."""
-        backend.state = ModelState.FAILED
         backend.failure = f"down: {problem}"
         backend.failure_code = UNAVAILABLE
         backend.retry_at = 0.0
@@ -575,31 +567,29 @@ class BackendPool:
             start.error = self._refusal(backend)
             start.done.set()
         log.warning("model down", model=backend.name, reason=problem)
-        self._notify()
+        move(backend, Event.DOWN, problem)
 
     def _up_again(self, backend: Backend) -> None:
         log.info("model up again", model=backend.name)
         assert backend.start is not None
-        self._become_ready(backend, backend.start)
+        self._become_ready(backend, backend.start, Event.UP)
 
-    def _become_ready(self, backend: Backend, start: _Start) -> None:
-        backend.state = ModelState.READY
+    def _become_ready(self, backend: Backend, start: _Start,
+                      event: Event = Event.HEALTHY) -> None:
         backend.failure = None
         backend.last_used = anyio.current_time()
         backend.starts += 1
         start.done.set()
         log.info("model ready", model=backend.name, address=backend.address,
                  vram_mb=backend.vram_mb)
-        self._notify()
+        move(backend, event)
 
     def _after_stop(self, backend: Backend, start: _Start, outcome: GatewayError | None) -> None:
         backend.scope = None
         backend.placed = False
-        if outcome is not None and outcome.code in FAILED:
-            backend.state = ModelState.FAILED
+        failed = outcome is not None and outcome.code in FAILED
+        if failed:
             backend.retry_at = anyio.current_time() + backend.settings.failure_backoff
-        else:
-            backend.state = ModelState.STOPPED
         if not start.done.is_set():
             start.error = outcome or unavailable(
                 f"The model '{backend.name}' was stopped while starting.",
@@ -607,7 +597,8 @@ class BackendPool:
             start.done.set()
         if backend.stop_reason:
             log.info("model stopped", model=backend.name, reason=backend.stop_reason)
-        self._notify()
+        move(backend, Event.RUN_FAILED if failed else Event.STOPPED,
+             backend.failure or "" if failed else backend.stop_reason or "")
 
     async def _start(self, backend: Backend, helpers: TaskGroup,
                      launched_by: str | None) -> str | None:
@@ -791,10 +782,9 @@ class BackendPool:
         """Begin stopping a starting or loaded model (synchronously: no lease can slip in)."""
         if backend.scope is None or backend.state in (ModelState.STOPPED, ModelState.FAILED):
             return
-        backend.state = ModelState.STOPPING
         backend.stop_reason = reason
         backend.scope.cancel()
-        self._notify()
+        move(backend, Event.STOP, reason)
 
     async def _stop_and_wait(self, backend: Backend, reason: str) -> None:
         self.request_stop(backend, reason)
@@ -805,10 +795,9 @@ class BackendPool:
     def _begin_sleep(self, backend: Backend) -> None:
         """Take an idle model out of service for its sleep (synchronously: no lease can slip
         in); ``_sleep`` then makes the call."""
-        backend.state = ModelState.ASLEEP
         backend.sleeping = anyio.Event()
         backend.asleep_since = anyio.current_time()  # the newest asleep, for the sleep budget
-        self._notify()
+        move(backend, Event.SLEEP)
 
     async def _sleep(self, backend: Backend) -> None:
         """Put the server to sleep; stop it instead if it has no sleep API or the sleep fails.
@@ -867,11 +856,10 @@ class BackendPool:
 
     def _begin_wake(self, backend: Backend) -> None:
         assert self._tg is not None, "the pool is not running"
-        backend.state = ModelState.WAKING
         backend.placed = False
         backend.start = start = _Start()
         self._tg.start_soon(self._wake, backend, start)
-        self._notify()
+        move(backend, Event.WAKE)
 
     async def _wake(self, backend: Backend, start: _Start) -> None:
         """Make room, wake the server and wait until it says it is awake. A wake that fails
@@ -904,12 +892,12 @@ class BackendPool:
                 log.info("model awake", model=backend.name, seconds=round(woke, 3))
                 if self.on_wake is not None:
                     self.on_wake(backend.name, woke)
-                backend.state = ModelState.READY
                 backend.last_used = anyio.current_time()
+                move(backend, Event.AWAKE)
         except GatewayError as exc:  # no room within placement_timeout: it sleeps on
             error = exc
             if backend.state is ModelState.WAKING:
-                backend.state = ModelState.ASLEEP
+                move(backend, Event.NO_ROOM, exc.message)
         except Exception as exc:  # the server's failure, never the pool's
             if backend.state is ModelState.WAKING:
                 error = None
@@ -964,8 +952,7 @@ class BackendPool:
         draining = [r for r in replicas if r.state is ModelState.READY]
         if draining:
             for backend in draining:
-                backend.state = ModelState.DRAINING
-            self._notify()
+                move(backend, Event.DRAIN, "unloading")
             try:
                 while any(r.leases for r in draining):
                     assert self._changed is not None
@@ -975,8 +962,7 @@ class BackendPool:
                 # with its new requests waiting for a stop that nobody will make.
                 for backend in draining:
                     if backend.state is ModelState.DRAINING:
-                        backend.state = ModelState.READY
-                self._notify()
+                        move(backend, Event.UNDRAIN, "the unload was given up")
                 raise
         for backend in replicas:
             await self._stop_and_wait(backend, "unloaded")
