@@ -65,9 +65,11 @@ from anyio.abc import TaskGroup
 from kernel.config import Config, ModelSettings, placement
 from kernel.errors import GatewayError, not_found, unavailable
 
+from . import planners
 from . import sleep as sleep_mode
 from .gpu import ConfiguredMemory, GpuMemory
 from .launcher import Launcher, LaunchError, Supervisor
+from .planners import COMING, LOADED, Evict, Fits, Memory, View
 from .states import Event, ModelState, move
 from .static import StaticLauncher
 
@@ -80,9 +82,6 @@ REAP_INTERVAL_MAX = 1.0
 REFUSED = "it refuses connections"
 
 
-LOADED = (ModelState.READY, ModelState.DRAINING, ModelState.STOPPING)
-# Brought up for requests that wait for it: started, or woken.
-COMING = (ModelState.STARTING, ModelState.WAKING)
 # A model with replicas is in the first of these states that one of them is in.
 MODEL_STATE_ORDER = (ModelState.READY, ModelState.WAKING, ModelState.STARTING,
                      ModelState.DRAINING, ModelState.STOPPING, ModelState.ASLEEP,
@@ -148,6 +147,8 @@ class Backend:
     reason: str = ""
     since: float = 0.0
     notify: Callable[[], None] = lambda: None
+    # Its place in the pool's servers: its name in the planners' decisions.
+    key: int = 0
 
     def __post_init__(self) -> None:
         self.replicas.append(self)
@@ -187,15 +188,22 @@ class Backend:
             unserved -= sum(r.leases for r in self.replicas if r is not self)
         return unserved
 
-    def may_go(self) -> bool:
-        """Idle, and not one of the ``min_replicas`` the model keeps ready."""
-        return self.is_idle() and (
-            self.settings.min_replicas == 0
-            or sum(r.state is ModelState.READY for r in self.replicas)
-            > self.settings.min_replicas)
-
     def occupies_slot(self) -> bool:
         return self.state in LOADED or (self.state in COMING and self.placed)
+
+    def view(self) -> View:
+        """What the planners know of the server."""
+        s = self.settings
+        return View(
+            key=self.key, model=s.name, replica=self.replica, state=self.state,
+            leases=self.leases, slots=self.slots, idle=self.is_idle(), last_used=self.last_used,
+            placed=self.placed, devices=frozenset(self.devices), vram_mb=self.vram_mb,
+            need_mb=self.need_mb(), sleeps=self.sleeps_when_idle(),
+            sleeping=self.sleeping is not None, asleep_since=self.asleep_since,
+            yields_to=None if self.yields_to is None else self.yields_to.key,
+            run_over=self.scope is None, retry_at=self.retry_at, min_replicas=s.min_replicas,
+            idle_timeout=s.idle_timeout, asleep_timeout=s.asleep_timeout,
+            scale_up_after=s.scale_up_after)
 
     def sleeps_when_idle(self) -> bool:
         return self.settings.sleep_level is not None and self.sleep_capable
@@ -226,6 +234,8 @@ class BackendPool:
         self.replicas = {m.name: self._servers_of(m, launchers) for m in config.models}
         self.backends = {name: servers[0] for name, servers in self.replicas.items()}
         self.servers = [b for servers in self.replicas.values() for b in servers]
+        for key, backend in enumerate(self.servers):
+            backend.key = key
         self.replicated = [servers[0] for servers in self.replicas.values() if len(servers) > 1]
         # The models the reaper may bring a server up for: load, or min_replicas to keep.
         self.scaled = [servers[0] for servers in self.replicas.values()
@@ -277,8 +287,7 @@ class BackendPool:
                     # that is down is refused at once.
                     if backend.launcher.has_running() or backend.static:
                         self._launch(backend)
-                for backend in self.scaled:
-                    self._scale(backend, anyio.current_time())
+                self._bring_up(anyio.current_time())
                 try:
                     yield self
                 finally:
@@ -367,7 +376,7 @@ class BackendPool:
                 backend = min(first.replicas, key=_bring_up_order)
             # Started if it may be; a failed one is refused within its backoff, and a static
             # server that is down (its watch still runs) until a check passes.
-            if _may_start(backend, anyio.current_time()):
+            if backend.view().may_start(anyio.current_time()):
                 self._launch(backend)
             elif backend.state is ModelState.FAILED:
                 raise self._refusal(backend)
@@ -610,23 +619,24 @@ class BackendPool:
     @asynccontextmanager
     async def _room(self, backend: Backend) -> AsyncIterator[None]:
         """Make room for the model (a start or a wake) and hold its devices meanwhile; 503
-        once no room came within ``placement_timeout``."""
-        assert self._start_lock is not None
+        once no room came within ``placement_timeout``. The start lock is held only to plan
+        and claim (a victim is taken out of service at once, so no other start picks it): the
+        victim's sleep or stop happens without it, then the plan is made again."""
         deadline: float | None = None
         try:
             while True:
                 async with AsyncExitStack() as devices:
                     for device in sorted(backend.devices, key=str):
                         await devices.enter_async_context(self._device_locks[device])
-                    async with self._start_lock:
-                        assert self._changed is not None
-                        changed = self._changed
-                        placed = await self._make_room(backend)
-                    if placed:
+                    while (victim := await self._plan_room(backend)) is not None:
+                        await self._settled(victim)
+                    if backend.placed:
                         self._turn_ends(backend)
                         yield
                         return
-                # No room yet: wait without the lock, so that models that fit can start
+                    assert self._changed is not None
+                    changed = self._changed
+                # No room yet: wait without the locks, so that models that fit can start
                 # meanwhile.
                 now = anyio.current_time()
                 if deadline is None:
@@ -644,20 +654,51 @@ class BackendPool:
         finally:
             self._turn_ends(backend)
 
+    async def _plan_room(self, backend: Backend) -> Backend | None:
+        """Under the start lock: place the model (``backend.placed``) if it fits, else claim
+        the next server to make room (taken out of service now) and return it; None: placed,
+        or nothing to take room from."""
+        assert self._start_lock is not None
+        async with self._start_lock:
+            try:
+                decision = planners.place(backend.view(), self._views(),
+                                          self._ledger(backend), self.max_models)
+            except planners.TooBig as big:
+                raise unavailable(
+                    f"The model '{backend.name}' needs {big.need_mb} MiB on GPU "
+                    f"{big.device[1]}, which has {big.total_mb} MiB.", code="no_capacity",
+                    should_retry=False) from None
+            if isinstance(decision, Fits):
+                backend.placed = True
+                return None
+            if not isinstance(decision, Evict):
+                return None
+            victim = self.servers[decision.victim]
+            victim.evictions += 1
+            if decision.sleep:
+                log.info("putting idle model to sleep", model=victim.name,
+                         for_model=backend.name, reason=decision.why)
+                self._begin_sleep(victim)
+            else:
+                log.info("evicting idle model", model=victim.name, for_model=backend.name,
+                         reason=decision.why)
+                self.request_stop(victim, "evicted")
+            return victim
+
+    def _views(self) -> list[View]:
+        return [b.view() for b in self.servers]
+
+    def _ledger(self, backend: Backend) -> dict[tuple[str | None, int], Memory]:
+        """The figures of the server's devices."""
+        return {(engine, g): Memory(self.gpu.total_mb(g), self.gpu.used_mb(g))
+                for engine, g in backend.devices}
+
     def _take_turn(self, backend: Backend) -> None:
-        """The busy models in the way of a start or a wake yield their turn to it: those on the
-        devices short of memory, and where the start needs a place in ``max_models_concurrent``,
-        one more (the one with the fewest requests, then the least recently used) unless one
-        yields already. The others serve on."""
-        serving = [b for b in self.servers
-                   if b.state is ModelState.READY and b.yields_to is None and b is not backend]
-        short = self._short_devices(backend)
-        in_the_way = [b for b in serving if short & b.devices]
-        yielding = in_the_way or any(b.yields_to is backend for b in self.servers)
-        over_budget = sum(b.occupies_slot() for b in self.servers) >= self.max_models
-        if over_budget and serving and not yielding:
-            in_the_way.append(min(serving, key=lambda b: (b.leases, b.last_used)))
-        for other in in_the_way:
+        """The busy models in the way of a start or a wake yield their turn to it
+        (``planners.yielders``); the others serve on."""
+        for key in planners.yielders(backend.view(), self._views(), self._ledger(backend),
+                                     self.max_models):
+            other = self.servers[key]
             other.yields_to = backend
             log.info("model yields its turn", model=other.name, to_model=backend.name,
                      leases=other.leases)
@@ -727,57 +768,6 @@ class BackendPool:
             log.info("model VRAM measured", model=backend.name, vram_mb=max(deltas),
                      configured_mb=backend.settings.vram_mb)
 
-    def _short_devices(self, backend: Backend) -> set[tuple[str | None, int]]:
-        """The devices of the model that lack the memory it needs."""
-        need = backend.need_mb()
-        short = set()
-        for engine, g in backend.devices if need else ():
-            total = self.gpu.total_mb(g)
-            if total is None:
-                continue
-            if need > total:
-                raise unavailable(
-                    f"The model '{backend.name}' needs {need} MiB on GPU {g}, which has "
-                    f"{total} MiB.", code="no_capacity", should_retry=False)
-            used = self.gpu.used_mb(g)
-            if used is None:
-                used = sum(b.vram_mb for b in self.servers
-                           if b is not backend and b.occupies_slot() and (engine, g) in b.devices)
-            if total - used < need:
-                short.add((engine, g))
-        return short
-
-    async def _make_room(self, backend: Backend) -> bool:
-        """Put idle models to sleep (or stop them) until the model fits; False if it does not
-        and none is idle. Short of GPU memory, asleep models on the device are stopped last."""
-        while True:
-            over_budget = sum(b.occupies_slot() for b in self.servers) >= self.max_models
-            short = self._short_devices(backend)
-            if not over_budget and not short:
-                backend.placed = True
-                return True
-            # The least recently used first, but one on a short device frees a slot as well.
-            idle = sorted((b for b in self.servers
-                           if b.may_go() and (over_budget or short & b.devices)),
-                          key=lambda b: (not short & b.devices, b.last_used))
-            asleep = sorted((b for b in self.servers if short & b.devices
-                             and b.state is ModelState.ASLEEP and b.sleeping is None),
-                            key=lambda b: b.last_used)
-            if not idle and not asleep:
-                return False
-            victim = (idle or asleep)[0]
-            victim.evictions += 1
-            why = "model budget" if over_budget else "GPU memory"
-            if victim.state is ModelState.READY and victim.sleeps_when_idle():
-                log.info("putting idle model to sleep", model=victim.name, for_model=backend.name,
-                         reason=why)
-                self._begin_sleep(victim)
-                await self._sleep(victim)
-            else:
-                log.info("evicting idle model", model=victim.name, for_model=backend.name,
-                         reason=why)
-                await self._stop_and_wait(victim, "evicted")
-
     def request_stop(self, backend: Backend, reason: str) -> None:
         """Begin stopping a starting or loaded model (synchronously: no lease can slip in)."""
         if backend.scope is None or backend.state in (ModelState.STOPPED, ModelState.FAILED):
@@ -788,6 +778,12 @@ class BackendPool:
 
     async def _stop_and_wait(self, backend: Backend, reason: str) -> None:
         self.request_stop(backend, reason)
+        await self._settled(backend)
+
+    async def _settled(self, backend: Backend) -> None:
+        """Until a sleep or a stop that was begun is over."""
+        if backend.state is ModelState.ASLEEP and backend.sleeping is not None:
+            await self._sleep(backend)
         while backend.state is ModelState.STOPPING:
             assert self._changed is not None
             await self._changed.wait()
@@ -968,57 +964,41 @@ class BackendPool:
             await self._stop_and_wait(backend, "unloaded")
 
     async def _reap(self) -> None:
-        assert self._tg is not None
         while True:
             await anyio.sleep(self.reap_interval)
-            now = anyio.current_time()
-            for first in self.scaled:
-                self._scale(first, now)
-            # A model's last replicas first: the ones it keeps are its first (routing prefers
-            # them), so that a model scaled in looks as it did before it scaled out.
-            for backend in reversed(self.servers):
-                if should_reap(backend, now):
-                    if len(backend.replicas) > 1:
-                        backend.replicas[0].scale_downs += 1
-                        log.info("scaling down", model=backend.name, replica=backend.replica,
-                                 sleeps=backend.sleeps_when_idle())
-                    if backend.sleeps_when_idle():
-                        self._begin_sleep(backend)
-                        self._tg.start_soon(self._sleep, backend)
-                    else:
-                        self.request_stop(backend, "idle")
-                elif (backend.state is ModelState.ASLEEP and backend.sleeping is None
-                      and now - backend.asleep_since >= backend.settings.asleep_timeout):
-                    self.request_stop(backend, "asleep for its asleep_timeout")
+            decisions = self._bring_up(anyio.current_time())
+            for reap in decisions.reap:
+                backend = self.servers[reap.key]
+                if reap.scale_down:
+                    backend.replicas[0].scale_downs += 1
+                    log.info("scaling down", model=backend.name, replica=backend.replica,
+                             sleeps=reap.sleep)
+                if reap.sleep:
+                    self._begin_sleep(backend)
+                    assert self._tg is not None
+                    self._tg.start_soon(self._sleep, backend)
+                else:
+                    self.request_stop(backend, "idle")
+            for expire in decisions.expire:
+                self.request_stop(self.servers[expire.key], "asleep for its asleep_timeout")
 
-    def _scale(self, first: Backend, now: float) -> None:
-        """Bring up another replica of the model, one at a time: while fewer than
-        ``min_replicas`` are ready, or once a request waited ``scale_up_after`` for a slot with
-        every ready replica's slots taken. An asleep one is woken before a stopped one starts."""
-        replicas = first.replicas
-        settings = first.settings
-        if any(r.state in COMING for r in replicas):
-            return
-        ready = [r for r in replicas if r.state is ModelState.READY]
-        if len(ready) < settings.min_replicas:
-            why = "min_replicas"
-        else:
-            waited = self._queued(first.name)
-            if not (ready and waited is not None and waited >= settings.scale_up_after
-                    and all(r.leases >= r.slots for r in ready)):
-                return
-            why = "saturated"
-        spare = next((r for r in replicas if r.state is ModelState.ASLEEP and r.sleeping is None),
-                     None) or next((r for r in replicas if _may_start(r, now)), None)
-        if spare is None:
-            return
-        first.scale_ups += 1
-        log.info("scaling up", model=first.name, replica=spare.replica, reason=why,
-                 ready=len(ready))
-        if spare.state is ModelState.ASLEEP:
-            self._begin_wake(spare)
-        else:
-            self._launch(spare)
+    def _bring_up(self, now: float) -> planners.Tick:
+        """The clock's decisions (``planners.tick``); the replicas to bring up are brought up
+        here, the rest is the reaper's."""
+        views = self._views()
+        decisions = planners.tick(
+            views, [[views[r.key] for r in first.replicas] for first in self.scaled],
+            {first.name: self._queued(first.name) for first in self.scaled}, now)
+        for up in decisions.up:
+            spare = self.servers[up.key]
+            spare.replicas[0].scale_ups += 1
+            log.info("scaling up", model=spare.name, replica=spare.replica, reason=up.why,
+                     ready=up.ready)
+            if up.wake:
+                self._begin_wake(spare)
+            else:
+                self._launch(spare)
+        return decisions
 
 
 def route(replicas: list[Backend], session: str | None, avoid: int | None) -> Backend | None:
@@ -1052,12 +1032,6 @@ def route(replicas: list[Backend], session: str | None, avoid: int | None) -> Ba
     return least
 
 
-def _may_start(backend: Backend, now: float) -> bool:
-    """Stopped, or failed with its run over and its backoff past: a start may begin."""
-    return backend.state is ModelState.STOPPED or (
-        backend.state is ModelState.FAILED and backend.scope is None and now >= backend.retry_at)
-
-
 def _bring_up_order(backend: Backend) -> tuple[int, int]:
     """With no replica ready, the one a request waits for: one coming up, then one that is busy
     (draining, stopping, yielding its turn), then one asleep, then one that may start; last one
@@ -1069,7 +1043,7 @@ def _bring_up_order(backend: Backend) -> tuple[int, int]:
         rank = 1
     elif state is ModelState.ASLEEP:
         rank = 2
-    elif _may_start(backend, anyio.current_time()):
+    elif backend.view().may_start(anyio.current_time()):
         rank = 3
     else:
         rank = 4
@@ -1079,4 +1053,4 @@ def _bring_up_order(backend: Backend) -> tuple[int, int]:
 def should_reap(backend: Backend, now: float) -> bool:
     """The reaper's decision: stop a backend idle (no lease, no request waiting for it) for its
     ``idle_timeout``, unless the model keeps it (``min_replicas``)."""
-    return backend.may_go() and now - backend.last_used >= backend.settings.idle_timeout
+    return planners.reaps(backend.view(), [r.view() for r in backend.replicas], now)
