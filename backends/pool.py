@@ -69,7 +69,8 @@ from . import planners
 from . import sleep as sleep_mode
 from .gpu import ConfiguredMemory, GpuMemory
 from .launcher import Launcher, LaunchError, Supervisor
-from .planners import COMING, LOADED, Evict, Fits, Memory, View
+from .ledger import GpuLedger
+from .planners import COMING, LOADED, Device, Evict, Fits, View
 from .states import Event, ModelState, move
 from .static import StaticLauncher
 
@@ -229,7 +230,8 @@ class BackendPool:
         self.on_wake = on_wake
         # Told after every change of a model's state (the admin API's event stream).
         self.on_change = on_change
-        self.gpu = gpu or ConfiguredMemory(config.gateway.gpu_memory_mb)
+        self.ledger = GpuLedger(gpu or ConfiguredMemory(config.gateway.gpu_memory_mb),
+                                config.engines, config.gateway.gpu_memory_mb)
         # Every server of every model, each model's first under its name.
         self.replicas = {m.name: self._servers_of(m, launchers) for m in config.models}
         self.backends = {name: servers[0] for name, servers in self.replicas.items()}
@@ -296,6 +298,15 @@ class BackendPool:
                     tg.cancel_scope.cancel()
             self._tg = None
 
+    @property
+    def gpu(self) -> GpuMemory:
+        """This host's GPU memory (NVML, else the configured figures)."""
+        return self.ledger.local
+
+    @gpu.setter
+    def gpu(self, local: GpuMemory) -> None:
+        self.ledger.local = local
+
     def state_of(self, name: str) -> ModelState:
         """The model's state: its one server's, or of its replicas the one nearest to serving
         (ready if one is)."""
@@ -328,6 +339,7 @@ class BackendPool:
         assert self._changed is not None
         self._changed, changed = anyio.Event(), self._changed
         changed.set()
+        self.ledger.forget()
         for first in self.replicated:
             serving = sum(r.state is ModelState.READY for r in first.replicas)
             if serving != first.serving and self.on_serving is not None:
@@ -644,7 +656,7 @@ class BackendPool:
                 elif now >= deadline - self.placement_timeout / 2 and not any(
                         r.state is ModelState.READY for r in backend.replicas):
                     # A replica added to a model that serves already takes only idle room.
-                    self._take_turn(backend)
+                    await self._take_turn(backend)
                 if now >= deadline:
                     raise unavailable(
                         f"No capacity for model '{backend.name}': every loaded model is busy.",
@@ -661,8 +673,9 @@ class BackendPool:
         assert self._start_lock is not None
         async with self._start_lock:
             try:
-                decision = planners.place(backend.view(), self._views(),
-                                          self._ledger(backend), self.max_models)
+                ledger = await self.ledger.read(backend.devices)
+                decision = planners.place(backend.view(), self._views(), ledger,
+                                          self.max_models)
             except planners.TooBig as big:
                 raise unavailable(
                     f"The model '{backend.name}' needs {big.need_mb} MiB on GPU "
@@ -688,16 +701,11 @@ class BackendPool:
     def _views(self) -> list[View]:
         return [b.view() for b in self.servers]
 
-    def _ledger(self, backend: Backend) -> dict[tuple[str | None, int], Memory]:
-        """The figures of the server's devices."""
-        return {(engine, g): Memory(self.gpu.total_mb(g), self.gpu.used_mb(g))
-                for engine, g in backend.devices}
-
-    def _take_turn(self, backend: Backend) -> None:
+    async def _take_turn(self, backend: Backend) -> None:
         """The busy models in the way of a start or a wake yield their turn to it
         (``planners.yielders``); the others serve on."""
-        for key in planners.yielders(backend.view(), self._views(), self._ledger(backend),
-                                     self.max_models):
+        ledger = await self.ledger.read(backend.devices)
+        for key in planners.yielders(backend.view(), self._views(), ledger, self.max_models):
             other = self.servers[key]
             other.yields_to = backend
             log.info("model yields its turn", model=other.name, to_model=backend.name,
@@ -713,7 +721,7 @@ class BackendPool:
 
     async def _start_placed(self, backend: Backend, helpers: TaskGroup,
                             launched_by: str | None) -> str | None:
-        before = self._used(backend)
+        before = await self._used(backend)
         log.info("model starting", model=backend.name, launcher=backend.settings.launcher,
                  launched_by=launched_by)
         timeout = backend.settings.startup_timeout
@@ -726,7 +734,7 @@ class BackendPool:
                     await self._wake_if_asleep(backend)
         except TimeoutError:
             raise LaunchError(f"not healthy within {timeout:g} s") from None
-        self._measure(backend, before)
+        await self._measure(backend, before)
         if self.on_ready is not None and down is None:
             self.on_ready(backend.name, anyio.current_time() - began)
         return down
@@ -755,14 +763,20 @@ class BackendPool:
             await anyio.sleep(HEALTH_INTERVAL)
         raise LaunchError(f"{await backend.launcher.wait_exit()} during start-up")
 
-    def _used(self, backend: Backend) -> dict[int, int | None]:
-        return {g: self.gpu.used_mb(g) for g in backend.settings.gpus}
+    async def _used(self, backend: Backend) -> dict[Device, int | None]:
+        """The used memory of the server's devices, read now."""
+        figures = await self.ledger.read(backend.devices, fresh=True)
+        return {device: memory.used_mb for device, memory in figures.items()}
 
-    def _measure(self, backend: Backend, before: dict[int, int | None]) -> None:
-        if not self.gpu.measures or not before:
-            return
-        deltas = [after - before[g] for g, after in self._used(backend).items()
-                  if after is not None and before[g] is not None]
+    async def _grown(self, backend: Backend, before: dict[Device, int | None]) -> list[int]:
+        """How much the used memory of each of the server's devices grew since ``before``
+        (where both were read)."""
+        after = await self._used(backend)
+        return [now - was for device, now in after.items()
+                if now is not None and (was := before.get(device)) is not None]
+
+    async def _measure(self, backend: Backend, before: dict[Device, int | None]) -> None:
+        deltas = await self._grown(backend, before)
         if deltas and max(deltas) > 0:
             backend.measured_vram_mb = max(deltas)
             log.info("model VRAM measured", model=backend.name, vram_mb=max(deltas),
@@ -813,11 +827,11 @@ class BackendPool:
             if address is None:  # it died meanwhile: its lifecycle ends it
                 problem = "it stopped"
             else:
-                before = self._used(backend)
+                before = await self._used(backend)
                 with anyio.fail_after(settings.startup_timeout):
                     await sleep_mode.is_sleeping(self._health, address)
                     await sleep_mode.sleep(self._health, address, settings.sleep_level)
-                self._measure_asleep(backend, before)
+                await self._measure_asleep(backend, before)
         except sleep_mode.NoSleepMode as exc:
             backend.sleep_capable = False
             problem = str(exc)
@@ -841,14 +855,11 @@ class BackendPool:
                  asleep_vram_mb=backend.asleep_vram_mb)
         self._notify()
 
-    def _measure_asleep(self, backend: Backend, before: dict[int, int | None]) -> None:
+    async def _measure_asleep(self, backend: Backend, before: dict[Device, int | None]) -> None:
         """What the server still holds asleep: its VRAM less what the sleep freed (NVML)."""
-        if not self.gpu.measures or not before:
-            return
-        freed = [before[g] - after for g, after in self._used(backend).items()
-                 if after is not None and before[g] is not None]
-        if freed:
-            backend.asleep_vram_mb = max(0, backend.vram_mb - max(freed))
+        deltas = await self._grown(backend, before)
+        if deltas:
+            backend.asleep_vram_mb = max(0, backend.vram_mb + min(deltas))
 
     def _begin_wake(self, backend: Backend) -> None:
         assert self._tg is not None, "the pool is not running"
