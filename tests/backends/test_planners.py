@@ -131,6 +131,16 @@ YIELD = [
      [v(1, leases=1, gpus=[G0]), v(2, leases=1, gpus=[G0]), v(3, leases=1, gpus=[G1])],
      {G0: Memory(1000, 800)}, 9, [1, 2]),
     ("not ready ones never yield", NEW, [v(1, D, leases=1), v(2, A)], {}, 1, []),
+    ("starting ones never yield", NEW, [v(1, ST, placed=True)], {}, 1, []),
+    ("the start itself never yields", v(0, R, leases=1), [v(1, leases=2)], {}, 1, [1]),
+    ("short of memory on another GPU: not in the way", NEW_GPU,
+     [v(1, leases=1, gpus=[G1])], {G0: Memory(1000, 800)}, 9, []),
+    ("short on the remote host only: the busy one there", v(0, ST, gpus=[H0], need_mb=600),
+     [v(1, leases=1, gpus=[G0]), v(2, leases=1, gpus=[H0])], {H0: Memory(1000, 800)}, 9, [2]),
+    ("short and over budget: those in the way suffice", NEW_GPU,
+     [v(1, leases=1, gpus=[G0]), v(2, leases=0, gpus=[G1])], {G0: Memory(1000, 800)}, 2, [1]),
+    ("memory fits, over budget: one more", NEW_GPU,
+     [v(1, leases=2, gpus=[G0]), v(2, leases=1, gpus=[G1])], {G0: Memory(1000, 0)}, 2, [2]),
 ]
 
 
