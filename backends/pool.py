@@ -1,218 +1,61 @@
-"""The backend pool: each model's lifecycle, placement on the GPUs, and leases.
+"""The backend pool, the controller's facade: models on demand, leases, and the reaper.
 
-States: ``stopped -> starting -> ready -> draining -> stopping -> stopped``, and ``failed``
-(with a backoff) when a start or a stop fails. Each run of a model is one task in the pool's
-task group, from the start to the stop, so whatever ends it (idle, eviction, death, a failed
-health check, shutdown) goes through the same ``finally`` that stops the launcher. Whatever a
-launcher, an engine or NVML raises in that task is the model's failure, never the pool's: the
-model goes ``failed`` with the reason, its bookkeeping completes, the other models serve on.
+Owns the invariant that a request gets a ready server or a reason: ``lease(name)`` starts a
+stopped model (concurrent callers share one start), wakes an asleep one, waits for it and
+counts the lease until the block exits; nothing stops a server with leases, nor one that
+requests wait for (a model that just became ready is theirs before it is idle). A failed model
+is refused within its backoff; a static server that is down is refused at once.
 
-- Health: a ready server is checked every ``health_interval``; after ``health_failures`` failed
-  checks in a row it is stopped (and started again by the next request). A static server has
-  nothing to restart: it is checked from the pool's start on, and while it is down it is
-  ``failed`` and its requests get 503 at once, until a check passes again.
+The parts, each owning one invariant:
+- ``states``: every way a server's state can change (the table) and the one mover.
+- ``model`` / ``server``: a model's totals, demand and replica set; one server's observed
+  state, and the request path's reads of it (``route``, ``bring_up_order``).
+- ``planners``: placement and the clock, pure functions of a snapshot.
+- ``placer``: placement applied (the start lock held only to plan and claim) and the
+  measurements; ``ledger``: each (engine, device)'s memory, read where it is.
+- ``runs``: one owner task per server run (start, health, serve, sleep, wake, stop), driven by
+  commands; ``health``: the checks.
 
-- ``lease(name)`` starts a stopped model (concurrent callers share one start), waits for it to
-  be healthy and counts the lease until the block exits; nothing stops a model with leases, nor
-  one that requests wait for (a model that just became ready is theirs before it is idle).
-- Starts on one GPU are serialised: vLLM sizes its cache from the free memory it sees, and the
-  memory a start took is measured as the devices' used memory before and after it. Starts on
-  other devices (or none) go on meanwhile, so one slow or hung start holds up only its GPUs.
-- Placement: before a start, if ``max_models_concurrent`` models are loaded or a device lacks
-  the model's VRAM, the least recently used idle models are stopped (those on a short device
-  first); if none is idle, the start waits for one (bounded by ``placement_timeout``), then
-  every waiting request gets 503. A start that waits for room lets other starts go first.
-- Turns (no thrash): requests the gateway holds for a model outside the pool (queued for a slot
-  or holding one: ``count_demand``) keep it from being idle, so a model serves its run of
-  requests before it is swapped out, not one request per swap. Once a start or a wake has
-  waited half its ``placement_timeout``, the busy models in its way yield their turn: they take
-  no new lease, those in flight finish, and they are then evicted even though requests wait
-  for them (those wait for the model's next turn).
-- The reaper stops a ready model with no leases after its ``idle_timeout``. It checks and
-  changes the state in one synchronous step, so it cannot race a lease.
-- Sleep (vLLM's sleep mode, ``backends.sleep``): a model with ``sleep_level`` is put to sleep
-  instead of stopped, when it is idle for its ``idle_timeout`` or evicted: ``ready -> asleep``,
-  its server still running. An asleep model holds no slot of ``max_models_concurrent``; at most
-  ``max_models_asleep`` sleep (the one asleep longest is stopped for another), and each is
-  stopped after its ``asleep_timeout``. A request for it wakes it: ``asleep -> waking ->
-  ready``, placed as a start is (room made first); nothing is leased until the server says it
-  is awake. A server without the sleep API is stopped instead (one warning); a wake that fails
-  stops the server and its requests start it cold.
-- Replicas: a model with ``max_replicas`` has that many ``Backend``s, each one server with all
-  of the above (``replicas[name]``; ``backends[name]`` is the first). ``route`` sends a request
-  to the least loaded ready one, or to its session's (rendezvous hashing) within
-  ``affinity_slack`` of the average load. The reaper brings one more up, one at a time per
-  model, while fewer than ``min_replicas`` are ready or once a request waited ``scale_up_after``
-  for a slot with every ready one saturated (``watch_queue``); such a start takes only idle
-  room. A replica is idle when the model's other replicas serve its demand; ``min_replicas``
-  are never reaped or evicted.
+The facade builds them, runs them (``running``), and applies the clock's decisions: the reaper
+ticks every ``reap_interval`` and brings replicas up (``min_replicas``; ``scale_up_after`` with
+every ready replica saturated, seen through ``watch_queue``), puts idle servers to sleep or
+stops them after ``idle_timeout`` (a model's last replicas first, ``min_replicas`` kept), and
+stops those asleep past ``asleep_timeout``. It checks and changes the state in one
+synchronous step, so it cannot race a lease. Requests the gateway holds for a model outside
+the pool (``count_demand``) keep it from being idle, so a model serves its run of requests
+before it is swapped out; ``on_serving`` is told how many replicas of a model are ready.
 """
 
 from __future__ import annotations
 
-import enum
 import functools
-import math
-import zlib
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field, replace
+from contextlib import asynccontextmanager
+from dataclasses import replace
 
 import anyio
 import httpx2
 import structlog
-from anyio.abc import TaskGroup
 
 from kernel.config import Config, ModelSettings, placement
-from kernel.errors import GatewayError, not_found, unavailable
+from kernel.errors import GatewayError, not_found
 
-from . import sleep as sleep_mode
+from . import planners
 from .gpu import ConfiguredMemory, GpuMemory
-from .launcher import Launcher, LaunchError, Supervisor
-from .static import StaticLauncher
+from .health import HEALTH_TIMEOUT
+from .launcher import Launcher, Supervisor
+from .ledger import GpuLedger
+from .model import Model
+from .placer import settled
+from .runs import Runs, refusal
+from .server import COMING, Backend, Changes, bring_up_order, route, should_reap
+from .states import Event, ModelState, move
+
+__all__ = ["Backend", "BackendPool", "LauncherFactory", "ModelState", "route", "should_reap"]
 
 log = structlog.get_logger("gateway.pool")
 
-HEALTH_INTERVAL = 0.05
-HEALTH_TIMEOUT = 2.0
-MEMORY_POLL = 0.25
 REAP_INTERVAL_MAX = 1.0
-REFUSED = "it refuses connections"
-
-
-class ModelState(enum.Enum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    READY = "ready"
-    DRAINING = "draining"
-    STOPPING = "stopping"
-    FAILED = "failed"
-    ASLEEP = "asleep"
-    WAKING = "waking"
-
-
-LOADED = (ModelState.READY, ModelState.DRAINING, ModelState.STOPPING)
-# Brought up for requests that wait for it: started, or woken.
-COMING = (ModelState.STARTING, ModelState.WAKING)
-# A model with replicas is in the first of these states that one of them is in.
-MODEL_STATE_ORDER = (ModelState.READY, ModelState.WAKING, ModelState.STARTING,
-                     ModelState.DRAINING, ModelState.STOPPING, ModelState.ASLEEP,
-                     ModelState.FAILED, ModelState.STOPPED)
-# The error codes of a model that is ``failed``: its start, its server or its stop went wrong.
-START_FAILED = "model_start_failed"
-UNAVAILABLE = "backend_unavailable"
-FAILED = (START_FAILED, UNAVAILABLE)
-
-
-@dataclass(eq=False)
-class _Start:
-    """One start attempt; the requests that wait for it get its outcome."""
-
-    done: anyio.Event = field(default_factory=anyio.Event)
-    error: GatewayError | None = None
-
-
-@dataclass(eq=False)
-class Backend:
-    """The running state of one configured model."""
-
-    settings: ModelSettings
-    launcher: Launcher
-    state: ModelState = ModelState.STOPPED
-    leases: int = 0
-    waiting: int = 0
-    last_used: float = 0.0
-    placed: bool = False
-    failure: str | None = None
-    failure_code: str = START_FAILED
-    retry_at: float = 0.0
-    measured_vram_mb: int | None = None
-    starts: int = 0
-    evictions: int = 0
-    start: _Start | None = None
-    scope: anyio.CancelScope | None = None
-    stop_reason: str | None = None
-    sleeps: int = 0
-    wakes: int = 0
-    asleep_since: float = 0.0
-    # GPU memory the server still held once asleep, as measured (NVML); None: not measured.
-    asleep_vram_mb: int | None = None
-    # Set while a sleep call is in flight (a wake waits for it); None otherwise.
-    sleeping: anyio.Event | None = None
-    # False once this run's server turned out to have no sleep API; warned: said so in the log.
-    sleep_capable: bool = True
-    warned_no_sleep: bool = False
-    # Requests for the model the gateway holds outside the pool (``BackendPool.count_demand``).
-    demand: Callable[[], int] = lambda: 0
-    # Set while the model gives its turn to a start or a wake waiting for room: no new lease.
-    yields_to: Backend | None = None
-    # Which server of the model this is (``max_replicas``), its requests' slots, and every
-    # server of the model, itself among them; the first holds the model's ``waiting``.
-    replica: int = 0
-    slots: int = 1
-    replicas: list[Backend] = field(default_factory=list, repr=False)
-    scale_ups: int = 0
-    scale_downs: int = 0
-    # The first replica's: how many of the model's replicas were ready when last told.
-    serving: int = 0
-
-    def __post_init__(self) -> None:
-        self.replicas.append(self)
-
-    @property
-    def name(self) -> str:
-        return self.settings.name
-
-    @property
-    def address(self) -> str | None:
-        return self.launcher.address
-
-    @property
-    def static(self) -> bool:
-        """A server someone else runs: watched, never started or stopped."""
-        return isinstance(self.launcher, StaticLauncher)
-
-    @property
-    def vram_mb(self) -> int:
-        return self.measured_vram_mb or self.settings.vram_mb
-
-    @property
-    def devices(self) -> set[tuple[str | None, int]]:
-        """The GPUs the server runs on, each named with its engine (its host)."""
-        return {(self.settings.engine, g) for g in self.settings.gpus}
-
-    def is_idle(self) -> bool:
-        """Ready, and neither leased nor waited for by a request (one that is about to lease
-        it, or one the gateway queues for it, that the model's other replicas do not serve),
-        unless it gave its turn away."""
-        return self.state is ModelState.READY and self.leases == 0 and (
-            self.yields_to is not None or self._unserved() <= 0)
-
-    def _unserved(self) -> int:
-        unserved = self.replicas[0].waiting + self.demand()
-        if len(self.replicas) > 1:
-            unserved -= sum(r.leases for r in self.replicas if r is not self)
-        return unserved
-
-    def may_go(self) -> bool:
-        """Idle, and not one of the ``min_replicas`` the model keeps ready."""
-        return self.is_idle() and (
-            self.settings.min_replicas == 0
-            or sum(r.state is ModelState.READY for r in self.replicas)
-            > self.settings.min_replicas)
-
-    def occupies_slot(self) -> bool:
-        return self.state in LOADED or (self.state in COMING and self.placed)
-
-    def sleeps_when_idle(self) -> bool:
-        return self.settings.sleep_level is not None and self.sleep_capable
-
-    def need_mb(self) -> int:
-        """GPU memory a start or a wake needs: a wake needs less what the server still holds."""
-        if self.state is ModelState.WAKING and self.asleep_vram_mb is not None:
-            return max(0, self.vram_mb - self.asleep_vram_mb)
-        return self.vram_mb
-
 
 LauncherFactory = Callable[[ModelSettings], Launcher]
 
@@ -224,90 +67,93 @@ class BackendPool:
                  on_wake: Callable[[str, float], None] | None = None,
                  on_change: Callable[[], None] | None = None) -> None:
         self.config = config
-        self.on_ready = on_ready
-        self.on_wake = on_wake
         # Told after every change of a model's state (the admin API's event stream).
         self.on_change = on_change
-        self.gpu = gpu or ConfiguredMemory(config.gateway.gpu_memory_mb)
-        # Every server of every model, each model's first under its name.
-        self.replicas = {m.name: self._servers_of(m, launchers) for m in config.models}
-        self.backends = {name: servers[0] for name, servers in self.replicas.items()}
-        self.servers = [b for servers in self.replicas.values() for b in servers]
-        self.replicated = [servers[0] for servers in self.replicas.values() if len(servers) > 1]
+        self.ledger = GpuLedger(gpu or ConfiguredMemory(config.gateway.gpu_memory_mb),
+                                config.engines, config.gateway.gpu_memory_mb)
+        self.models = {m.name: self._model(m, launchers) for m in config.models}
+        # Every server of every model; each model's servers, and its first, under its name.
+        self.replicas = {name: model.replicas for name, model in self.models.items()}
+        self.backends = {name: model.replicas[0] for name, model in self.models.items()}
+        self.servers = [b for model in self.models.values() for b in model.replicas]
+        for key, backend in enumerate(self.servers):
+            backend.key = key
+        self.replicated = [m for m in self.models.values() if len(m.replicas) > 1]
         # The models the reaper may bring a server up for: load, or min_replicas to keep.
-        self.scaled = [servers[0] for servers in self.replicas.values()
-                       if len(servers) > 1 or servers[0].settings.min_replicas]
+        self.scaled = [m for m in self.models.values()
+                       if len(m.replicas) > 1 or m.settings.min_replicas]
         # Told how many replicas of a model are ready, as it changes (its slots follow).
         self.on_serving: Callable[[str, int], None] | None = None
         self._queued: Callable[[str], float | None] = lambda name: None
-        self.max_models = config.gateway.max_models_concurrent
-        self.placement_timeout = config.gateway.placement_timeout
-        self.max_asleep = config.gateway.max_models_asleep
         self.reap_interval = min(REAP_INTERVAL_MAX,
                                  *(m.idle_timeout / 10 for m in config.models),
                                  *(m.asleep_timeout / 10 for m in config.models
                                    if m.sleep_level is not None),
                                  *(m.scale_up_after / 4 for m in config.models
                                    if m.max_replicas > 1))
-        self._changed: anyio.Event | None = None
-        self._start_lock: anyio.Lock | None = None
-        self._device_locks: dict[tuple[str | None, int], anyio.Lock] = {}
-        self._tg: TaskGroup | None = None
-        self._health: httpx2.AsyncClient | None = None
+        self.changes = Changes()
+        gateway = config.gateway
+        self.runs = Runs(self.servers, self.ledger, self.changes, notify=self._notify,
+                         on_ready=on_ready, on_wake=on_wake, max_asleep=gateway.max_models_asleep,
+                         max_models=gateway.max_models_concurrent,
+                         placement_timeout=gateway.placement_timeout)
+        self.request_stop = self.runs.request_stop
         self.supervisor = Supervisor()
 
-    def _servers_of(self, model: ModelSettings, launchers: LauncherFactory) -> list[Backend]:
-        """The model's servers, each with its placement (the alternatives in turn)."""
-        servers: list[Backend] = []
-        for i in range(model.max_replicas):
-            engine, gpus = placement(model, i)
-            settings = model if i == 0 else replace(model, engine=engine, gpus=gpus, replica=i)
-            # The new server joins ``servers`` itself.
-            Backend(settings, launchers(settings), replica=i,
-                    slots=self.config.max_concurrent_of(model), replicas=servers)
-        return servers
+    def _model(self, settings: ModelSettings, launchers: LauncherFactory) -> Model:
+        """The model and its servers, each with its placement (the alternatives in turn)."""
+        model = Model(settings)
+        for i in range(settings.max_replicas):
+            engine, gpus = placement(settings, i)
+            each = settings if i == 0 else replace(settings, engine=engine, gpus=gpus, replica=i)
+            # The new server joins the model's replicas itself.
+            Backend(each, launchers(each), replica=i, model=model,
+                    slots=self.config.max_concurrent_of(settings), notify=self._notify)
+        return model
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[BackendPool]:
-        """Run the pool: the reaper and every model's lifecycle live inside this block."""
-        self._changed = anyio.Event()
-        self._start_lock = anyio.Lock()
-        self._device_locks = {d: anyio.Lock() for b in self.servers for d in b.devices}
+        """Run the pool: the reaper and every server's run live inside this block."""
+        self.changes.reset()
+        self.runs.placer.open()
         async with httpx2.AsyncClient(timeout=HEALTH_TIMEOUT, trust_env=False) as health:
-            self._health = health
+            self.runs.health.client = health
             async with anyio.create_task_group() as tg:
-                self._tg = tg
+                self.runs.tg = tg
                 tg.start_soon(self.supervisor.run, "the idle reaper", self._reap)
                 for backend in self.servers:
                     # A static server is watched from the start, so that a request for one
                     # that is down is refused at once.
                     if backend.launcher.has_running() or backend.static:
-                        self._launch(backend)
-                for backend in self.scaled:
-                    self._scale(backend, anyio.current_time())
+                        self.runs.launch(backend)
+                self._tick(anyio.current_time())
                 try:
                     yield self
                 finally:
                     for backend in self.servers:
                         self.request_stop(backend, "gateway stopping")
                     tg.cancel_scope.cancel()
-            self._tg = None
+            self.runs.tg = None
+
+    @property
+    def gpu(self) -> GpuMemory:
+        """This host's GPU memory (NVML, else the configured figures)."""
+        return self.ledger.local
+
+    @gpu.setter
+    def gpu(self, local: GpuMemory) -> None:
+        self.ledger.local = local
 
     def state_of(self, name: str) -> ModelState:
         """The model's state: its one server's, or of its replicas the one nearest to serving
         (ready if one is)."""
-        replicas = self.replicas[name]
-        if len(replicas) == 1:
-            return replicas[0].state
-        states = {r.state for r in replicas}
-        return next(s for s in MODEL_STATE_ORDER if s in states)
+        return self.models[name].state()
 
     def count_demand(self, demand: Callable[[str], int]) -> None:
         """Count ``demand(name)``, the requests the gateway holds for a model outside the pool,
         as requests that wait for it: a model is not idle while it has them."""
-        for name, servers in self.replicas.items():
-            for backend in servers:
-                backend.demand = functools.partial(demand, name)
+        for name, model in self.models.items():
+            model.demand = functools.partial(demand, name)
 
     def watch_queue(self, oldest_wait: Callable[[str], float | None]) -> None:
         """``oldest_wait(name)``: seconds the longest-waiting request of the model has waited
@@ -317,19 +163,19 @@ class BackendPool:
 
     def problem(self) -> str | None:
         """Why the pool no longer does its work (``/health`` says so), or None."""
-        if self._tg is None:
+        if self.runs.tg is None:
             return "the backend pool is not running"
         return self.supervisor.problem
 
     def _notify(self) -> None:
-        assert self._changed is not None
-        self._changed, changed = anyio.Event(), self._changed
-        changed.set()
-        for first in self.replicated:
-            serving = sum(r.state is ModelState.READY for r in first.replicas)
-            if serving != first.serving and self.on_serving is not None:
-                first.serving = serving
-                self.on_serving(first.name, serving)
+        """A server changed: wake whoever waits, re-read the GPUs, tell the listeners."""
+        self.changes.tell()
+        self.ledger.forget()
+        for model in self.replicated:
+            serving = model.ready()
+            if serving != model.serving and self.on_serving is not None:
+                model.serving = serving
+                self.on_serving(model.name, serving)
         if self.on_change is not None:
             self.on_change()
 
@@ -340,15 +186,15 @@ class BackendPool:
         replicas, the session's (bounded by ``affinity_slack``), else the least loaded, and
         not replica ``avoid`` (whose connect failed) while another is ready. With ``pin``
         (replica, run): that run of that replica only, woken if it sleeps, never started."""
-        first = self.backends[name]
-        first.waiting += 1
+        model = self.models[name]
+        model.waiting += 1
         try:
             if pin is None:
-                backend = await self._until_ready(first, session, avoid)
+                backend = await self._until_ready(model, session, avoid)
             else:
-                backend = await self._until_pinned(first.replicas[pin[0]], pin[1])
+                backend = await self._until_pinned(model.replicas[pin[0]], pin[1])
         finally:
-            first.waiting -= 1
+            model.waiting -= 1
         backend.leases += 1
         backend.last_used = anyio.current_time()
         try:
@@ -359,26 +205,26 @@ class BackendPool:
             if backend.leases == 0:
                 self._notify()
 
-    async def _until_ready(self, first: Backend, session: str | None,
+    async def _until_ready(self, model: Model, session: str | None,
                            avoid: int | None) -> Backend:
         while True:
-            if len(first.replicas) == 1:
-                if first.state is ModelState.READY and first.yields_to is None:
-                    return first
-                backend = first
+            if len(model.replicas) == 1:
+                backend = model.replicas[0]
+                if backend.state is ModelState.READY and backend.yields_to is None:
+                    return backend
             else:
-                chosen = route(first.replicas, session, avoid)
+                chosen = route(model.replicas, session, avoid)
                 if chosen is not None:
                     return chosen
-                backend = min(first.replicas, key=_bring_up_order)
+                backend = min(model.replicas, key=bring_up_order)
             # Started if it may be; a failed one is refused within its backoff, and a static
             # server that is down (its watch still runs) until a check passes.
-            if _may_start(backend, anyio.current_time()):
-                self._launch(backend)
+            if backend.view().may_start(anyio.current_time()):
+                self.runs.launch(backend)
             elif backend.state is ModelState.FAILED:
-                raise self._refusal(backend)
+                raise refusal(backend)
             elif backend.state is ModelState.ASLEEP:
-                self._begin_wake(backend)
+                self.runs.begin_wake(backend)
             start = backend.start
             if backend.state in COMING and start is not None:
                 # A wake that failed ends without an error: the loop then starts the model cold.
@@ -386,8 +232,7 @@ class BackendPool:
                 if start.error is not None:
                     raise start.error.fresh()
             else:
-                assert self._changed is not None
-                await self._changed.wait()
+                await self.changes.wait()
 
     async def _until_pinned(self, backend: Backend, run: int) -> Backend:
         """The server that made a stored response, as long as it runs: another run of it has
@@ -396,530 +241,19 @@ class BackendPool:
             if backend.state is ModelState.READY and backend.yields_to is None:
                 return backend
             if backend.state is ModelState.ASLEEP:  # asleep, it keeps what it holds in memory
-                self._begin_wake(backend)
+                self.runs.begin_wake(backend)
             start = backend.start
             if backend.state is ModelState.WAKING and start is not None:
                 await start.done.wait()
                 if start.error is not None:
                     raise start.error.fresh()
             elif backend.state is ModelState.READY:  # it yields its turn to another start
-                assert self._changed is not None
-                await self._changed.wait()
+                await self.changes.wait()
             else:
                 break
         raise not_found(f"The server of model '{backend.name}' that made this response has "
                         "stopped since, and the response with it.", code="response_not_found",
                         param="response_id")
-
-    def _refusal(self, backend: Backend) -> GatewayError:
-        what = "failed to start" if backend.failure_code == START_FAILED else "is unavailable"
-        wait = backend.retry_at - anyio.current_time()
-        return unavailable(f"The model '{backend.name}' {what}: {backend.failure}",
-                           code=backend.failure_code,
-                           retry_after=wait if wait > 0 else backend.settings.health_interval)
-
-    def _launch(self, backend: Backend) -> None:
-        assert self._tg is not None, "the pool is not running"
-        backend.state = ModelState.STARTING
-        backend.placed = False
-        backend.stop_reason = None
-        backend.sleep_capable = True
-        backend.start = _Start()
-        # Made here, not in the task, so that a stop requested before the task runs is kept.
-        backend.scope = anyio.CancelScope()
-        self._tg.start_soon(self._lifecycle, backend, backend.start, backend.scope)
-        self._notify()
-
-    async def _lifecycle(self, backend: Backend, start: _Start, scope: anyio.CancelScope) -> None:
-        # This task outlives the request that launched it: its lines are the model's, not that
-        # request's (the launching request logs its own id with "model starting").
-        launched_by = structlog.contextvars.get_contextvars().get("request_id")
-        structlog.contextvars.clear_contextvars()
-        if len(backend.replicas) > 1:
-            structlog.contextvars.bind_contextvars(replica=backend.replica)
-        outcome: GatewayError | None = None
-        try:
-            with scope:
-                async with anyio.create_task_group() as helpers:
-                    outcome = await self._run(backend, start, helpers, launched_by)
-                    # The helpers (an output reader) end with the server, which is stopped below.
-                    helpers.cancel_scope.cancel()
-        except Exception as exc:  # a launcher's helper, or the watch, raised: the model's failure
-            log.exception("model failed", model=backend.name)
-            outcome = self._failure(backend, UNAVAILABLE, exc)
-        finally:
-            # No lease from here on: the launcher forgets the address as it stops.
-            backend.state = ModelState.STOPPING
-            with anyio.CancelScope(shield=True):
-                try:
-                    await backend.launcher.stop()
-                except Exception as exc:
-                    log.exception("model stop failed", model=backend.name)
-                    failed = self._failure(backend, UNAVAILABLE, exc, "its stop failed: ")
-                    outcome = outcome if outcome is not None and outcome.code in FAILED else failed
-                finally:
-                    self._after_stop(backend, start, outcome)
-
-    def _failure(self, backend: Backend, code: str, exc: Exception,
-                 what: str = "") -> GatewayError:
-        """Record why the model failed; the error its requests get. A LaunchError's message is
-        written for the client; anything else is named only by its type (the log has it)."""
-        told = str(exc) if isinstance(exc, LaunchError) else (
-            f"an unexpected {type(exc).__name__} (see the gateway's log)")
-        backend.failure = what + (str(exc) or type(exc).__name__)
-        backend.failure_code = code
-        verb = "failed to start" if code == START_FAILED else "is unavailable"
-        return unavailable(f"The model '{backend.name}' {verb}: {what}{told}", code=code,
-                           retry_after=backend.settings.failure_backoff)
-
-    async def _run(self, backend: Backend, start: _Start, helpers: TaskGroup,
-                   launched_by: str | None) -> GatewayError | None:
-        """Start the model and serve until it dies or fails its health checks; return why the
-        start failed, if it did."""
-        try:
-            problem = await self._start(backend, helpers, launched_by)
-        except GatewayError as exc:
-            return exc
-        except Exception as exc:
-            if not isinstance(exc, LaunchError):
-                log.exception("model start raised", model=backend.name)
-            error = self._failure(backend, START_FAILED, exc)
-            log.error("model failed to start", model=backend.name, reason=backend.failure,
-                      output=await self._output_tail(backend))
-            return error
-        if problem is not None:
-            self._down(backend, problem)
-        else:
-            self._become_ready(backend, start)
-        backend.failure = await self._until_down(backend)
-        return None
-
-    async def _output_tail(self, backend: Backend) -> str:
-        """The server's last lines for the log; never fails, never hangs the stop."""
-        with anyio.move_on_after(HEALTH_TIMEOUT):
-            try:
-                return await backend.launcher.output_tail()
-            except Exception as exc:
-                return f"(no output: {exc!r})"
-        return "(no output: the launcher did not give it in time)"
-
-    async def _until_down(self, backend: Backend) -> str:
-        """Wait until the server dies or fails its health checks; why it is out of service."""
-        reason = ""
-        async with anyio.create_task_group() as watch:
-            async def out_of_service(event: str, why: str) -> None:
-                nonlocal reason
-                if not reason:  # the first one to see it says why
-                    reason = why
-                    log.error(event, model=backend.name, reason=why,
-                              output=await self._output_tail(backend))
-                    watch.cancel_scope.cancel()
-
-            async def died() -> None:
-                await out_of_service("model died", f"died: {await backend.launcher.wait_exit()}")
-
-            async def unhealthy() -> None:
-                problem = await self._watch_health(backend)
-                await out_of_service("model unhealthy", f"unhealthy: {problem}")
-
-            watch.start_soon(died)
-            watch.start_soon(unhealthy)
-        return reason
-
-    async def _watch_health(self, backend: Backend) -> str:
-        """Check the server every ``health_interval``; return the last problem once
-        ``health_failures`` checks in a row failed. A static server is not ended: it is marked
-        down, and up again when a check passes."""
-        settings = backend.settings
-        failed = 0
-        while True:
-            await anyio.sleep(settings.health_interval)
-            problem = await self._check(backend)
-            if problem is None:
-                failed = 0
-                if backend.state is ModelState.FAILED:
-                    self._up_again(backend)
-                continue
-            failed += 1
-            if failed < settings.health_failures:
-                continue
-            if not backend.static:
-                return problem
-            if backend.state is ModelState.READY:
-                self._down(backend, problem)
-
-    async def _check(self, backend: Backend) -> str | None:
-        """One health check of the running server: None if it passed, else what was wrong
-        (no address: that is for the log and the admin, the client gets the model's name)."""
-        assert self._health is not None and backend.address is not None
-        try:
-            response = await self._health.get(backend.address + backend.settings.health_path)
-        except httpx2.TimeoutException:
-            return f"no answer to its health check within {HEALTH_TIMEOUT:g} s"
-        except httpx2.ConnectError:
-            return REFUSED
-        except httpx2.TransportError as exc:
-            return f"its health check failed ({type(exc).__name__})"
-        if response.status_code != 200:
-            return f"its health check answered {response.status_code}"
-        return None
-
-    def _down(self, backend: Backend, problem: str) -> None:
-        """A static server found down: its requests are refused at once until it is up."""
-        backend.state = ModelState.FAILED
-        backend.failure = f"down: {problem}"
-        backend.failure_code = UNAVAILABLE
-        backend.retry_at = 0.0
-        start = backend.start
-        if start is not None and not start.done.is_set():
-            start.error = self._refusal(backend)
-            start.done.set()
-        log.warning("model down", model=backend.name, reason=problem)
-        self._notify()
-
-    def _up_again(self, backend: Backend) -> None:
-        log.info("model up again", model=backend.name)
-        assert backend.start is not None
-        self._become_ready(backend, backend.start)
-
-    def _become_ready(self, backend: Backend, start: _Start) -> None:
-        backend.state = ModelState.READY
-        backend.failure = None
-        backend.last_used = anyio.current_time()
-        backend.starts += 1
-        start.done.set()
-        log.info("model ready", model=backend.name, address=backend.address,
-                 vram_mb=backend.vram_mb)
-        self._notify()
-
-    def _after_stop(self, backend: Backend, start: _Start, outcome: GatewayError | None) -> None:
-        backend.scope = None
-        backend.placed = False
-        if outcome is not None and outcome.code in FAILED:
-            backend.state = ModelState.FAILED
-            backend.retry_at = anyio.current_time() + backend.settings.failure_backoff
-        else:
-            backend.state = ModelState.STOPPED
-        if not start.done.is_set():
-            start.error = outcome or unavailable(
-                f"The model '{backend.name}' was stopped while starting.",
-                code="model_stopped", retry_after=1)
-            start.done.set()
-        if backend.stop_reason:
-            log.info("model stopped", model=backend.name, reason=backend.stop_reason)
-        self._notify()
-
-    async def _start(self, backend: Backend, helpers: TaskGroup,
-                     launched_by: str | None) -> str | None:
-        """Make room, start the server, wait for its health; a static server that nothing
-        listens at is not waited for: why it is down."""
-        async with self._room(backend):
-            return await self._start_placed(backend, helpers, launched_by)
-
-    @asynccontextmanager
-    async def _room(self, backend: Backend) -> AsyncIterator[None]:
-        """Make room for the model (a start or a wake) and hold its devices meanwhile; 503
-        once no room came within ``placement_timeout``."""
-        assert self._start_lock is not None
-        deadline: float | None = None
-        try:
-            while True:
-                async with AsyncExitStack() as devices:
-                    for device in sorted(backend.devices, key=str):
-                        await devices.enter_async_context(self._device_locks[device])
-                    async with self._start_lock:
-                        assert self._changed is not None
-                        changed = self._changed
-                        placed = await self._make_room(backend)
-                    if placed:
-                        self._turn_ends(backend)
-                        yield
-                        return
-                # No room yet: wait without the lock, so that models that fit can start
-                # meanwhile.
-                now = anyio.current_time()
-                if deadline is None:
-                    deadline = now + self.placement_timeout
-                elif now >= deadline - self.placement_timeout / 2 and not any(
-                        r.state is ModelState.READY for r in backend.replicas):
-                    # A replica added to a model that serves already takes only idle room.
-                    self._take_turn(backend)
-                if now >= deadline:
-                    raise unavailable(
-                        f"No capacity for model '{backend.name}': every loaded model is busy.",
-                        code="no_capacity", retry_after=self.placement_timeout)
-                with anyio.move_on_after(min(MEMORY_POLL, deadline - now)):
-                    await changed.wait()
-        finally:
-            self._turn_ends(backend)
-
-    def _take_turn(self, backend: Backend) -> None:
-        """The busy models in the way of a start or a wake yield their turn to it: those on the
-        devices short of memory, and where the start needs a place in ``max_models_concurrent``,
-        one more (the one with the fewest requests, then the least recently used) unless one
-        yields already. The others serve on."""
-        serving = [b for b in self.servers
-                   if b.state is ModelState.READY and b.yields_to is None and b is not backend]
-        short = self._short_devices(backend)
-        in_the_way = [b for b in serving if short & b.devices]
-        yielding = in_the_way or any(b.yields_to is backend for b in self.servers)
-        over_budget = sum(b.occupies_slot() for b in self.servers) >= self.max_models
-        if over_budget and serving and not yielding:
-            in_the_way.append(min(serving, key=lambda b: (b.leases, b.last_used)))
-        for other in in_the_way:
-            other.yields_to = backend
-            log.info("model yields its turn", model=other.name, to_model=backend.name,
-                     leases=other.leases)
-            self._notify()
-
-    def _turn_ends(self, backend: Backend) -> None:
-        """The start or wake is placed or gave up: the models that yielded to it serve on."""
-        for other in self.servers:
-            if other.yields_to is backend:
-                other.yields_to = None
-                self._notify()
-
-    async def _start_placed(self, backend: Backend, helpers: TaskGroup,
-                            launched_by: str | None) -> str | None:
-        before = self._used(backend)
-        log.info("model starting", model=backend.name, launcher=backend.settings.launcher,
-                 launched_by=launched_by)
-        timeout = backend.settings.startup_timeout
-        began = anyio.current_time()
-        try:
-            with anyio.fail_after(timeout):
-                await backend.launcher.start(helpers)
-                down = await self._wait_healthy(backend)
-                if down is None and backend.settings.sleep_level is not None:
-                    await self._wake_if_asleep(backend)
-        except TimeoutError:
-            raise LaunchError(f"not healthy within {timeout:g} s") from None
-        self._measure(backend, before)
-        if self.on_ready is not None and down is None:
-            self.on_ready(backend.name, anyio.current_time() - began)
-        return down
-
-    async def _wake_if_asleep(self, backend: Backend) -> None:
-        """A server found asleep once healthy (an adopted container that an earlier gateway put
-        to sleep: /health says nothing about sleep) is woken before anything is forwarded."""
-        assert self._health is not None and backend.address is not None
-        level = backend.settings.sleep_level
-        assert level is not None
-        try:
-            if not await sleep_mode.is_sleeping(self._health, backend.address):
-                return
-        except sleep_mode.NoSleepMode:
-            return  # it cannot sleep: said when it would be put to sleep
-        log.info("model found asleep: waking it", model=backend.name, level=level)
-        await sleep_mode.wake(self._health, backend.address, level)
-
-    async def _wait_healthy(self, backend: Backend) -> str | None:
-        """Until the server passes a check; a static one that refuses connections (nothing
-        listens there) is not waited for: that is returned."""
-        while backend.launcher.is_alive():
-            problem = await self._check(backend)
-            if problem is None or (backend.static and problem == REFUSED):
-                return problem
-            await anyio.sleep(HEALTH_INTERVAL)
-        raise LaunchError(f"{await backend.launcher.wait_exit()} during start-up")
-
-    def _used(self, backend: Backend) -> dict[int, int | None]:
-        return {g: self.gpu.used_mb(g) for g in backend.settings.gpus}
-
-    def _measure(self, backend: Backend, before: dict[int, int | None]) -> None:
-        if not self.gpu.measures or not before:
-            return
-        deltas = [after - before[g] for g, after in self._used(backend).items()
-                  if after is not None and before[g] is not None]
-        if deltas and max(deltas) > 0:
-            backend.measured_vram_mb = max(deltas)
-            log.info("model VRAM measured", model=backend.name, vram_mb=max(deltas),
-                     configured_mb=backend.settings.vram_mb)
-
-    def _short_devices(self, backend: Backend) -> set[tuple[str | None, int]]:
-        """The devices of the model that lack the memory it needs."""
-        need = backend.need_mb()
-        short = set()
-        for engine, g in backend.devices if need else ():
-            total = self.gpu.total_mb(g)
-            if total is None:
-                continue
-            if need > total:
-                raise unavailable(
-                    f"The model '{backend.name}' needs {need} MiB on GPU {g}, which has "
-                    f"{total} MiB.", code="no_capacity", should_retry=False)
-            used = self.gpu.used_mb(g)
-            if used is None:
-                used = sum(b.vram_mb for b in self.servers
-                           if b is not backend and b.occupies_slot() and (engine, g) in b.devices)
-            if total - used < need:
-                short.add((engine, g))
-        return short
-
-    async def _make_room(self, backend: Backend) -> bool:
-        """Put idle models to sleep (or stop them) until the model fits; False if it does not
-        and none is idle. Short of GPU memory, asleep models on the device are stopped last."""
-        while True:
-            over_budget = sum(b.occupies_slot() for b in self.servers) >= self.max_models
-            short = self._short_devices(backend)
-            if not over_budget and not short:
-                backend.placed = True
-                return True
-            # The least recently used first, but one on a short device frees a slot as well.
-            idle = sorted((b for b in self.servers
-                           if b.may_go() and (over_budget or short & b.devices)),
-                          key=lambda b: (not short & b.devices, b.last_used))
-            asleep = sorted((b for b in self.servers if short & b.devices
-                             and b.state is ModelState.ASLEEP and b.sleeping is None),
-                            key=lambda b: b.last_used)
-            if not idle and not asleep:
-                return False
-            victim = (idle or asleep)[0]
-            victim.evictions += 1
-            why = "model budget" if over_budget else "GPU memory"
-            if victim.state is ModelState.READY and victim.sleeps_when_idle():
-                log.info("putting idle model to sleep", model=victim.name, for_model=backend.name,
-                         reason=why)
-                self._begin_sleep(victim)
-                await self._sleep(victim)
-            else:
-                log.info("evicting idle model", model=victim.name, for_model=backend.name,
-                         reason=why)
-                await self._stop_and_wait(victim, "evicted")
-
-    def request_stop(self, backend: Backend, reason: str) -> None:
-        """Begin stopping a starting or loaded model (synchronously: no lease can slip in)."""
-        if backend.scope is None or backend.state in (ModelState.STOPPED, ModelState.FAILED):
-            return
-        backend.state = ModelState.STOPPING
-        backend.stop_reason = reason
-        backend.scope.cancel()
-        self._notify()
-
-    async def _stop_and_wait(self, backend: Backend, reason: str) -> None:
-        self.request_stop(backend, reason)
-        while backend.state is ModelState.STOPPING:
-            assert self._changed is not None
-            await self._changed.wait()
-
-    def _begin_sleep(self, backend: Backend) -> None:
-        """Take an idle model out of service for its sleep (synchronously: no lease can slip
-        in); ``_sleep`` then makes the call."""
-        backend.state = ModelState.ASLEEP
-        backend.sleeping = anyio.Event()
-        backend.asleep_since = anyio.current_time()  # the newest asleep, for the sleep budget
-        self._notify()
-
-    async def _sleep(self, backend: Backend) -> None:
-        """Put the server to sleep; stop it instead if it has no sleep API or the sleep fails.
-        The sleep budget is kept: beyond it the model asleep longest is stopped."""
-        assert self._health is not None and backend.sleeping is not None
-        settings = backend.settings
-        assert settings.sleep_level is not None
-        run = backend.scope  # the run put to sleep: a failure stops that one, never a later one
-        others = sorted((b for b in self.servers
-                         if b is not backend and b.state is ModelState.ASLEEP),
-                        key=lambda b: b.asleep_since)
-        for other in others[:max(0, len(others) - self.max_asleep + 1)]:
-            self.request_stop(other, "the sleep budget (max_models_asleep) needs its place")
-        problem = None
-        try:
-            address = backend.address
-            if address is None:  # it died meanwhile: its lifecycle ends it
-                problem = "it stopped"
-            else:
-                before = self._used(backend)
-                with anyio.fail_after(settings.startup_timeout):
-                    await sleep_mode.is_sleeping(self._health, address)
-                    await sleep_mode.sleep(self._health, address, settings.sleep_level)
-                self._measure_asleep(backend, before)
-        except sleep_mode.NoSleepMode as exc:
-            backend.sleep_capable = False
-            problem = str(exc)
-            if not backend.warned_no_sleep:
-                backend.warned_no_sleep = True
-                log.warning("model has no sleep mode: stopped instead", model=backend.name,
-                            reason=problem, needs=sleep_mode.FLAGS)
-        except Exception as exc:  # the server's or NVML's failure, never the pool's
-            problem = f"its sleep failed: {str(exc) or type(exc).__name__}"
-            log.error("model sleep failed: stopped instead", model=backend.name, reason=problem)
-        finally:
-            sleeping, backend.sleeping = backend.sleeping, None
-            sleeping.set()
-        if backend.scope is not run:  # it ended meanwhile (and may run anew): nothing to do
-            return
-        if problem is not None:
-            await self._stop_and_wait(backend, f"could not sleep: {problem}")
-            return
-        backend.sleeps += 1
-        log.info("model asleep", model=backend.name, level=settings.sleep_level,
-                 asleep_vram_mb=backend.asleep_vram_mb)
-        self._notify()
-
-    def _measure_asleep(self, backend: Backend, before: dict[int, int | None]) -> None:
-        """What the server still holds asleep: its VRAM less what the sleep freed (NVML)."""
-        if not self.gpu.measures or not before:
-            return
-        freed = [before[g] - after for g, after in self._used(backend).items()
-                 if after is not None and before[g] is not None]
-        if freed:
-            backend.asleep_vram_mb = max(0, backend.vram_mb - max(freed))
-
-    def _begin_wake(self, backend: Backend) -> None:
-        assert self._tg is not None, "the pool is not running"
-        backend.state = ModelState.WAKING
-        backend.placed = False
-        backend.start = start = _Start()
-        self._tg.start_soon(self._wake, backend, start)
-        self._notify()
-
-    async def _wake(self, backend: Backend, start: _Start) -> None:
-        """Make room, wake the server and wait until it says it is awake. A wake that fails
-        stops the server; its requests then start it cold."""
-        assert self._health is not None
-        settings = backend.settings
-        assert settings.sleep_level is not None
-        error: GatewayError | None = unavailable(
-            f"The model '{backend.name}' was stopped while waking.", code="model_stopped",
-            retry_after=1)
-        try:
-            if backend.sleeping is not None:
-                await backend.sleeping.wait()
-                if backend.state is not ModelState.WAKING:  # the sleep failed: it stops
-                    error = None  # and the requests start it cold
-                    return
-            async with self._room(backend):
-                address = backend.address
-                if backend.state is not ModelState.WAKING or address is None:
-                    return
-                log.info("model waking", model=backend.name, level=settings.sleep_level)
-                began = anyio.current_time()
-                with anyio.fail_after(settings.startup_timeout):
-                    await sleep_mode.wake(self._health, address, settings.sleep_level)
-            if backend.state is ModelState.WAKING:
-                error = None
-                backend.wakes += 1
-                backend.asleep_vram_mb = None
-                woke = anyio.current_time() - began
-                log.info("model awake", model=backend.name, seconds=round(woke, 3))
-                if self.on_wake is not None:
-                    self.on_wake(backend.name, woke)
-                backend.state = ModelState.READY
-                backend.last_used = anyio.current_time()
-        except GatewayError as exc:  # no room within placement_timeout: it sleeps on
-            error = exc
-            if backend.state is ModelState.WAKING:
-                backend.state = ModelState.ASLEEP
-        except Exception as exc:  # the server's failure, never the pool's
-            if backend.state is ModelState.WAKING:
-                error = None
-                log.error("model wake failed: starting it cold", model=backend.name,
-                          reason=str(exc) or type(exc).__name__)
-                await self._stop_and_wait(backend, "its wake failed")
-        finally:
-            start.error = error
-            start.done.set()
-            self._notify()
 
     async def sleep(self, name: str) -> None:
         """Put an idle model (each replica that runs) to sleep now (as eviction would); at once
@@ -935,18 +269,15 @@ class BackendPool:
             raise GatewayError(409, f"The model '{name}' cannot sleep: it has no sleep_level.",
                                type="invalid_request_error", code="model_cannot_sleep",
                                should_retry=False)
-        if backend.state is ModelState.ASLEEP:
-            if backend.sleeping is not None:
-                await backend.sleeping.wait()
-            return
-        if not backend.is_idle():
-            raise GatewayError(409, f"The model '{name}' is {backend.state.value}"
-                               + (" and in use" if backend.state is ModelState.READY else "")
-                               + ": only a ready model with no request sleeps.",
-                               type="invalid_request_error", code="model_not_idle",
-                               should_retry=False)
-        self._begin_sleep(backend)
-        await self._sleep(backend)
+        if backend.state is not ModelState.ASLEEP:
+            if not backend.is_idle():
+                raise GatewayError(409, f"The model '{name}' is {backend.state.value}"
+                                   + (" and in use" if backend.state is ModelState.READY else "")
+                                   + ": only a ready model with no request sleeps.",
+                                   type="invalid_request_error", code="model_not_idle",
+                                   should_retry=False)
+            self.runs.begin_sleep(backend)
+        await settled(backend, self.changes)
 
     async def load(self, name: str) -> None:
         """Start a model now (as a request would), and wait until it is ready."""
@@ -959,138 +290,55 @@ class BackendPool:
         replicas = self.replicas[name]
         # Another unload drains it: wait for that one.
         while any(r.state is ModelState.DRAINING for r in replicas):
-            assert self._changed is not None
-            await self._changed.wait()
+            await self.changes.wait()
         draining = [r for r in replicas if r.state is ModelState.READY]
         if draining:
             for backend in draining:
-                backend.state = ModelState.DRAINING
-            self._notify()
+                move(backend, Event.DRAIN, "unloading")
             try:
                 while any(r.leases for r in draining):
-                    assert self._changed is not None
-                    await self._changed.wait()
+                    await self.changes.wait()
             except BaseException:
                 # Whoever asked is gone: the model serves again rather than stay half-drained,
                 # with its new requests waiting for a stop that nobody will make.
                 for backend in draining:
                     if backend.state is ModelState.DRAINING:
-                        backend.state = ModelState.READY
-                self._notify()
+                        move(backend, Event.UNDRAIN, "the unload was given up")
                 raise
         for backend in replicas:
-            await self._stop_and_wait(backend, "unloaded")
+            await self.runs.stop_and_wait(backend, "unloaded")
 
     async def _reap(self) -> None:
-        assert self._tg is not None
         while True:
             await anyio.sleep(self.reap_interval)
-            now = anyio.current_time()
-            for first in self.scaled:
-                self._scale(first, now)
-            # A model's last replicas first: the ones it keeps are its first (routing prefers
-            # them), so that a model scaled in looks as it did before it scaled out.
-            for backend in reversed(self.servers):
-                if should_reap(backend, now):
-                    if len(backend.replicas) > 1:
-                        backend.replicas[0].scale_downs += 1
-                        log.info("scaling down", model=backend.name, replica=backend.replica,
-                                 sleeps=backend.sleeps_when_idle())
-                    if backend.sleeps_when_idle():
-                        self._begin_sleep(backend)
-                        self._tg.start_soon(self._sleep, backend)
-                    else:
-                        self.request_stop(backend, "idle")
-                elif (backend.state is ModelState.ASLEEP and backend.sleeping is None
-                      and now - backend.asleep_since >= backend.settings.asleep_timeout):
-                    self.request_stop(backend, "asleep for its asleep_timeout")
+            decisions = self._tick(anyio.current_time())
+            for reap in decisions.reap:
+                backend = self.servers[reap.key]
+                if reap.scale_down:
+                    backend.of.scale_downs += 1
+                    log.info("scaling down", model=backend.name, replica=backend.replica,
+                             sleeps=reap.sleep)
+                if reap.sleep:
+                    self.runs.begin_sleep(backend)
+                else:
+                    self.request_stop(backend, "idle")
+            for expire in decisions.expire:
+                self.request_stop(self.servers[expire.key], "asleep for its asleep_timeout")
 
-    def _scale(self, first: Backend, now: float) -> None:
-        """Bring up another replica of the model, one at a time: while fewer than
-        ``min_replicas`` are ready, or once a request waited ``scale_up_after`` for a slot with
-        every ready replica's slots taken. An asleep one is woken before a stopped one starts."""
-        replicas = first.replicas
-        settings = first.settings
-        if any(r.state in COMING for r in replicas):
-            return
-        ready = [r for r in replicas if r.state is ModelState.READY]
-        if len(ready) < settings.min_replicas:
-            why = "min_replicas"
-        else:
-            waited = self._queued(first.name)
-            if not (ready and waited is not None and waited >= settings.scale_up_after
-                    and all(r.leases >= r.slots for r in ready)):
-                return
-            why = "saturated"
-        spare = next((r for r in replicas if r.state is ModelState.ASLEEP and r.sleeping is None),
-                     None) or next((r for r in replicas if _may_start(r, now)), None)
-        if spare is None:
-            return
-        first.scale_ups += 1
-        log.info("scaling up", model=first.name, replica=spare.replica, reason=why,
-                 ready=len(ready))
-        if spare.state is ModelState.ASLEEP:
-            self._begin_wake(spare)
-        else:
-            self._launch(spare)
-
-
-def route(replicas: list[Backend], session: str | None, avoid: int | None) -> Backend | None:
-    """The ready replica a request goes to, or None if none is ready. The session's replica
-    (rendezvous hashing: the highest hash of session and replica) unless it has no free slot or
-    more than ``affinity_slack`` times the average load; else the least loaded (the first of
-    equals, so that a light load keeps to few replicas and the others go idle)."""
-    least = affine = None
-    top = 0
-    total = ready = 0
-    # Hashes of ints are the same in every process (a str's is salted per process): a session
-    # keeps its replica across a restart of the gateway, which adopts its containers.
-    key = zlib.crc32(session.encode()) if session is not None else 0
-    for r in replicas:
-        if r.state is not ModelState.READY or r.yields_to is not None or r.replica == avoid:
-            continue
-        ready += 1
-        total += r.leases
-        if least is None or r.leases < least.leases:
-            least = r
-        if session is not None:
-            score = hash((key, r.replica))
-            if affine is None or score > top:
-                affine, top = r, score
-    if least is None:
-        # The replica whose connect failed is the only one ready: it is tried again.
-        return route(replicas, session, None) if avoid is not None else None
-    if affine is not None and affine.leases < affine.slots and affine.leases + 1 <= math.ceil(
-            affine.settings.affinity_slack * (total + 1) / ready):
-        return affine
-    return least
-
-
-def _may_start(backend: Backend, now: float) -> bool:
-    """Stopped, or failed with its run over and its backoff past: a start may begin."""
-    return backend.state is ModelState.STOPPED or (
-        backend.state is ModelState.FAILED and backend.scope is None and now >= backend.retry_at)
-
-
-def _bring_up_order(backend: Backend) -> tuple[int, int]:
-    """With no replica ready, the one a request waits for: one coming up, then one that is busy
-    (draining, stopping, yielding its turn), then one asleep, then one that may start; last one
-    failed within its backoff (its refusal is the answer)."""
-    state = backend.state
-    if state in COMING:
-        rank = 0
-    elif state in LOADED:
-        rank = 1
-    elif state is ModelState.ASLEEP:
-        rank = 2
-    elif _may_start(backend, anyio.current_time()):
-        rank = 3
-    else:
-        rank = 4
-    return rank, backend.replica
-
-
-def should_reap(backend: Backend, now: float) -> bool:
-    """The reaper's decision: stop a backend idle (no lease, no request waiting for it) for its
-    ``idle_timeout``, unless the model keeps it (``min_replicas``)."""
-    return backend.may_go() and now - backend.last_used >= backend.settings.idle_timeout
+    def _tick(self, now: float) -> planners.Tick:
+        """The clock's decisions (``planners.tick``); the replicas to bring up are brought up
+        here, the rest is the reaper's."""
+        views = [b.view() for b in self.servers]
+        decisions = planners.tick(
+            views, [[views[r.key] for r in model.replicas] for model in self.scaled],
+            {model.name: self._queued(model.name) for model in self.scaled}, now)
+        for up in decisions.up:
+            spare = self.servers[up.key]
+            spare.of.scale_ups += 1
+            log.info("scaling up", model=spare.name, replica=spare.replica, reason=up.why,
+                     ready=up.ready)
+            if up.wake:
+                self.runs.begin_wake(spare)
+            else:
+                self.runs.launch(spare)
+        return decisions

@@ -70,7 +70,7 @@ class PoolMetrics(Collector):
             for family, attribute in counters:
                 family.add_metric([name], sum(getattr(r, attribute) for r in replicas))
             for family, attribute in model_counters:
-                family.add_metric([name], getattr(backend, attribute))
+                family.add_metric([name], getattr(self.pool.models[name], attribute))
             if backend.measured_vram_mb is not None:
                 vram.add_metric([name], backend.measured_vram_mb * MIB)
             for r in replicas:

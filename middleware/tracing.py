@@ -38,7 +38,7 @@ from opentelemetry import context, trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind, StatusCode
 
-from backends.pool import START_FAILED
+from backends.server import START_FAILED
 from kernel.config import TelemetrySettings
 from kernel.errors import GatewayError
 from kernel.types import ASGIApp, Receive, Scope, Send, request_state

@@ -209,8 +209,8 @@ class AdminApi:
             "failure": backend.failure,
             "max_replicas": backend.settings.max_replicas,
             "min_replicas": backend.settings.min_replicas,
-            "scale_ups": backend.scale_ups,
-            "scale_downs": backend.scale_downs,
+            "scale_ups": pool.models[name].scale_ups,
+            "scale_downs": pool.models[name].scale_downs,
             "replicas": [_replica(r) for r in replicas],
             "actions": self._offered(name),
         }

@@ -26,6 +26,9 @@ class EngineSettings:
     # loopback for an engine on this host; for an engine on a GPU host, that host's address.
     publish_ip: str = _spec("127.0.0.1")
     host: str = _spec("127.0.0.1")
+    # Per-GPU memory of a remote engine's host, to plan with (this host's NVML does not see
+    # it); unset: gateway.gpu_memory_mb. An engine on this host is read through NVML.
+    gpu_memory_mb: int | None = _spec(None, lo=1, hi=10_000_000)
 
 
 def _build_engines(raw: Any, sources: _Sources) -> Mapping[str, EngineSettings]:

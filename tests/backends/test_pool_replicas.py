@@ -172,11 +172,11 @@ async def test_a_replica_is_added_only_when_every_slot_is_taken_past_scale_up_af
         # Waited long enough: another replica starts, one.
         waited["a"] = 0.4
         await eventually(lambda: states(pool, "a") == ["ready", "ready"])
-        assert pool.backends["a"].scale_ups == 1
+        assert pool.models["a"].scale_ups == 1
         assert (await hold(stack, pool, "a")).replica == 1
         # max_replicas reached: nothing more to start.
         await anyio.sleep(0.5)
-        assert pool.backends["a"].scale_ups == 1
+        assert pool.models["a"].scale_ups == 1
 
 
 async def test_a_long_wait_with_a_free_slot_adds_no_replica() -> None:
@@ -186,7 +186,7 @@ async def test_a_long_wait_with_a_free_slot_adds_no_replica() -> None:
         await hold(stack, pool, "a")
         await anyio.sleep(0.6)
         assert states(pool, "a") == ["ready", "stopped"]
-        assert pool.backends["a"].scale_ups == 0
+        assert pool.models["a"].scale_ups == 0
 
 
 async def test_idle_replicas_stop_down_to_min_replicas() -> None:
@@ -206,7 +206,7 @@ async def test_idle_replicas_stop_down_to_min_replicas() -> None:
             waited["a"] = None
         # Each replica has its own idle timer; the model keeps min_replicas ready.
         await eventually(lambda: states(pool, "a") == ["ready", "stopped", "stopped"])
-        assert pool.backends["a"].scale_downs == 2
+        assert pool.models["a"].scale_downs == 2
         await anyio.sleep(1.0)
         assert states(pool, "a") == ["ready", "stopped", "stopped"]
 
@@ -270,7 +270,7 @@ async def test_an_idle_replica_sleeps_first_and_is_woken_for_the_next_scale_up()
                              and second.sleeping is None)
         # The second scale-up woke it: one start, one wake.
         assert (second.starts, second.wakes, second.sleeps) == (1, 1, 2)
-        assert pool.backends["a"].scale_ups == 3  # min_replicas' first start, then two
+        assert pool.models["a"].scale_ups == 3  # min_replicas' first start, then two
 
 
 async def test_a_scale_up_makes_room_by_stopping_an_idle_model_but_not_a_busy_one() -> None:

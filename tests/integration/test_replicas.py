@@ -72,14 +72,14 @@ async def test_a_burst_starts_a_second_replica_both_serve_and_both_stop_when_idl
         assert all(body.rstrip().endswith(b"data: [DONE]") for _, body in results)
         assert served(addresses[0]) > 0 and served(addresses[1]) > 0
         assert served(addresses[0]) + served(addresses[1]) == 12
-        assert gateway.pool.backends["m"].scale_ups == 1
+        assert gateway.pool.models["m"].scale_ups == 1
         metrics = (await client.get(url + "/metrics")).text
         assert 'gateway_scale_ups_total{model="m"} 1.0' in metrics
         assert 'gateway_replica_in_flight{model="m",replica="1"} 0.0' in metrics
         # Each replica has its own idle timer: both stop (min_replicas = 0).
         await eventually(lambda: all(r.state is ModelState.STOPPED for r in replicas),
                          within=15)
-        assert gateway.pool.backends["m"].scale_downs == 2
+        assert gateway.pool.models["m"].scale_downs == 2
         assert gateway.semaphores.in_flight("m") == 0 and gateway.queue.depth("m") == 0
         metrics = (await client.get(url + "/metrics")).text
         assert 'gateway_scale_downs_total{model="m"} 2.0' in metrics

@@ -7,7 +7,7 @@ import pytest
 import structlog
 from opentelemetry.trace import StatusCode
 
-from backends.pool import START_FAILED
+from backends.server import START_FAILED
 from kernel.errors import GatewayError, unavailable
 from kernel.types import ASGIApp, Receive, Scope, Send
 from middleware.request_context import RequestContext

@@ -1,0 +1,65 @@
+"""A configured model: its replica set, the requests that wait for it, and its totals.
+
+Owns the per-model figures that belong to no one server: the requests waiting in ``lease``
+(``waiting``), those the gateway holds for it outside the pool (``demand``), how many replicas
+were last told ready (``serving``), its scale-ups and scale-downs, and the model's state as
+its replicas make it (the one nearest to serving).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from kernel.config import ModelSettings
+
+from .states import ModelState
+
+if TYPE_CHECKING:
+    from .server import Backend
+
+# A model with replicas is in the first of these states that one of them is in.
+MODEL_STATE_ORDER = (ModelState.READY, ModelState.WAKING, ModelState.STARTING,
+                     ModelState.DRAINING, ModelState.STOPPING, ModelState.ASLEEP,
+                     ModelState.FAILED, ModelState.STOPPED)
+
+
+def _none() -> int:
+    return 0
+
+
+@dataclass(eq=False)
+class Model:
+    settings: ModelSettings
+    # Every server of the model, the first first (``max_replicas``).
+    replicas: list[Backend] = field(default_factory=list, repr=False)
+    # Requests in ``lease`` waiting for a server of the model.
+    waiting: int = 0
+    # Requests for the model the gateway holds outside the pool (``BackendPool.count_demand``).
+    demand: Callable[[], int] = _none
+    # How many replicas were ready when the slots layer was last told (``on_serving``).
+    serving: int = 0
+    scale_ups: int = 0
+    scale_downs: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    def state(self) -> ModelState:
+        """Its one server's state, or of its replicas the one nearest to serving."""
+        if len(self.replicas) == 1:
+            return self.replicas[0].state
+        states = {r.state for r in self.replicas}
+        return next(s for s in MODEL_STATE_ORDER if s in states)
+
+    def ready(self) -> int:
+        return sum(r.state is ModelState.READY for r in self.replicas)
+
+    def unserved(self, server: Backend) -> int:
+        """The requests that wait for the model, less those its other replicas serve."""
+        unserved = self.waiting + self.demand()
+        if len(self.replicas) > 1:
+            unserved -= sum(r.leases for r in self.replicas if r is not server)
+        return unserved
