@@ -19,19 +19,3 @@ def header(scope: Scope, name: bytes) -> bytes | None:
             return value
     return None
 
-
-# The gateway's own keys go under this one key of ``scope["state"]``: an application that mounts
-# the gateway may keep its own ``state["model"]`` (its lifespan state is copied into each
-# request's ``scope["state"]``).
-STATE_KEY = "vllm_gateway"
-
-
-def request_state(scope: Scope) -> dict[str, Any]:
-    """The per-request state dict that the layers share (``scope["state"]["vllm_gateway"]``)."""
-    shared = scope.get("state")
-    if shared is None:
-        shared = scope["state"] = {}
-    state = shared.get(STATE_KEY)
-    if state is None:
-        state = shared[STATE_KEY] = {}
-    return state
