@@ -14,9 +14,9 @@ Slots go out in the order requests came (FIFO): a model's to its line, and the s
 those holding their model's in the order they got it (handed over at once, not when each
 waiter's task runs next, which trio does in a random order); a wait is bounded by
 ``queue_timeout``, and one that ends without its slots (the time ran out, it was cancelled)
-holds nothing. A model's slots are ``max_concurrent`` per ready replica (at
-least one replica's, so that a request can start the first): those in flight when they shrink
-finish, and the line moves once there is room below the new size.
+holds nothing. A model's slots are ``max_concurrent`` per ready replica (at least one
+replica's, so that a request can start the first): those in flight when they shrink finish,
+and the line moves once there is room below the new size.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from kernel.config import Config
 
 class Ticket:
     """One request's account, from ``join`` to ``leave``: queued or not, the slots it holds
-    (its model's, then the shared one). The layers only pass it back to the accounting."""
+    (its model's, then the shared one). The layers only pass it back to the accounting; an
+    implementation that keeps more per request (a key in a shared store) subclasses it."""
 
     __slots__ = ("event", "held", "line", "queued", "since")
 
@@ -63,8 +64,8 @@ class Accounting(Protocol):
 
     async def acquire(self, ticket: Ticket) -> bool:
         """Wait in line for the ticket's slot, at most ``queue_timeout``: True once it holds it,
-        False when the time ran out. The ticket leaves the queue either way (and when the wait
-        is cancelled)."""
+        False when the time ran out. The ticket leaves the queue either way; a wait that ends
+        without the slot (timed out, cancelled) holds nothing."""
 
     def leave(self, ticket: Ticket) -> None:
         """The request is done: out of the queue, its slots given back. Idempotent."""
