@@ -22,11 +22,12 @@ and the line moves once there is room below the new size.
 from __future__ import annotations
 
 from collections import deque
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 
-from kernel.config import Config
+if TYPE_CHECKING:
+    from kernel.config import Config
 
 
 class Ticket:

@@ -16,10 +16,12 @@ request a reference cycle that only the garbage collector frees.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from kernel.accounting import Ticket
-from kernel.config import ModelSettings
-from kernel.types import Message
+if TYPE_CHECKING:  # annotations only: kernel.errors imports this module, keep it light
+    from kernel.accounting import Ticket
+    from kernel.config import ModelSettings
+    from kernel.types import Message
 
 # The scope's key for the request's RequestState.
 STATE = "vllm_gateway"
