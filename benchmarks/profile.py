@@ -38,7 +38,7 @@ PACKAGES = (
     ("prometheus_client", "prometheus_client/"), ("anyio", "anyio/"), ("sniffio", "sniffio/"),
     ("asyncio", "asyncio/"), ("json", "json/"), ("logging", "logging/"),
     ("gateway proxy/", "proxy/"), ("gateway middleware/", "middleware/"),
-    ("gateway backends/", "backends/"),
+    ("gateway backends/", "backends/"), ("gateway kernel/", "kernel/"),
 )
 def _where(frame: str) -> str:
     return frame[frame.rfind("(") + 1:].rstrip(")") if "(" in frame else ""
@@ -95,8 +95,8 @@ def bucket(frames: list[str]) -> str:
     if _has(s, "Gateway.__call__"):
         if _has(leaf, *SERVER):
             return "the server (send path outside the relay)"
-        if _has(leaf, "middleware/", "proxy/"):
-            return "gateway middleware/proxy own code"
+        if _has(leaf, "middleware/", "proxy/", "kernel/"):
+            return "gateway middleware/proxy/kernel own code"
         return "anyio/asyncio inside the middleware chain (semaphores, scopes, pool lease)"
     if _has(s, *SERVER):
         return "the server (accept, parse request, keep-alive)"

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 
-from .types import Message, Scope, Send, request_state
+from .context import STATE
+from .types import Message, Scope, Send
 
 ERROR_KEY = "vllm_gateway.error"
 
@@ -56,7 +57,7 @@ class GatewayError(Exception):
 
     async def answer(self, scope: Scope, send: Send) -> None:
         """Send this error as the response, and leave its code for the access line."""
-        request_state(scope)["error"] = self.code
+        scope[STATE].error = self.code
         await self.send(send)
 
     async def send(self, send: Send) -> None:

@@ -28,19 +28,3 @@ def is_sse(start: Message) -> bool:
     return any(key.lower() == b"content-type" and value.startswith(SSE)
                for key, value in start.get("headers", ()))
 
-
-# The gateway's own keys go under this one key of ``scope["state"]``: an application that mounts
-# the gateway may keep its own ``state["model"]`` (its lifespan state is copied into each
-# request's ``scope["state"]``).
-STATE_KEY = "vllm_gateway"
-
-
-def request_state(scope: Scope) -> dict[str, Any]:
-    """The per-request state dict that the layers share (``scope["state"]["vllm_gateway"]``)."""
-    shared = scope.get("state")
-    if shared is None:
-        shared = scope["state"] = {}
-    state = shared.get(STATE_KEY)
-    if state is None:
-        state = shared[STATE_KEY] = {}
-    return state

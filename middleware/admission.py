@@ -38,8 +38,9 @@ import msgspec
 import sniffio
 
 from kernel.config import Config, ModelSettings
+from kernel.context import STATE, RequestState
 from kernel.errors import ERROR_KEY, GatewayError, bad_request, not_found, unavailable
-from kernel.types import ASGIApp, Message, Receive, Scope, Send, header, request_state
+from kernel.types import ASGIApp, Message, Receive, Scope, Send, header
 
 from .forms import FORM_TYPE, form_model, with_model_field
 from .response_ids import ResponseIds, stored_response
@@ -374,7 +375,7 @@ class Admission:
         """The error, for a body not read whole: every byte of the answer goes out, the rest of
         the body is dropped, and only then does the answer end (the server then closes or
         reuses a connection with nothing left unread on it)."""
-        request_state(scope)["error"] = error.code
+        scope[STATE].error = error.code
         answer = error.body()
         await send({"type": "http.response.start", "status": error.status,
                     "headers": [*error.headers(),
@@ -386,12 +387,12 @@ class Admission:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _admit(self, scope: Scope, receive: Receive, body: _Body) -> bytes:
-        state = request_state(scope)
+        state: RequestState = scope[STATE]
         stored = stored_response(scope["path"])
         if stored is not None:
             body.complete = True  # there is none to read
-            state["model"], state["pin"] = self.response_ids.made(stored[0])
-            state["body_bytes"] = b""
+            state.model, state.pin = self.response_ids.made(stored[0])
+            state.body_bytes = b""
             return b""
         content_type = header(scope, b"content-type") or b""
         form = scope["path"] in FORM_PATHS
@@ -425,19 +426,19 @@ class Admission:
             if self.default is None:
                 raise _no_model()
             model = self.default
-            state["model_default"] = True
+            state.model_default = True
         else:
-            state["requested_model"] = name
+            state.requested_model = name
             model = self._model(name)
         if name != model.served_name:
             raw = reader.renamed(raw, model.served_name)
-        state["model"] = model
-        state["stream"] = reader.stream
-        state["body_bytes"] = raw
+        state.model = model
+        state.stream = reader.stream
+        state.body_bytes = raw
         if model.max_replicas > 1:
             # The session whose requests go to one replica: its header, else the body's user.
             session = header(scope, SESSION_HEADER)
-            state["session"] = session.decode("latin-1") if session else reader.user
+            state.session = session.decode("latin-1") if session else reader.user
         return raw
 
     def _model(self, name: str) -> ModelSettings:

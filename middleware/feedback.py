@@ -18,7 +18,8 @@ gateway looks at the streams that have not started every quarter of ``stream_kee
 only a stream that waits gets a task of its own, which sends the comments. The two never send
 at once: the comments and the answer's first messages share a lock, and the comment task is
 ended (and waited for) before the request leaves this layer. The model's state is read from
-the pool, never changed.
+the pool, and a stream's place in the queue from the accounting (``kernel.accounting``), never
+changed.
 """
 
 from __future__ import annotations
@@ -28,16 +29,17 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
 
 import anyio
 import structlog
 from anyio.abc import TaskGroup
 
 from backends.pool import BackendPool, ModelState
+from kernel.accounting import Accounting
 from kernel.config import Config
+from kernel.context import STATE, RequestState
 from kernel.errors import ERROR_KEY, GatewayError, internal_error, standalone_sse_event
-from kernel.types import ASGIApp, Message, Receive, Scope, Send, is_sse, request_state
+from kernel.types import ASGIApp, Message, Receive, Scope, Send, is_sse
 
 from .progress import FEEDBACK
 
@@ -75,7 +77,7 @@ class _Stream:
     __slots__ = ("_done", "_error", "_feeding", "_lock", "_scope", "_send", "_status",
                  "answered", "began", "due", "fed", "model", "shown", "state", "stopped")
 
-    def __init__(self, send: Send, state: dict[str, Any], model: str, began: float,
+    def __init__(self, send: Send, state: RequestState, model: str, began: float,
                  due: float) -> None:
         self._send = send
         self.state = state
@@ -183,18 +185,14 @@ class _Stream:
 
 
 class StreamFeedback:
-    def __init__(self, app: ASGIApp, *, config: Config, pool: BackendPool) -> None:
+    def __init__(self, app: ASGIApp, *, config: Config, pool: BackendPool,
+                 accounting: Accounting) -> None:
         self.app = app
         self.pool = pool
+        self.accounting = accounting
         self.every = config.gateway.stream_keepalive
-        # Every request of a model in the order it came (waiting for a slot is FIFO), for a
-        # stream's place in the queue.
-        self._arrived: dict[str, dict[int, dict[str, Any]]] = {m.name: {} for m in config.models}
         # Streams that have not begun their answer, in the order they came.
         self._pending: dict[int, _Stream] = {}
-        # The places in the queue of a model's waiting requests, counted once a tick for all
-        # the comments of that tick (not once per comment: that is quadratic in the queue).
-        self._places: dict[str, dict[int, int]] = {}
         self._tg: TaskGroup | None = None
 
     @asynccontextmanager
@@ -213,23 +211,17 @@ class StreamFeedback:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        state = request_state(scope)
-        model = state["model"].name
-        arrived = self._arrived[model]
-        key = id(state)
-        arrived[key] = state
-        try:
-            if state.get("stream") and self._tg is not None:
-                await self._stream(scope, receive, send, state, model, key)
-            else:
-                await self.app(scope, receive, send)
-        finally:
-            del arrived[key]
+        state: RequestState = scope[STATE]
+        if state.stream and self._tg is not None:
+            await self._stream(scope, receive, send, state)
+        else:
+            await self.app(scope, receive, send)
 
-    async def _stream(self, scope: Scope, receive: Receive, send: Send, state: dict[str, Any],
-                      model: str, key: int) -> None:
+    async def _stream(self, scope: Scope, receive: Receive, send: Send,
+                      state: RequestState) -> None:
         now = time.monotonic()
-        stream = _Stream(send, state, model, now, now + self.every)
+        stream = _Stream(send, state, state.model.name, now, now + self.every)
+        key = id(stream)
         self._pending[key] = stream
         try:
             await self.app(scope, receive, stream.send)
@@ -260,7 +252,6 @@ class StreamFeedback:
             await anyio.sleep(self.every / TICKS)
             now = time.monotonic()
             tg = self._tg
-            self._places.clear()
             for key, stream in list(self._pending.items()):
                 if stream.answered:
                     del self._pending[key]
@@ -274,24 +265,20 @@ class StreamFeedback:
                         stream.due = now + self.every
 
     def _waits(self, stream: _Stream) -> bool:
-        return ("queue_wait" not in stream.state
+        return (stream.state.queue_wait is None
                 or self.pool.state_of(stream.model) is not ModelState.READY)
 
     def _comment(self, stream: _Stream) -> bytes:
         model = stream.model.replace("\r", " ").replace("\n", " ")
         seconds = round(time.monotonic() - stream.began)
-        if "queue_wait" in stream.state:
+        if stream.state.queue_wait is not None:
             what = f"model '{model}': {self.pool.state_of(stream.model).value}"
         else:
             what = f"a slot of model '{model}': number {self._place(stream)} in the queue"
         return f": waiting for {what}, {seconds} s\n\n".encode()
 
     def _place(self, stream: _Stream) -> int:
-        places = self._places.get(stream.model)
-        if places is None:
-            places = self._places[stream.model] = {}
-            for key, state in self._arrived[stream.model].items():
-                if "queue_wait" not in state:  # waits for a slot still
-                    places[key] = len(places) + 1
-        # One that came since this tick's count is behind all of them.
-        return places.get(id(stream.state), len(places) + 1)
+        ticket = stream.state.ticket
+        place = self.accounting.position(ticket) if ticket is not None else None
+        # Not queued (yet, or any more: its wait just ended): behind all who are.
+        return place or self.accounting.depth(stream.model) + 1

@@ -1,64 +1,50 @@
-"""Queue depth: how many requests of a model wait for a slot, and a bound on it.
+"""Queue depth: a request joins its model's queue for a slot here, within a bound, and leaves.
 
-A request is counted when it enters and uncounted exactly once, by whichever comes first: the
-inner layer calling ``state["leave_queue"]()`` when it gets a slot or refuses the request, or
-this layer's ``finally`` (the client left, the inner app failed, anything was cancelled). The
-count and the flag change together in one synchronous call, so no cancellation can fall between
-them. A request that would exceed ``max_queue_size`` gets 429 at once and is never counted.
+The request joins the accounting (``kernel.accounting``) when it enters and leaves it in this
+layer's ``finally``, whatever happened inside (it got a slot and answered, it timed out, the
+client left, the inner app failed, anything was cancelled): leaving takes it out of the queue if
+it is still there and gives back the slot it holds. The inner layer (``ModelConcurrencyLimit``)
+acquires the slot in between. A request that would exceed ``max_queue_size`` gets 429 at once
+and is never counted. The depth is exposed as ``gateway_queue_depth``.
 """
 
 from __future__ import annotations
 
+from kernel.accounting import Accounting
 from kernel.config import Config
+from kernel.context import STATE, RequestState
 from kernel.errors import GatewayError
-from kernel.types import ASGIApp, Receive, Scope, Send, request_state
+from kernel.types import ASGIApp, Receive, Scope, Send
 from telemetry.metrics import GatewayMetrics
 
 
-class _QueuePlace:
-    __slots__ = ("_depth", "_held", "_model")
-
-    def __init__(self, depth: dict[str, int], model: str) -> None:
-        self._depth = depth
-        self._model = model
-        self._held = True
-        depth[model] += 1
-
-    def leave(self) -> None:
-        if self._held:
-            self._held = False
-            self._depth[self._model] -= 1
-
-
 class QueueDepthLimit:
-    def __init__(self, app: ASGIApp, *, config: Config, metrics: GatewayMetrics) -> None:
+    def __init__(self, app: ASGIApp, *, config: Config, metrics: GatewayMetrics,
+                 accounting: Accounting) -> None:
         self.app = app
         self.metrics = metrics
-        self.limits = {m.name: config.max_queue_size_of(m) for m in config.models}
+        self.accounting = accounting
         self.retry_after = max(1.0, min(config.gateway.queue_timeout, 10.0))
-        self._depth = dict.fromkeys(self.limits, 0)
+        names = [m.name for m in config.models]
         metrics.gauge("gateway_queue_depth", "Requests waiting for a slot of their model.",
-                      self._depth.items)
-
-    def depth(self, model: str) -> int:
-        return self._depth[model]
+                      lambda: [(name, accounting.depth(name)) for name in names])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        state = request_state(scope)
-        model = state["model"].name
-        if self._depth[model] >= self.limits[model]:
+        state: RequestState = scope[STATE]
+        model = state.model.name
+        ticket = self.accounting.join(model)
+        if ticket is None:
             self.metrics.reject(model, "queue_full")
             await GatewayError(
                 429, f"Too many requests are waiting for model '{model}'; try again later.",
                 type="rate_limit_error", code="queue_full", retry_after=self.retry_after,
             ).answer(scope, send)
             return
-        place = _QueuePlace(self._depth, model)
-        state["leave_queue"] = place.leave
+        state.ticket = ticket
         try:
             await self.app(scope, receive, send)
         finally:
-            place.leave()
+            self.accounting.leave(ticket)

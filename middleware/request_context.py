@@ -1,5 +1,8 @@
-"""Request context: the request id, the log context, the access log line, and the last word on
-errors.
+"""Request context: the request's state, the request id, the log context, the access log line,
+and the last word on errors.
+
+The first layer: it makes the request's typed state (``kernel.context.RequestState``) that every
+later layer reaches as ``scope[STATE]``, and reads it back for the access line.
 
 The request id comes from ``x-request-id`` (when it is sane) or is made here, goes back on the
 response and to the backend, and is bound into structlog's context for every line logged while
@@ -25,8 +28,9 @@ import time
 
 import structlog
 
+from kernel.context import STATE, RequestState
 from kernel.errors import GatewayError, internal_error
-from kernel.types import ASGIApp, Message, Receive, Scope, Send, header, request_state
+from kernel.types import ASGIApp, Message, Receive, Scope, Send, header
 from telemetry.events import EventHub, error_code
 from telemetry.metrics import GatewayMetrics
 
@@ -63,8 +67,11 @@ class RequestContext:
             return
         began = time.perf_counter()
         request_id = _request_id(scope)
-        state = request_state(scope)
-        state["request_id"] = request_id
+        state = scope.get(STATE)
+        if state is None:
+            scope[STATE] = state = RequestState(request_id)
+        else:  # made by the tracing layer, the one layer outside this one
+            state.request_id = request_id
         response, send = progress(scope, send)
         response.extra_headers.append((b"x-request-id", request_id.encode()))
         left_early = False
@@ -96,11 +103,11 @@ class RequestContext:
             ended = time.perf_counter()
             first_byte = response.first_byte
             status = response.status
-            model = state.get("model")
+            model = state.model
             # A name the client made up is logged, never a metric label (unbounded).
             name = model.name if model is not None else "-"
             self.metrics.answered(name, str(status) if status else "none").inc()
-            queue_wait = state.get("queue_wait")
+            queue_wait = state.queue_wait
             if queue_wait is not None:
                 if first_byte:
                     self.metrics.first_byte(name).observe(first_byte - began)
@@ -111,18 +118,18 @@ class RequestContext:
             client_disconnected = left_early or response.send_failed
             access_log.info(
                 "request", method=scope["method"], path=scope["path"],
-                model=name if model is not None else state.get("requested_model", "-"),
-                model_default=state.get("model_default", False),
-                replica=state.get("replica"), status=status, bytes=response.sent,
-                retries=state.get("retries", 0),
+                model=name if model is not None else state.requested_model or "-",
+                model_default=state.model_default,
+                replica=state.replica, status=status, bytes=response.sent,
+                retries=state.retries,
                 queue_wait_ms=queue_wait_ms, ttfb_ms=ttfb_ms, duration_ms=duration_ms,
                 client_disconnected=client_disconnected,
                 client=scope["client"][0] if scope.get("client") else None,
-                error=repr(error) if error else state.get("error"))
+                error=repr(error) if error else state.error)
             if self.events.listening:
                 self.events.request_ended(
                     scope, request_id=request_id, model=name, status=status,
                     duration_ms=duration_ms, ttfb_ms=ttfb_ms, queue_wait_ms=queue_wait_ms,
-                    error=error_code(error, status, response.error_body) or state.get("error"),
+                    error=error_code(error, status, response.error_body) or state.error,
                     client_disconnected=client_disconnected)
             structlog.contextvars.unbind_contextvars("request_id")

@@ -17,8 +17,9 @@ import json
 from collections import OrderedDict
 
 from kernel.config import ModelSettings
+from kernel.context import STATE, RequestState, Server
 from kernel.errors import not_found
-from kernel.types import SSE, ASGIApp, Message, Receive, Scope, Send, request_state
+from kernel.types import SSE, ASGIApp, Message, Receive, Scope, Send
 
 CREATE_PATH = "/v1/responses"
 PREFIX = CREATE_PATH + "/"
@@ -36,10 +37,6 @@ def stored_response(path: str) -> tuple[str, str] | None:
     if not rest or "/" in rest:
         return None
     return rest, "POST" if cancel else "GET"
-
-
-# The server that made a response: its replica and the run of it (``Backend.starts``).
-Server = tuple[int, int]
 
 
 class ResponseIds:
@@ -150,10 +147,10 @@ class RememberResponseIds:
                                                 not message.get("more_body", False))
                 if done:
                     reader = None
-                    state = request_state(scope)
-                    model = state.get("model")
+                    state: RequestState = scope[STATE]
+                    model = state.model
                     if response_id is not None and model is not None:
-                        self.ids.remember(response_id, model, state.get("server"))
+                        self.ids.remember(response_id, model, state.server)
             await send(message)
 
         await self.app(scope, receive, remembering)

@@ -17,7 +17,8 @@ import anyio
 import structlog
 
 from kernel.config import Config
-from kernel.types import ASGIApp, Receive, Scope, Send, request_state
+from kernel.context import STATE, RequestState
+from kernel.types import ASGIApp, Receive, Scope, Send
 from relay.passthrough import UpstreamConnectError
 from telemetry.metrics import GatewayMetrics
 
@@ -75,8 +76,8 @@ class RetryConnectFailures:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        state = request_state(scope)
-        model = state["model"].name
+        state: RequestState = scope[STATE]
+        model = state.model.name
         response, send = progress(scope, send)
         begun = anyio.current_time()
         self.budget.record_request(begun)
@@ -94,7 +95,7 @@ class RetryConnectFailures:
                 if (attempt > self.retries or now + delay - begun > self.deadline
                         or not self.budget.try_spend(now)):
                     raise
-            state["retries"] = attempt
+            state.retries = attempt
             self.metrics.retried(model).inc()
             log.info("retrying upstream connect", model=model, attempt=attempt,
                      delay=round(delay, 4))

@@ -40,8 +40,9 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from backends.server import START_FAILED
 from kernel.config import TelemetrySettings
+from kernel.context import STATE, RequestState
 from kernel.errors import GatewayError
-from kernel.types import ASGIApp, Receive, Scope, Send, request_state
+from kernel.types import ASGIApp, Receive, Scope, Send
 from relay.upstream import Answer, Upstream
 from telemetry.events import error_code
 from telemetry.tracing import incoming_context, tracer_provider, with_context
@@ -140,6 +141,8 @@ class RequestSpans:
         token = context.attach(trace.set_span_in_context(span, parent))
         structlog.contextvars.bind_contextvars(
             trace_id=trace.format_trace_id(span.get_span_context().trace_id))
+        # The request's state, which the request context inside fills in.
+        scope[STATE] = state = RequestState()
         response, send = progress(scope, send)
         error: Exception | None = None
         try:
@@ -151,30 +154,30 @@ class RequestSpans:
             structlog.contextvars.unbind_contextvars("trace_id")
             context.detach(token)
             if span.is_recording():
-                _ended(span, scope, response, error)
+                _ended(span, state, response, error)
             span.end()
 
 
-def _ended(span: trace.Span, scope: Scope, response: ResponseProgress,
+def _ended(span: trace.Span, state: RequestState, response: ResponseProgress,
            error: Exception | None) -> None:
     """What the request's span holds once it is over."""
-    state = request_state(scope)
     status = response.status
-    model = state.get("model")
+    model = state.model
     attributes = {"http.response.body.size": response.sent,
-                  "vllm_gateway.retries": state.get("retries", 0)}
+                  "vllm_gateway.retries": state.retries}
     # The model configured, else the name the client asked for (a 404), else none (a GET).
-    name = model.name if model else state.get("requested_model")
+    name = model.name if model else state.requested_model
     if name:
         attributes["gen_ai.request.model"] = name
     if status:
         attributes["http.response.status_code"] = status
-    for key in ("request_id", "replica"):
-        if state.get(key) is not None:
-            attributes[f"vllm_gateway.{key}"] = state[key]
-    if state.get("queue_wait") is not None:
-        attributes["vllm_gateway.queue_wait_ms"] = round(state["queue_wait"] * 1000, 3)
-    code = error_code(error, status, response.error_body) or state.get("error")
+    if state.request_id is not None:
+        attributes["vllm_gateway.request_id"] = state.request_id
+    if state.replica is not None:
+        attributes["vllm_gateway.replica"] = state.replica
+    if state.queue_wait is not None:
+        attributes["vllm_gateway.queue_wait_ms"] = round(state.queue_wait * 1000, 3)
+    code = error_code(error, status, response.error_body) or state.error
     if code:
         attributes["error.type"] = code
     span.set_attributes(attributes)
@@ -194,13 +197,13 @@ class WaitSpans:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        state = request_state(scope)
+        state: RequestState = scope[STATE]
         now = time.time_ns()
-        queued = state.get("queue_wait")
+        queued = state.queue_wait
         if queued is not None and queued >= QUEUE_SPAN_MIN:
             self.tracer.start_span("queue wait", start_time=now - int(queued * 1e9)).end(now)
-        model = state["model"].name
-        wait = _ServerWait(model, now, tuple(self.ready[model]))  # type: ignore[arg-type]
+        model = state.model.name  # type: ignore[union-attr]  # admitted: a model is named
+        wait = _ServerWait(model, now, tuple(self.ready[model]))
         token = _server_wait.set(wait)
         try:
             await self.app(scope, receive, send)

@@ -40,6 +40,7 @@ from backends.pool import BackendPool, LauncherFactory
 from backends.pool_metrics import PoolMetrics
 from backends.process import STOP_TIMEOUT, ProcessLauncher
 from backends.static import StaticLauncher
+from kernel.accounting import InMemoryAccounting
 from kernel.config import Config, ModelSettings
 from kernel.types import ASGIApp, Receive, Scope, Send
 from middleware.admission import Admission
@@ -122,18 +123,22 @@ class Gateway:
         retry: ASGIApp = RetryConnectFailures(passthrough, config=config, metrics=self.metrics)
         if self.tracing:
             retry = self.tracing.waits(retry)
-        self.semaphores = ModelConcurrencyLimit(retry, config=config, metrics=self.metrics)
-        self.queue = QueueDepthLimit(self.semaphores, config=config, metrics=self.metrics)
+        # What every layer and the pool ask about queues and slots.
+        self.accounting = accounting = InMemoryAccounting(config)
+        semaphores = ModelConcurrencyLimit(retry, config=config, metrics=self.metrics,
+                                           accounting=accounting)
+        queue = QueueDepthLimit(semaphores, config=config, metrics=self.metrics,
+                                accounting=accounting)
         # A model with requests queued for a slot or holding one is not idle: it serves its run
         # before it is swapped out (the slot is released just after the lease).
-        self.pool.count_demand(lambda name: self.queue.depth(name)
-                               + self.semaphores.in_flight(name))
-        self.pool.watch_queue(self.semaphores.oldest_wait)
-        self.pool.on_serving = self.semaphores.serving
+        self.pool.count_demand(accounting.demand)
+        self.pool.watch_queue(accounting.oldest_wait)
+        self.pool.on_serving = accounting.serving
         self.response_ids = ResponseIds(config.gateway.max_response_ids)
-        self.feedback = (StreamFeedback(self.queue, config=config, pool=self.pool)
+        self.feedback = (StreamFeedback(queue, config=config, pool=self.pool,
+                                        accounting=accounting)
                          if config.gateway.stream_keepalive else None)
-        self.admission = Admission(self.feedback or self.queue, config=config,
+        self.admission = Admission(self.feedback or queue, config=config,
                                    response_ids=self.response_ids)
         self._draining = Draining(self.admission)
         self._remembering = RememberResponseIds(self._draining, ids=self.response_ids)

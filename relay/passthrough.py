@@ -24,13 +24,12 @@ Failure semantics, each seen by the client as it says:
 
 from __future__ import annotations
 
-from typing import Any
-
 import structlog
 
 from backends.pool import BackendPool
+from kernel.context import STATE, RequestState
 from kernel.errors import GatewayError
-from kernel.types import SSE, Message, Receive, Scope, Send, header, request_state
+from kernel.types import SSE, Message, Receive, Scope, Send, header
 
 from .disconnect import ClientWatch, SendWatch, SendWatches, cancellable
 from .upstream import Answer, Broken, ConnectFailed, NoFirstByte, PoolExhausted, Upstream
@@ -79,36 +78,36 @@ class StreamingPassthrough:
         sends = self.sends.new()
         await watch.run(lambda: self._forward(scope, cancellable(send), sends), sends)
         if watch.stalled:
-            state = request_state(scope)
-            log.warning("client stopped reading; request ended", model=state["model"].name,
+            state: RequestState = scope[STATE]
+            log.warning("client stopped reading; request ended", model=state.model.name,
                         send_timeout_s=self.send_timeout)
-            state["error"] = "send_timeout"
+            state.error = "send_timeout"
 
     async def _forward(self, scope: Scope, send: Send, sends: SendWatch) -> None:
-        state = request_state(scope)
-        model = state["model"]
-        pin = state.get("pin")
+        state: RequestState = scope[STATE]
+        model = state.model
+        pin = state.pin
         if model.max_replicas == 1 and pin is None:
             lease = self.pool.lease(model.name)
         else:
-            lease = self.pool.lease(model.name, session=state.get("session"),
-                                    avoid=state.get("failed_replica"), pin=pin)
+            lease = self.pool.lease(model.name, session=state.session,
+                                    avoid=state.failed_replica, pin=pin)
         async with lease as backend:
-            state["server"] = (backend.replica, backend.starts)  # for a stored response
+            state.server = (backend.replica, backend.starts)  # for a stored response
             if model.max_replicas > 1:
-                state["replica"] = backend.replica
+                state.replica = backend.replica
             try:
                 answer = await self._open(scope, state, backend.address, model.name)
             except UpstreamConnectError:
                 # A try again (the retry layer) goes to another replica where one is ready.
-                state["failed_replica"] = backend.replica
+                state.failed_replica = backend.replica
                 raise
             try:
                 await self._relay(answer, send, sends, model.name)
             finally:
                 await answer.aclose()
 
-    async def _open(self, scope: Scope, state: dict[str, Any], address: str,
+    async def _open(self, scope: Scope, state: RequestState, address: str,
                     model: str) -> Answer:
         named = header(scope, b"connection")
         drop = REQUEST_DROP | _named_by(named) if named else REQUEST_DROP
@@ -118,13 +117,13 @@ class StreamingPassthrough:
         if client:
             headers.append((b"x-forwarded-for", client[0].encode("latin-1")))
         headers.append((b"x-forwarded-proto", scope["scheme"].encode("latin-1")))
-        if "request_id" in state:
-            headers.append((b"x-request-id", state["request_id"].encode()))
+        if state.request_id is not None:
+            headers.append((b"x-request-id", state.request_id.encode()))
         url = address + scope["path"]
         if scope["query_string"]:
             url += "?" + scope["query_string"].decode("latin-1")
         try:
-            return await self.upstream.open(scope["method"], url, headers, state["body_bytes"])
+            return await self.upstream.open(scope["method"], url, headers, state.body_bytes)
         except ConnectFailed as exc:
             log.warning("upstream connect failed", model=model, address=address, error=str(exc))
             raise UpstreamConnectError(model) from exc

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.anyio
 
 def counters(gateway: Gateway) -> list[int]:
     return [n for model in gateway.config.models for n in (
-        gateway.queue.depth(model.name), gateway.semaphores.in_flight(model.name),
+        gateway.accounting.depth(model.name), gateway.accounting.in_flight(model.name),
         gateway.pool.backends[model.name].leases)]
 
 
@@ -141,13 +141,13 @@ async def test_a_client_leaving_the_queue_is_uncounted_at_once() -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(functools.partial(client.post, url + "/v1/chat/completions",
                                             json=chat("m", max_tokens=30)))
-            while gateway.semaphores.in_flight("m") == 0:
+            while gateway.accounting.in_flight("m") == 0:
                 await anyio.sleep(0.01)
             with anyio.move_on_after(0.3):
                 await client.post(url + "/v1/chat/completions", json=chat("m"))
-            assert gateway.semaphores.in_flight("m") == 1
+            assert gateway.accounting.in_flight("m") == 1
             with anyio.fail_after(0.5):
-                while gateway.queue.depth("m"):
+                while gateway.accounting.depth("m"):
                     await anyio.sleep(0.01)
             assert gateway.metrics.rejected.labels("m", "client_disconnected")._value.get() == 1
 

@@ -67,7 +67,7 @@ async def test_clients_that_stop_reading_lose_their_slots_after_send_timeout(
             stuck = [_not_reading(port, long_stream) for _ in range(2)]
             try:
                 with anyio.fail_after(10):
-                    while gateway.semaphores.in_flight("m") < 2:
+                    while gateway.accounting.in_flight("m") < 2:
                         await anyio.sleep(0.01)
                 began = time.monotonic()
                 response = await client.post(url + "/v1/chat/completions", json=chat("m"))

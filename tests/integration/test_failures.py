@@ -84,7 +84,7 @@ async def test_no_first_byte_in_time_is_504() -> None:
         response = await post(url, chat("m", max_tokens=10))
         assert response.status_code == 504
         assert response.json()["error"]["code"] == "upstream_timeout"
-        assert gateway.semaphores.in_flight("m") == 0
+        assert gateway.accounting.in_flight("m") == 0
 
 
 def _not_reading_server(server: socket.socket, stop: threading.Event) -> None:
@@ -122,7 +122,7 @@ async def test_a_backend_that_does_not_take_the_request_is_504_after_the_write_t
                     response = await post(url, body)
                 assert response.status_code == 504
                 assert response.json()["error"]["code"] == "upstream_timeout"
-                assert gateway.semaphores.in_flight("m") == 0
+                assert gateway.accounting.in_flight("m") == 0
         finally:
             stop.set()
             thread.join()
@@ -172,7 +172,7 @@ async def test_a_backend_that_fails_after_taking_the_request_is_502_and_never_re
             assert len(requests) == 1
             assert requests[0].startswith(b"POST /v1/chat/completions ")
             assert gateway.metrics.retries.labels("m")._value.get() == 0
-            assert gateway.semaphores.in_flight("m") == 0
+            assert gateway.accounting.in_flight("m") == 0
 
 
 

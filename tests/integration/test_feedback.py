@@ -34,7 +34,8 @@ LATE = EVERY / 4 + 0.4
 
 def back_to_zero(gateway: Gateway) -> bool:
     return (gateway.in_flight == 0 and not gateway.feedback._pending
-            and all(gateway.queue.depth(m.name) == 0 and gateway.semaphores.in_flight(m.name) == 0
+            and all(gateway.accounting.depth(m.name) == 0
+                    and gateway.accounting.in_flight(m.name) == 0
                     and gateway.pool.backends[m.name].leases == 0
                     and gateway.pool.backends[m.name].waiting == 0
                     for m in gateway.config.models))
@@ -95,9 +96,9 @@ async def test_a_long_queue_wait_says_its_place(anyio_backend: str) -> None:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(first)
-            await eventually(lambda: gateway.semaphores.in_flight("m") == 1)
+            await eventually(lambda: gateway.accounting.in_flight("m") == 1)
             tg.start_soon(queued, "second")
-            await eventually(lambda: gateway.queue.depth("m") == 1)
+            await eventually(lambda: gateway.accounting.depth("m") == 1)
             tg.start_soon(queued, "third")
         assert results["first"] == 200
         for name, place in (("second", 1), ("third", 2)):
@@ -246,7 +247,7 @@ async def test_a_queue_timeout_after_feedback_is_an_error_event(anyio_backend: s
         async with anyio.create_task_group() as tg:
             tg.start_soon(lambda: client.post(url + "/v1/chat/completions",
                                               json=chat("m", max_tokens=25)))
-            await eventually(lambda: gateway.semaphores.in_flight("m") == 1)
+            await eventually(lambda: gateway.accounting.in_flight("m") == 1)
             status, _, chunks = await read_timed(client, url, chat("m", stream=True))
         body = b"".join(c for _, c in chunks)
         assert status == 200 and comments(chunks)

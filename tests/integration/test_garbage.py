@@ -1,7 +1,7 @@
 """A finished request leaves nothing for the garbage collector.
 
 Every object a request makes must be freed by reference counting when it ends. One reference
-cycle per request (say, the server's stream object reached back through ``scope["state"]``)
+cycle per request (say, the server's stream object reached back through the request's state)
 keeps dozens of objects alive until a collection, and the collector's passes then cost CPU in
 proportion to the request rate.
 """

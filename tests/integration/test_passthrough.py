@@ -59,8 +59,8 @@ async def test_client_disconnect_aborts_the_generation_at_the_backend() -> None:
             await anyio.sleep(0.02)
         assert stats["aborted"] == 1
         assert stats["running"] == 0
-        assert gateway.semaphores.in_flight("slow") == 0
-        assert gateway.queue.depth("slow") == 0
+        assert gateway.accounting.in_flight("slow") == 0
+        assert gateway.accounting.depth("slow") == 0
         assert backend.leases == 0
 
 
@@ -89,7 +89,7 @@ async def test_leaving_before_the_first_byte_frees_the_slot_and_aborts_the_gener
             await client.post(url + "/v1/chat/completions", json=chat("slow", max_tokens=20))
         backend = gateway.pool.backends["slow"]
         with anyio.fail_after(2):
-            while gateway.semaphores.in_flight("slow") or backend.leases:
+            while gateway.accounting.in_flight("slow") or backend.leases:
                 await anyio.sleep(0.01)
         stats_url = backend.address + "/sim/stats"
         with anyio.fail_after(2):
@@ -103,7 +103,7 @@ async def test_leaving_during_a_cold_start_frees_the_slot_and_the_start_goes_on(
         with anyio.move_on_after(0.3):
             await client.post(url + "/v1/chat/completions", json=chat("cold"))
         with anyio.fail_after(1):
-            while gateway.semaphores.in_flight("cold") or gateway.pool.backends["cold"].waiting:
+            while gateway.accounting.in_flight("cold") or gateway.pool.backends["cold"].waiting:
                 await anyio.sleep(0.01)
         response = await client.post(url + "/v1/chat/completions", json=chat("cold"))
         assert response.status_code == 200

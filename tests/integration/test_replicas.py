@@ -80,7 +80,7 @@ async def test_a_burst_starts_a_second_replica_both_serve_and_both_stop_when_idl
         await eventually(lambda: all(r.state is ModelState.STOPPED for r in replicas),
                          within=15)
         assert gateway.pool.models["m"].scale_downs == 2
-        assert gateway.semaphores.in_flight("m") == 0 and gateway.queue.depth("m") == 0
+        assert gateway.accounting.in_flight("m") == 0 and gateway.accounting.depth("m") == 0
         metrics = (await client.get(url + "/metrics")).text
         assert 'gateway_scale_downs_total{model="m"} 2.0' in metrics
         assert 'gateway_replica_state{model="m",replica="1",state="stopped"} 1.0' in metrics

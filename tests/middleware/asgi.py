@@ -1,5 +1,6 @@
-"""Driving one layer by hand: a request's scope, a ``receive`` the test feeds, a ``send`` that
-records, and a way to let every task run until all of them wait for something."""
+"""Driving one layer by hand: a request's scope (with the state the first layer makes), a
+``receive`` the test feeds, a ``send`` that records, and a way to let every task run until all
+of them wait for something."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import sniffio
 from anyio.abc import TaskGroup
 
 from kernel.config import Config
-from kernel.types import ASGIApp, Message, Scope, request_state
+from kernel.context import STATE, RequestState
+from kernel.types import ASGIApp, Message, Scope
 
 
 def http_scope(*, headers: list[tuple[bytes, bytes]] | None = None, method: str = "POST",
@@ -22,7 +24,8 @@ def http_scope(*, headers: list[tuple[bytes, bytes]] | None = None, method: str 
             "http_version": "1.1", "method": method, "scheme": "http", "path": path,
             "raw_path": path.encode(), "root_path": "", "query_string": b"",
             "headers": headers if headers is not None else [(b"content-type", b"application/json")],
-            "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8080)}
+            "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8080),
+            STATE: RequestState()}
 
 
 def admitted_scope(config: Config, model: str) -> Scope:
@@ -30,7 +33,9 @@ def admitted_scope(config: Config, model: str) -> Scope:
     scope = http_scope()
     settings = config.by_name[model]
     body = {"model": settings.served_name}
-    request_state(scope).update(model=settings, body_bytes=json.dumps(body).encode())
+    state = scope[STATE]
+    state.model = settings
+    state.body_bytes = json.dumps(body).encode()
     return scope
 
 

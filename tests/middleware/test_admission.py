@@ -10,7 +10,8 @@ import anyio
 import pytest
 from starlette.requests import Request
 
-from kernel.types import Message, Receive, Scope, Send, request_state
+from kernel.context import STATE, RequestState
+from kernel.types import Message, Receive, Scope, Send
 from middleware import admission
 from middleware.admission import LARGE_BODY, Admission
 from middleware.response_ids import ResponseIds
@@ -34,11 +35,11 @@ class Inner:
 
     def __init__(self, reads: int = 1) -> None:
         self.reads = reads
-        self.state: dict[str, Any] | None = None
+        self.state: RequestState | None = None
         self.messages: list[Message] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.state = request_state(scope)
+        self.state = scope[STATE]
         for _ in range(self.reads):
             self.messages.append(await receive())
         await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -60,9 +61,9 @@ async def test_an_admitted_request_carries_its_model_and_body_downstream() -> No
     inner = await admit(client)
     assert client.status == 200
     assert inner.state is not None
-    assert inner.state["model"].name == "qwen"
-    assert json.loads(inner.state["body_bytes"]) == body
-    assert "body" not in inner.state  # nothing parsed is kept
+    assert inner.state.model.name == "qwen"
+    assert json.loads(inner.state.body_bytes) == body
+    assert not hasattr(inner.state, "body")  # nothing parsed is kept
 
 
 async def test_the_body_is_replayed_to_the_inner_app_then_receive_goes_on() -> None:
@@ -79,8 +80,8 @@ async def test_an_alias_resolves_and_the_backend_gets_the_served_name() -> None:
     client = Client.with_body({"model": "gpt-4", "stream": True})
     inner = await admit(client)
     assert inner.state is not None
-    assert inner.state["model"].name == "llama"
-    assert json.loads(inner.state["body_bytes"]) == {"model": "meta/llama", "stream": True}
+    assert inner.state.model.name == "llama"
+    assert json.loads(inner.state.body_bytes) == {"model": "meta/llama", "stream": True}
     assert json.loads(inner.messages[0]["body"]) == {"model": "meta/llama", "stream": True}
 
 
@@ -197,7 +198,7 @@ async def test_a_large_body_in_chunks_is_read_and_its_last_top_level_model_wins(
     await Admission(inner, config=config(max_body_bytes=4 * LARGE_BODY))(
         http_scope(), client.receive, client.send)
     assert client.status == 200
-    assert inner.state is not None and inner.state["model"].name == "qwen"
+    assert inner.state is not None and inner.state.model.name == "qwen"
 
 
 async def test_a_large_body_for_an_alias_names_the_served_model() -> None:
@@ -206,7 +207,7 @@ async def test_a_large_body_for_an_alias_names_the_served_model() -> None:
     await Admission(inner, config=config(max_body_bytes=4 * LARGE_BODY))(
         http_scope(), Client.with_body(raw).receive, Client().send)
     assert inner.state is not None
-    assert json.loads(inner.state["body_bytes"])["model"] == "meta/llama"
+    assert json.loads(inner.state.body_bytes)["model"] == "meta/llama"
 
 
 @pytest.mark.parametrize("raw", [b"{" + b'"a": 1, ' * (LARGE_BODY // 4),
@@ -278,8 +279,8 @@ async def test_a_body_that_names_no_model_goes_to_the_only_one_under_its_served_
         raw: bytes) -> None:
     client, inner = await admitted(ONE_MODEL, raw)
     assert client.status == 200
-    assert inner.state is not None and inner.state["model"].name == "llama"
-    assert inner.state["model_default"] is True
+    assert inner.state is not None and inner.state.model.name == "llama"
+    assert inner.state.model_default is True
     assert json.loads(inner.messages[0]["body"]) == {**json.loads(raw), "model": "meta/llama"}
 
 
@@ -288,17 +289,17 @@ async def test_a_large_body_that_names_no_model_names_the_served_one() -> None:
     client, inner = await admitted(ONE_MODEL, raw)
     assert client.status == 200
     assert inner.state is not None
-    assert json.loads(inner.state["body_bytes"])["model"] == "meta/llama"
+    assert json.loads(inner.state.body_bytes)["model"] == "meta/llama"
 
 
 async def test_a_body_that_names_no_model_goes_to_the_default_model() -> None:
     client, inner = await admitted(config(default_model="gpt-4"), b'{"input": "hi"}')
     assert client.status == 200
-    assert inner.state is not None and inner.state["model"].name == "llama"
+    assert inner.state is not None and inner.state.model.name == "llama"
     assert json.loads(inner.messages[0]["body"]) == {"input": "hi", "model": "meta/llama"}
     client, inner = await admitted(config(default_model="gpt-4"), b'{"model": "qwen"}')
-    assert inner.state is not None and inner.state["model"].name == "qwen"
-    assert "model_default" not in inner.state
+    assert inner.state is not None and inner.state.model.name == "qwen"
+    assert inner.state.model_default is False
 
 
 async def test_without_a_default_among_several_models_no_model_is_a_400_saying_how_to_set_one(
@@ -321,9 +322,9 @@ async def test_a_form_that_names_no_model_gets_the_default_ones_served_name() ->
         client, inner = await admitted(ONE_MODEL, raw, headers=[FORM],
                                        path="/v1/audio/transcriptions")
         assert client.status == 200
-        assert inner.state is not None and inner.state["model_default"] is True
+        assert inner.state is not None and inner.state.model_default is True
         # The form as vLLM's reader (Starlette's) takes it: the served name, the file intact.
-        forwarded = Client.with_body(inner.state["body_bytes"])
+        forwarded = Client.with_body(inner.state.body_bytes)
         parsed = await Request(http_scope(headers=[FORM]), forwarded.receive).form()
         assert parsed["model"] == "meta/llama"
         assert await parsed["file"].read() == audio
@@ -374,14 +375,14 @@ async def test_a_form_upload_goes_on_byte_for_byte_with_an_alias_replaced() -> N
     await Admission(inner, config=make_config([sim_model("qwen")]))(
         http_scope(headers=[FORM], path="/v1/audio/transcriptions"), client.receive,
         client.send)
-    assert inner.state is not None and inner.state["body_bytes"] == form(b"qwen", audio)
+    assert inner.state is not None and inner.state.body_bytes == form(b"qwen", audio)
     client = Client.with_body(form(b"gpt-4", audio))
     inner = Inner()
     aliased = make_config([sim_model("llama", aliases=["gpt-4"], served_name="meta/llama")])
     await Admission(inner, config=aliased)(
         http_scope(headers=[FORM], path="/v1/audio/translations"), client.receive, client.send)
-    assert inner.state is not None and inner.state["model"].name == "llama"
-    assert inner.state["body_bytes"] == form(b"meta/llama", audio)
+    assert inner.state is not None and inner.state.model.name == "llama"
+    assert inner.state.body_bytes == form(b"meta/llama", audio)
 
 
 async def test_a_form_path_refuses_json() -> None:

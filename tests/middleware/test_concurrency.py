@@ -1,4 +1,7 @@
-"""ModelConcurrencyLimit: per-model slots, FIFO waits bounded in time, released exactly once."""
+"""ModelConcurrencyLimit: per-model slots, FIFO waits bounded in time, released exactly once.
+
+The layer runs inside QueueDepthLimit, as in the gateway: that one joins each request to the
+accounting and leaves it, this one takes the slot in between."""
 
 from __future__ import annotations
 
@@ -9,8 +12,9 @@ import anyio
 import pytest
 from anyio.lowlevel import checkpoint
 
+from kernel.accounting import InMemoryAccounting
 from kernel.config import Config
-from kernel.types import Receive, Scope, Send, request_state
+from kernel.types import ASGIApp, Receive, Scope, Send
 from middleware.concurrency import ModelConcurrencyLimit
 from middleware.queue_depth import QueueDepthLimit
 from telemetry.metrics import GatewayMetrics
@@ -27,26 +31,31 @@ def config(*, total: int | None = None, timeout: float = 5.0) -> Config:
                                 "queue_timeout": timeout})
 
 
+def slots(inner: ASGIApp, cfg: Config, metrics: GatewayMetrics | None = None,
+          ) -> tuple[QueueDepthLimit, InMemoryAccounting]:
+    """The slots layer inside the queue layer, around ``inner``, and their accounting."""
+    metrics = metrics or GatewayMetrics()
+    accounting = InMemoryAccounting(cfg)
+    semaphores = ModelConcurrencyLimit(inner, config=cfg, metrics=metrics, accounting=accounting)
+    return QueueDepthLimit(semaphores, config=cfg, metrics=metrics,
+                           accounting=accounting), accounting
+
+
 class Held:
     """An inner app that answers, then holds its slot until its request is told to finish."""
 
     def __init__(self) -> None:
         self.finish: dict[int, anyio.Event] = {}
         self.order: list[int] = []
-        self.left_queue: list[int] = []
-
-    def limit(self, cfg: Config) -> ModelConcurrencyLimit:
-        return ModelConcurrencyLimit(self, config=cfg, metrics=GatewayMetrics())
 
     def request(self, cfg: Config, model: str, number: int) -> Scope:
         scope = admitted_scope(cfg, model)
-        scope["state"]["number"] = number
-        request_state(scope)["leave_queue"] = lambda: self.left_queue.append(number)
+        scope["number"] = number
         self.finish[number] = anyio.Event()
         return scope
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        number = scope["state"]["number"]
+        number = scope["number"]
         self.order.append(number)
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"part", "more_body": True})
@@ -57,31 +66,31 @@ class Held:
 async def test_at_most_max_concurrent_requests_of_a_model_run_at_once() -> None:
     cfg = config()
     inner = Held()
-    limit = inner.limit(cfg)
+    limit, accounting = slots(inner, cfg)
     async with anyio.create_task_group() as tg:
         clients = [await start(tg, limit, inner.request(cfg, "a", n)) for n in range(3)]
         assert inner.order == [0, 1]
-        assert limit.in_flight("a") == 2
+        assert accounting.in_flight("a") == 2
         assert clients[2].sent == []
         inner.finish[0].set()
         await settle()
         assert inner.order == [0, 1, 2]
         inner.finish[1].set()
         inner.finish[2].set()
-    assert limit.in_flight("a") == 0
+    assert accounting.in_flight("a") == 0
     assert [c.status for c in clients] == [200, 200, 200]
 
 
 async def test_a_model_with_its_own_limit_uses_it_and_models_do_not_share_slots() -> None:
     cfg = config()
     inner = Held()
-    limit = inner.limit(cfg)
+    limit, accounting = slots(inner, cfg)
     async with anyio.create_task_group() as tg:
         for n in range(2):
             await start(tg, limit, inner.request(cfg, "b", n))
         await start(tg, limit, inner.request(cfg, "a", 2))
         assert inner.order == [0, 2]
-        assert (limit.in_flight("a"), limit.in_flight("b")) == (1, 1)
+        assert (accounting.in_flight("a"), accounting.in_flight("b")) == (1, 1)
         for event in inner.finish.values():
             event.set()
     assert inner.order == [0, 2, 1]
@@ -90,7 +99,7 @@ async def test_a_model_with_its_own_limit_uses_it_and_models_do_not_share_slots(
 async def test_waiters_get_the_slot_in_the_order_they_came() -> None:
     cfg = config()
     inner = Held()
-    limit = inner.limit(cfg)
+    limit, _ = slots(inner, cfg)
     async with anyio.create_task_group() as tg:
         await start(tg, limit, inner.request(cfg, "b", 0))
         for n in range(1, 6):
@@ -104,37 +113,37 @@ async def test_waiters_get_the_slot_in_the_order_they_came() -> None:
 async def test_a_request_leaves_the_queue_when_it_gets_its_slot() -> None:
     cfg = config()
     inner = Held()
-    limit = inner.limit(cfg)
+    limit, accounting = slots(inner, cfg)
     async with anyio.create_task_group() as tg:
         await start(tg, limit, inner.request(cfg, "b", 0))
         await start(tg, limit, inner.request(cfg, "b", 1))
-        assert inner.left_queue == [0]
+        assert accounting.depth("b") == 1
         inner.finish[0].set()
         await settle()
-        assert inner.left_queue == [0, 1]
+        assert accounting.depth("b") == 0
         inner.finish[1].set()
 
 
 async def test_the_slot_is_held_until_the_last_byte_went_out() -> None:
     cfg = config()
     inner = Held()
-    limit = inner.limit(cfg)
+    limit, accounting = slots(inner, cfg)
     async with anyio.create_task_group() as tg:
         client = await start(tg, limit, inner.request(cfg, "b", 0))
         assert client.status == 200
-        assert limit.in_flight("b") == 1
+        assert accounting.in_flight("b") == 1
         inner.finish[0].set()
         await settle()
         assert client.sent[-1] == {"type": "http.response.body", "body": b"",
                                    "more_body": False}
-        assert limit.in_flight("b") == 0
+        assert accounting.in_flight("b") == 0
 
 
 async def test_a_wait_past_the_queue_timeout_is_a_503_with_retry_after() -> None:
     cfg = config(timeout=0.05)
     inner = Held()
     metrics = GatewayMetrics()
-    limit = ModelConcurrencyLimit(inner, config=cfg, metrics=metrics)
+    limit, accounting = slots(inner, cfg, metrics)
     async with anyio.create_task_group() as tg:
         await start(tg, limit, inner.request(cfg, "b", 0))
         began = anyio.current_time()
@@ -146,25 +155,25 @@ async def test_a_wait_past_the_queue_timeout_is_a_503_with_retry_after() -> None
         error = late.error()
         assert error["type"] == "service_unavailable_error"
         assert error["code"] == "queue_timeout"
-        assert inner.left_queue == [0, 1]
+        assert accounting.depth("b") == 0
         assert inner.order == [0]
-        assert limit.in_flight("b") == 1
+        assert accounting.in_flight("b") == 1
         assert metrics.registry.get_sample_value(
             "gateway_rejected_total", {"model": "b", "reason": "queue_timeout"}) == 1
         inner.finish[0].set()
-    assert limit.in_flight("b") == 0
+    assert accounting.in_flight("b") == 0
 
 
 async def test_a_client_gone_while_waiting_leaves_at_once_with_nothing_sent() -> None:
     cfg = config()
     inner = Held()
-    limit = inner.limit(cfg)
+    limit, accounting = slots(inner, cfg)
     async with anyio.create_task_group() as tg:
         await start(tg, limit, inner.request(cfg, "b", 0))
         leaver = await start(tg, limit, inner.request(cfg, "b", 1))
         leaver.disconnect()
         await settle()
-        assert inner.left_queue == [0, 1]
+        assert accounting.depth("b") == 0
         assert leaver.sent == []
         # Its place in line is gone: the next request comes right after the holder.
         await start(tg, limit, inner.request(cfg, "b", 2))
@@ -172,7 +181,7 @@ async def test_a_client_gone_while_waiting_leaves_at_once_with_nothing_sent() ->
         await settle()
         assert inner.order == [0, 2]
         inner.finish[2].set()
-    assert limit.in_flight("b") == 0
+    assert accounting.in_flight("b") == 0
 
 
 async def test_the_inner_app_reads_what_came_while_the_request_waited() -> None:
@@ -186,7 +195,7 @@ async def test_the_inner_app_reads_what_came_while_the_request_waited() -> None:
         got.append(await receive())
         await inner(scope, receive, send)
 
-    limit = ModelConcurrencyLimit(reads_first, config=cfg, metrics=GatewayMetrics())
+    limit, _ = slots(reads_first, cfg)
     async with anyio.create_task_group() as tg:
         await start(tg, limit, inner.request(cfg, "b", 0))
         waiting = await start(tg, limit, inner.request(cfg, "b", 1),
@@ -215,10 +224,10 @@ async def test_the_slot_is_released_when_the_inner_app_fails_or_is_cancelled(
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    limit = ModelConcurrencyLimit(inner, config=cfg, metrics=GatewayMetrics())
+    limit, accounting = slots(inner, cfg)
     with anyio.move_on_after(0.05), contextlib.suppress(RuntimeError):
         await call(limit, admitted_scope(cfg, "b"))
-    assert limit.in_flight("b") == 0
+    assert accounting.in_flight("b") == 0
     # The slot really is free again: the next request gets it at once.
     with anyio.fail_after(1):
         assert (await call(limit, admitted_scope(cfg, "b"))).status == 200
@@ -226,39 +235,32 @@ async def test_the_slot_is_released_when_the_inner_app_fails_or_is_cancelled(
 
 async def cancel_a_waiter_while_its_slot_frees(cfg: Config, steps: int) -> None:
     inner = Held()
-    semaphores = ModelConcurrencyLimit(inner, config=cfg, metrics=GatewayMetrics())
-    queue = QueueDepthLimit(semaphores, config=cfg, metrics=GatewayMetrics())
-
-    def request(number: int) -> Scope:
-        scope = admitted_scope(cfg, "a")
-        scope["state"]["number"] = number
-        inner.finish[number] = anyio.Event()
-        return scope
+    queue, accounting = slots(inner, cfg)
 
     waiter = anyio.CancelScope()
 
     async def wait_in_line() -> None:
         with waiter:
-            await call(queue, request(1))
+            await call(queue, inner.request(cfg, "a", 1))
 
     async with anyio.create_task_group() as tg:
-        await start(tg, queue, request(0))
+        await start(tg, queue, inner.request(cfg, "a", 0))
         tg.start_soon(wait_in_line)
         await settle()
-        assert queue.depth("a") == 1
+        assert accounting.depth("a") == 1
         inner.finish[0].set()
         for _ in range(steps):
             await checkpoint()
         waiter.cancel()
         await settle()
-        assert queue.depth("a") == 0, steps
-        assert semaphores.in_flight("a") == 0, steps
+        assert accounting.depth("a") == 0, steps
+        assert accounting.in_flight("a") == 0, steps
         # Whatever the cancelled waiter took, it gave back: the next request runs at once.
-        await start(tg, queue, request(2))
-        assert semaphores.in_flight("a") == 1, steps
+        await start(tg, queue, inner.request(cfg, "a", 2))
+        assert accounting.in_flight("a") == 1, steps
         assert inner.order[-1] == 2
         inner.finish[2].set()
-    assert (queue.depth("a"), semaphores.in_flight("a")) == (0, 0)
+    assert (accounting.depth("a"), accounting.in_flight("a")) == (0, 0)
 
 
 @pytest.mark.parametrize("replicas", [1, 2])
@@ -279,24 +281,24 @@ async def test_a_model_with_replicas_has_the_slots_of_each_ready_replica() -> No
     cfg = make_config([sim_model("a", max_concurrent=2, max_replicas=3)],
                       gateway={"max_models_concurrent": 3})
     inner = Held()
-    limit = inner.limit(cfg)
+    limit, accounting = slots(inner, cfg)
     async with anyio.create_task_group() as tg:
         # None ready yet: one replica's slots, so that requests may start the first.
         for n in range(6):
             await start(tg, limit, inner.request(cfg, "a", n))
         assert inner.order == [0, 1]
-        assert limit.oldest_wait("a") is not None
+        assert accounting.oldest_wait("a") is not None
         # A second replica ready: two more, in the order they came.
-        limit.serving("a", 2)
+        accounting.serving("a", 2)
         await settle()
         assert sorted(inner.order) == [0, 1, 2, 3]
-        limit.serving("a", 3)
+        accounting.serving("a", 3)
         await settle()
         # (Two handed out at once run in the order the event loop wakes them.)
         assert sorted(inner.order) == [0, 1, 2, 3, 4, 5]
-        assert limit.oldest_wait("a") is None
+        assert accounting.oldest_wait("a") is None
         # Down to one replica: those in flight finish, a new one waits for room below two.
-        limit.serving("a", 1)
+        accounting.serving("a", 1)
         for n in range(4):
             inner.finish[n].set()
         await start(tg, limit, inner.request(cfg, "a", 6))
@@ -307,35 +309,35 @@ async def test_a_model_with_replicas_has_the_slots_of_each_ready_replica() -> No
         assert inner.order[-1] == 6
         for n in (5, 6):
             inner.finish[n].set()
-    assert limit.in_flight("a") == 0
+    assert accounting.in_flight("a") == 0
 
 
 async def test_max_concurrent_total_bounds_all_models_together() -> None:
     cfg = config(total=2)
     inner = Held()
-    limit = inner.limit(cfg)
+    limit, accounting = slots(inner, cfg)
     async with anyio.create_task_group() as tg:
         await start(tg, limit, inner.request(cfg, "a", 0))
         await start(tg, limit, inner.request(cfg, "b", 1))
         await start(tg, limit, inner.request(cfg, "a", 2))
         assert inner.order == [0, 1]
         # Request 2 holds a slot of model a but waits for the shared one: not in flight yet.
-        assert (limit.in_flight("a"), limit.in_flight("b")) == (1, 1)
-        assert inner.left_queue == [0, 1]
+        assert (accounting.in_flight("a"), accounting.in_flight("b")) == (1, 1)
+        assert (accounting.depth("a"), accounting.depth("b")) == (1, 0)
         inner.finish[1].set()
         await settle()
         assert inner.order == [0, 1, 2]
-        assert (limit.in_flight("a"), limit.in_flight("b")) == (2, 0)
+        assert (accounting.in_flight("a"), accounting.in_flight("b")) == (2, 0)
         inner.finish[0].set()
         inner.finish[2].set()
-    assert (limit.in_flight("a"), limit.in_flight("b")) == (0, 0)
+    assert (accounting.in_flight("a"), accounting.in_flight("b")) == (0, 0)
 
 
 async def test_in_flight_is_exposed_as_a_gauge() -> None:
     cfg = config()
     inner = Held()
     metrics = GatewayMetrics()
-    limit = ModelConcurrencyLimit(inner, config=cfg, metrics=metrics)
+    limit, _ = slots(inner, cfg, metrics)
     async with anyio.create_task_group() as tg:
         await start(tg, limit, inner.request(cfg, "a", 0))
         assert metrics.registry.get_sample_value("gateway_in_flight", {"model": "a"}) == 1
@@ -349,6 +351,7 @@ async def test_other_scopes_pass_through_without_a_slot() -> None:
     async def inner(scope: Scope, receive: Receive, send: Send) -> None:
         seen.append(scope["type"])
 
-    limit = ModelConcurrencyLimit(inner, config=config(), metrics=GatewayMetrics())
+    limit = ModelConcurrencyLimit(inner, config=config(), metrics=GatewayMetrics(),
+                                  accounting=InMemoryAccounting(config()))
     await call(limit, {"type": "lifespan"})
     assert seen == ["lifespan"]

@@ -13,8 +13,10 @@ import anyio
 import pytest
 
 from backends.pool import ModelState
+from kernel.accounting import InMemoryAccounting
+from kernel.context import STATE
 from kernel.errors import unavailable
-from kernel.types import Message, request_state
+from kernel.types import Message
 from middleware.feedback import StreamFeedback
 from middleware.progress import progress
 from middleware.retry import RetryConnectFailures
@@ -36,12 +38,13 @@ CONFIG = make_config([static_model("m", "http://127.0.0.1:9")],
 
 def layer(inner: Any) -> StreamFeedback:
     pool = SimpleNamespace(backends={"m": SimpleNamespace(state=ModelState.STARTING)})
-    return StreamFeedback(inner, config=CONFIG, pool=pool)  # type: ignore[arg-type]
+    return StreamFeedback(inner, config=CONFIG, pool=pool,  # type: ignore[arg-type]
+                          accounting=InMemoryAccounting(CONFIG))
 
 
 def stream_scope(stream: bool = True) -> Any:
     scope = admitted_scope(CONFIG, "m")
-    request_state(scope)["stream"] = stream
+    scope[STATE].stream = stream
     return scope
 
 

@@ -8,8 +8,9 @@ import anyio
 import pytest
 import structlog
 
+from kernel.context import STATE
 from kernel.errors import GatewayError
-from kernel.types import Receive, Scope, Send, request_state
+from kernel.types import Receive, Scope, Send
 from middleware import request_context
 from middleware.request_context import RequestContext
 from telemetry.metrics import GatewayMetrics
@@ -56,7 +57,7 @@ async def test_the_clients_request_id_comes_back_and_is_kept_for_the_backend() -
     seen: dict[str, Any] = {}
 
     async def inner(scope: Scope, receive: Receive, send: Send) -> None:
-        seen.update(request_state(scope))
+        seen["request_id"] = scope[STATE].request_id
         await ok(scope, receive, send)
 
     client = await call(RequestContext(inner, metrics=GatewayMetrics()), with_id(b"abc-123"))
@@ -137,8 +138,8 @@ async def test_one_access_log_line_per_request_says_what_happened(access_log: Li
     cfg = make_config([sim_model("qwen")])
 
     async def inner(scope: Scope, receive: Receive, send: Send) -> None:
-        request_state(scope)["model"] = cfg.by_name["qwen"]
-        request_state(scope)["retries"] = 1
+        scope[STATE].model = cfg.by_name["qwen"]
+        scope[STATE].retries = 1
         await ok(scope, receive, send)
 
     metrics = GatewayMetrics()

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
+from kernel.context import STATE
 from kernel.errors import GatewayError
-from kernel.types import Receive, Scope, Send, request_state
+from kernel.types import Receive, Scope, Send
 from middleware.response_ids import PEEK_BYTES, RememberResponseIds, ResponseIds, stored_response
 from tests.support import make_config, sim_model
 
@@ -42,7 +43,7 @@ def test_the_least_recently_used_id_is_forgotten_past_the_size() -> None:
 
 def answering(*bodies: bytes, status: int = 200, content_type: bytes = b"application/json"):
     async def backend(scope: Scope, receive: Receive, send: Send) -> None:
-        request_state(scope)["model"] = B
+        scope[STATE].model = B
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", content_type)]})
         for i, body in enumerate(bodies):
@@ -54,7 +55,6 @@ def answering(*bodies: bytes, status: int = 200, content_type: bytes = b"applica
 async def remembered(*bodies: bytes, **answer: object) -> ResponseIds:
     ids = ResponseIds(10)
     scope = http_scope(path="/v1/responses")
-    scope["state"] = {}
     client = await call(RememberResponseIds(answering(*bodies, **answer), ids=ids), scope)
     assert client.body == b"".join(bodies)  # relayed as it came
     return ids
@@ -103,7 +103,7 @@ async def test_an_answer_is_remembered_with_its_last_byte_before_the_empty_end()
     known_before_the_end = []
 
     async def backend(scope: Scope, receive: Receive, send: Send) -> None:
-        request_state(scope)["model"] = B
+        scope[STATE].model = B
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(answer)).encode())]})
@@ -112,7 +112,6 @@ async def test_an_answer_is_remembered_with_its_last_byte_before_the_empty_end()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     scope = http_scope(path="/v1/responses")
-    scope["state"] = {}
     await call(RememberResponseIds(backend, ids=ids), scope)
     assert known_before_the_end == [1]
     assert ids.made("resp_5")[0] is B

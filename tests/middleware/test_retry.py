@@ -8,8 +8,9 @@ import anyio
 import pytest
 
 from kernel.config import Config
+from kernel.context import STATE
 from kernel.errors import GatewayError
-from kernel.types import Receive, Scope, Send, request_state
+from kernel.types import Receive, Scope, Send
 from middleware import retry as retry_module
 from middleware.retry import RetryBudget, RetryConnectFailures
 from relay.passthrough import UpstreamConnectError
@@ -63,7 +64,7 @@ async def test_a_connect_failure_is_tried_again_and_the_answer_gets_through() ->
     assert client.status == 200
     assert client.body == b"ok"
     assert len(inner.attempts) == 3
-    assert request_state(scope)["retries"] == 2
+    assert scope[STATE].retries == 2
     assert metrics.registry.get_sample_value("gateway_upstream_retries_total",
                                              {"model": "a"}) == 2
 

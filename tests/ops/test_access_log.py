@@ -7,7 +7,8 @@ from typing import Any
 import httpx2
 import pytest
 
-from kernel.types import Receive, Scope, Send, request_state
+from kernel.context import STATE
+from kernel.types import Receive, Scope, Send
 from middleware import request_context
 from middleware.request_context import RequestContext
 from telemetry.metrics import GatewayMetrics
@@ -30,9 +31,9 @@ def access_log(monkeypatch: pytest.MonkeyPatch) -> Lines:
 def answering(*, slot: bool, then_read: bool = False, complete: bool = True) -> Any:
     """An inner app as the stack below would be: a model, maybe a slot, an answer in two parts."""
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        request_state(scope)["model"] = MODEL
+        scope[STATE].model = MODEL
         if slot:
-            request_state(scope)["queue_wait"] = 0.25
+            scope[STATE].queue_wait = 0.25
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"part", "more_body": True})
         if complete:

@@ -83,7 +83,7 @@ async def test_the_wait_for_a_slot_and_the_queue_full_rejection_are_counted() ->
                 return backend.received == 1
 
             async def queued() -> bool:
-                return gateway.queue.depth("m") == 1
+                return gateway.accounting.depth("m") == 1
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(post)

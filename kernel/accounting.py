@@ -1,0 +1,280 @@
+"""The accounting of requests against slots: who waits for a slot of a model, who holds one.
+
+Everything the layers and the pool ask about queues, slots and leases goes through
+``Accounting``, the seam a shared-state implementation (many gateway processes) plugs into;
+``InMemoryAccounting`` is the one of a single process. The queue layer (``QueueDepthLimit``)
+joins a request's model and leaves it in a ``finally``; the slots layer
+(``ModelConcurrencyLimit``) acquires in between; the loading feedback asks a request's place;
+the pool reads ``demand`` and ``oldest_wait`` and resizes a model with replicas (``serving``).
+
+The invariant owned here: a request is queued from ``join`` until it holds its slots (its
+model's, then the shared one of ``max_concurrent_total``) or gives up, and in flight while it
+holds both; ``leave`` gives back exactly what it took, once, whatever was cancelled when.
+Slots go out in the order requests came (FIFO): a model's to its line, and the shared ones to
+those holding their model's in the order they got it (handed over at once, not when each
+waiter's task runs next, which trio does in a random order); a wait is bounded by
+``queue_timeout``, and one that ends without its slots (the time ran out, it was cancelled)
+holds nothing. A model's slots are ``max_concurrent`` per ready replica (at least one
+replica's, so that a request can start the first): those in flight when they shrink finish,
+and the line moves once there is room below the new size.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Protocol
+
+import anyio
+
+if TYPE_CHECKING:
+    from kernel.config import Config
+
+
+class Ticket:
+    """One request's account, from ``join`` to ``leave``: queued or not, the slots it holds
+    (its model's, then the shared one). The layers only pass it back to the accounting; an
+    implementation that keeps more per request (a key in a shared store) subclasses it."""
+
+    __slots__ = ("event", "held", "line", "queued", "since")
+
+    def __init__(self, line: _Line) -> None:
+        self.line = line
+        self.queued = True
+        self.held = 0
+        # While it waits: when it began, and the event set once it holds its slots.
+        self.since = 0.0
+        self.event: anyio.Event | None = None
+
+
+class Accounting(Protocol):
+    """What the layers and the pool ask about queues and slots.
+
+    A ticket's life: ``join``, then ``try_acquire`` and, if that says no, ``acquire``; then
+    ``leave`` (always, once the request is done: in a ``finally``). A ticket is queued until it
+    holds its slot (``try_acquire`` or ``acquire`` said yes) or its wait ended; it is in flight
+    while it holds the slot.
+    """
+
+    def join(self, model: str) -> Ticket | None:
+        """Queue a request for a slot of ``model``; None (and nothing counted) when the model's
+        queue is full (``max_queue_size``)."""
+
+    def try_acquire(self, ticket: Ticket) -> bool:
+        """Take the ticket's slot now if one is free and no one is ahead of it, without
+        waiting (the hot path: no await)."""
+
+    async def acquire(self, ticket: Ticket) -> bool:
+        """Wait in line for the ticket's slot, at most ``queue_timeout``: True once it holds it,
+        False when the time ran out. The ticket leaves the queue either way; a wait that ends
+        without the slot (timed out, cancelled) holds nothing."""
+
+    def leave(self, ticket: Ticket) -> None:
+        """The request is done: out of the queue, its slots given back. Idempotent."""
+
+    def depth(self, model: str) -> int:
+        """Requests of the model queued for a slot."""
+
+    def position(self, ticket: Ticket) -> int | None:
+        """The ticket's place in its model's queue (1: next in line); None if not queued."""
+
+    def in_flight(self, model: str) -> int:
+        """Requests of the model holding a slot."""
+
+    def demand(self, model: str) -> int:
+        """Requests of the model queued for a slot or holding one (the pool's word for a model
+        that is not idle)."""
+
+    def oldest_wait(self, model: str) -> float | None:
+        """Seconds the model's longest-waiting request has waited for a slot of the model's
+        (None: none waits)."""
+
+    def serving(self, model: str, replicas: int) -> None:
+        """The pool's word: ``replicas`` of the model are ready; its slots follow."""
+
+
+class _Stage:
+    """Slots of one kind (a model's, or the shared ones) and the tickets waiting for one, in
+    order."""
+
+    __slots__ = ("capacity", "taken", "waiters")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.taken = 0
+        self.waiters: deque[Ticket] = deque()
+
+
+class _Line:
+    """One model: its slots, its queue in the order requests came, and those in flight."""
+
+    __slots__ = ("in_flight", "limit", "per_replica", "places", "queue", "slots")
+
+    def __init__(self, per_replica: int, limit: int) -> None:
+        self.per_replica = per_replica
+        self.limit = limit
+        self.slots = _Stage(per_replica)
+        # Insertion-ordered: the queue's order. A dict, so that leaving from the middle is O(1).
+        self.queue: dict[Ticket, None] = {}
+        self.in_flight = 0
+        # Each queued ticket's place, counted on the first ask after the queue changed.
+        self.places: dict[Ticket, int] | None = None
+
+
+class InMemoryAccounting:
+    """The accounting of one gateway process. Every call is synchronous but ``acquire``'s
+    wait, so a request that finds its slot free pays no await here. The slots are handed to
+    waiters by whoever frees or adds them (``_hand_out``), so the order is this object's, not
+    the event loop's."""
+
+    def __init__(self, config: Config) -> None:
+        self.timeout = config.gateway.queue_timeout
+        self._lines = {m.name: _Line(config.max_concurrent_of(m), config.max_queue_size_of(m))
+                       for m in config.models}
+        total = config.gateway.max_concurrent_total
+        self._total = _Stage(total) if total else None
+        # How many slots a ticket in flight holds: its model's, and the shared one if any.
+        self._needs = 2 if total else 1
+
+    def join(self, model: str) -> Ticket | None:
+        line = self._lines[model]
+        if len(line.queue) >= line.limit:
+            return None
+        ticket = Ticket(line)
+        line.queue[ticket] = None
+        line.places = None
+        return ticket
+
+    def try_acquire(self, ticket: Ticket) -> bool:
+        line = ticket.line
+        if not ticket.held:
+            slots = line.slots
+            if slots.waiters or slots.taken >= slots.capacity:
+                return False
+            slots.taken += 1
+            ticket.held = 1
+        total = self._total
+        if total is not None and ticket.held == 1:
+            if total.waiters or total.taken >= total.capacity:
+                return False
+            total.taken += 1
+            ticket.held = 2
+        self._unqueue(ticket)
+        line.in_flight += 1
+        return True
+
+    async def acquire(self, ticket: Ticket) -> bool:
+        if self.try_acquire(ticket):
+            return True
+        event = ticket.event = anyio.Event()
+        ticket.since = anyio.current_time()
+        if ticket.held:
+            assert self._total is not None
+            self._total.waiters.append(ticket)
+        else:
+            ticket.line.slots.waiters.append(ticket)
+        try:
+            # Not fail_after: a slot that came just as the time ran out is used, not refused.
+            with anyio.move_on_after(self.timeout):
+                await event.wait()
+        finally:
+            ticket.event = None
+            if ticket.held < self._needs:
+                self._give_up(ticket)
+        return ticket.held == self._needs
+
+    def leave(self, ticket: Ticket) -> None:
+        self._unqueue(ticket)
+        held = ticket.held
+        if held:
+            ticket.held = 0
+            line = ticket.line
+            if held == self._needs:
+                line.in_flight -= 1
+            if held == 2:
+                assert self._total is not None
+                self._total.taken -= 1
+                self._hand_out_shared()
+            line.slots.taken -= 1
+            self._hand_out(line)
+
+    def _give_up(self, ticket: Ticket) -> None:
+        """A wait that ended without its slots: out of its line and the queue, holding none."""
+        line = ticket.line
+        if ticket.held:
+            assert self._total is not None
+            self._total.waiters.remove(ticket)
+            ticket.held = 0
+            line.slots.taken -= 1
+            self._hand_out(line)
+        else:
+            line.slots.waiters.remove(ticket)
+        self._unqueue(ticket)
+
+    def _hand_out(self, line: _Line) -> None:
+        """The model's free slots to its first waiters; each takes a shared slot at once, or
+        waits for one behind those already waiting."""
+        slots = line.slots
+        total = self._total
+        while slots.waiters and slots.taken < slots.capacity:
+            ticket = slots.waiters.popleft()
+            slots.taken += 1
+            ticket.held = 1
+            if total is None:
+                self._granted(ticket)
+            elif not total.waiters and total.taken < total.capacity:
+                total.taken += 1
+                ticket.held = 2
+                self._granted(ticket)
+            else:
+                total.waiters.append(ticket)
+
+    def _hand_out_shared(self) -> None:
+        total = self._total
+        assert total is not None
+        while total.waiters and total.taken < total.capacity:
+            ticket = total.waiters.popleft()
+            total.taken += 1
+            ticket.held = 2
+            self._granted(ticket)
+
+    def _granted(self, ticket: Ticket) -> None:
+        self._unqueue(ticket)
+        ticket.line.in_flight += 1
+        assert ticket.event is not None
+        ticket.event.set()
+
+    @staticmethod
+    def _unqueue(ticket: Ticket) -> None:
+        if ticket.queued:
+            ticket.queued = False
+            line = ticket.line
+            del line.queue[ticket]
+            line.places = None
+
+    def depth(self, model: str) -> int:
+        return len(self._lines[model].queue)
+
+    def position(self, ticket: Ticket) -> int | None:
+        if not ticket.queued:
+            return None
+        line = ticket.line
+        places = line.places
+        if places is None:
+            places = line.places = {t: n for n, t in enumerate(line.queue, 1)}
+        return places[ticket]
+
+    def in_flight(self, model: str) -> int:
+        return self._lines[model].in_flight
+
+    def demand(self, model: str) -> int:
+        line = self._lines[model]
+        return len(line.queue) + line.in_flight
+
+    def oldest_wait(self, model: str) -> float | None:
+        waiters = self._lines[model].slots.waiters
+        return anyio.current_time() - waiters[0].since if waiters else None
+
+    def serving(self, model: str, replicas: int) -> None:
+        line = self._lines[model]
+        line.slots.capacity = line.per_replica * max(1, replicas)
+        self._hand_out(line)

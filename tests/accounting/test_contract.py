@@ -1,0 +1,336 @@
+"""The contract of ``Accounting``, for every implementation (``open_accounting``), on asyncio and
+trio: FIFO slots, the queue's bound, the wait's timeout, cancellation, capacity that follows the
+ready replicas, the shared limit, places in line, the oldest wait and the demand the pool reads.
+"""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from anyio.abc import TaskGroup
+from anyio.lowlevel import checkpoint
+
+from kernel.accounting import Accounting, Ticket
+from kernel.config import Config
+from tests.middleware.asgi import settle
+from tests.support import make_config, sim_model
+
+from .conftest import OpenAccounting
+
+pytestmark = pytest.mark.anyio
+
+
+def config(*, concurrent: int = 1, queue: int = 10, timeout: float = 5.0,
+           total: int | None = None, replicas: int = 1) -> Config:
+    return make_config(
+        [sim_model("a", max_concurrent=concurrent, max_queue_size=queue, max_replicas=replicas),
+         sim_model("b", max_concurrent=concurrent, max_queue_size=queue)],
+        gateway={"queue_timeout": timeout, "max_concurrent_total": total,
+                 "max_models_concurrent": 4})
+
+
+def joined(accounting: Accounting, model: str = "a") -> Ticket:
+    ticket = accounting.join(model)
+    assert ticket is not None
+    return ticket
+
+
+def holding(accounting: Accounting, model: str = "a") -> Ticket:
+    ticket = joined(accounting, model)
+    assert accounting.try_acquire(ticket)
+    return ticket
+
+
+class Line:
+    """Tickets that wait for their slot in tasks, and what each wait ended in, in order."""
+
+    def __init__(self, accounting: Accounting, tg: TaskGroup) -> None:
+        self.accounting = accounting
+        self.tg = tg
+        self.got: list[int] = []
+        self.refused: list[int] = []
+        self.tickets: dict[int, Ticket] = {}
+        self.waits: dict[int, anyio.CancelScope] = {}
+
+    async def wait(self, number: int, model: str = "a") -> Ticket:
+        """Join, try, and wait in a task; returns once the wait has begun."""
+        ticket = self.tickets[number] = joined(self.accounting, model)
+        assert not self.accounting.try_acquire(ticket)
+        scope = self.waits[number] = anyio.CancelScope()
+
+        async def waiting() -> None:
+            with scope:
+                taken = await self.accounting.acquire(ticket)
+                (self.got if taken else self.refused).append(number)
+
+        self.tg.start_soon(waiting)
+        await settle()
+        return ticket
+
+    def leave(self, number: int) -> None:
+        self.accounting.leave(self.tickets[number])
+
+
+async def test_slots_go_out_in_the_order_requests_came(
+        open_accounting: OpenAccounting, anyio_backend: str) -> None:
+    async with open_accounting(config()) as accounting, anyio.create_task_group() as tg:
+        first = holding(accounting)
+        line = Line(accounting, tg)
+        for n in range(4):
+            await line.wait(n)
+        assert (accounting.depth("a"), accounting.in_flight("a")) == (4, 1)
+        accounting.leave(first)
+        for n in range(4):
+            await settle()
+            assert line.got == list(range(n + 1))
+            line.leave(n)
+        await settle()
+    assert (accounting.depth("a"), accounting.in_flight("a")) == (0, 0)
+
+
+async def test_no_one_takes_a_free_slot_past_those_in_line(
+        open_accounting: OpenAccounting, anyio_backend: str) -> None:
+    async with open_accounting(config(concurrent=1)) as accounting, \
+            anyio.create_task_group() as tg:
+        first = holding(accounting)
+        line = Line(accounting, tg)
+        await line.wait(0)
+        accounting.leave(first)  # handed to the one in line, not to whoever asks first
+        late = joined(accounting)
+        assert not accounting.try_acquire(late)
+        await settle()
+        assert line.got == [0]
+        accounting.leave(late)
+        line.leave(0)
+
+
+async def test_a_full_queue_refuses_without_counting(
+        open_accounting: OpenAccounting, anyio_backend: str) -> None:
+    async with open_accounting(config(queue=2)) as accounting:
+        tickets = [joined(accounting), joined(accounting)]
+        assert accounting.join("a") is None
+        assert accounting.depth("a") == 2
+        assert accounting.join("b") is not None  # each model has its own bound
+        # Holding a slot is no place in the queue: one that took its slot frees its place.
+        assert accounting.try_acquire(tickets[0])
+        assert accounting.depth("a") == 1
+        third = joined(accounting)
+        assert accounting.join("a") is None
+        for ticket in (*tickets, third):
+            accounting.leave(ticket)
+        assert (accounting.depth("a"), accounting.in_flight("a")) == (0, 0)
+
+
+async def test_a_wait_ends_after_the_queue_timeout_with_nothing_taken(
+        open_accounting: OpenAccounting, anyio_backend: str) -> None:
+    async with open_accounting(config(timeout=0.05)) as accounting:
+        first = holding(accounting)
+        late = joined(accounting)
+        began = anyio.current_time()
+        assert await accounting.acquire(late) is False
+        assert 0.05 <= anyio.current_time() - began < 1.0
+        # Out of the queue already, holding nothing: its leave changes nothing.
+        assert (accounting.depth("a"), accounting.in_flight("a")) == (0, 1)
+        assert accounting.position(late) is None
+        accounting.leave(late)
+        assert accounting.in_flight("a") == 1
+        accounting.leave(first)
+        assert accounting.in_flight("a") == 0
+
+
+async def test_a_cancelled_wait_leaves_the_line_and_holds_nothing(
+        open_accounting: OpenAccounting, anyio_backend: str) -> None:
+    async with open_accounting(config()) as accounting, anyio.create_task_group() as tg:
+        first = holding(accounting)
+        line = Line(accounting, tg)
+        await line.wait(0)
+        await line.wait(1)
+        line.waits[0].cancel()
+        await settle()
+        assert accounting.depth("a") == 1
+        assert accounting.position(line.tickets[1]) == 1
+        accounting.leave(first)
+        await settle()
+        assert line.got == [1]  # the cancelled one's place is gone
+        line.leave(0)
+        line.leave(1)
+    assert (accounting.depth("a"), accounting.in_flight("a")) == (0, 0)
+
+
+@pytest.mark.parametrize("total", [None, 1])
+async def test_a_wait_cancelled_at_any_point_of_the_handover_gives_back_what_it_took(
+        open_accounting: OpenAccounting, anyio_backend: str, total: int | None) -> None:
+    """Cancel a waiter after each number of scheduling steps while its slot is handed to it,
+    so the cancellation lands before, during and after the handover."""
+    for steps in range(15):
+        async with open_accounting(config(total=total)) as accounting, \
+                anyio.create_task_group() as tg:
+            first = holding(accounting)
+            line = Line(accounting, tg)
+            await line.wait(0)
+            accounting.leave(first)
+            for _ in range(steps):
+                await checkpoint()
+            line.waits[0].cancel()
+            await settle()
+            line.leave(0)
+            assert (accounting.depth("a"), accounting.in_flight("a")) == (0, 0), steps
+            # Whatever the cancelled waiter took, it gave back: the next one takes it at once.
+            again = joined(accounting)
+            assert accounting.try_acquire(again), steps
+            accounting.leave(again)
+
+
+async def test_leave_is_idempotent_and_gives_back_once(
+        open_accounting: OpenAccounting, anyio_backend: str) -> None:
+    async with open_accounting(config(concurrent=2)) as accounting:
+        ticket = holding(accounting)
+        other = holding(accounting)
+        accounting.leave(ticket)
+        accounting.leave(ticket)
+        assert accounting.in_flight("a") == 1
+        third = holding(accounting)  # one slot was free, not two
+        assert not accounting.try_acquire(joined(accounting))
+        for each in (other, third):
+            accounting.leave(each)
+
+
+async def test_the_slots_follow_the_ready_replicas(
+        open_accounting: OpenAccounting, anyio_backend: str) -> None:
+    async with open_accounting(config(concurrent=2, replicas=3)) as accounting, \
+            anyio.create_task_group() as tg:
+        # None ready yet: one replica's slots, so that requests may start the first.
+        held = [holding(accounting) for _ in range(2)]
+        line = Line(accounting, tg)
+        for n in range(4):
+            await line.wait(n)
+        # (Two handed out at once run in the order the event loop wakes them.)
+        accounting.serving("a", 2)
+        await settle()
+        assert sorted(line.got) == [0, 1]
+        accounting.serving("a", 3)
+        await settle()
+        assert sorted(line.got) == [0, 1, 2, 3]
+        assert accounting.in_flight("a") == 6
+        # Down to one replica: those in flight stay, a newcomer waits for room below two.
+        accounting.serving("a", 1)
+        await line.wait(4)
+        for ticket in held:
+            accounting.leave(ticket)
+        for n in range(2):
+            line.leave(n)
+        await settle()
+        assert 4 not in line.got
+        line.leave(2)
+        await settle()
+        assert line.got[-1] == 4
+        line.leave(3)
+        line.leave(4)
+        # No replica ready: still one replica's slots.
+        accounting.serving("a", 0)
+        assert [accounting.try_acquire(joined(accounting)) for _ in range(3)] == [
+            True, True, False]
+        tg.cancel_scope.cancel()
+
+
+async def test_the_shared_limit_bounds_all_models_together(
+        open_accounting: OpenAccounting, anyio_backend: str) -> None:
+    async with open_accounting(config(concurrent=2, total=2)) as accounting, \
+            anyio.create_task_group() as tg:
+        first = holding(accounting, "a")
+        second = holding(accounting, "b")
+        line = Line(accounting, tg)
+        # It has a slot of its model's but waits for the shared one: queued, not in flight.
+        await line.wait(0, "a")
+        assert (accounting.depth("a"), accounting.in_flight("a")) == (1, 1)
+        assert accounting.demand("a") == 2
+        accounting.leave(second)
+        await settle()
+        assert line.got == [0]
+        assert (accounting.depth("a"), accounting.in_flight("a"), accounting.in_flight("b")) == (
+            0, 2, 0)
+        accounting.leave(first)
+        line.leave(0)
+    assert accounting.demand("a") == accounting.demand("b") == 0
+
+
+async def test_the_shared_slots_go_in_the_order_the_models_slots_went(
+        open_accounting: OpenAccounting, anyio_backend: str) -> None:
+    """Two get their model's slots at once (replicas became ready) with no shared one free:
+    the first in line gets the next shared one, whichever task the event loop runs first."""
+    for _ in range(10):
+        async with open_accounting(config(replicas=3, total=2)) as accounting, \
+                anyio.create_task_group() as tg:
+            first = holding(accounting, "a")
+            other = holding(accounting, "b")
+            line = Line(accounting, tg)
+            await line.wait(0)
+            await line.wait(1)
+            accounting.serving("a", 3)
+            await settle()
+            assert (line.got, accounting.depth("a")) == ([], 2)
+            accounting.leave(other)
+            await settle()
+            assert line.got == [0]
+            accounting.leave(first)
+            await settle()
+            assert line.got == [0, 1]
+            line.leave(0)
+            line.leave(1)
+
+
+async def test_each_queued_request_knows_its_place(
+        open_accounting: OpenAccounting, anyio_backend: str) -> None:
+    async with open_accounting(config()) as accounting, anyio.create_task_group() as tg:
+        first = holding(accounting)
+        assert accounting.position(first) is None  # holds its slot: not in the queue
+        line = Line(accounting, tg)
+        for n in range(3):
+            await line.wait(n)
+        assert [accounting.position(line.tickets[n]) for n in range(3)] == [1, 2, 3]
+        line.waits[1].cancel()
+        await settle()
+        assert [accounting.position(line.tickets[n]) for n in (0, 2)] == [1, 2]
+        accounting.leave(first)
+        await settle()
+        assert [accounting.position(line.tickets[n]) for n in (0, 2)] == [None, 1]
+        tg.cancel_scope.cancel()
+
+
+async def test_the_oldest_wait_is_that_of_the_first_in_line(
+        open_accounting: OpenAccounting, anyio_backend: str) -> None:
+    async with open_accounting(config()) as accounting, anyio.create_task_group() as tg:
+        first = holding(accounting)
+        assert accounting.oldest_wait("a") is None
+        line = Line(accounting, tg)
+        await line.wait(0)
+        await anyio.sleep(0.05)
+        await line.wait(1)
+        waited = accounting.oldest_wait("a")
+        assert waited is not None and 0.05 <= waited < 1.0
+        assert accounting.oldest_wait("b") is None
+        accounting.leave(first)
+        await settle()
+        waited = accounting.oldest_wait("a")
+        assert waited is not None and waited < 0.05  # the second's, now first in line
+        tg.cancel_scope.cancel()
+    assert accounting.oldest_wait("a") is None
+
+
+async def test_demand_counts_those_queued_and_those_holding_a_slot(
+        open_accounting: OpenAccounting, anyio_backend: str) -> None:
+    async with open_accounting(config()) as accounting, anyio.create_task_group() as tg:
+        assert accounting.demand("a") == 0
+        first = holding(accounting)
+        idle = joined(accounting)  # joined, not yet trying
+        line = Line(accounting, tg)
+        await line.wait(0)
+        assert accounting.demand("a") == 3
+        assert accounting.demand("b") == 0
+        accounting.leave(idle)
+        assert accounting.demand("a") == 2
+        accounting.leave(first)
+        await settle()
+        assert accounting.demand("a") == 1
+        line.leave(0)
+    assert accounting.demand("a") == 0
