@@ -36,9 +36,9 @@ class Model:
     replicas: list[Backend] = field(default_factory=list, repr=False)
     # Requests in ``lease`` waiting for a server of the model.
     waiting: int = 0
-    # Requests for the model the gateway holds outside the pool (``BackendPool.count_demand``).
+    # Requests for the model the gateway holds outside the pool (the pool's ``accounting``).
     demand: Callable[[], int] = _none
-    # How many replicas were ready when the slots layer was last told (``on_serving``).
+    # How many replicas were ready when the accounting was last told (its ``serving``).
     serving: int = 0
     scale_ups: int = 0
     scale_downs: int = 0

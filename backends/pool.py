@@ -18,12 +18,13 @@ The parts, each owning one invariant:
 
 The facade builds them, runs them (``running``), and applies the clock's decisions: the reaper
 ticks every ``reap_interval`` and brings replicas up (``min_replicas``; ``scale_up_after`` with
-every ready replica saturated, seen through ``watch_queue``), puts idle servers to sleep or
+every ready replica saturated, as the ``accounting`` sees the queue), puts idle servers to sleep or
 stops them after ``idle_timeout`` (a model's last replicas first, ``min_replicas`` kept), and
 stops those asleep past ``asleep_timeout``. It checks and changes the state in one
 synchronous step, so it cannot race a lease. Requests the gateway holds for a model outside
-the pool (``count_demand``) keep it from being idle, so a model serves its run of requests
-before it is swapped out; ``on_serving`` is told how many replicas of a model are ready.
+the pool (the ``accounting``'s demand) keep it from being idle, so a model serves its run of
+requests before it is swapped out; the accounting is told how many replicas of a model are
+ready (its slots follow).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import anyio
 import httpx2
 import structlog
 
+from kernel.accounting import Demand
 from kernel.config import Config, ModelSettings, placement
 from kernel.errors import GatewayError, not_found
 
@@ -65,8 +67,14 @@ class BackendPool:
                  gpu: GpuMemory | None = None,
                  on_ready: Callable[[str, float], None] | None = None,
                  on_wake: Callable[[str, float], None] | None = None,
-                 on_change: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[], None] | None = None,
+                 accounting: Demand | None = None) -> None:
         self.config = config
+        # The requests the layers hold for each model outside the pool (queued for a slot or
+        # holding one): a model is not idle while it has them, and a saturated model gains a
+        # replica once the oldest waited ``scale_up_after``; told how many replicas are ready.
+        # None: nothing outside the pool (the pool alone, in its tests).
+        self.accounting = accounting
         # Told after every change of a model's state (the admin API's event stream).
         self.on_change = on_change
         self.ledger = GpuLedger(gpu or ConfiguredMemory(config.gateway.gpu_memory_mb),
@@ -82,9 +90,6 @@ class BackendPool:
         # The models the reaper may bring a server up for: load, or min_replicas to keep.
         self.scaled = [m for m in self.models.values()
                        if len(m.replicas) > 1 or m.settings.min_replicas]
-        # Told how many replicas of a model are ready, as it changes (its slots follow).
-        self.on_serving: Callable[[str, int], None] | None = None
-        self._queued: Callable[[str], float | None] = lambda name: None
         self.reap_interval = min(REAP_INTERVAL_MAX,
                                  *(m.idle_timeout / 10 for m in config.models),
                                  *(m.asleep_timeout / 10 for m in config.models
@@ -103,6 +108,8 @@ class BackendPool:
     def _model(self, settings: ModelSettings, launchers: LauncherFactory) -> Model:
         """The model and its servers, each with its placement (the alternatives in turn)."""
         model = Model(settings)
+        if self.accounting is not None:
+            model.demand = functools.partial(self.accounting.demand, settings.name)
         for i in range(settings.max_replicas):
             engine, gpus = placement(settings, i)
             each = settings if i == 0 else replace(settings, engine=engine, gpus=gpus, replica=i)
@@ -149,18 +156,6 @@ class BackendPool:
         (ready if one is)."""
         return self.models[name].state()
 
-    def count_demand(self, demand: Callable[[str], int]) -> None:
-        """Count ``demand(name)``, the requests the gateway holds for a model outside the pool,
-        as requests that wait for it: a model is not idle while it has them."""
-        for name, model in self.models.items():
-            model.demand = functools.partial(demand, name)
-
-    def watch_queue(self, oldest_wait: Callable[[str], float | None]) -> None:
-        """``oldest_wait(name)``: seconds the longest-waiting request of the model has waited
-        for a slot (None: none waits); a saturated model gains a replica after
-        ``scale_up_after`` of it."""
-        self._queued = oldest_wait
-
     def problem(self) -> str | None:
         """Why the pool no longer does its work (``/health`` says so), or None."""
         if self.runs.tg is None:
@@ -173,9 +168,9 @@ class BackendPool:
         self.ledger.forget()
         for model in self.replicated:
             serving = model.ready()
-            if serving != model.serving and self.on_serving is not None:
+            if serving != model.serving and self.accounting is not None:
                 model.serving = serving
-                self.on_serving(model.name, serving)
+                self.accounting.serving(model.name, serving)
         if self.on_change is not None:
             self.on_change()
 
@@ -325,13 +320,16 @@ class BackendPool:
             for expire in decisions.expire:
                 self.request_stop(self.servers[expire.key], "asleep for its asleep_timeout")
 
+    def _oldest_wait(self, name: str) -> float | None:
+        return self.accounting.oldest_wait(name) if self.accounting is not None else None
+
     def _tick(self, now: float) -> planners.Tick:
         """The clock's decisions (``planners.tick``); the replicas to bring up are brought up
         here, the rest is the reaper's."""
         views = [b.view() for b in self.servers]
         decisions = planners.tick(
             views, [[views[r.key] for r in model.replicas] for model in self.scaled],
-            {model.name: self._queued(model.name) for model in self.scaled}, now)
+            {model.name: self._oldest_wait(model.name) for model in self.scaled}, now)
         for up in decisions.up:
             spare = self.servers[up.key]
             spare.of.scale_ups += 1

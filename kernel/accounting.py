@@ -46,7 +46,23 @@ class Ticket:
         self.event: anyio.Event | None = None
 
 
-class Accounting(Protocol):
+class Demand(Protocol):
+    """What the pool asks of the requests the layers hold for a model: the accounting, handed
+    to the pool when the gateway builds them (``BackendPool(accounting=...)``)."""
+
+    def demand(self, model: str) -> int:
+        """Requests of the model queued for a slot or holding one (the pool's word for a model
+        that is not idle)."""
+
+    def oldest_wait(self, model: str) -> float | None:
+        """Seconds the model's longest-waiting request has waited for a slot of the model's
+        (None: none waits)."""
+
+    def serving(self, model: str, replicas: int) -> None:
+        """The pool's word: ``replicas`` of the model are ready; its slots follow."""
+
+
+class Accounting(Demand, Protocol):
     """What the layers and the pool ask about queues and slots.
 
     A ticket's life: ``join``, then ``try_acquire`` and, if that says no, ``acquire``; then
@@ -79,17 +95,6 @@ class Accounting(Protocol):
 
     def in_flight(self, model: str) -> int:
         """Requests of the model holding a slot."""
-
-    def demand(self, model: str) -> int:
-        """Requests of the model queued for a slot or holding one (the pool's word for a model
-        that is not idle)."""
-
-    def oldest_wait(self, model: str) -> float | None:
-        """Seconds the model's longest-waiting request has waited for a slot of the model's
-        (None: none waits)."""
-
-    def serving(self, model: str, replicas: int) -> None:
-        """The pool's word: ``replicas`` of the model are ready; its slots follow."""
 
 
 class _Stage:

@@ -109,9 +109,13 @@ class Gateway:
         self.engines = ContainerEngines(config)
         self.engine_pings = EnginePings(self.engines)
         self.events = EventHub.from_settings(config.admin)
+        # What every layer and the pool ask about queues and slots. A model with requests
+        # queued for a slot or holding one is not idle: it serves its run before it is swapped
+        # out (the slot is released just after the lease).
+        self.accounting = accounting = InMemoryAccounting(config)
         self.pool = BackendPool(config, launchers=launchers or launchers_for(self.engines),
                                 gpu=gpu, on_ready=self._started, on_wake=self._woke,
-                                on_change=self.events.changed)
+                                on_change=self.events.changed, accounting=accounting)
         self.metrics.registry.register(PoolMetrics(self.pool))
         self.upstream = Upstream(config)
         self.running_now = False
@@ -123,17 +127,10 @@ class Gateway:
         retry: ASGIApp = RetryConnectFailures(passthrough, config=config, metrics=self.metrics)
         if self.tracing:
             retry = self.tracing.waits(retry)
-        # What every layer and the pool ask about queues and slots.
-        self.accounting = accounting = InMemoryAccounting(config)
         semaphores = ModelConcurrencyLimit(retry, config=config, metrics=self.metrics,
                                            accounting=accounting)
         queue = QueueDepthLimit(semaphores, config=config, metrics=self.metrics,
                                 accounting=accounting)
-        # A model with requests queued for a slot or holding one is not idle: it serves its run
-        # before it is swapped out (the slot is released just after the lease).
-        self.pool.count_demand(accounting.demand)
-        self.pool.watch_queue(accounting.oldest_wait)
-        self.pool.on_serving = accounting.serving
         self.response_ids = ResponseIds(config.gateway.max_response_ids)
         self.feedback = (StreamFeedback(queue, config=config, pool=self.pool,
                                         accounting=accounting)

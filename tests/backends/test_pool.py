@@ -53,10 +53,30 @@ class RecordingLauncher(ProcessLauncher):
         return address
 
 
+@dataclass
+class Held:
+    """The requests the layers hold for each model outside the pool, as a test sets them: the
+    pool's ``accounting`` (queued for a slot or holding one; the oldest one's wait)."""
+
+    demands: dict[str, int] = field(default_factory=dict)
+    waits: dict[str, float | None] = field(default_factory=dict)
+    told: dict[str, int] = field(default_factory=dict)
+
+    def demand(self, model: str) -> int:
+        return self.demands.get(model, 0)
+
+    def oldest_wait(self, model: str) -> float | None:
+        return self.waits.get(model)
+
+    def serving(self, model: str, replicas: int) -> None:
+        self.told[model] = replicas
+
+
 @asynccontextmanager
 async def running_pool(config: Config, launchers: LauncherFactory = RecordingLauncher,
-                       gpu: GpuMemory | None = None) -> AsyncIterator[BackendPool]:
-    pool = BackendPool(config, launchers=launchers, gpu=gpu)
+                       gpu: GpuMemory | None = None,
+                       held: Held | None = None) -> AsyncIterator[BackendPool]:
+    pool = BackendPool(config, launchers=launchers, gpu=gpu, accounting=held)
     async with pool.running():
         yield pool
 
@@ -628,15 +648,14 @@ async def test_a_model_with_requests_queued_in_the_gateway_is_not_evicted(
         health_url: str) -> None:
     config = make_config([fake_model("a"), fake_model("b")],
                          gateway={"max_models_concurrent": 1, "placement_timeout": 30.0})
-    async with running_pool(config, fakes(health_url)) as pool:
-        queued = {"a": 1, "b": 0}  # a request for a waits for a slot of a
-        pool.count_demand(queued.__getitem__)
+    held = Held(demands={"a": 1})  # a request for a waits for a slot of a
+    async with running_pool(config, fakes(health_url), held=held) as pool:
         await pool.load("a")
         async with anyio.create_task_group() as tg:
             tg.start_soon(pool.load, "b")
             await anyio.sleep(0.5)
             assert states(pool) == {"a": "ready", "b": "starting"}
-            queued["a"] = 0
+            held.demands["a"] = 0
             await eventually(lambda: states(pool) == {"a": "stopped", "b": "ready"})
 
 

@@ -23,6 +23,7 @@ from backends.pool import Backend, BackendPool, ModelState
 from tests.backends.test_pool import (
     HEALTHY,
     FakeGpus,
+    Held,
     RecordingLauncher,
     fakes,
     running_pool,
@@ -161,8 +162,8 @@ async def test_a_failed_connect_goes_to_another_replica_if_one_is_ready() -> Non
 async def test_a_replica_is_added_only_when_every_slot_is_taken_past_scale_up_after() -> None:
     config = make_config([replicated("a", max_concurrent=1, scale_up_after=0.3)])
     waited: dict[str, float | None] = {"a": None}
-    async with running_pool(config) as pool, AsyncExitStack() as stack:
-        pool.watch_queue(waited.__getitem__)
+    async with running_pool(config, held=Held(waits=waited)) as pool, \
+            AsyncExitStack() as stack:
         await hold(stack, pool, "a")
         assert states(pool, "a") == ["ready", "stopped"]
         # Saturated, but nobody waits long enough: no replica.
@@ -181,8 +182,8 @@ async def test_a_replica_is_added_only_when_every_slot_is_taken_past_scale_up_af
 
 async def test_a_long_wait_with_a_free_slot_adds_no_replica() -> None:
     config = make_config([replicated("a", max_concurrent=2, scale_up_after=0.1)])
-    async with running_pool(config) as pool, AsyncExitStack() as stack:
-        pool.watch_queue(lambda name: 10.0)
+    async with running_pool(config, held=Held(waits={"a": 10.0})) as pool, \
+            AsyncExitStack() as stack:
         await hold(stack, pool, "a")
         await anyio.sleep(0.6)
         assert states(pool, "a") == ["ready", "stopped"]
@@ -194,8 +195,7 @@ async def test_idle_replicas_stop_down_to_min_replicas() -> None:
                                      scale_up_after=0.05, idle_timeout=0.5)],
                          gateway={"max_models_concurrent": 3})
     waited: dict[str, float | None] = {"a": None}
-    async with running_pool(config) as pool:
-        pool.watch_queue(waited.__getitem__)
+    async with running_pool(config, held=Held(waits=waited)) as pool:
         await eventually(lambda: states(pool, "a") == ["ready", "stopped", "stopped"])
         async with AsyncExitStack() as stack:
             await hold(stack, pool, "a")
@@ -227,9 +227,8 @@ async def test_a_replica_that_does_not_fit_is_not_added(health_url: str) -> None
     config = make_config([replicated("a", gpus=[0], vram_mb=800, max_concurrent=1,
                                      scale_up_after=0.05)],
                          gateway={"placement_timeout": 0.3})
-    async with running_pool(config, fakes(health_url, gpus, {"a": 800}), gpu=gpus) as pool, \
-            AsyncExitStack() as stack:
-        pool.watch_queue(lambda name: 1.0)
+    async with running_pool(config, fakes(health_url, gpus, {"a": 800}), gpu=gpus,
+                            held=Held(waits={"a": 1.0})) as pool, AsyncExitStack() as stack:
         await hold(stack, pool, "a")
         await anyio.sleep(1.0)
         assert states(pool, "a")[0] == "ready"
@@ -240,12 +239,13 @@ async def test_a_replica_that_does_not_fit_is_not_added(health_url: str) -> None
 
 async def test_unload_drains_and_stops_every_replica() -> None:
     config = make_config([replicated("a", max_concurrent=1, scale_up_after=0.05)])
-    async with running_pool(config) as pool:
+    held = Held()
+    async with running_pool(config, held=held) as pool:
         async with AsyncExitStack() as stack:
             await hold(stack, pool, "a")
-            pool.watch_queue(lambda name: 10.0)
+            held.waits["a"] = 10.0
             await eventually(lambda: states(pool, "a") == ["ready", "ready"])
-            pool.watch_queue(lambda name: None)
+            held.waits["a"] = None
         await pool.unload("a")
         assert states(pool, "a") == ["stopped", "stopped"]
 
@@ -254,8 +254,7 @@ async def test_an_idle_replica_sleeps_first_and_is_woken_for_the_next_scale_up()
     config = make_config([sleepy_model("a", max_replicas=2, min_replicas=1, max_concurrent=1,
                                        scale_up_after=0.05, idle_timeout=0.5)])
     waited: dict[str, float | None] = {"a": None}
-    async with running_pool(config) as pool:
-        pool.watch_queue(waited.__getitem__)
+    async with running_pool(config, held=Held(waits=waited)) as pool:
         await eventually(lambda: states(pool, "a") == ["ready", "stopped"], within=20)
         second = pool.replicas["a"][1]
         for _ in range(2):
@@ -277,8 +276,8 @@ async def test_a_scale_up_makes_room_by_stopping_an_idle_model_but_not_a_busy_on
     config = make_config([replicated("a", max_concurrent=1, scale_up_after=0.05),
                           replicated("b", max_replicas=1)],
                          gateway={"max_models_concurrent": 2, "placement_timeout": 0.5})
-    async with running_pool(config) as pool, AsyncExitStack() as stack:
-        pool.watch_queue(lambda name: 1.0 if name == "a" else None)
+    async with running_pool(config, held=Held(waits={"a": 1.0})) as pool, \
+            AsyncExitStack() as stack:
         held_b = AsyncExitStack()
         await hold(held_b, pool, "b")
         await hold(stack, pool, "a")
