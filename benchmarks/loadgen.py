@@ -20,6 +20,9 @@ Modes (``spec["mode"]``):
   number of output tokens, a burst at the start; TTFT, ITL and output tokens/s.
 * ``soak``: closed loop over several models (``per_model`` connections each) until
   ``window_end``, alternating streaming and plain requests; per-second counts and statuses.
+  With ``disconnect`` (a share), that share of the requests hang up at a random moment within
+  ``hang_up_within`` seconds of being sent (a stream mid-stream, a plain request before its
+  answer); every failed request is listed with its model and times, to be put down to a cause.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class Exchange:
     """What one request got back."""
 
     __slots__ = ("body_tail", "complete", "delays", "ended", "events", "first", "headers",
-                 "reads", "started", "status", "token_times")
+                 "hung_up", "reads", "started", "status", "token_times")
 
     def __init__(self) -> None:
         self.status = 0
@@ -59,6 +62,7 @@ class Exchange:
         self.first = 0.0
         self.ended = 0.0
         self.complete = False
+        self.hung_up = False  # the client hung up before the answer was in
         self.body_tail = b""
         self.token_times: list[float] | None = None
         self.delays: list[float] | None = None
@@ -291,23 +295,35 @@ async def sleep_until(t: float) -> None:
 
 
 async def closed_loop(spec: dict[str, Any], request: bytes, end: float, each_within: float,
-                      pause: float, errors: Counter[str],
-                      record: Callable[[Exchange], None]) -> None:
+                      pause: float, record: Callable[[Exchange], None],
+                      fail: Callable[[str, float], None],
+                      hang_up: Callable[[], float | None] | None = None) -> None:
     """One client on one keep-alive connection, sending ``request`` again as soon as the last
-    answer is in, until ``end``; a failed exchange is counted by exception name, the connection
-    dropped, and a new one made after ``pause`` seconds."""
+    answer is in, until ``end``; a failed exchange goes to ``fail`` (the exception's name, the
+    time the attempt began), the connection is dropped, and a new one made after ``pause``
+    seconds. Where ``hang_up()`` gives a delay, the client hangs up that long after sending
+    unless the answer is in by then (``record`` gets the exchange, ``hung_up`` set) and goes on
+    at once on a new connection."""
     conn: Connection | None = None
     try:
         while mono() < end:
+            began = mono()
+            after = hang_up() if hang_up is not None else None
             try:
                 if conn is None or conn.transport is None:
                     conn = await connect(spec["host"], spec["port"])
-                ex = await asyncio.wait_for(conn.exchange(request), each_within)
+                ex = await asyncio.wait_for(conn.exchange(request), after or each_within)
             except (OSError, HTTPError, TimeoutError) as exc:
-                errors[type(exc).__name__] += 1
+                last = conn.last if conn is not None else None
                 if conn is not None:
                     conn.close()
                 conn = None
+                if (after is not None and isinstance(exc, TimeoutError) and last is not None
+                        and last.started >= began):
+                    last.hung_up = True
+                    record(last)
+                    continue
+                fail(type(exc).__name__, began)
                 await asyncio.sleep(pause)
                 continue
             record(ex)
@@ -331,8 +347,11 @@ async def run_streams(spec: dict[str, Any]) -> dict[str, Any]:
             return
         done.append((ex.started, ex.first, ex.ended, ex.events, ex.reads))
 
+    def fail(kind: str, _began: float) -> None:
+        errors[kind] += 1
+
     await asyncio.gather(*(closed_loop(spec, request, end, spec.get("timeout", 30), 0.01,
-                                       errors, record)
+                                       record, fail)
                            for _ in range(spec["concurrency"])))
     inside = [d for d in done if start <= d[2] <= end]
     window = end - start
@@ -471,7 +490,14 @@ async def run_soak(spec: dict[str, Any]) -> dict[str, Any]:
     began = mono()
     statuses: Counter[str] = Counter()
     per_second: Counter[int] = Counter()
+    hung_up: Counter[str] = Counter()
+    failures: list[tuple[float, float, str, str]] = []  # began, ended, model, what
+    rng = random.Random(spec.get("seed", 0))
+    share, within = spec.get("disconnect", 0.0), spec.get("hang_up_within", 1.0)
     ok = 0
+
+    def hang_up() -> float | None:
+        return rng.uniform(0.1, 0.9) * within if rng.random() < share else None
 
     async def worker(model: str, i: int) -> None:
         stream = i % 2 == 0
@@ -479,19 +505,32 @@ async def run_soak(spec: dict[str, Any]) -> dict[str, Any]:
 
         def record(ex: Exchange) -> None:
             nonlocal ok
+            if ex.hung_up:
+                hung_up[f"{'stream' if stream else 'plain'}, "
+                        f"{'after' if ex.first else 'before'} the first byte"] += 1
+                return
             good = ex.status == 200 and ex.complete and (not stream or _stream_ok(ex))
-            statuses[str(ex.status) if good or ex.status != 200 else "incomplete"] += 1
+            what = str(ex.status) if good or ex.status != 200 else "incomplete"
+            statuses[what] += 1
             if good:
                 ok += 1
                 per_second[int(ex.ended - began)] += 1
+            else:
+                failures.append((ex.started, mono(), model, what))
 
-        await closed_loop(spec, request, end, spec.get("timeout", 60), 0.05, statuses, record)
+        def fail(kind: str, started: float) -> None:
+            statuses[kind] += 1
+            failures.append((started, mono(), model, kind))
+
+        await closed_loop(spec, request, end, spec.get("timeout", 60), 0.05, record, fail,
+                          hang_up if share else None)
 
     await asyncio.gather(*(worker(m, i) for m in spec["models"]
                            for i in range(spec["per_model"])))
     seconds = [per_second.get(s, 0) for s in range(int(end - began))]
-    return {"mode": "soak", "ok": ok, "statuses": dict(statuses),
-            "elapsed_s": mono() - began, "per_second": seconds}
+    return {"mode": "soak", "ok": ok, "statuses": dict(statuses), "hung_up": dict(hung_up),
+            "failures": failures, "began": began, "elapsed_s": mono() - began,
+            "per_second": seconds}
 
 
 def random_prompt(rng: random.Random, words: int) -> str:

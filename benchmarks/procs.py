@@ -80,20 +80,23 @@ class Proc:
             self.popen.wait()
 
 
-def start(name: str, argv: Sequence[str], *, core: int, logs: Path,
+def start(name: str, argv: Sequence[str], *, core: int | None, logs: Path,
           env: dict[str, str] | None = None, cwd: Path | None = None,
           stop_timeout: float = 10.0) -> Proc:
+    """``argv`` with its output in ``logs/NAME.log``, pinned to ``core`` unless it is None."""
     log = logs / f"{name}.log"
     with open(log, "wb") as out:
-        popen = subprocess.Popen(pinned(core, argv), stdout=out, stderr=subprocess.STDOUT,
+        popen = subprocess.Popen(argv if core is None else pinned(core, argv), stdout=out,
+                                 stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})},
                                  cwd=cwd)
     return Proc(name, popen, log, stop_timeout)
 
 
-def http_get(url: str, timeout: float = 2.0, headers: dict[str, str] | None = None
-             ) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, headers=headers or {})
+def http_get(url: str, timeout: float = 2.0, headers: dict[str, str] | None = None,
+             data: bytes | None = None) -> tuple[int, bytes]:
+    """GET ``url`` (POST ``data`` when given): the status and the body."""
+    request = urllib.request.Request(url, data=data, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read()
@@ -147,6 +150,56 @@ def rss_kb(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def start_time(pid: int) -> int | None:
+    """When the process started (clock ticks since boot): with the pid, who it is."""
+    fields = _stat_fields(pid)
+    # Fields after the command: state(0) ... starttime(19).
+    return None if fields is None or fields[0] == "Z" else int(fields[19])
+
+
+def open_fds(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+def threads(pid: int) -> int:
+    fields = _stat_fields(pid)
+    return 0 if fields is None else int(fields[17])
+
+
+def tcp_sockets(pid: int) -> list[tuple[int, int, str]]:
+    """The process's TCP sockets as (local port, remote port, state), listening ones too: its
+    socket descriptors looked up in the tables of its network namespace."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+    found = []
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            # sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid
+            # timeout inode
+            f = line.split()
+            if f[9] in inodes:
+                found.append((int(f[1].rsplit(":", 1)[1], 16), int(f[2].rsplit(":", 1)[1], 16),
+                              TCP_STATES.get(f[3], f[3])))
+    return found
+
+
+TCP_STATES = {"01": "ESTABLISHED", "02": "SYN_SENT", "03": "SYN_RECV", "04": "FIN_WAIT1",
+              "05": "FIN_WAIT2", "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT",
+              "09": "LAST_ACK", "0A": "LISTEN", "0B": "CLOSING"}
 
 
 def descendants(root: int) -> list[int]:

@@ -379,15 +379,27 @@ def write_json(doc: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
 
 
-def plot(doc: dict[str, Any], path: Path) -> str | None:
-    """The PNG, or why there is none (matplotlib is the optional ``bench`` extra)."""
+NO_MATPLOTLIB = "matplotlib is not installed (pip install -e '.[bench]')"
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot drawing to files (Agg), or None: matplotlib is the optional
+    ``bench`` extra."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib is not installed (pip install -e '.[bench]')"
+        return None
+    return plt
+
+
+def plot(doc: dict[str, Any], path: Path) -> str | None:
+    """The PNG, or why there is none (matplotlib is the optional ``bench`` extra)."""
+    plt = pyplot()
+    if plt is None:
+        return NO_MATPLOTLIB
     s = doc["summary"]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     panels = [(axes[0][0], "rps", "(a) req/s"), (axes[0][1], "p50_ms", "(a) p50 latency, ms"),

@@ -357,7 +357,7 @@ def soak(system: System, *, models: list[str], per_model: int, seconds: float,
                        for x in models) for s in ("200", "429", "502", "503", "504", "500")}
     # RSS: compare the first sample after a warm-up tenth with the last, and fit a slope.
     steady = [s for s in samples if s["t"] >= seconds * 0.1] or samples
-    slope = _slope([s["t"] for s in steady], [s["rss_mb"] for s in steady]) * 60
+    rss_slope = slope([s["t"] for s in steady], [s["rss_mb"] for s in steady]) * 60
     rss_growth = steady[-1]["rss_mb"] - steady[0]["rss_mb"] if steady else 0.0
     client_errors = {k: v for k, v in result["statuses"].items() if k != "200"}
     checks = {
@@ -374,7 +374,7 @@ def soak(system: System, *, models: list[str], per_model: int, seconds: float,
            "rss_mb_first": steady[0]["rss_mb"] if steady else None,
            "rss_mb_last": steady[-1]["rss_mb"] if steady else None,
            "rss_mb_max": max(s["rss_mb"] for s in samples) if samples else None,
-           "rss_growth_mb": rss_growth, "rss_slope_mb_per_min": slope,
+           "rss_growth_mb": rss_growth, "rss_slope_mb_per_min": rss_slope,
            "max_queue_depth": max((s["queue_depth"] for s in samples), default=0),
            "max_in_flight": max((s["in_flight"] for s in samples), default=0),
            "per_second_min": min(result["per_second"][1:], default=0),
@@ -383,12 +383,13 @@ def soak(system: System, *, models: list[str], per_model: int, seconds: float,
            "passed": all(checks.values())}
     log(f"  (d) soak {seconds:g} s: {out['rps']:.0f} req/s ok={result['ok']} "
         f"statuses {result['statuses']}  rss {out['rss_mb_first']:.1f} -> "
-        f"{out['rss_mb_last']:.1f} MB ({slope:+.2f} MB/min)  counters after {left}  "
+        f"{out['rss_mb_last']:.1f} MB ({rss_slope:+.2f} MB/min)  counters after {left}  "
         f"{'PASS' if out['passed'] else 'FAIL ' + str(checks)}")
     return out
 
 
-def _slope(xs: list[float], ys: list[float]) -> float:
+def slope(xs: list[float], ys: list[float]) -> float:
+    """The least-squares slope of ``ys`` over ``xs`` (0 with fewer than two points)."""
     if len(xs) < 2:
         return 0.0
     mx, my = statistics.fmean(xs), statistics.fmean(ys)

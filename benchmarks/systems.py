@@ -21,8 +21,10 @@ Each proxy runs pinned to core 0; backends and load generators run on core 1.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -183,24 +185,33 @@ def _litellm_version() -> str:
     return ""
 
 
-def gateway_config(models: dict[str, int], *, max_concurrent: int, max_queue_size: int,
-                   max_models_concurrent: int | None = None) -> str:
-    """A gateway config with static models at local ports."""
-    tables = "".join(f"""
-[[models]]
-name = "{name}"
-launcher = "static"
-url = "http://127.0.0.1:{port}"
-startup_timeout = 10.0
-idle_timeout = 86400.0
-""" for name, port in models.items())
+def model_tables(models: Mapping[str, int | dict[str, object]]) -> dict[str, dict[str, object]]:
+    """Each model's ``[[models]]`` table, as ``gateway_config`` takes it: a port is a static
+    backend at that local port, a table is used as it is."""
+    return {name: model if isinstance(model, dict) else {
+        "launcher": "static", "url": f"http://127.0.0.1:{model}", "startup_timeout": 10.0,
+        "idle_timeout": 86400.0} for name, model in models.items()}
+
+
+def gateway_config(models: dict[str, dict[str, object]], *, max_concurrent: int,
+                   max_queue_size: int, max_models_concurrent: int | None = None,
+                   **gateway: object) -> str:
+    """A gateway config with these models (name: the rest of its ``[[models]]`` table) and
+    more ``[gateway]`` settings, if given."""
+    tables = "".join(f'\n[[models]]\nname = "{name}"\n' + _toml(table)
+                     for name, table in models.items())
     return f"""[gateway]
 max_concurrent = {max_concurrent}
 max_queue_size = {max_queue_size}
 max_models_concurrent = {max_models_concurrent or len(models)}
 queue_timeout = 60.0
 log_format = "json"
-{tables}"""
+{_toml(gateway)}{tables}"""
+
+
+def _toml(table: dict[str, object]) -> str:
+    """Keys and values, one a line: a JSON string, number or list of them is the same in TOML."""
+    return "".join(f"{key} = {json.dumps(value)}\n" for key, value in table.items())
 
 
 PACKAGES = ("kernel", "telemetry", "backends", "relay", "middleware", "proxy")
@@ -235,22 +246,25 @@ SERVERS = {
 }
 
 
-def gateway(models: dict[str, int], work: Path, *, src: Path, name: str = "gateway",
-            max_concurrent: int = 1000, max_queue_size: int = 5000,
-            server: str = "hypercorn") -> System:
+def gateway(models: Mapping[str, int | dict[str, object]], work: Path, *, src: Path,
+            name: str = "gateway", max_concurrent: int = 1000, max_queue_size: int = 5000,
+            server: str = "hypercorn", core: int | None = PROXY_CORE,
+            env: dict[str, str] | None = None,
+            settings: dict[str, object] | None = None) -> System:
     """The gateway under ``vllm-gateway serve`` (hypercorn), or, with ``server`` one of
-    ``SERVERS``, under that server."""
+    ``SERVERS``, under that server; ``models`` as ``model_tables`` takes them, ``settings``
+    more of ``[gateway]``."""
     port = free_port()
     conf = work / f"{name}.toml"
-    conf.write_text(gateway_config(models, max_concurrent=max_concurrent,
-                                   max_queue_size=max_queue_size))
+    conf.write_text(gateway_config(model_tables(models), max_concurrent=max_concurrent,
+                                   max_queue_size=max_queue_size, **(settings or {})))
     if server == "hypercorn":
         argv = ["-m", "proxy.cli", "serve", "--config", str(conf), "--bind",
                 f"127.0.0.1:{port}", "--worker", "uvloop"]
     else:
         argv = [arg.format(port=port, conf=conf) for arg in SERVERS[server][1]]
-    proc = start(name, [sys.executable, *argv], core=PROXY_CORE, logs=work, cwd=src,
-                 env={"GATEWAY_CONFIG": str(conf)})
+    proc = start(name, [sys.executable, *argv], core=core, logs=work, cwd=src,
+                 env={"GATEWAY_CONFIG": str(conf), **(env or {})})
     names = list(models)
     system = System(name, Target("127.0.0.1", port, CHAT, names[0]),
                     Target("127.0.0.1", port, CHAT, names[-1]), proc)
