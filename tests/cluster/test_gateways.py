@@ -16,7 +16,7 @@ from pathlib import Path
 import anyio
 import httpx2
 
-from tests.support import chat, gateway_process, redis_server, simulator
+from tests.support import HTTP, chat, gateway_process, redis_server, simulator, wait_until
 
 LEASE_S = 2.0
 
@@ -112,3 +112,22 @@ def test_a_killed_gateways_slots_are_reclaimed_within_the_lease(tmp_path: Path) 
         anyio.run(main)
         # Within the lease, and the one heartbeat of the other that sweeps it, and its tokens.
         assert waited["s"] <= LEASE_S + 2.0
+
+
+def test_without_redis_a_request_gets_503_and_health_says_why(tmp_path: Path) -> None:
+    with contextlib.ExitStack() as stack, simulator(model="m") as sim:
+        redis = contextlib.ExitStack()
+        redis_url = redis.enter_context(redis_server(tmp_path))
+        url, _ = stack.enter_context(gateway_process(config_text(redis_url, sim.url), tmp_path))
+        assert HTTP.post(url + "/v1/chat/completions", json=chat("m")).status_code == 200
+        redis.close()
+        answer = HTTP.post(url + "/v1/chat/completions", json=chat("m"))
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "state_unavailable"
+        assert float(answer.headers["retry-after"]) >= 1
+        health = HTTP.get(url + "/health")
+        assert health.status_code == 503 and "shared state unavailable" in health.json()["reason"]
+        with redis_server(tmp_path):  # back, empty
+            wait_until(lambda: HTTP.post(url + "/v1/chat/completions",
+                                         json=chat("m")).status_code == 200, timeout=10)
+            assert HTTP.get(url + "/health").status_code == 200
