@@ -116,11 +116,15 @@ end
 local result = 0
 sweep()
 if OP == 'join' then
-  -- owner, id, model, queue bound
-  if redis.call('ZCARD', key('q', A[3])) < tonumber(A[4]) then
-    redis.call('ZADD', OWN, 'NX', now + LEASE, A[1])
+  -- owner, id, model, queue bound: 1 queued, 2 holding its slots already (they were free and
+  -- no one waited: the join and the try of a request are one call); -1: the owner is not
+  -- registered (Redis lost it), beat first
+  if not redis.call('ZSCORE', OWN, A[1]) then
+    result = -1
+  elseif redis.call('ZCARD', key('q', A[3])) < tonumber(A[4]) then
     queue(A[2], A[3], A[1], now)
-    result = 1
+    hand_out(A[3])
+    result = 1 + state(A[2])
   end
 elseif OP == 'try' then
   -- id, model: the free slots go to those first in line; does the ticket hold its slots now?
@@ -137,16 +141,15 @@ elseif OP == 'serving' then
   redis.call('SET', key('cap', A[1]), A[2])
   hand_out(A[1])
 elseif OP == 'beat' then
-  -- owner, then (id, model, flying 0/1) for each of its tickets: the lease renewed, tickets
-  -- that Redis lost (restarted empty) registered again, and ones it holds that the owner
-  -- left while Redis was unreachable dropped.
-  local owner = A[1]
+  -- owner, n, n x (id, model, flying 0/1): its live tickets, then ids it left that Redis may
+  -- still hold (a leave that did not reach it). The lease is renewed; if Redis had lost the
+  -- owner (restarted empty, or the lease ran out), its live tickets are registered again.
+  local owner, n = A[1], tonumber(A[2])
+  local lost = not redis.call('ZSCORE', OWN, owner)
   redis.call('ZADD', OWN, now + LEASE, owner)
-  local live = {}
-  for i = 2, K, 3 do
+  for i = 3, 2 + 3 * n, 3 do
     local id, m = A[i], A[i + 1]
-    live[id] = true
-    if redis.call('EXISTS', key('t', id)) == 0 then
+    if lost and redis.call('EXISTS', key('t', id)) == 0 then
       result = result + 1
       if A[i + 2] == '1' then
         redis.call('HSET', key('t', id), 'm', m, 'o', owner, 'st', 'f', 'since', now)
@@ -159,9 +162,7 @@ elseif OP == 'beat' then
       end
     end
   end
-  for _, id in ipairs(redis.call('SMEMBERS', key('o', owner))) do
-    if not live[id] then drop(id) end
-  end
+  for i = 3 + 3 * n, K do drop(A[i]) end
   for i = 1, NM do hand_out(NAMES[i]) end
 elseif OP == 'part' then
   -- owner: a process that stops gives back everything it holds

@@ -2,7 +2,8 @@
 a Redis and a key prefix (``[cluster]``), exact across them.
 
 Every change is one call of one server-side Lua script (``accounting.lua``, run by EVALSHA), so
-no count is read and written back from Python: joining a model's queue within
+no count is read and written back from Python (a request whose slots are free and whom no one
+waits before takes them at its ``join``: one call in all): joining a model's queue within
 ``max_queue_size``, taking slots in FIFO order (the model's ``max_concurrent`` per ready replica,
 then the shared ``max_concurrent_total``), giving them back and handing them on to the next in
 line, whichever process that one waits in. Times are the Redis server's (``TIME``), so the
@@ -14,9 +15,10 @@ a hash per ticket (its model, owner process and state) and the set of each owner
 Each process is an owner with a lease of ``cluster.lease_s`` that its heartbeat renews every
 ``cluster.heartbeat_s``; every script call first drops the tickets of owners whose lease ran
 out (a process killed with kill -9), so their slots and places go to the next in line. The
-heartbeat also sends the process's live tickets: those that Redis lost (it restarted empty) are
-registered again and those it still holds that the process left while it was unreachable are
-dropped, so the counts are exact again within a heartbeat of Redis coming back.
+heartbeat also sends the process's live tickets and those it left while Redis was unreachable:
+if Redis lost the process (it restarted empty, or the lease ran out), the live ones are
+registered again (a ``join`` that finds the process unregistered beats first), and the left ones
+are dropped, so the counts are exact again within a heartbeat of Redis coming back.
 
 A slot handed to a waiter is pushed to its owner's inbox (a Redis list); one blocking pop per
 process wakes the waiter, and each waiter asks again every second as the safety net. The
@@ -29,6 +31,7 @@ a call raises ``GatewayError`` 503 ``state_unavailable`` (a limit is never skipp
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import secrets
@@ -95,6 +98,8 @@ class RedisAccounting:
         # This process's live tickets, and those of them queued (whose places each call asks).
         self._tickets: dict[str, RedisTicket] = {}
         self._queued: dict[str, RedisTicket] = {}
+        # Tickets left here whose leave may not have reached Redis: the next beat drops them.
+        self._unsent: set[str] = set()
         self._client: coredis.Redis[str] | None = None
         self._script: Any = None
         self._tg: TaskGroup | None = None
@@ -115,8 +120,9 @@ class RedisAccounting:
             try:
                 yield self
             finally:
-                with anyio.CancelScope(shield=True):
-                    await self._quiet("part", self.owner)
+                with anyio.CancelScope(shield=True), anyio.move_on_after(CALL_TIMEOUT):
+                    with contextlib.suppress(GatewayError):
+                        await self._call("part", self.owner)
                 tg.cancel_scope.cancel()
                 self._client = self._tg = None
 
@@ -146,13 +152,15 @@ class RedisAccounting:
                 ticket.place = place
         return reply[0]
 
-    async def _quiet(self, op: str, *args: Any) -> int | None:
-        """A call whose failure the heartbeat mends: None when Redis could not be reached."""
+    async def _quiet(self, op: str, ticket_id: str) -> int | None:
+        """A call for a ticket whose failure the heartbeat mends (it drops the ticket): None
+        when Redis could not be reached."""
         with anyio.move_on_after(CALL_TIMEOUT):
             try:
-                return await self._call(op, *args)
+                return await self._call(op, ticket_id)
             except GatewayError:
                 pass
+        self._unsent.add(ticket_id)
         return None
 
     def _unavailable(self) -> GatewayError:
@@ -161,14 +169,26 @@ class RedisAccounting:
 
     async def join(self, model: str) -> Ticket | None:
         ticket = RedisTicket(f"{self.owner}:{next(self._numbers)}", model)
-        if not await self._call("join", self.owner, ticket.id, model, self._limits[model]):
+        for _ in range(2):
+            try:
+                joined = await self._call("join", self.owner, ticket.id, model,
+                                          self._limits[model])
+            except BaseException:
+                self._unsent.add(ticket.id)  # it may have joined: the next beat drops it
+                raise
+            if joined >= 0:
+                break
+            await self._beat()  # Redis lost this process (it restarted): register again first
+        if joined <= 0:
             return None
         self._tickets[ticket.id] = self._queued[ticket.id] = ticket
+        if joined == 2:
+            self._granted(ticket)
         return ticket
 
     async def try_acquire(self, ticket: Ticket) -> bool:
         assert isinstance(ticket, RedisTicket)
-        if ticket.held != self._needs:
+        if ticket.held != self._needs:  # not granted at its join already
             state = await self._call("try", ticket.id, ticket.model)
             if state < 0:
                 self._forget(ticket)
@@ -239,10 +259,18 @@ class RedisAccounting:
                 self._granted(ticket)
 
     async def _beat(self) -> None:
-        live: list[Any] = [self.owner]
-        for ticket in self._tickets.values():
+        tickets = list(self._tickets.values())
+        live: list[Any] = [self.owner, len(tickets)]
+        for ticket in tickets:
             live += [ticket.id, ticket.model, int(ticket.held == self._needs)]
-        await self._quiet("beat", *live)
+        unsent = list(self._unsent)
+        try:
+            await self._call("beat", *live, *unsent)
+        except GatewayError:
+            return
+        self._unsent.difference_update(unsent)
+        # Registered again but left meanwhile: the next beat drops them.
+        self._unsent.update(t.id for t in tickets if t.id not in self._tickets)
 
     async def _beat_forever(self) -> None:
         while True:
@@ -272,5 +300,8 @@ class RedisAccounting:
 
     def serving(self, model: str, replicas: int) -> None:
         if self._tg is not None:
-            self._tg.start_soon(self._quiet, "serving", model,
-                                self._per_replica[model] * max(1, replicas))
+            self._tg.start_soon(self._serving, model, self._per_replica[model] * max(1, replicas))
+
+    async def _serving(self, model: str, slots: int) -> None:
+        with anyio.move_on_after(CALL_TIMEOUT), contextlib.suppress(GatewayError):
+            await self._call("serving", model, slots)

@@ -77,7 +77,9 @@ class Accounting(Demand, Protocol):
 
     async def join(self, model: str) -> Ticket | None:
         """Queue a request for a slot of ``model``; None (and nothing counted) when the model's
-        queue is full (``max_queue_size``)."""
+        queue is full (``max_queue_size``). An implementation may hand it its slots at once
+        when they are free and no one waits (a shared store: join and take in one call, so
+        that those joining at once do not fill the queue while slots are free)."""
 
     async def try_acquire(self, ticket: Ticket) -> bool:
         """Take the ticket's slot now if one is free and no one is ahead of it, without
