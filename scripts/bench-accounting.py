@@ -19,10 +19,10 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cluster.accounting import RedisAccounting  # noqa: E402
-from kernel.accounting import Accounting, InMemoryAccounting  # noqa: E402
-from kernel.config import ClusterSettings  # noqa: E402
-from tests.support import (  # noqa: E402
+from cluster.accounting import RedisAccounting
+from kernel.accounting import Accounting, InMemoryAccounting
+from kernel.config import ClusterSettings
+from tests.support import (
     HTTP,
     chat,
     gateway_process,
