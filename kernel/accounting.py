@@ -2,7 +2,11 @@
 
 Everything the layers and the pool ask about queues, slots and leases goes through
 ``Accounting``, the seam a shared-state implementation (many gateway processes) plugs into;
-``InMemoryAccounting`` is the one of a single process. The queue layer (``QueueDepthLimit``)
+``InMemoryAccounting`` is the one of a single process, ``cluster.accounting.RedisAccounting``
+the one of many. The changes (``join``, ``try_acquire``, ``acquire``, ``leave``) are awaited,
+as a shared store answers over the network; the figures (``depth``, ``position``,
+``in_flight``, ``demand``, ``oldest_wait``) are read without awaiting, as of the
+implementation's last exchange with its store. The queue layer (``QueueDepthLimit``)
 joins a request's model and leaves it in a ``finally``; the slots layer
 (``ModelConcurrencyLimit``) acquires in between; the loading feedback asks a request's place;
 the pool reads ``demand`` and ``oldest_wait`` and resizes a model with replicas (``serving``).
@@ -71,21 +75,25 @@ class Accounting(Demand, Protocol):
     while it holds the slot.
     """
 
-    def join(self, model: str) -> Ticket | None:
+    async def join(self, model: str) -> Ticket | None:
         """Queue a request for a slot of ``model``; None (and nothing counted) when the model's
-        queue is full (``max_queue_size``)."""
+        queue is full (``max_queue_size``). An implementation may hand it its slots at once
+        when they are free and no one waits (a shared store: join and take in one call, so
+        that those joining at once do not fill the queue while slots are free)."""
 
-    def try_acquire(self, ticket: Ticket) -> bool:
+    async def try_acquire(self, ticket: Ticket) -> bool:
         """Take the ticket's slot now if one is free and no one is ahead of it, without
-        waiting (the hot path: no await)."""
+        waiting for one (the hot path: no checkpoint in memory, one round trip to a shared
+        store)."""
 
     async def acquire(self, ticket: Ticket) -> bool:
         """Wait in line for the ticket's slot, at most ``queue_timeout``: True once it holds it,
         False when the time ran out. The ticket leaves the queue either way; a wait that ends
         without the slot (timed out, cancelled) holds nothing."""
 
-    def leave(self, ticket: Ticket) -> None:
-        """The request is done: out of the queue, its slots given back. Idempotent."""
+    async def leave(self, ticket: Ticket) -> None:
+        """The request is done: out of the queue, its slots given back. Idempotent, and done
+        even when the caller is being cancelled (it is called in a ``finally``)."""
 
     def depth(self, model: str) -> int:
         """Requests of the model queued for a slot."""
@@ -126,10 +134,11 @@ class _Line:
 
 
 class InMemoryAccounting:
-    """The accounting of one gateway process. Every call is synchronous but ``acquire``'s
-    wait, so a request that finds its slot free pays no await here. The slots are handed to
-    waiters by whoever frees or adds them (``_hand_out``), so the order is this object's, not
-    the event loop's."""
+    """The accounting of one gateway process. No call but ``acquire``'s wait awaits anything
+    (``join``, ``try_acquire`` and ``leave`` are coroutines only for the protocol's sake: they
+    never reach a checkpoint), so a request that finds its slot free is never suspended here.
+    The slots are handed to waiters by whoever frees or adds them (``_hand_out``), so the order
+    is this object's, not the event loop's."""
 
     def __init__(self, config: Config) -> None:
         self.timeout = config.gateway.queue_timeout
@@ -140,7 +149,7 @@ class InMemoryAccounting:
         # How many slots a ticket in flight holds: its model's, and the shared one if any.
         self._needs = 2 if total else 1
 
-    def join(self, model: str) -> Ticket | None:
+    async def join(self, model: str) -> Ticket | None:
         line = self._lines[model]
         if len(line.queue) >= line.limit:
             return None
@@ -149,7 +158,10 @@ class InMemoryAccounting:
         line.places = None
         return ticket
 
-    def try_acquire(self, ticket: Ticket) -> bool:
+    async def try_acquire(self, ticket: Ticket) -> bool:
+        return self._try_acquire(ticket)
+
+    def _try_acquire(self, ticket: Ticket) -> bool:
         line = ticket.line
         if not ticket.held:
             slots = line.slots
@@ -168,7 +180,7 @@ class InMemoryAccounting:
         return True
 
     async def acquire(self, ticket: Ticket) -> bool:
-        if self.try_acquire(ticket):
+        if self._try_acquire(ticket):
             return True
         event = ticket.event = anyio.Event()
         ticket.since = anyio.current_time()
@@ -187,7 +199,7 @@ class InMemoryAccounting:
                 self._give_up(ticket)
         return ticket.held == self._needs
 
-    def leave(self, ticket: Ticket) -> None:
+    async def leave(self, ticket: Ticket) -> None:
         self._unqueue(ticket)
         held = ticket.held
         if held:

@@ -49,7 +49,7 @@ class ModelConcurrencyLimit:
         accounting = self.accounting
         watch = ClientWatch(receive)
         began = time.perf_counter()
-        if not accounting.try_acquire(ticket):
+        if not await accounting.try_acquire(ticket):
             _, taken = await watch.run(lambda: accounting.acquire(ticket))
             if not taken:
                 if watch.disconnected:

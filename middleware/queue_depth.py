@@ -35,7 +35,7 @@ class QueueDepthLimit:
             return
         state: RequestState = scope[STATE]
         model = state.model.name
-        ticket = self.accounting.join(model)
+        ticket = await self.accounting.join(model)
         if ticket is None:
             self.metrics.reject(model, "queue_full")
             await GatewayError(
@@ -47,4 +47,4 @@ class QueueDepthLimit:
         try:
             await self.app(scope, receive, send)
         finally:
-            self.accounting.leave(ticket)
+            await self.accounting.leave(ticket)

@@ -40,7 +40,7 @@ from backends.pool import BackendPool, LauncherFactory
 from backends.pool_metrics import PoolMetrics
 from backends.process import STOP_TIMEOUT, ProcessLauncher
 from backends.static import StaticLauncher
-from kernel.accounting import InMemoryAccounting
+from kernel.accounting import Accounting, InMemoryAccounting
 from kernel.config import Config, ModelSettings
 from kernel.types import ASGIApp, Receive, Scope, Send
 from middleware.admission import Admission
@@ -62,6 +62,7 @@ from .admin import AdminApi
 from .routes import EnginePings, method_not_allowed, no_route
 
 if TYPE_CHECKING:
+    from cluster.accounting import RedisAccounting
     from middleware.tracing import GatewayTracing
 
 log = structlog.get_logger("gateway")
@@ -112,7 +113,17 @@ class Gateway:
         # What every layer and the pool ask about queues and slots. A model with requests
         # queued for a slot or holding one is not idle: it serves its run before it is swapped
         # out (the slot is released just after the lease).
-        self.accounting = accounting = InMemoryAccounting(config)
+        # With [cluster], kept in Redis, exact across every process sharing it (imported only
+        # then: its client is an optional install).
+        self.shared: RedisAccounting | None = None
+        accounting: Accounting
+        if config.cluster.enabled:
+            from cluster.accounting import RedisAccounting
+
+            accounting = self.shared = RedisAccounting(config)
+        else:
+            accounting = InMemoryAccounting(config)
+        self.accounting = accounting
         self.pool = BackendPool(config, launchers=launchers or launchers_for(self.engines),
                                 gpu=gpu, on_ready=self._started, on_wake=self._woke,
                                 on_change=self.events.changed, accounting=accounting)
@@ -158,6 +169,8 @@ class Gateway:
             return None
         else:
             problem = self.pool.problem() or self.engines.supervisor.problem
+            if problem is None and self.shared is not None and self.shared.error is not None:
+                problem = f"shared state unavailable: {self.shared.error}"
         if problem is not None and problem != self._told:
             log.error("the gateway no longer works; /health answers 503", reason=problem)
             self._told = problem
@@ -210,8 +223,9 @@ class Gateway:
             self.gpu = self.pool.gpu = probe_gpus(self.config.gateway.gpu_memory_mb)
         feedback = self.feedback.running() if self.feedback else nullcontext()
         tracing = self.tracing.running() if self.tracing else nullcontext()
+        shared = self.shared.running() if self.shared else nullcontext()
         try:
-            async with (tracing, self.engines.running(), self.pool.running(),
+            async with (tracing, shared, self.engines.running(), self.pool.running(),
                         self.upstream.running(), feedback):
                 self.running_now = True
                 try:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install the system tools that the deployment tests (tests/deploy) run for real: nginx; and
-# the browser of the dashboard's tests.
+# Install the system tools that the deployment tests (tests/deploy) run for real: nginx; the
+# browser of the dashboard's tests; and the redis-server of the [cluster] tests.
 # Podman comes from scripts/setup-podman.sh, podman-compose from the test extras (bootstrap.sh).
 # Idempotent; run as root. A warm run makes no network calls.
 set -euo pipefail
@@ -15,9 +15,12 @@ command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 # chromium and its chromedriver: the dashboard's browser tests (tests/dashboard).
 [[ -x /usr/bin/chromium ]] || missing+=(chromium)
 [[ -x /usr/bin/chromedriver ]] || missing+=(chromium-driver)
+# redis-server: the shared accounting's tests ([cluster]) start their own, on a unix socket.
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if ((${#missing[@]})); then
     echo "setup-system: installing ${missing[*]}"
-    # The package would start the distribution's nginx on port 80; the tests start their own.
+    # The packages would start the distribution's nginx on port 80 and a redis-server; the tests
+    # start their own.
     if [[ ! -e /usr/sbin/policy-rc.d ]]; then
         printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
         chmod +x /usr/sbin/policy-rc.d

@@ -15,8 +15,8 @@ one key.
 credential (``HF_TOKEN``, ``--api-key X``, ``user:password@``) are masked.
 
 The package is split by section: ``gateway``, ``upstream``, ``access`` (``[admin]`` and
-``[auth]``), ``telemetry``, ``engines`` and ``models`` each own their tables and checks;
-``validation`` checks one value and words its refusal, ``loader`` reads the file, the
+``[auth]``), ``telemetry``, ``cluster``, ``engines`` and ``models`` each own their tables and
+checks; ``validation`` checks one value and words its refusal, ``loader`` reads the file, the
 environment and the options into ``Config``, ``masking`` shows it. This module is the package's
 public API.
 """
@@ -24,6 +24,7 @@ public API.
 from __future__ import annotations
 
 from .access import AdminSettings, AuthSettings
+from .cluster import ClusterSettings
 from .engines import EngineSettings
 from .gateway import GatewaySettings
 from .loader import ENV_PREFIX, SECTIONS, Config, config_from_mapping, config_path, load_config
@@ -38,6 +39,7 @@ __all__ = [
     "SECTIONS",
     "AdminSettings",
     "AuthSettings",
+    "ClusterSettings",
     "Config",
     "ConfigError",
     "EngineSettings",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .access import AdminSettings, AuthSettings, _check_token, _client_keys
+from .cluster import ClusterSettings, _resolve_cluster
 from .engines import EngineSettings, _build_engines
 from .gateway import (
     GatewaySettings,
@@ -43,6 +44,7 @@ class Config:
     admin: AdminSettings
     auth: AuthSettings
     telemetry: TelemetrySettings
+    cluster: ClusterSettings
     engines: Mapping[str, EngineSettings]
     models: tuple[ModelSettings, ...]
     source: str
@@ -78,6 +80,7 @@ SECTIONS: dict[str, type] = {
     "admin": AdminSettings,
     "auth": AuthSettings,
     "telemetry": TelemetrySettings,
+    "cluster": ClusterSettings,
 }
 
 
@@ -137,7 +140,8 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str], sources: _Sourc
         sources.env[path] = var
 
 
-TOP_LEVEL = ("gateway", "upstream", "admin", "auth", "engines", "models", "telemetry")
+TOP_LEVEL = ("gateway", "upstream", "admin", "auth", "engines", "models", "telemetry",
+             "cluster")
 
 
 def config_from_mapping(data: dict[str, Any], *, source: str = "<mapping>",
@@ -170,6 +174,8 @@ def config_from_mapping(data: dict[str, Any], *, source: str = "<mapping>",
     sections["telemetry"] = _resolve_telemetry(sections["telemetry"], environ, sources)
     engines = _build_engines(data.get("engines", {}), sources)
     models = _build_models(data.get("models"), engines, sections["gateway"], sources)
+    sections["cluster"] = _resolve_cluster(sections["cluster"], sections["gateway"].instance,
+                                           models, sources)
     by_name = {key: m for m in models for key in (m.name, *m.aliases)}
     default = sections["gateway"].default_model
     if default is not None and default not in by_name:

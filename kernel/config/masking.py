@@ -1,6 +1,7 @@
 """What ``check-config`` prints and the start-up log holds (``effective``): the configuration in
 force with its derived figures, and its secrets masked: ``admin.token``, ``auth.api_keys``, and
-whatever in a model's ``env``, ``command``, ``args`` or URL looks like a credential."""
+whatever in a model's ``env``, ``command``, ``args`` or URL (or ``cluster.redis_url``) looks like a
+credential."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def _mask_url(url: str) -> str:
     return parts._replace(netloc=f"{userinfo.partition(':')[0]}:{MASK}@{host}").geturl()
 
 
-_MASKS = {"env": _mask_env, "command": _mask_argv, "args": _mask_argv, "url": _mask_url}
+_MASKS = {"env": _mask_env, "command": _mask_argv, "args": _mask_argv, "url": _mask_url,
+          "redis_url": _mask_url}
 
 
 def effective(config: Config) -> dict[str, Any]:

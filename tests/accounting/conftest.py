@@ -3,17 +3,24 @@
 Each is a factory: given a config, an async context manager that yields a fresh accounting of
 it (a shared-state implementation sets up and clears its store there). Add one to
 ``IMPLEMENTATIONS`` and every contract test and the property test run against it as well.
+``settle(accounting)`` returns once every task waits and, for a shared store, its answers and
+wake-ups have arrived.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import dataclasses
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
+import anyio
 import pytest
 
 from kernel.accounting import Accounting, InMemoryAccounting
-from kernel.config import Config
+from kernel.config import ClusterSettings, Config
+from tests.middleware import asgi
+from tests.support import redis_server
 
 OpenAccounting = Callable[[Config], AbstractAsyncContextManager[Accounting]]
 
@@ -23,10 +30,48 @@ async def in_memory(config: Config) -> AsyncIterator[Accounting]:
     yield InMemoryAccounting(config)
 
 
-IMPLEMENTATIONS: dict[str, OpenAccounting] = {"in-memory": in_memory}
+# The redis-server of the session, started on first use (``redis_url``).
+_redis: dict[str, str] = {}
+
+
+@asynccontextmanager
+async def in_redis(config: Config) -> AsyncIterator[Accounting]:
+    from cluster.accounting import RedisAccounting
+
+    # A fresh key prefix each time: nothing left by another test is seen.
+    cluster = ClusterSettings(redis_url=_redis["url"], key_prefix=secrets.token_hex(6),
+                              enabled=True, heartbeat=3.0)
+    accounting = RedisAccounting(dataclasses.replace(config, cluster=cluster))
+    async with accounting.running():
+        yield accounting
+
+
+IMPLEMENTATIONS: dict[str, OpenAccounting] = {"in-memory": in_memory, "redis": in_redis}
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
 
 
 # Session-scoped (it holds no state), so that the property test's examples may share it.
 @pytest.fixture(scope="session", params=sorted(IMPLEMENTATIONS))
 def open_accounting(request: pytest.FixtureRequest) -> OpenAccounting:
+    if request.param == "redis":
+        _redis["url"] = request.getfixturevalue("redis_url")
     return IMPLEMENTATIONS[request.param]
+
+
+async def settle(accounting: Accounting) -> None:
+    await asgi.settle()
+    if isinstance(accounting, InMemoryAccounting):
+        return
+    # Its calls and wake-ups travel through a socket, which settle() counts as waiting: wait
+    # for every answer, then for the wake-ups those sent.
+    for _ in range(2):
+        while accounting.pending:  # type: ignore[attr-defined]
+            await anyio.sleep(0.002)
+            await asgi.settle()
+        await anyio.sleep(0.01)
+        await asgi.settle()

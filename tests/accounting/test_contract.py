@@ -12,10 +12,9 @@ from anyio.lowlevel import checkpoint
 
 from kernel.accounting import Accounting, Ticket
 from kernel.config import Config
-from tests.middleware.asgi import settle
 from tests.support import make_config, sim_model
 
-from .conftest import OpenAccounting
+from .conftest import OpenAccounting, settle
 
 pytestmark = pytest.mark.anyio
 
@@ -29,15 +28,15 @@ def config(*, concurrent: int = 1, queue: int = 10, timeout: float = 5.0,
                  "max_models_concurrent": 4})
 
 
-def joined(accounting: Accounting, model: str = "a") -> Ticket:
-    ticket = accounting.join(model)
+async def joined(accounting: Accounting, model: str = "a") -> Ticket:
+    ticket = await accounting.join(model)
     assert ticket is not None
     return ticket
 
 
-def holding(accounting: Accounting, model: str = "a") -> Ticket:
-    ticket = joined(accounting, model)
-    assert accounting.try_acquire(ticket)
+async def holding(accounting: Accounting, model: str = "a") -> Ticket:
+    ticket = await joined(accounting, model)
+    assert await accounting.try_acquire(ticket)
     return ticket
 
 
@@ -54,8 +53,8 @@ class Line:
 
     async def wait(self, number: int, model: str = "a") -> Ticket:
         """Join, try, and wait in a task; returns once the wait has begun."""
-        ticket = self.tickets[number] = joined(self.accounting, model)
-        assert not self.accounting.try_acquire(ticket)
+        ticket = self.tickets[number] = await joined(self.accounting, model)
+        assert not await self.accounting.try_acquire(ticket)
         scope = self.waits[number] = anyio.CancelScope()
 
         async def waiting() -> None:
@@ -64,27 +63,27 @@ class Line:
                 (self.got if taken else self.refused).append(number)
 
         self.tg.start_soon(waiting)
-        await settle()
+        await settle(self.accounting)
         return ticket
 
-    def leave(self, number: int) -> None:
-        self.accounting.leave(self.tickets[number])
+    async def leave(self, number: int) -> None:
+        await self.accounting.leave(self.tickets[number])
 
 
 async def test_slots_go_out_in_the_order_requests_came(
         open_accounting: OpenAccounting, anyio_backend: str) -> None:
     async with open_accounting(config()) as accounting, anyio.create_task_group() as tg:
-        first = holding(accounting)
+        first = await holding(accounting)
         line = Line(accounting, tg)
         for n in range(4):
             await line.wait(n)
         assert (accounting.depth("a"), accounting.in_flight("a")) == (4, 1)
-        accounting.leave(first)
+        await accounting.leave(first)
         for n in range(4):
-            await settle()
+            await settle(accounting)
             assert line.got == list(range(n + 1))
-            line.leave(n)
-        await settle()
+            await line.leave(n)
+        await settle(accounting)
     assert (accounting.depth("a"), accounting.in_flight("a")) == (0, 0)
 
 
@@ -92,68 +91,70 @@ async def test_no_one_takes_a_free_slot_past_those_in_line(
         open_accounting: OpenAccounting, anyio_backend: str) -> None:
     async with open_accounting(config(concurrent=1)) as accounting, \
             anyio.create_task_group() as tg:
-        first = holding(accounting)
+        first = await holding(accounting)
         line = Line(accounting, tg)
         await line.wait(0)
-        accounting.leave(first)  # handed to the one in line, not to whoever asks first
-        late = joined(accounting)
-        assert not accounting.try_acquire(late)
-        await settle()
+        await accounting.leave(first)  # handed to the one in line, not to whoever asks first
+        late = await joined(accounting)
+        assert not await accounting.try_acquire(late)
+        await settle(accounting)
         assert line.got == [0]
-        accounting.leave(late)
-        line.leave(0)
+        await accounting.leave(late)
+        await line.leave(0)
 
 
 async def test_a_full_queue_refuses_without_counting(
         open_accounting: OpenAccounting, anyio_backend: str) -> None:
     async with open_accounting(config(queue=2)) as accounting:
-        tickets = [joined(accounting), joined(accounting)]
-        assert accounting.join("a") is None
+        first = await holding(accounting)
+        tickets = [await joined(accounting), await joined(accounting)]
+        assert await accounting.join("a") is None
         assert accounting.depth("a") == 2
-        assert accounting.join("b") is not None  # each model has its own bound
+        other = await joined(accounting, "b")  # each model has its own bound
         # Holding a slot is no place in the queue: one that took its slot frees its place.
-        assert accounting.try_acquire(tickets[0])
+        await accounting.leave(first)
+        assert await accounting.try_acquire(tickets[0])
         assert accounting.depth("a") == 1
-        third = joined(accounting)
-        assert accounting.join("a") is None
-        for ticket in (*tickets, third):
-            accounting.leave(ticket)
+        third = await joined(accounting)
+        assert await accounting.join("a") is None
+        for ticket in (*tickets, third, other):
+            await accounting.leave(ticket)
         assert (accounting.depth("a"), accounting.in_flight("a")) == (0, 0)
 
 
 async def test_a_wait_ends_after_the_queue_timeout_with_nothing_taken(
         open_accounting: OpenAccounting, anyio_backend: str) -> None:
     async with open_accounting(config(timeout=0.05)) as accounting:
-        first = holding(accounting)
-        late = joined(accounting)
+        first = await holding(accounting)
+        late = await joined(accounting)
         began = anyio.current_time()
         assert await accounting.acquire(late) is False
         assert 0.05 <= anyio.current_time() - began < 1.0
         # Out of the queue already, holding nothing: its leave changes nothing.
         assert (accounting.depth("a"), accounting.in_flight("a")) == (0, 1)
         assert accounting.position(late) is None
-        accounting.leave(late)
+        await accounting.leave(late)
         assert accounting.in_flight("a") == 1
-        accounting.leave(first)
+        await accounting.leave(first)
         assert accounting.in_flight("a") == 0
 
 
 async def test_a_cancelled_wait_leaves_the_line_and_holds_nothing(
         open_accounting: OpenAccounting, anyio_backend: str) -> None:
     async with open_accounting(config()) as accounting, anyio.create_task_group() as tg:
-        first = holding(accounting)
+        first = await holding(accounting)
         line = Line(accounting, tg)
         await line.wait(0)
         await line.wait(1)
         line.waits[0].cancel()
-        await settle()
+        await settle(accounting)
         assert accounting.depth("a") == 1
         assert accounting.position(line.tickets[1]) == 1
-        accounting.leave(first)
-        await settle()
+        await accounting.leave(first)
+        await settle(accounting)
         assert line.got == [1]  # the cancelled one's place is gone
-        line.leave(0)
-        line.leave(1)
+        await line.leave(0)
+        await line.leave(1)
     assert (accounting.depth("a"), accounting.in_flight("a")) == (0, 0)
 
 
@@ -165,34 +166,34 @@ async def test_a_wait_cancelled_at_any_point_of_the_handover_gives_back_what_it_
     for steps in range(15):
         async with open_accounting(config(total=total)) as accounting, \
                 anyio.create_task_group() as tg:
-            first = holding(accounting)
+            first = await holding(accounting)
             line = Line(accounting, tg)
             await line.wait(0)
-            accounting.leave(first)
+            await accounting.leave(first)
             for _ in range(steps):
                 await checkpoint()
             line.waits[0].cancel()
-            await settle()
-            line.leave(0)
+            await settle(accounting)
+            await line.leave(0)
             assert (accounting.depth("a"), accounting.in_flight("a")) == (0, 0), steps
             # Whatever the cancelled waiter took, it gave back: the next one takes it at once.
-            again = joined(accounting)
-            assert accounting.try_acquire(again), steps
-            accounting.leave(again)
+            again = await joined(accounting)
+            assert await accounting.try_acquire(again), steps
+            await accounting.leave(again)
 
 
 async def test_leave_is_idempotent_and_gives_back_once(
         open_accounting: OpenAccounting, anyio_backend: str) -> None:
     async with open_accounting(config(concurrent=2)) as accounting:
-        ticket = holding(accounting)
-        other = holding(accounting)
-        accounting.leave(ticket)
-        accounting.leave(ticket)
+        ticket = await holding(accounting)
+        other = await holding(accounting)
+        await accounting.leave(ticket)
+        await accounting.leave(ticket)
         assert accounting.in_flight("a") == 1
-        third = holding(accounting)  # one slot was free, not two
-        assert not accounting.try_acquire(joined(accounting))
+        third = await holding(accounting)  # one slot was free, not two
+        assert not await accounting.try_acquire(await joined(accounting))
         for each in (other, third):
-            accounting.leave(each)
+            await accounting.leave(each)
 
 
 async def test_the_slots_follow_the_ready_replicas(
@@ -200,35 +201,35 @@ async def test_the_slots_follow_the_ready_replicas(
     async with open_accounting(config(concurrent=2, replicas=3)) as accounting, \
             anyio.create_task_group() as tg:
         # None ready yet: one replica's slots, so that requests may start the first.
-        held = [holding(accounting) for _ in range(2)]
+        held = [await holding(accounting) for _ in range(2)]
         line = Line(accounting, tg)
         for n in range(4):
             await line.wait(n)
         # (Two handed out at once run in the order the event loop wakes them.)
         accounting.serving("a", 2)
-        await settle()
+        await settle(accounting)
         assert sorted(line.got) == [0, 1]
         accounting.serving("a", 3)
-        await settle()
+        await settle(accounting)
         assert sorted(line.got) == [0, 1, 2, 3]
         assert accounting.in_flight("a") == 6
         # Down to one replica: those in flight stay, a newcomer waits for room below two.
         accounting.serving("a", 1)
         await line.wait(4)
         for ticket in held:
-            accounting.leave(ticket)
+            await accounting.leave(ticket)
         for n in range(2):
-            line.leave(n)
-        await settle()
+            await line.leave(n)
+        await settle(accounting)
         assert 4 not in line.got
-        line.leave(2)
-        await settle()
+        await line.leave(2)
+        await settle(accounting)
         assert line.got[-1] == 4
-        line.leave(3)
-        line.leave(4)
+        await line.leave(3)
+        await line.leave(4)
         # No replica ready: still one replica's slots.
         accounting.serving("a", 0)
-        assert [accounting.try_acquire(joined(accounting)) for _ in range(3)] == [
+        assert [await accounting.try_acquire(await joined(accounting)) for _ in range(3)] == [
             True, True, False]
         tg.cancel_scope.cancel()
 
@@ -237,20 +238,20 @@ async def test_the_shared_limit_bounds_all_models_together(
         open_accounting: OpenAccounting, anyio_backend: str) -> None:
     async with open_accounting(config(concurrent=2, total=2)) as accounting, \
             anyio.create_task_group() as tg:
-        first = holding(accounting, "a")
-        second = holding(accounting, "b")
+        first = await holding(accounting, "a")
+        second = await holding(accounting, "b")
         line = Line(accounting, tg)
         # It has a slot of its model's but waits for the shared one: queued, not in flight.
         await line.wait(0, "a")
         assert (accounting.depth("a"), accounting.in_flight("a")) == (1, 1)
         assert accounting.demand("a") == 2
-        accounting.leave(second)
-        await settle()
+        await accounting.leave(second)
+        await settle(accounting)
         assert line.got == [0]
         assert (accounting.depth("a"), accounting.in_flight("a"), accounting.in_flight("b")) == (
             0, 2, 0)
-        accounting.leave(first)
-        line.leave(0)
+        await accounting.leave(first)
+        await line.leave(0)
     assert accounting.demand("a") == accounting.demand("b") == 0
 
 
@@ -261,38 +262,38 @@ async def test_the_shared_slots_go_in_the_order_the_models_slots_went(
     for _ in range(10):
         async with open_accounting(config(replicas=3, total=2)) as accounting, \
                 anyio.create_task_group() as tg:
-            first = holding(accounting, "a")
-            other = holding(accounting, "b")
+            first = await holding(accounting, "a")
+            other = await holding(accounting, "b")
             line = Line(accounting, tg)
             await line.wait(0)
             await line.wait(1)
             accounting.serving("a", 3)
-            await settle()
+            await settle(accounting)
             assert (line.got, accounting.depth("a")) == ([], 2)
-            accounting.leave(other)
-            await settle()
+            await accounting.leave(other)
+            await settle(accounting)
             assert line.got == [0]
-            accounting.leave(first)
-            await settle()
+            await accounting.leave(first)
+            await settle(accounting)
             assert line.got == [0, 1]
-            line.leave(0)
-            line.leave(1)
+            await line.leave(0)
+            await line.leave(1)
 
 
 async def test_each_queued_request_knows_its_place(
         open_accounting: OpenAccounting, anyio_backend: str) -> None:
     async with open_accounting(config()) as accounting, anyio.create_task_group() as tg:
-        first = holding(accounting)
+        first = await holding(accounting)
         assert accounting.position(first) is None  # holds its slot: not in the queue
         line = Line(accounting, tg)
         for n in range(3):
             await line.wait(n)
         assert [accounting.position(line.tickets[n]) for n in range(3)] == [1, 2, 3]
         line.waits[1].cancel()
-        await settle()
+        await settle(accounting)
         assert [accounting.position(line.tickets[n]) for n in (0, 2)] == [1, 2]
-        accounting.leave(first)
-        await settle()
+        await accounting.leave(first)
+        await settle(accounting)
         assert [accounting.position(line.tickets[n]) for n in (0, 2)] == [None, 1]
         tg.cancel_scope.cancel()
 
@@ -300,19 +301,21 @@ async def test_each_queued_request_knows_its_place(
 async def test_the_oldest_wait_is_that_of_the_first_in_line(
         open_accounting: OpenAccounting, anyio_backend: str) -> None:
     async with open_accounting(config()) as accounting, anyio.create_task_group() as tg:
-        first = holding(accounting)
+        first = await holding(accounting)
         assert accounting.oldest_wait("a") is None
         line = Line(accounting, tg)
         await line.wait(0)
         await anyio.sleep(0.05)
+        second = anyio.current_time()
         await line.wait(1)
         waited = accounting.oldest_wait("a")
         assert waited is not None and 0.05 <= waited < 1.0
         assert accounting.oldest_wait("b") is None
-        accounting.leave(first)
-        await settle()
+        await accounting.leave(first)
+        await settle(accounting)
         waited = accounting.oldest_wait("a")
-        assert waited is not None and waited < 0.05  # the second's, now first in line
+        # The second's, now first in line (the first's is 0.05 s longer).
+        assert waited is not None and waited <= anyio.current_time() - second + 0.01
         tg.cancel_scope.cancel()
     assert accounting.oldest_wait("a") is None
 
@@ -321,16 +324,16 @@ async def test_demand_counts_those_queued_and_those_holding_a_slot(
         open_accounting: OpenAccounting, anyio_backend: str) -> None:
     async with open_accounting(config()) as accounting, anyio.create_task_group() as tg:
         assert accounting.demand("a") == 0
-        first = holding(accounting)
-        idle = joined(accounting)  # joined, not yet trying
+        first = await holding(accounting)
+        idle = await joined(accounting)  # joined, not yet trying
         line = Line(accounting, tg)
         await line.wait(0)
         assert accounting.demand("a") == 3
         assert accounting.demand("b") == 0
-        accounting.leave(idle)
+        await accounting.leave(idle)
         assert accounting.demand("a") == 2
-        accounting.leave(first)
-        await settle()
+        await accounting.leave(first)
+        await settle(accounting)
         assert accounting.demand("a") == 1
-        line.leave(0)
+        await line.leave(0)
     assert accounting.demand("a") == 0

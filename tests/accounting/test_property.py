@@ -30,10 +30,10 @@ from kernel.types import ASGIApp, Receive, Scope, Send
 from middleware.concurrency import ModelConcurrencyLimit
 from middleware.queue_depth import QueueDepthLimit
 from telemetry.metrics import GatewayMetrics
-from tests.middleware.asgi import Client, admitted_scope, settle
+from tests.middleware.asgi import Client, admitted_scope
 from tests.support import make_config, sim_model
 
-from .conftest import OpenAccounting
+from .conftest import OpenAccounting, settle
 
 MODELS = ("a", "b")
 REPLICATED = "a"
@@ -197,13 +197,13 @@ async def run_steps(cfg: Config, inner: ASGIApp, requests: list[Request], accoun
                 model = MODELS[pick % len(MODELS)]
                 admitted = truth.arrive(request.number, model)
                 tg.start_soon(run, request, model)
-                await settle()
+                await settle(accounting)
                 runs = truth.stage.get(request.number) == RUNS
                 assert request.client.status == (429 if not admitted else 200 if runs else None)
             elif kind == "serve":
                 truth.serve(pick % 3)
                 accounting.serving(REPLICATED, pick % 3)
-                await settle()
+                await settle(accounting)
             else:
                 action, _, when = kind.partition(" while ")
                 targets = sorted(n for n, stage in truth.stage.items()
@@ -219,7 +219,7 @@ async def run_steps(cfg: Config, inner: ASGIApp, requests: list[Request], accoun
                     request.fail = action == "fail"
                     request.verdict.set()
                 truth.leave(request.number)
-                await settle()
+                await settle(accounting)
                 if action == "complete":
                     assert request.client.sent[-1].get("more_body") is False
             check()

@@ -47,7 +47,7 @@ class Waiting:
         self.calls += 1
         await self.go.wait()
         assert self.queue is not None
-        assert self.queue.accounting.try_acquire(scope[STATE].ticket)
+        assert await self.queue.accounting.try_acquire(scope[STATE].ticket)
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
@@ -120,8 +120,8 @@ async def test_leaving_the_queue_twice_counts_once() -> None:
     queue: QueueDepthLimit
 
     async def inner(scope: Scope, receive: Receive, send: Send) -> None:
-        queue.accounting.leave(scope[STATE].ticket)
-        queue.accounting.leave(scope[STATE].ticket)
+        await queue.accounting.leave(scope[STATE].ticket)
+        await queue.accounting.leave(scope[STATE].ticket)
         seen.append(queue.accounting.depth("a"))
 
     queue = layer(inner, cfg)

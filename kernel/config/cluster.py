@@ -1,0 +1,62 @@
+"""The ``[cluster]`` section: the Redis that several gateway processes share their state in.
+
+Off unless ``cluster.redis_url`` is set (in the table or by ``GATEWAY_CLUSTER_REDIS_URL``):
+then the queues and slots of every process that shares ``key_prefix`` are counted in that Redis
+(``cluster.accounting``), exactly. ``redis_url`` is a ``redis://``, ``rediss://`` or
+``unix://`` URL; a password in it is a secret (masked wherever the configuration is shown).
+``key_prefix`` defaults to one made from ``gateway.instance``, so that two independent gateways
+can share one Redis. A process holds its slots and queue places under a lease of ``lease_s`` it
+renews every ``heartbeat_s`` (a third of the lease unless set): one that stops renewing (killed)
+has them reclaimed by the others. Electing the one process that starts and stops model servers
+is not built yet, so a cluster's models must all be ``launcher = "static"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from .models import ModelSettings
+from .validation import _NO_BOUNDS, ConfigError, _fail, _is_url, _Sources, _spec
+
+SCHEMES = ("redis", "rediss", "unix")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    redis_url: str | None = _spec(None)
+    key_prefix: str | None = _spec(None)
+    lease_s: float = _spec(10.0, lo=1.0, hi=3600.0)
+    heartbeat_s: float | None = _spec(None, lo=0.1, hi=3600.0)
+    # Derived (``_resolve_cluster``): whether the state is shared, and the heartbeat in force.
+    enabled: bool = dataclasses.field(default=False, metadata={**_NO_BOUNDS, "derived": True})
+    heartbeat: float = dataclasses.field(default=0.0, metadata={**_NO_BOUNDS, "derived": True})
+
+
+def _resolve_cluster(settings: ClusterSettings, instance: str | None,
+                     models: tuple[ModelSettings, ...], sources: _Sources) -> ClusterSettings:
+    """Check the table against itself and the models; fill in the prefix and the heartbeat."""
+    given = {f.name for f in dataclasses.fields(settings) if not f.metadata.get("derived")
+             and getattr(settings, f.name) != f.default}
+    if settings.redis_url is None:
+        if given:
+            key = sorted(given)[0]
+            raise ConfigError(f"cluster.{key} (from {sources.of(f'cluster.{key}')}): "
+                              "[cluster] needs cluster.redis_url (or GATEWAY_CLUSTER_REDIS_URL)")
+        return settings
+    if not _is_url(settings.redis_url, SCHEMES):
+        # The URL may hold a password: name the key, not the value.
+        raise ConfigError(f"cluster.redis_url (from {sources.of('cluster.redis_url')}): must be "
+                          "a redis://, rediss:// or unix:// URL")
+    heartbeat = settings.heartbeat_s if settings.heartbeat_s is not None else settings.lease_s / 3
+    if heartbeat >= settings.lease_s:
+        _fail("cluster.heartbeat_s", settings.heartbeat_s, sources,
+              f"less than cluster.lease_s ({settings.lease_s:g})")
+    started = next((m for m in models if m.launcher != "static"), None)
+    if started is not None:
+        raise ConfigError(
+            f"models[{json.dumps(started.name)}].launcher = {started.launcher!r}: a [cluster] "
+            "gateway serves only static models (fixed URLs); elected pool ownership for started "
+            "models is not built yet")
+    prefix = settings.key_prefix or f"vllm-gateway:{instance or 'default'}"
+    return dataclasses.replace(settings, key_prefix=prefix, enabled=True, heartbeat=heartbeat)

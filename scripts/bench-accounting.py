@@ -1,0 +1,89 @@
+"""CPU per request of the accounting in Redis ([cluster]) against the in-memory one, in one
+gateway process (issue 26's goal: <= 1.2x).
+
+Two figures, each for both accountings: the accounting alone (join, try_acquire, leave of one
+request, in this process), and a whole request through a ``vllm-gateway serve`` process to a
+simulator (the gateway process's CPU time from /proc, and the redis-server's beside it).
+Needs redis-server on PATH. Run: ``.venv/bin/python scripts/bench-accounting.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cluster.accounting import RedisAccounting
+from kernel.accounting import Accounting, InMemoryAccounting
+from kernel.config import ClusterSettings
+from tests.support import (
+    HTTP,
+    chat,
+    gateway_process,
+    make_config,
+    redis_server,
+    simulator,
+    static_model,
+)
+
+ALONE = 5000
+WHOLE = 1000
+TICK = 100  # clock ticks per second of /proc/PID/stat
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+async def alone(accounting: Accounting) -> float:
+    began = time.process_time()
+    for _ in range(ALONE):
+        ticket = await accounting.join("m")
+        assert ticket is not None and await accounting.try_acquire(ticket)
+        await accounting.leave(ticket)
+    return (time.process_time() - began) / ALONE
+
+
+async def accounting_alone(url: str) -> dict[str, float]:
+    cfg = make_config([static_model("m", "http://127.0.0.1:9")])
+    cluster = ClusterSettings(redis_url=url, key_prefix="bench", enabled=True, heartbeat=3.0)
+    shared = RedisAccounting(dataclasses.replace(cfg, cluster=cluster))
+    async with shared.running():
+        return {"in-memory": await alone(InMemoryAccounting(cfg)), "redis": await alone(shared)}
+
+
+def whole(directory: Path, sim_url: str, cluster: str) -> float:
+    text = f'{cluster}\n[[models]]\nname = "m"\nlauncher = "static"\nurl = "{sim_url}"\n'
+    with gateway_process(text, directory) as (url, proc):
+        for _ in range(100):  # warm
+            HTTP.post(url + "/v1/chat/completions", json=chat("m"))
+        began = cpu_s(proc.pid)
+        for _ in range(WHOLE):
+            assert HTTP.post(url + "/v1/chat/completions", json=chat("m")).status_code == 200
+        return (cpu_s(proc.pid) - began) / WHOLE
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp, redis_server(Path(tmp)) as url:
+        for name, seconds in anyio.run(accounting_alone, url).items():
+            print(f"accounting alone, {name}: {seconds * 1e6:.1f} us CPU per request")
+        with simulator(model="m") as sim:
+            results = {}
+            for name, table in (("in-memory", ""), ("redis", f'[cluster]\nredis_url = "{url}"')):
+                directory = Path(tmp) / name
+                directory.mkdir()
+                results[name] = whole(directory, sim.url, table)
+                print(f"whole request, {name}: {results[name] * 1e6:.0f} us gateway CPU "
+                      "per request")
+            print(f"ratio: {results['redis'] / results['in-memory']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

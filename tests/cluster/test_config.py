@@ -1,0 +1,53 @@
+"""The ``[cluster]`` table: off without it (and then no Redis client is imported), the URL from
+the file or ``GATEWAY_CLUSTER_REDIS_URL`` with its password masked, the defaults made from the
+lease and the instance, and the one-line refusals."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from kernel.config import ConfigError, config_from_mapping, effective
+from tests.support import ROOT, static_model
+
+MODELS = [static_model("m", "http://127.0.0.1:9")]
+
+
+def test_without_cluster_nothing_is_shared_and_no_redis_client_is_imported() -> None:
+    assert not config_from_mapping({"models": MODELS}).cluster.enabled
+    code = ("import sys; from proxy.app import Gateway; from tests.support import make_config, "
+            "static_model; Gateway(make_config([static_model('m', 'http://127.0.0.1:9')])); "
+            "print('coredis' in sys.modules, 'cluster.accounting' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_the_url_from_the_environment_with_its_password_masked() -> None:
+    cfg = config_from_mapping({"models": MODELS, "gateway": {"instance": "edge"}},
+                              environ={"GATEWAY_CLUSTER_REDIS_URL": "rediss://u:pw@redis:6380/1"})
+    cluster = cfg.cluster
+    assert cluster.enabled and cluster.redis_url == "rediss://u:pw@redis:6380/1"
+    assert (cluster.key_prefix, cluster.lease_s, cluster.heartbeat) == (
+        "vllm-gateway:edge", 10.0, pytest.approx(10 / 3))
+    assert effective(cfg)["cluster"]["redis_url"] == "rediss://u:***@redis:6380/1"
+
+
+@pytest.mark.parametrize(("table", "models", "message"), [
+    ({"lease_s": 5}, MODELS, "cluster.lease_s (from test): [cluster] needs cluster.redis_url "
+     "(or GATEWAY_CLUSTER_REDIS_URL)"),
+    ({"redis_url": "http://u:pw@redis"}, MODELS,
+     "cluster.redis_url (from test): must be a redis://, rediss:// or unix:// URL"),
+    ({"redis_url": "unix:///run/redis.sock", "lease_s": 3, "heartbeat_s": 3}, MODELS,
+     "cluster.heartbeat_s = 3.0 (from test): must be less than cluster.lease_s (3)"),
+    ({"redis_url": "redis://redis"}, [{"name": "p", "launcher": "process", "command": ["x"]}],
+     'models["p"].launcher = \'process\': a [cluster] gateway serves only static models (fixed '
+     "URLs); elected pool ownership for started models is not built yet"),
+])
+def test_refusals_name_the_key(table: dict, models: list, message: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        config_from_mapping({"models": models, "cluster": table}, source="test")
+    assert str(refused.value) == message
+    assert "pw" not in str(refused.value)
