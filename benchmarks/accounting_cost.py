@@ -4,20 +4,17 @@ gateway process (issue 26's goal: <= 1.2x).
 Two figures, each for both accountings: the accounting alone (join, try_acquire, leave of one
 request, in this process), and a whole request through a ``vllm-gateway serve`` process to a
 simulator (the gateway process's CPU time from /proc, and the redis-server's beside it).
-Needs redis-server on PATH. Run: ``.venv/bin/python scripts/bench-accounting.py``.
+Needs redis-server on PATH. Run: ``.venv/bin/python -m benchmarks.accounting_cost``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import anyio
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cluster.accounting import RedisAccounting
 from kernel.accounting import Accounting, InMemoryAccounting
@@ -32,14 +29,10 @@ from tests.support import (
     static_model,
 )
 
+from .procs import cpu_seconds
+
 ALONE = 5000
 WHOLE = 1000
-TICK = 100  # clock ticks per second of /proc/PID/stat
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 async def alone(accounting: Accounting) -> float:
@@ -64,10 +57,10 @@ def whole(directory: Path, sim_url: str, cluster: str) -> float:
     with gateway_process(text, directory) as (url, proc):
         for _ in range(100):  # warm
             HTTP.post(url + "/v1/chat/completions", json=chat("m"))
-        began = cpu_s(proc.pid)
+        began = cpu_seconds(proc.pid)
         for _ in range(WHOLE):
             assert HTTP.post(url + "/v1/chat/completions", json=chat("m")).status_code == 200
-        return (cpu_s(proc.pid) - began) / WHOLE
+        return (cpu_seconds(proc.pid) - began) / WHOLE
 
 
 def main() -> None:
