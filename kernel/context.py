@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # annotations only: kernel.errors imports this module, keep it light
     from kernel.accounting import Ticket
-    from kernel.config import ModelSettings
+    from kernel.config import ModelSettings, TenantSettings
     from kernel.types import Message
 
 # The scope's key for the request's RequestState.
@@ -70,6 +70,8 @@ class RequestState:
 
     # RequestContext: the request's id (the client's x-request-id, or made).
     request_id: str | None = None
+    # ClientKeys: the tenant of the request's key (None where no key is needed).
+    tenant: TenantSettings | None = None
     # progress(): what went to the client (None until a layer tracks it).
     progress: ResponseProgress | None = None
     # Admission: the model's name as the client wrote it, the model it names, whether the answer

@@ -15,7 +15,7 @@ one key.
 credential (``HF_TOKEN``, ``--api-key X``, ``user:password@``) are masked.
 
 The package is split by section: ``gateway``, ``upstream``, ``access`` (``[admin]`` and
-``[auth]``), ``telemetry``, ``cluster``, ``engines`` and ``models`` each own their tables and
+``[auth]``), ``telemetry``, ``cluster``, ``engines``, ``models`` and ``tenants`` each own their tables and
 checks; ``validation`` checks one value and words its refusal, ``loader`` reads the file, the
 environment and the options into ``Config``, ``masking`` shows it. This module is the package's
 public API.
@@ -31,10 +31,12 @@ from .loader import ENV_PREFIX, SECTIONS, Config, config_from_mapping, config_pa
 from .masking import effective
 from .models import ModelSettings, parse_size, placement
 from .telemetry import TelemetrySettings
+from .tenants import DEFAULT_TENANT, TenantSettings
 from .upstream import UpstreamSettings
 from .validation import ConfigError
 
 __all__ = [
+    "DEFAULT_TENANT",
     "ENV_PREFIX",
     "SECTIONS",
     "AdminSettings",
@@ -46,6 +48,7 @@ __all__ = [
     "GatewaySettings",
     "ModelSettings",
     "TelemetrySettings",
+    "TenantSettings",
     "UpstreamSettings",
     "config_from_mapping",
     "config_path",

@@ -42,18 +42,21 @@ def _check_token(path: str, token: str | None, sources: _Sources) -> None:
 
 
 def _client_keys(auth: AuthSettings, sources: _Sources) -> frozenset[str]:
-    """The keys of ``auth.api_keys`` and of ``auth.api_keys_file`` (one per line; blank lines
-    and ``#`` comments are skipped). A file that holds no key is refused: it would lock out
-    every client."""
+    """The keys of ``auth.api_keys`` and of ``auth.api_keys_file``."""
     for i, key in enumerate(auth.api_keys):
         _check_token(f"auth.api_keys[{i}]", key, sources)
-    keys = set(auth.api_keys)
-    if auth.api_keys_file is None:
-        return frozenset(keys)
-    path = "auth.api_keys_file"
-    where = f"{path} = {_show(auth.api_keys_file)} (from {sources.of(path)})"
+    return frozenset(auth.api_keys) | _keys_file("auth.api_keys_file", auth.api_keys_file,
+                                                 sources)
+
+
+def _keys_file(path: str, file: str | None, sources: _Sources) -> frozenset[str]:
+    """The keys of a key file: one per line; blank lines and ``#`` comments are skipped. A file
+    that holds no key is refused: it would lock out every client it is meant for."""
+    if file is None:
+        return frozenset()
+    where = f"{path} = {_show(file)} (from {sources.of(path)})"
     try:
-        text = Path(auth.api_keys_file).read_text(encoding="utf-8")
+        text = Path(file).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{where}: cannot be read: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
@@ -65,4 +68,4 @@ def _client_keys(auth: AuthSettings, sources: _Sources) -> frozenset[str]:
     for n, key in found:
         if not _TOKEN.fullmatch(key):
             raise ConfigError(f"{where}: line {n} is not an API key: must be {TOKEN_RULE}")
-    return frozenset(keys | {key for _, key in found})
+    return frozenset(key for _, key in found)

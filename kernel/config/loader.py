@@ -27,6 +27,7 @@ from .gateway import (
 )
 from .models import ModelSettings, _build_models
 from .telemetry import TelemetrySettings, _resolve_telemetry
+from .tenants import DEFAULT_TENANT, TenantSettings, _build_tenants
 from .upstream import UpstreamSettings
 from .validation import _SECRET_NAME, MASK, ConfigError, _build, _fail, _show, _Sources, _unknown
 
@@ -50,6 +51,15 @@ class Config:
     source: str
     by_name: Mapping[str, ModelSettings]
     client_keys: frozenset[str] = frozenset()
+    # The tenants (``default`` always among them) and each client key's tenant.
+    tenants: tuple[TenantSettings, ...] = ()
+    tenant_of_key: Mapping[str, TenantSettings] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({}))
+
+    @property
+    def default_tenant(self) -> TenantSettings:
+        """The tenant of the keys no tenant lists, and of requests where no key is needed."""
+        return next(t for t in self.tenants if t.name == DEFAULT_TENANT)
 
     @property
     def upstream_pool_size(self) -> int:
@@ -141,7 +151,7 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str], sources: _Sourc
 
 
 TOP_LEVEL = ("gateway", "upstream", "admin", "auth", "engines", "models", "telemetry",
-             "cluster")
+             "cluster", "tenants")
 
 
 def config_from_mapping(data: dict[str, Any], *, source: str = "<mapping>",
@@ -181,8 +191,11 @@ def config_from_mapping(data: dict[str, Any], *, source: str = "<mapping>",
     if default is not None and default not in by_name:
         _fail("gateway.default_model", default, sources,
               "the name or an alias of a configured model: " + ", ".join(by_name))
+    tenants, tenant_of_key = _build_tenants(data.get("tenants"), by_name, client_keys, sources)
     return Config(engines=engines, models=models, source=source,
-                  by_name=types.MappingProxyType(by_name), client_keys=client_keys, **sections)
+                  by_name=types.MappingProxyType(by_name),
+                  client_keys=frozenset(tenant_of_key), tenants=tenants,
+                  tenant_of_key=tenant_of_key, **sections)
 
 
 def config_path(cli_path: str | None, environ: Mapping[str, str]) -> tuple[Path, str]:

@@ -1,5 +1,5 @@
 """What ``check-config`` prints and the start-up log holds (``effective``): the configuration in
-force with its derived figures, and its secrets masked: ``admin.token``, ``auth.api_keys``, and
+force with its derived figures, and its secrets masked: ``admin.token``, ``auth.api_keys``, the tenants' keys, and
 whatever in a model's ``env``, ``command``, ``args`` or URL (or ``cluster.redis_url``) looks like a
 credential."""
 
@@ -57,7 +57,7 @@ def effective(config: Config) -> dict[str, Any]:
                 value = MASK
             elif field.name in _MASKS and value is not None:
                 value = _MASKS[field.name](value)
-            elif isinstance(value, tuple):
+            elif isinstance(value, (tuple, frozenset)):
                 value = list(value)
             elif isinstance(value, Mapping):  # an empty telemetry.headers
                 value = dict(value)
@@ -69,6 +69,7 @@ def effective(config: Config) -> dict[str, Any]:
         **{name: dump(getattr(config, name)) for name in SECTIONS},
         "engines": {name: dump(e) for name, e in config.engines.items()},
         "models": [dump(m) for m in config.models],
+        "tenants": [dump(t) for t in config.tenants],
         "derived": {
             "upstream_pool_size": config.upstream_pool_size,
             "upstream_keepalive_size": config.upstream_keepalive_size,
