@@ -169,18 +169,22 @@ class AdminApi:
         return {**self._models(), "time": round(time.time(), 3), "gpus": self._gpus()}
 
     def _gpus(self) -> list[dict[str, Any]]:
-        """Each device a model is placed on (or NVML sees): its size, what is used and by whom.
-        Without NVML the used figure is the configured VRAM of the models loaded there."""
+        """Each device a model is placed on (or NVML sees on this host), by engine (None: this
+        host): its size, what is used and by whom, read where the pool's ledger reads it (a
+        remote engine's from its configured size, never this host's NVML). Without a
+        measurement the used figure is the configured VRAM of the models loaded there."""
         pool = self.gateway.pool
-        devices = {g for b in pool.servers for g in b.settings.gpus}
-        if isinstance(pool.gpu, NvmlMemory):
-            devices.update(range(pool.gpu.devices))
+        devices = {d for b in pool.servers for d in b.devices}
+        if isinstance(pool.ledger.local, NvmlMemory):
+            devices.update((None, g) for g in range(pool.ledger.local.devices))
         gpus = []
-        for g in sorted(devices):
+        for engine, g in sorted(devices, key=lambda d: (d[0] or "", d[1])):
             models = [{"name": b.name, "vram_mb": b.vram_mb} for b in pool.servers
-                      if g in b.settings.gpus and b.occupies_slot()]
-            used = pool.gpu.used_mb(g)
-            gpus.append({"index": g, "total_mb": pool.gpu.total_mb(g), "measured": used is not None,
+                      if (engine, g) in b.devices and b.occupies_slot()]
+            reader = pool.ledger.reader(engine)
+            used = reader.used_mb(g)
+            gpus.append({"engine": engine, "index": g, "total_mb": reader.total_mb(g),
+                         "measured": used is not None,
                          "used_mb": sum(m["vram_mb"] for m in models) if used is None else used,
                          "models": models})
         return gpus

@@ -101,3 +101,15 @@ async def test_placement_uses_the_gpus_of_the_engine_a_model_runs_on(health_url:
             async with pool.lease("big"):
                 pass
         assert "needs 2000 MiB on GPU 0, which has 1000 MiB" in too_big.value.message
+
+
+def test_the_admin_view_shows_each_engines_gpus_as_the_ledger_reads_them() -> None:
+    from proxy.app import Gateway
+
+    config = make_config([container("a", "here", vram_mb=300), container("b", "gpu2", gpus=[1])],
+                         engines=ENGINES, gateway={"gpu_memory_mb": 500})
+    gateway = Gateway(config, gpu=ConfiguredMemory(500))
+    gpus = gateway.admin.snapshot()["gpus"]
+    assert [(g["engine"], g["index"], g["total_mb"]) for g in gpus] == [
+        ("gpu2", 1, 1000), ("here", 0, 500)]
+    assert all(g["models"] == [] and g["used_mb"] == 0 for g in gpus)
