@@ -137,14 +137,15 @@ packages=$(.venv/bin/python -c 'import tomllib; print(*{p.split(".")[0]: 0 for p
 # shellcheck disable=SC2086  # one word per package
 tar -c --exclude=__pycache__ --exclude='*.pyc' pyproject.toml README.md $packages |
     tar -C "$ctx/src" -x
-# The runtime dependencies of vllm-gateway in .venv, followed through their requirements.
+# The runtime dependencies of vllm-gateway with the extras the image has (otel, cluster) in .venv,
+# followed through their requirements.
 .venv/bin/python - >"$work/pins.txt" <<'PY'
 from importlib.metadata import distribution
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-pins, todo = {}, [("vllm-gateway", frozenset({""}))]
+pins, todo = {}, [("vllm-gateway", frozenset({"", "otel", "cluster"}))]
 while todo:
     name, extras = todo.pop()
     dist = distribution(name)
@@ -167,7 +168,7 @@ if [[ $(key_of "$GATEWAY_IMAGE") == "$key" ]]; then
 else
     # The project's own wheel is built from the staged copy: nothing is written into the tree.
     .venv/bin/python -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$ctx/wheels" \
-        --constraint "$work/pins.txt" "$ctx/src" 2>"$work/pip.log" ||
+        --constraint "$work/pins.txt" "$ctx/src[otel,cluster]" 2>"$work/pip.log" ||
         { tail -n 30 "$work/pip.log" >&2; die "pip wheel of the gateway failed"; }
     rm -rf "$ctx/src"
     took "pip wheel (host) for $GATEWAY_IMAGE" "$t"

@@ -67,6 +67,9 @@ def test_a_request_through_the_containerised_gateway_reaches_its_model(
     assert response.status_code == 200
     assert response.json()["choices"][0]["message"]["content"] == "tok tok tok "
     assert podman("exec", name, "id", "-u").stdout.strip() == "10001"
+    # Tracing and shared state are in the image (the otel and cluster extras).
+    imports = podman("exec", name, "python3", "-c", "import opentelemetry.sdk, coredis")
+    assert imports.returncode == 0
     assert podman("healthcheck", "run", name, check=False).returncode == 0
 
     began = time.monotonic()
