@@ -28,6 +28,7 @@ from typing import Any, Literal, TypeVar
 import httpx2
 import pytest
 
+from tests.otlp import Receiver, http_receiver
 from tests.support import ROOT, gateway_process, need
 
 T = TypeVar("T")
@@ -44,6 +45,8 @@ ADMIN_TOKEN = "vllm-tier-admin"
 VLLM_ARGS = ["--load-format", "dummy", "--max-model-len", str(MAX_MODEL_LEN),
              "--dtype", "bfloat16"]
 VLLM_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+# vLLM's spans (``--otlp-traces-endpoint``) leave in batches after 0.2 s, not the SDK's 5.
+QUICK_EXPORT = {"OTEL_BSP_SCHEDULE_DELAY": "200"}
 
 
 def required() -> bool:
@@ -203,12 +206,29 @@ def tiny_model_table(python: Path, model_dir: Path, marker: str,
             **settings}
 
 
+@pytest.fixture(scope="session")
+def vllm_traces() -> Iterator[Receiver]:
+    """Where the shared vLLM sends its spans (tests/vllm/test_tracing.py reads them)."""
+    with http_receiver() as receiver:
+        yield receiver
+
+
+def with_traces(model: dict[str, Any], receiver: Receiver) -> dict[str, Any]:
+    """The ``tiny`` table with vLLM tracing every request into the receiver."""
+    return {**model, "command": [*model["command"], "--otlp-traces-endpoint",
+                                 receiver.url + "/v1/traces"],
+            "env": {**model["env"], **QUICK_EXPORT, "OTEL_SERVICE_NAME": "vllm",
+                    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}}
+
+
 @contextlib.contextmanager
 def serving_vllm(python: Path, model_dir: Path, directory: Path,
-                 **settings: Any) -> Iterator[Served]:
-    """``vllm-gateway serve`` with ``tiny`` (not started: the first request starts it)."""
+                 traces: Receiver | None = None, **settings: Any) -> Iterator[Served]:
+    """``vllm-gateway serve`` with ``tiny`` (not started: the first request starts it), vLLM's
+    spans sent to ``traces`` where given."""
     marker = uuid.uuid4().hex
-    config = toml_config([tiny_model_table(python, model_dir, marker, **settings)],
+    model = tiny_model_table(python, model_dir, marker, **settings)
+    config = toml_config([with_traces(model, traces) if traces else model],
                          admin={"token": ADMIN_TOKEN})
     try:
         with gateway_process(config, directory) as (url, process):
@@ -220,19 +240,22 @@ def serving_vllm(python: Path, model_dir: Path, directory: Path,
                 os.kill(int(line.split()[0]), signal.SIGKILL)
 
 
-def long_lived_gateway(scope: Literal["session", "module"], name: str) -> Any:
-    """A fixture: a gateway (never idle-stopped) for the tests of that scope to share."""
+def long_lived_gateway(scope: Literal["session", "module"], name: str, *,
+                       traced: bool = False) -> Any:
+    """A fixture: a gateway (never idle-stopped) for the tests of that scope to share; with
+    ``traced``, its vLLM sends its spans to ``vllm_traces``."""
     @pytest.fixture(scope=scope, name=name)
-    def gateway(vllm_python: Path, tiny_model: Path,
+    def gateway(request: pytest.FixtureRequest, vllm_python: Path, tiny_model: Path,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+        traces = request.getfixturevalue("vllm_traces") if traced else None
         with serving_vllm(vllm_python, tiny_model, tmp_path_factory.mktemp(name),
-                          idle_timeout=3600.0) as served:
+                          traces=traces, idle_timeout=3600.0) as served:
             yield served
     return gateway
 
 
-# One gateway and its vLLM for every test that can share them.
-served = long_lived_gateway("session", "served")
+# One gateway and its vLLM for every test that can share them; vLLM traces every request.
+served = long_lived_gateway("session", "served", traced=True)
 
 
 def metric(address: str, name: str) -> float:
