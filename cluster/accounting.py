@@ -83,6 +83,7 @@ class RedisAccounting:
         self.heartbeat = cluster.heartbeat
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._numbers = itertools.count(1)
+        self.cluster = cluster
         self._needs = 2 if config.gateway.max_concurrent_total else 1
         self._per_replica: dict[str, int] = {}
         self._limits: dict[str, int] = {}
@@ -108,7 +109,7 @@ class RedisAccounting:
     def _configure(self, config: Config, kept: dict[str, int]) -> None:
         """The limits every call sends: the models of ``config``, and the ``kept`` ones (removed,
         with requests of this process still in them) with their slots per replica."""
-        cluster = config.cluster
+        cluster = self.cluster  # fixed: a reload cannot change [cluster]
         self.timeout = config.gateway.queue_timeout
         total = config.gateway.max_concurrent_total
         self._per_replica = {**kept, **{m.name: config.max_concurrent_of(m)
