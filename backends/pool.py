@@ -25,6 +25,14 @@ synchronous step, so it cannot race a lease. Requests the gateway holds for a mo
 the pool (the ``accounting``'s demand) keep it from being idle, so a model serves its run of
 requests before it is swapped out; the accounting is told how many replicas of a model are
 ready (its slots follow).
+
+A live reload (``reconfigure``) changes the models in one synchronous step: an added model
+gets its servers; a changed model's limits and timers are its servers' from the next lease and
+tick; a removed model, or one whose server must change, is retired: it leaves ``models``
+(``retiring`` keeps a removed one for the requests already on their way to it), serves what it
+has, drains, stops and leaves ``servers``; it is never started again (a restarted model's next
+request starts its successor). The servers list is one list, changed in place, that the runs
+and the placer share; the keys the planners name servers by are renumbered in the same step.
 """
 
 from __future__ import annotations
