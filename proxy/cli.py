@@ -186,6 +186,17 @@ async def _reload_on_change(gateway: Gateway, path: Path) -> None:
         _reload(gateway, f"{path} changed")
 
 
+async def _reload_triggers(gateway: Gateway, watch: Path | None, stop: anyio.Event) -> None:
+    """SIGHUP and the watch, until ``stop``: ended from within, in a group of their own (as
+    ``on_signals`` in ``_serve``, this task must end by itself)."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_reload_on_hangup, gateway)
+        if watch is not None:
+            tg.start_soon(_reload_on_change, gateway, watch)
+        await stop.wait()
+        tg.cancel_scope.cancel()
+
+
 async def _serve(config: Config, worker: str, listen: HypercornConfig | list[socket.socket],
                  load: Callable[[], Config] | None = None, watch: Path | None = None) -> None:
     """Serve until the signals' wind-down is over: on hypercorn (``listen`` its config) or on
@@ -228,9 +239,7 @@ async def _serve(config: Config, worker: str, listen: HypercornConfig | list[soc
     gc.freeze()
     async with anyio.create_task_group() as tg:
         tg.start_soon(on_signals)
-        tg.start_soon(_reload_on_hangup, gateway)
-        if watch is not None:
-            tg.start_soon(_reload_on_change, gateway, watch)
+        tg.start_soon(_reload_triggers, gateway, watch, stop)
         if uvicorn_server is not None:
             assert isinstance(listen, list)
             await uvicorn_server.serve(sockets=listen)
