@@ -2,8 +2,8 @@
 
 Owns the per-model figures that belong to no one server: the requests waiting in ``lease``
 (``waiting``), those the gateway holds for it outside the pool (``demand``), how many replicas
-were last told ready (``serving``), its scale-ups and scale-downs, and the model's state as
-its replicas make it (the one nearest to serving).
+were last told ready (``serving``), its scale-ups and scale-downs, whether a reload retired it,
+and the model's state as its replicas make it (the one nearest to serving).
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ class Model:
     serving: int = 0
     scale_ups: int = 0
     scale_downs: int = 0
+    # Why a reload took it out of the configuration (it serves what it has, then stops); None
+    # while it is configured.
+    retired: str | None = None
 
     @property
     def name(self) -> str:

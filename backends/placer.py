@@ -50,7 +50,15 @@ class Placer:
     def open(self) -> None:
         """Made in the event loop, as the pool begins to run."""
         self._start_lock = anyio.Lock()
-        self._device_locks = {d: anyio.Lock() for b in self.servers for d in b.devices}
+        self._device_locks = {}
+        self.add_devices()
+
+    def add_devices(self) -> None:
+        """A lock for each device of the servers (those a reload added too), once running."""
+        if self._start_lock is None:
+            return
+        for device in {d for b in self.servers for d in b.devices}:
+            self._device_locks.setdefault(device, anyio.Lock())
 
     @asynccontextmanager
     async def room(self, backend: Backend) -> AsyncIterator[None]:

@@ -25,6 +25,14 @@ synchronous step, so it cannot race a lease. Requests the gateway holds for a mo
 the pool (the ``accounting``'s demand) keep it from being idle, so a model serves its run of
 requests before it is swapped out; the accounting is told how many replicas of a model are
 ready (its slots follow).
+
+A live reload (``reconfigure``) changes the models in one synchronous step: an added model
+gets its servers; a changed model's limits and timers are its servers' from the next lease and
+tick; a removed model, or one whose server must change, is retired: it leaves ``models``
+(``retiring`` keeps a removed one for the requests already on their way to it), serves what it
+has, drains, stops and leaves ``servers``; it is never started again (a restarted model's next
+request starts its successor). The servers list is one list, changed in place, that the runs
+and the placer share; the keys the planners name servers by are renumbered in the same step.
 """
 
 from __future__ import annotations
@@ -38,8 +46,8 @@ import anyio
 import httpx2
 import structlog
 
-from kernel.accounting import Demand
-from kernel.config import Config, ModelSettings, placement
+from kernel.accounting import Demand, removed
+from kernel.config import Config, ModelSettings, ReloadPlan, placement
 from kernel.errors import GatewayError, not_found
 
 from . import planners
@@ -62,6 +70,18 @@ REAP_INTERVAL_MAX = 1.0
 LauncherFactory = Callable[[ModelSettings], Launcher]
 
 
+def _nothing() -> int:
+    return 0
+
+
+def _replica_settings(settings: ModelSettings, replica: int) -> ModelSettings:
+    """A replica's settings: its model's, with its placement (the alternatives in turn)."""
+    if replica == 0:
+        return settings
+    engine, gpus = placement(settings, replica)
+    return replace(settings, engine=engine, gpus=gpus, replica=replica)
+
+
 class BackendPool:
     def __init__(self, config: Config, *, launchers: LauncherFactory,
                  gpu: GpuMemory | None = None,
@@ -79,11 +99,31 @@ class BackendPool:
         self.on_change = on_change
         self.ledger = GpuLedger(gpu or ConfiguredMemory(config.gateway.gpu_memory_mb),
                                 config.engines, config.gateway.gpu_memory_mb)
-        self.models = {m.name: self._model(m, launchers) for m in config.models}
-        # Every server of every model; each model's servers, and its first, under its name.
+        self.launchers = launchers
+        self.models = {m.name: self._model(m) for m in config.models}
+        # Models a reload took out, under their name while they serve what they still have.
+        self.retiring: dict[str, Model] = {}
+        # Every server of every model (the retiring ones' too, until they stopped): the same
+        # list for the runs and the placer, changed in place.
+        self.servers: list[Backend] = []
+        self.changes = Changes()
+        gateway = config.gateway
+        self.runs = Runs(self.servers, self.ledger, self.changes, notify=self._notify,
+                         on_ready=on_ready, on_wake=on_wake, max_asleep=gateway.max_models_asleep,
+                         max_models=gateway.max_models_concurrent,
+                         placement_timeout=gateway.placement_timeout)
+        self._derive()
+        self.request_stop = self.runs.request_stop
+        self.supervisor = Supervisor()
+
+    def _derive(self) -> None:
+        """What follows from the models and the configuration: made again by a reload."""
+        config = self.config
+        # Each model's servers, and its first, under its name.
         self.replicas = {name: model.replicas for name, model in self.models.items()}
         self.backends = {name: model.replicas[0] for name, model in self.models.items()}
-        self.servers = [b for model in self.models.values() for b in model.replicas]
+        self.servers[:] = [b for model in (*self.models.values(), *self.retiring.values())
+                           for b in model.replicas]
         for key, backend in enumerate(self.servers):
             backend.key = key
         self.replicated = [m for m in self.models.values() if len(m.replicas) > 1]
@@ -96,27 +136,85 @@ class BackendPool:
                                    if m.sleep_level is not None),
                                  *(m.scale_up_after / 4 for m in config.models
                                    if m.max_replicas > 1))
-        self.changes = Changes()
         gateway = config.gateway
-        self.runs = Runs(self.servers, self.ledger, self.changes, notify=self._notify,
-                         on_ready=on_ready, on_wake=on_wake, max_asleep=gateway.max_models_asleep,
-                         max_models=gateway.max_models_concurrent,
-                         placement_timeout=gateway.placement_timeout)
-        self.request_stop = self.runs.request_stop
-        self.supervisor = Supervisor()
+        self.runs.max_asleep = gateway.max_models_asleep
+        self.runs.placer.max_models = gateway.max_models_concurrent
+        self.runs.placer.placement_timeout = gateway.placement_timeout
+        self.runs.placer.add_devices()
 
-    def _model(self, settings: ModelSettings, launchers: LauncherFactory) -> Model:
+    def _model(self, settings: ModelSettings) -> Model:
         """The model and its servers, each with its placement (the alternatives in turn)."""
         model = Model(settings)
         if self.accounting is not None:
             model.demand = functools.partial(self.accounting.demand, settings.name)
         for i in range(settings.max_replicas):
-            engine, gpus = placement(settings, i)
-            each = settings if i == 0 else replace(settings, engine=engine, gpus=gpus, replica=i)
+            each = _replica_settings(settings, i)
             # The new server joins the model's replicas itself.
-            Backend(each, launchers(each), replica=i, model=model,
+            Backend(each, self.launchers(each), replica=i, model=model,
                     slots=self.config.max_concurrent_of(settings), notify=self._notify)
         return model
+
+    def reconfigure(self, config: Config, plan: ReloadPlan) -> None:
+        """A live reload (synchronously: no lease slips in between): models added, removed
+        models and those whose server changes retired (no new lease; what they serve finishes;
+        then they stop), the limits of the others changed in place, for the next lease and the
+        next decision. The servers of unchanged models are not touched."""
+        self.config = config
+        settings = {m.name: m for m in config.models}
+        for name in plan.changed:
+            model = self.models[name]
+            model.settings = settings[name]
+            for backend in model.replicas:
+                backend.settings = _replica_settings(settings[name], backend.replica)
+                backend.slots = config.max_concurrent_of(settings[name])
+        for name in (*plan.removed, *plan.restarted):
+            model = self.models.pop(name)
+            removed = name in plan.removed
+            why = ("removed from the configuration" if removed
+                   else "its settings changed: " + ", ".join(plan.restarted[name]))
+            self._retire(model, why, removed=removed)
+        for name in (*plan.added, *plan.restarted):
+            self.models[name] = self._model(settings[name])
+        self._derive()
+        for model in self.replicated:
+            if self.accounting is not None and model.name in plan.restarted:
+                self.accounting.serving(model.name, model.serving)
+        if plan.added or plan.removed or plan.restarted:
+            self._notify()
+
+    def _retire(self, model: Model, why: str, *, removed: bool) -> None:
+        """Take the model out of the configuration: its servers serve the requests that were
+        already for it (a removed model's queued ones too; a restarted model's new requests go
+        to its new servers), then stop. None is started again."""
+        model.retired = why
+        log.info("model retiring", model=model.name, reason=why)
+        if not removed:
+            # Its queue is its successor's now: it waits only for its own leases.
+            model.demand = _nothing
+        else:
+            self.retiring[model.name] = model
+        if self.runs.tg is None:  # not running: nothing to stop
+            self.retiring.pop(model.name, None)
+            return
+        self.runs.tg.start_soon(self._drain_retired, model)
+
+    async def _drain_retired(self, model: Model) -> None:
+        while model.waiting or model.demand():
+            # The accounting's demand does not signal its changes: looked at every tick.
+            with anyio.move_on_after(self.reap_interval):
+                await self.changes.wait()
+        for backend in model.replicas:
+            if backend.state is ModelState.READY:
+                move(backend, Event.DRAIN, model.retired or "")
+        while any(r.leases for r in model.replicas):
+            await self.changes.wait()
+        for backend in model.replicas:
+            await self.runs.stop_and_wait(backend, model.retired or "retired")
+        if self.retiring.get(model.name) is model:
+            del self.retiring[model.name]
+        self._derive()
+        log.info("model retired", model=model.name)
+        self._notify()
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[BackendPool]:
@@ -181,7 +279,9 @@ class BackendPool:
         replicas, the session's (bounded by ``affinity_slack``), else the least loaded, and
         not replica ``avoid`` (whose connect failed) while another is ready. With ``pin``
         (replica, run): that run of that replica only, woken if it sleeps, never started."""
-        model = self.models[name]
+        model = self.models.get(name) or self.retiring.get(name)
+        if model is None:
+            raise removed(name)
         model.waiting += 1
         try:
             if pin is None:
@@ -212,6 +312,9 @@ class BackendPool:
                 if chosen is not None:
                     return chosen
                 backend = min(model.replicas, key=bring_up_order)
+            if model.retired is not None and backend.state not in COMING:
+                # A reload took it out while this request was on its way: not started again.
+                raise removed(model.name)
             # Started if it may be; a failed one is refused within its backoff, and a static
             # server that is down (its watch still runs) until a check passes.
             if backend.view().may_start(anyio.current_time()):

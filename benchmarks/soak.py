@@ -9,6 +9,11 @@ Every ``--kill-every`` minutes the server of one model (each in turn) is killed 
 the simulator process under the gateway that listens on the port ``/admin/models`` names; the
 next request for the model starts it again.
 
+Every ``--reload-every`` minutes (half a period first) it reloads the gateway's configuration
+live: it rewrites the file with a limit-only change (the first model's ``max_queue_size``, set
+and unset in turn) and POSTs ``/admin/reload``; each must be applied as that change alone, with
+no request failing for it.
+
 Every ``--sample-every`` seconds it reads the gateway's process from ``/proc`` (RSS, open
 descriptors, threads, its TCP connections: from clients, and the others, to the model servers)
 and the gauges of ``/metrics`` (in flight, queued, in flight per replica). The gateway exposes no
@@ -22,6 +27,7 @@ extra) and the gateway's log, prints the checks, and exits 1 if one fails:
 - after the load, every gauge and client connection back to 0 and the descriptors back to
   where they were before it;
 - the gateway stops on SIGTERM, and no process it started outlives it;
+- every reload applied, as the one limit it changed;
 - every failed request explained: the load generator knows which requests it hung up (those
   are not failures), and a failure of a killed model's request that was in flight at the kill
   or began within ``--kill-window`` seconds after it is put down to the kill; any other is not
@@ -69,6 +75,8 @@ STOP_WAIT = 60.0  # seconds the gateway gets to stop on SIGTERM
 # the connection's keep-alive time is up (75 s by default): that short, they are gone soon after
 # the load ends.
 KEEP_ALIVE = 10.0
+# The first model's queue bound while a reload has set it (the others keep the gateway's 200).
+RELOAD_QUEUE_SIZE = 150
 
 
 @dataclass
@@ -94,6 +102,7 @@ class Soak:
         self.missed = 0
         self.servers: dict[tuple[int, int], str] = {}  # (pid, start time): command line
         self.kills: list[Kill] = []
+        self.reloads: list[dict[str, Any]] = []
 
     def admin(self, path: str, *, post: bool = False) -> Any:
         status, body = http_get(self.base + path, timeout=120, headers=self.auth,
@@ -153,6 +162,26 @@ class Soak:
                 return True
         raise RuntimeError(f"no simulator process on port {port} under the gateway")
 
+    def reload(self, conf: Path) -> None:
+        """Set or unset the first model's ``max_queue_size`` in the file (renamed into place),
+        then reload; noted with whether it was applied as that one change."""
+        model = self.models[0]
+        text = conf.read_text()
+        named = f'name = "{model}"\n'
+        limit = f"max_queue_size = {RELOAD_QUEUE_SIZE}\n"
+        text = (text.replace(named + limit, named) if named + limit in text
+                else text.replace(named, named + limit))
+        staged = conf.with_suffix(".staged")
+        staged.write_text(text)
+        staged.replace(conf)
+        try:
+            answer = self.admin("/admin/reload", post=True)
+            applied = answer["models"]["changed"] == {model: ["max_queue_size"]}
+        except (OSError, RuntimeError) as exc:
+            answer, applied = {"error": str(exc)}, False
+        self.reloads.append({"at_s": round(time.monotonic() - self.zero, 2),
+                             "applied": applied, "answer": answer})
+
     def alive(self) -> dict[int, str]:
         """The processes the gateway started that run still."""
         return {pid: cmd for (pid, began), cmd in self.servers.items()
@@ -198,12 +227,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if k * args.kill_every * 60 <= seconds - args.kill_window
                 ] if args.kill_every else []
         planned = len(plan)
+        every = args.reload_every * 60
+        reloads = [soak.zero + k * every - every / 2
+                   for k in range(1, int(seconds // every) + 2) if k * every - every / 2 < seconds
+                   ] if every else []
+        planned_reloads = len(reloads)
         next_sample = [soak.zero]
 
         def poll() -> None:
             now = time.monotonic()
             if plan and now >= plan[0] and soak.kill(names[len(soak.kills) % len(names)]):
                 plan.pop(0)
+            if reloads and now >= reloads[0]:
+                reloads.pop(0)
+                soak.reload(out / "gateway.toml")  # systems.gateway writes it there
             if next_sample[0] <= now <= end:
                 next_sample[0] += args.sample_every
                 soak.sample("load" if now - soak.zero >= args.warmup else "warm-up")
@@ -236,8 +273,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for pid in soak.alive():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-    return verdict(args, soak, result, planned=planned, status=status,
-                   stop_s=stop_s, orphans=orphans)
+    return verdict(args, soak, result, planned=planned, planned_reloads=planned_reloads,
+                   status=status, stop_s=stop_s, orphans=orphans)
 
 
 def attribute(failures: list[list[Any]], kills: list[Kill], zero: float,
@@ -267,7 +304,7 @@ def flat(rows: list[dict[str, Any]], key: str, per_hour: float, noise: float) ->
 
 
 def verdict(args: argparse.Namespace, soak: Soak, result: dict[str, Any], *, planned: int,
-            status: int | None, stop_s: float,
+            planned_reloads: int, status: int | None, stop_s: float,
             orphans: dict[int, str]) -> dict[str, Any]:
     unexplained = attribute(result["failures"], soak.kills, soak.zero, args.kill_window)
     steady = [r for r in soak.samples if r["phase"] == "load"]
@@ -301,6 +338,11 @@ def verdict(args: argparse.Namespace, soak: Soak, result: dict[str, Any], *, pla
             "the clients"),
         "every kill done": (
             len(soak.kills) == planned, f"{len(soak.kills)} of {planned}"),
+        "every reload applied": (
+            sum(r["applied"] for r in soak.reloads) == planned_reloads,
+            f"{sum(r['applied'] for r in soak.reloads)} of {planned_reloads} applied"
+            + "".join(f"; at {r['at_s']} s: {r['answer']}" for r in soak.reloads
+                      if not r["applied"])),
     }
     answered = result["ok"] + failed + hung_up
     return {
@@ -311,6 +353,7 @@ def verdict(args: argparse.Namespace, soak: Soak, result: dict[str, Any], *, pla
                      "ok_per_s": result["ok"] / (args.minutes * 60)},
         "kills": [{"at_s": k.at, "model": k.model, "pid": k.pid, "failures": dict(k.failures)}
                   for k in soak.kills],
+        "reloads": [{"at_s": r["at_s"], "applied": r["applied"]} for r in soak.reloads],
         "unexplained": dict(unexplained),
         "failures": [[round(b - soak.zero, 3), round(e - soak.zero, 3), m, w]
                      for b, e, m, w in result["failures"]],
@@ -399,6 +442,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="share of the requests whose client hangs up early")
     p.add_argument("--kill-every", type=float, default=5.0,
                    help="minutes between two kills of a model's server (0: none)")
+    p.add_argument("--reload-every", type=float, default=10.0,
+                   help="minutes between live reloads of the configuration (0: none)")
     p.add_argument("--kill-window", type=float, default=15.0,
                    help="seconds after a kill in which its model's failures are put down to it")
     p.add_argument("--sample-every", type=float, default=10.0, help="seconds")

@@ -28,7 +28,8 @@ local function key(kind, m) return P .. ':' .. kind .. ':' .. m end
 local function capacity(m)
   local c = redis.call('GET', key('cap', m))
   if c then return tonumber(c) end
-  return PER[m]
+  -- A model this caller's configuration no longer has (a reload removed it): none handed out.
+  return PER[m] or 0
 end
 
 local function grant(id, m, owner)

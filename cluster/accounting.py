@@ -46,7 +46,7 @@ import coredis
 from anyio.abc import TaskGroup
 from coredis.exceptions import RedisError
 
-from kernel.accounting import Ticket
+from kernel.accounting import Ticket, removed
 from kernel.config import Config
 from kernel.errors import GatewayError, unavailable
 
@@ -83,16 +83,14 @@ class RedisAccounting:
         self.heartbeat = cluster.heartbeat
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._numbers = itertools.count(1)
-        total = config.gateway.max_concurrent_total
-        self._needs = 2 if total else 1
-        self._per_replica = {m.name: config.max_concurrent_of(m) for m in config.models}
-        self._limits = {m.name: config.max_queue_size_of(m) for m in config.models}
-        self._index = {name: i * FIGURES for i, name in enumerate(self._per_replica)}
-        self._header: list[Any] = [cluster.key_prefix, total or 0, round(cluster.lease_s * 1000),
-                                   len(self._per_replica)]
-        for name, per_replica in self._per_replica.items():
-            self._header += [name, per_replica]
-        self._figures: list[int] = [0, 0, -1] * len(self._per_replica)
+        self.cluster = cluster
+        self._needs = 2 if config.gateway.max_concurrent_total else 1
+        self._per_replica: dict[str, int] = {}
+        self._limits: dict[str, int] = {}
+        self._index: dict[str, int] = {}
+        self._header: list[Any] = []
+        self._figures: list[int] = []
+        self._configure(config, {})
         self._seen = 0.0
         self._version = 0
         # This process's live tickets, and those of them queued (whose places each call asks).
@@ -107,6 +105,32 @@ class RedisAccounting:
         self.pending = 0
         # Why the shared state cannot be used now (``/health``); None while it can.
         self.error: str | None = "not connected to Redis yet"
+
+    def _configure(self, config: Config, kept: dict[str, int]) -> None:
+        """The limits every call sends: the models of ``config``, and the ``kept`` ones (removed,
+        with requests of this process still in them) with their slots per replica."""
+        cluster = self.cluster  # fixed: a reload cannot change [cluster]
+        self.timeout = config.gateway.queue_timeout
+        total = config.gateway.max_concurrent_total
+        self._per_replica = {**kept, **{m.name: config.max_concurrent_of(m)
+                                        for m in config.models}}
+        self._limits = {m.name: config.max_queue_size_of(m) for m in config.models}
+        self._index = {name: i * FIGURES for i, name in enumerate(self._per_replica)}
+        self._header = [cluster.key_prefix, total or 0, round(cluster.lease_s * 1000),
+                        len(self._per_replica)]
+        for name, per_replica in self._per_replica.items():
+            self._header += [name, per_replica]
+        # A call's reply holds figures per model as the header was: none until the next call.
+        self._figures = [0, 0, -1] * len(self._per_replica)
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload's limits, sent with every call from now on; a beat hands out at once what
+        more slots there are."""
+        held = {t.model for t in self._tickets.values()}
+        kept = {m: n for m, n in self._per_replica.items() if m in held}
+        self._configure(config, kept)
+        if self._tg is not None:
+            self._tg.start_soon(self._beat)
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[RedisAccounting]:
@@ -131,20 +155,22 @@ class RedisAccounting:
         if self._script is None:
             raise self._unavailable()
         queued = list(self._queued.values())
+        header = self._header
         self.pending += 1
         try:
             with anyio.fail_after(CALL_TIMEOUT):
                 reply = await self._script(
-                    keys=[], args=[*self._header, op, len(args), *args, *(t.id for t in queued)])
+                    keys=[], args=[*header, op, len(args), *args, *(t.id for t in queued)])
         except (RedisError, OSError, TimeoutError) as exc:
             self.error = f"Redis unreachable ({type(exc).__name__}: {exc})"
             raise self._unavailable() from exc
         finally:
             self.pending -= 1
         self.error = None
-        end = 2 + len(self._figures)
-        # Calls on several connections answer in any order: keep the figures of the last to run.
-        if reply[1] > self._version:
+        end = 2 + FIGURES * header[3]
+        # Calls on several connections answer in any order: keep the figures of the last to run
+        # (with the models of the header in force: a reload may have changed it meanwhile).
+        if reply[1] > self._version and header is self._header:
             self._version = reply[1]
             self._figures = reply[2:end]
             self._seen = anyio.current_time()
@@ -168,6 +194,8 @@ class RedisAccounting:
                            code="state_unavailable", retry_after=max(1.0, self.heartbeat))
 
     async def join(self, model: str) -> Ticket | None:
+        if model not in self._limits:  # removed by a reload after this request's admission
+            raise removed(model)
         ticket = RedisTicket(f"{self.owner}:{next(self._numbers)}", model)
         for _ in range(2):
             try:
@@ -279,7 +307,10 @@ class RedisAccounting:
             await self._beat()
 
     def _figure(self, model: str, which: int) -> int:
-        return self._figures[self._index[model] + which]
+        at = self._index.get(model)
+        if at is None or at + which >= len(self._figures):  # removed by a reload
+            return -1 if which == 2 else 0
+        return self._figures[at + which]
 
     def depth(self, model: str) -> int:
         return self._figure(model, 0)
@@ -299,7 +330,7 @@ class RedisAccounting:
         return None if waited < 0 else waited / 1000 + anyio.current_time() - self._seen
 
     def serving(self, model: str, replicas: int) -> None:
-        if self._tg is not None:
+        if self._tg is not None and model in self._per_replica:
             self._tg.start_soon(self._serving, model, self._per_replica[model] * max(1, replicas))
 
     async def _serving(self, model: str, slots: int) -> None:

@@ -21,6 +21,12 @@ waiter's task runs next, which trio does in a random order); a wait is bounded b
 holds nothing. A model's slots are ``max_concurrent`` per ready replica (at least one
 replica's, so that a request can start the first): those in flight when they shrink finish,
 and the line moves once there is room below the new size.
+
+A live reload (``reconfigure``) changes the limits in place: a line's ``max_concurrent`` and
+``max_queue_size``, the shared slots' count and ``queue_timeout`` are in force for the next
+request and the next hand-out (those holding slots keep them; more slots go to the line at
+once). A new model gets its line; a removed model's line serves those already in it and is
+dropped once empty.
 """
 
 from __future__ import annotations
@@ -30,8 +36,16 @@ from typing import TYPE_CHECKING, Protocol
 
 import anyio
 
+from kernel.errors import GatewayError, not_found
+
 if TYPE_CHECKING:
     from kernel.config import Config
+
+
+def removed(model: str) -> GatewayError:
+    """The 404 of a request for a model that a reload removed after the request was admitted."""
+    return not_found(f"The model '{model}' was removed from the configuration.",
+                     code="model_not_found", param="model")
 
 
 class Ticket:
@@ -64,6 +78,9 @@ class Demand(Protocol):
 
     def serving(self, model: str, replicas: int) -> None:
         """The pool's word: ``replicas`` of the model are ready; its slots follow."""
+
+    def reconfigure(self, config: Config) -> None:
+        """A live reload's limits, in force from now on (see the module's docstring)."""
 
 
 class Accounting(Demand, Protocol):
@@ -120,11 +137,17 @@ class _Stage:
 class _Line:
     """One model: its slots, its queue in the order requests came, and those in flight."""
 
-    __slots__ = ("in_flight", "limit", "per_replica", "places", "queue", "slots")
+    __slots__ = ("in_flight", "limit", "name", "per_replica", "places", "queue", "replicas",
+                 "retired", "slots")
 
-    def __init__(self, per_replica: int, limit: int) -> None:
+    def __init__(self, name: str, per_replica: int, limit: int) -> None:
+        self.name = name
         self.per_replica = per_replica
         self.limit = limit
+        # Ready replicas, as the pool last said (``serving``).
+        self.replicas = 0
+        # Its model was removed by a reload: dropped once no request is in it.
+        self.retired = False
         self.slots = _Stage(per_replica)
         # Insertion-ordered: the queue's order. A dict, so that leaving from the middle is O(1).
         self.queue: dict[Ticket, None] = {}
@@ -142,15 +165,17 @@ class InMemoryAccounting:
 
     def __init__(self, config: Config) -> None:
         self.timeout = config.gateway.queue_timeout
-        self._lines = {m.name: _Line(config.max_concurrent_of(m), config.max_queue_size_of(m))
-                       for m in config.models}
+        self._lines = {m.name: _Line(m.name, config.max_concurrent_of(m),
+                                     config.max_queue_size_of(m)) for m in config.models}
         total = config.gateway.max_concurrent_total
         self._total = _Stage(total) if total else None
         # How many slots a ticket in flight holds: its model's, and the shared one if any.
         self._needs = 2 if total else 1
 
     async def join(self, model: str) -> Ticket | None:
-        line = self._lines[model]
+        line = self._lines.get(model)
+        if line is None:  # removed by a reload after this request's admission
+            raise removed(model)
         if len(line.queue) >= line.limit:
             return None
         ticket = Ticket(line)
@@ -213,6 +238,7 @@ class InMemoryAccounting:
                 self._hand_out_shared()
             line.slots.taken -= 1
             self._hand_out(line)
+        self._drop_if_retired(ticket.line)
 
     def _give_up(self, ticket: Ticket) -> None:
         """A wait that ended without its slots: out of its line and the queue, holding none."""
@@ -269,7 +295,8 @@ class InMemoryAccounting:
             line.places = None
 
     def depth(self, model: str) -> int:
-        return len(self._lines[model].queue)
+        line = self._lines.get(model)
+        return len(line.queue) if line is not None else 0
 
     def position(self, ticket: Ticket) -> int | None:
         if not ticket.queued:
@@ -281,17 +308,47 @@ class InMemoryAccounting:
         return places[ticket]
 
     def in_flight(self, model: str) -> int:
-        return self._lines[model].in_flight
+        line = self._lines.get(model)
+        return line.in_flight if line is not None else 0
 
     def demand(self, model: str) -> int:
-        line = self._lines[model]
-        return len(line.queue) + line.in_flight
+        line = self._lines.get(model)
+        return len(line.queue) + line.in_flight if line is not None else 0
 
     def oldest_wait(self, model: str) -> float | None:
-        waiters = self._lines[model].slots.waiters
+        line = self._lines.get(model)
+        waiters = line.slots.waiters if line is not None else None
         return anyio.current_time() - waiters[0].since if waiters else None
 
     def serving(self, model: str, replicas: int) -> None:
-        line = self._lines[model]
-        line.slots.capacity = line.per_replica * max(1, replicas)
+        line = self._lines.get(model)
+        if line is None:
+            return
+        line.replicas = replicas
+        self._resize(line)
+
+    def _resize(self, line: _Line) -> None:
+        line.slots.capacity = line.per_replica * max(1, line.replicas)
         self._hand_out(line)
+
+    def reconfigure(self, config: Config) -> None:
+        self.timeout = config.gateway.queue_timeout
+        total = config.gateway.max_concurrent_total
+        if self._total is not None and total:
+            self._total.capacity = total
+            self._hand_out_shared()
+        models = {m.name: m for m in config.models}
+        for name, line in list(self._lines.items()):
+            line.retired = name not in models
+            self._drop_if_retired(line)
+        for name, model in models.items():
+            line = self._lines.get(name)
+            if line is None:
+                line = self._lines[name] = _Line(name, 0, 0)
+            line.per_replica = config.max_concurrent_of(model)
+            line.limit = config.max_queue_size_of(model)
+            self._resize(line)
+
+    def _drop_if_retired(self, line: _Line) -> None:
+        if line.retired and not line.queue and not line.slots.taken:
+            self._lines.pop(line.name, None)

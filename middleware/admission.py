@@ -324,7 +324,8 @@ def _too_large(limit: int) -> GatewayError:
 class Admission:
     def __init__(self, app: ASGIApp, *, config: Config,
                  readers: Mapping[bytes, ReaderFactory] = READERS,
-                 response_ids: ResponseIds | None = None) -> None:
+                 response_ids: ResponseIds | None = None,
+                 budget: BodyBudget | None = None) -> None:
         self.app = app
         self.models = config.by_name
         default = config.gateway.default_model
@@ -338,7 +339,11 @@ class Admission:
         self.limit = config.gateway.max_body_bytes
         self.timeout = config.gateway.body_timeout
         self.deadlines = BodyDeadlines(self.timeout)
-        self.budget = BodyBudget(config.gateway.max_buffered_body_bytes)
+        # Shared with the layer this one replaces at a reload (the bodies it holds still count).
+        if budget is None:
+            budget = BodyBudget(config.gateway.max_buffered_body_bytes)
+        budget.limit = config.gateway.max_buffered_body_bytes
+        self.budget = budget
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

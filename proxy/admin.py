@@ -16,6 +16,12 @@ OpenAI shape.
   (or was stopped instead, when its server has no sleep API).
 - ``POST /admin/models/{name}/wake``: wake an asleep model as a request would; answers once it
   is ready.
+- ``POST /admin/reload``: read the configuration again and put it in force (``proxy.reload``):
+  200 with what changed (models added, removed, restarted, changed in place; other keys) and
+  the new ``config_hash``; 400 ``invalid_config`` with the one-line error, or 409
+  ``reload_refused`` naming the keys that cannot change live; either way nothing changed.
+  ``GET /admin/models`` shows the hash in force, the reloads and the last one (``config``), and
+  the models a reload removed that still finish their requests (``retiring``).
 - ``POST /admin/drain``: the whole gateway stops taking requests, as on SIGTERM, but keeps
   running; answers at once (202). ``GET /admin/models`` then shows what is still in flight.
 - ``GET /admin/events``: the same state, and each request as it ends, as a live stream of
@@ -105,6 +111,11 @@ class AdminApi:
         elif path == "/admin/events":
             _allow(scope, "GET")
             await self.gateway.events.stream(receive, send, self.snapshot)
+        elif path == "/admin/reload":
+            _allow(scope, "POST")
+            plan = self.gateway.reloads.reload()
+            await respond_json(send, 200, {"status": "applied", **plan.as_json(),
+                                           "config_hash": self.gateway.reloads.hash})
         elif path == "/admin/drain":
             _allow(scope, "POST")
             self.gateway.drain()
@@ -160,9 +171,14 @@ class AdminApi:
             await self.gateway.pool.sleep(name)
 
     def _models(self) -> dict[str, Any]:
+        pool = self.gateway.pool
         return {"object": "list", "draining": self.gateway.draining,
                 "in_flight": self.gateway.in_flight,
-                "data": [self._model(name) for name in self.gateway.pool.backends]}
+                "config": self.gateway.reloads.view(),
+                "data": [self._model(name) for name in pool.backends],
+                "retiring": [{"name": name, "reason": model.retired,
+                              "replicas": [_replica(r) for r in model.replicas]}
+                             for name, model in pool.retiring.items()]}
 
     def snapshot(self) -> dict[str, Any]:
         """What the event stream's ``state`` event holds: the models, and each GPU's memory."""

@@ -25,7 +25,7 @@ within ``gateway.shutdown_grace``, end the rest.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, nullcontext
 from functools import partial
 from typing import TYPE_CHECKING
@@ -41,9 +41,9 @@ from backends.pool_metrics import PoolMetrics
 from backends.process import STOP_TIMEOUT, ProcessLauncher
 from backends.static import StaticLauncher
 from kernel.accounting import Accounting, InMemoryAccounting
-from kernel.config import Config, ModelSettings
+from kernel.config import Config, ModelSettings, ReloadPlan
 from kernel.types import ASGIApp, Receive, Scope, Send
-from middleware.admission import Admission
+from middleware.admission import Admission, BodyBudget
 from middleware.auth import ClientKeys
 from middleware.concurrency import ModelConcurrencyLimit
 from middleware.draining import Draining
@@ -59,6 +59,7 @@ from telemetry.metrics import GatewayMetrics
 
 from . import anthropic, routes
 from .admin import AdminApi
+from .reload import Reloads
 from .routes import EnginePings, method_not_allowed, no_route
 
 if TYPE_CHECKING:
@@ -102,7 +103,8 @@ class Gateway:
     """The ASGI application of one gateway."""
 
     def __init__(self, config: Config, *, launchers: LauncherFactory | None = None,
-                 gpu: GpuMemory | None = None, tracing: GatewayTracing | None = None) -> None:
+                 gpu: GpuMemory | None = None, tracing: GatewayTracing | None = None,
+                 load: Callable[[], Config] | None = None) -> None:
         self.config = config
         self.tracing = tracing or tracing_for(config)
         self.metrics = GatewayMetrics()
@@ -132,33 +134,64 @@ class Gateway:
         self.running_now = False
         self._told: str | None = None
         self._ended: str | None = None
+        # The parts that live as long as the gateway (a reload keeps them): the upstream side
+        # of the stack (built from [upstream], which cannot change live), the response ids,
+        # the body budget, the loading feedback's ticker and the in-flight count.
         upstream = self.tracing.upstream(self.upstream) if self.tracing else self.upstream
-        passthrough = StreamingPassthrough(pool=self.pool, upstream=upstream,
-                                           send_timeout=config.gateway.send_timeout)
-        retry: ASGIApp = RetryConnectFailures(passthrough, config=config, metrics=self.metrics)
+        self._passthrough = StreamingPassthrough(pool=self.pool, upstream=upstream,
+                                                 send_timeout=config.gateway.send_timeout)
+        retry: ASGIApp = RetryConnectFailures(self._passthrough, config=config,
+                                              metrics=self.metrics)
         if self.tracing:
             retry = self.tracing.waits(retry)
-        semaphores = ModelConcurrencyLimit(retry, config=config, metrics=self.metrics,
-                                           accounting=accounting)
-        queue = QueueDepthLimit(semaphores, config=config, metrics=self.metrics,
-                                accounting=accounting)
+        self._retry = retry
         self.response_ids = ResponseIds(config.gateway.max_response_ids)
-        self.feedback = (StreamFeedback(queue, config=config, pool=self.pool,
+        self.budget = BodyBudget(config.gateway.max_buffered_body_bytes)
+        # Its inner layers are the configuration's (``_layers``).
+        self.feedback = (StreamFeedback(retry, config=config, pool=self.pool,
                                         accounting=accounting)
                          if config.gateway.stream_keepalive else None)
-        self.admission = Admission(self.feedback or queue, config=config,
-                                   response_ids=self.response_ids)
-        self._draining = Draining(self.admission)
+        self._draining = Draining(self._layers(config))
         self._remembering = RememberResponseIds(self._draining, ids=self.response_ids)
+        self._surfaces(config)
+        self.reloads = Reloads(self, load)
+        self._app: ASGIApp = RequestContext(self._route, metrics=self.metrics, events=self.events)
+        if self.tracing:
+            self._app = self.tracing.requests(self._app, untraced=frozenset(routes.OPEN_ROUTES),
+                                              routes=FORWARDED | frozenset(routes.CLIENT_ROUTES))
+
+    def _layers(self, config: Config) -> ASGIApp:
+        """The layers made from the configuration, from admission to the semaphores (a reload
+        makes them again); what they count is the accounting's and the budget's, shared."""
+        semaphores = ModelConcurrencyLimit(self._retry, config=config, metrics=self.metrics,
+                                           accounting=self.accounting)
+        queue = QueueDepthLimit(semaphores, config=config, metrics=self.metrics,
+                                accounting=self.accounting)
+        if self.feedback is not None:
+            self.feedback.app = queue
+        self.admission = Admission(self.feedback or queue, config=config,
+                                   response_ids=self.response_ids, budget=self.budget)
+        return self.admission
+
+    def _surfaces(self, config: Config) -> None:
+        """Who may call: the clients' keys and the admin token (a reload makes them again)."""
         self._clients: ASGIApp = self._client_routes
         if config.client_keys:
             self._clients = ClientKeys(self._client_routes, keys=config.client_keys)
         self._anthropic_clients = anthropic.AnthropicErrors(self._clients)
         self.admin = AdminApi(self)
-        self._app: ASGIApp = RequestContext(self._route, metrics=self.metrics, events=self.events)
-        if self.tracing:
-            self._app = self.tracing.requests(self._app, untraced=frozenset(routes.OPEN_ROUTES),
-                                              routes=FORWARDED | frozenset(routes.CLIENT_ROUTES))
+
+    def reconfigure(self, config: Config, plan: ReloadPlan) -> None:
+        """Put a new configuration in force (``plan`` from ``plan_reload``, with nothing
+        refused), synchronously: no request sees half of it. The accounting's limits and the
+        pool change in place (unchanged models untouched); the configuration's layers are made
+        anew and take the next requests, while the requests in flight finish in the old ones."""
+        self.config = config
+        self.accounting.reconfigure(config)
+        self.pool.reconfigure(config, plan)
+        self._passthrough.set_send_timeout(config.gateway.send_timeout)
+        self._draining.app = self._layers(config)
+        self._surfaces(config)
 
     def problem(self) -> str | None:
         """Why a gateway that started no longer does its work (the pool, its reaper or an
@@ -305,8 +338,10 @@ class Gateway:
         await send({"type": "lifespan.shutdown.complete"})
 
 
-def build_app(config: Config) -> Gateway:
-    return Gateway(config)
+def build_app(config: Config, load: Callable[[], Config] | None = None) -> Gateway:
+    """The gateway; ``load`` reads the configuration again for a reload (SIGHUP,
+    ``POST /admin/reload``, ``--watch-config``)."""
+    return Gateway(config, load=load)
 
 
 def tracing_for(config: Config) -> GatewayTracing | None:

@@ -3,6 +3,10 @@
 The configuration is validated before anything binds a port; a bad value exits with status 2
 and one line that names the key, the value, where it came from and what is allowed. So does an
 address the gateway cannot listen on (in use, not this host's), before any model is touched.
+
+SIGHUP reloads the configuration (``proxy.reload``: read as at the start, with the same
+``--config`` and ``--bind``), and so does a change of its file under ``--watch-config``
+(watchfiles, on the file's folder: a rename into place is seen; a burst of writes is read once).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +32,11 @@ import anyio
 import structlog
 from hypercorn.config import Config as HypercornConfig
 
-from kernel.config import Config, ConfigError, effective, load_config
+from kernel.config import Config, ConfigError, config_path, effective, load_config
+from kernel.errors import GatewayError
 from kernel.types import ASGIApp
 
-from .app import build_app, shutdown_allowance
+from .app import Gateway, build_app, shutdown_allowance
 from .forwarded import behind_proxies
 from .logs import SERVER_LOGGER, configure_logging, log_configuration
 
@@ -43,6 +49,9 @@ SERVERS = ("hypercorn", "uvicorn")
 # uvloop where it is installed (a dependency everywhere but Windows): measured on one core, ~7%
 # less CPU per request than asyncio's own loop (benchmarks/).
 DEFAULT_WORKER = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+# Milliseconds a changed config file must be quiet before it is read (--watch-config): an
+# editor's truncate-then-write, or a write then a rename into place, is read once, complete.
+WATCH_QUIET_MS = 300
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,15 +65,23 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--server", choices=SERVERS, default="hypercorn",
                        help="HTTP server (default: hypercorn; uvicorn needs the uvicorn extra, "
                             "asyncio or uvloop, and serves HTTP/1.1 only)")
+    serve.add_argument("--watch-config", action="store_true",
+                       help="reload the configuration when its file changes (as SIGHUP does)")
     check = commands.add_parser("check-config", help="validate and print the configuration")
     check.add_argument("--config", help="TOML file (default: $GATEWAY_CONFIG or ./config.toml)")
     return parser
 
 
+def loader(path: str | None = None, bind: str | None = None) -> Callable[[], Config]:
+    """Reads the configuration as the command line names it (for the start and each reload)."""
+    return partial(load_config, path,
+                   options={"gateway.bind": bind} if bind is not None else None)
+
+
 def load_or_exit(path: str | None = None, bind: str | None = None) -> Config:
     """The validated configuration, or exit with status 2 and its one-line message."""
     try:
-        return load_config(path, options={"gateway.bind": bind} if bind is not None else None)
+        return loader(path, bind)()
     except ConfigError as exc:
         print(f"vllm-gateway: config error: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
@@ -145,11 +162,47 @@ def _uvicorn_server(config: Config, app: ASGIApp) -> Any:
         timeout_graceful_shutdown=CLOSE_TIMEOUT))
 
 
+def _reload(gateway: Gateway, trigger: str) -> None:
+    log = structlog.get_logger("gateway")
+    log.info("reloading the configuration", trigger=trigger)
+    with contextlib.suppress(GatewayError):  # logged and counted by the reload
+        gateway.reloads.reload()
+
+
+async def _reload_on_hangup(gateway: Gateway) -> None:
+    with anyio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            _reload(gateway, "SIGHUP")
+
+
+async def _reload_on_change(gateway: Gateway, path: Path) -> None:
+    """Reload when the file (an absolute path) changes: its folder is watched, so that a file
+    renamed into place (a new inode) is seen; changes closer than ``WATCH_QUIET_MS`` are one (an
+    editor's truncate and write), read once the file is quiet."""
+    import watchfiles
+
+    async for _ in watchfiles.awatch(path.parent, step=WATCH_QUIET_MS,
+                                     watch_filter=lambda _, changed: Path(changed) == path):
+        _reload(gateway, f"{path} changed")
+
+
+async def _reload_triggers(gateway: Gateway, watch: Path | None, stop: anyio.Event) -> None:
+    """SIGHUP and the watch, until ``stop``: ended from within, in a group of their own (as
+    ``on_signals`` in ``_serve``, this task must end by itself)."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_reload_on_hangup, gateway)
+        if watch is not None:
+            tg.start_soon(_reload_on_change, gateway, watch)
+        await stop.wait()
+        tg.cancel_scope.cancel()
+
+
 async def _serve(config: Config, worker: str, listen: HypercornConfig | list[socket.socket],
-                 ) -> None:
+                 load: Callable[[], Config] | None = None, watch: Path | None = None) -> None:
     """Serve until the signals' wind-down is over: on hypercorn (``listen`` its config) or on
-    uvicorn (``listen`` the bound sockets)."""
-    gateway = build_app(config)
+    uvicorn (``listen`` the bound sockets). SIGHUP (and with ``watch``, a change of that file)
+    reloads the configuration (``load``)."""
+    gateway = build_app(config, load)
     app = behind_proxies(gateway, config.gateway.trusted_proxies)
     stop = anyio.Event()
     log = structlog.get_logger("gateway")
@@ -186,6 +239,7 @@ async def _serve(config: Config, worker: str, listen: HypercornConfig | list[soc
     gc.freeze()
     async with anyio.create_task_group() as tg:
         tg.start_soon(on_signals)
+        tg.start_soon(_reload_triggers, gateway, watch, stop)
         if uvicorn_server is not None:
             assert isinstance(listen, list)
             await uvicorn_server.serve(sockets=listen)
@@ -219,7 +273,8 @@ def log_start_up(config: Config) -> None:
                     "api_keys_file", bind=config.gateway.bind)
 
 
-def serve(config: Config, worker: str, server: str = "hypercorn") -> None:
+def serve(config: Config, worker: str, server: str = "hypercorn",
+          load: Callable[[], Config] | None = None, watch: Path | None = None) -> None:
     listen: HypercornConfig | list[socket.socket]
     if server == "uvicorn":
         listen = _listen(config.gateway.bind, HypercornConfig())
@@ -228,9 +283,9 @@ def serve(config: Config, worker: str, server: str = "hypercorn") -> None:
     configure_logging(config.gateway.log_format)
     log_start_up(config)
     if worker == "trio":
-        anyio.run(_serve, config, worker, listen, backend="trio")
+        anyio.run(_serve, config, worker, listen, load, watch, backend="trio")
     else:
-        anyio.run(_serve, config, worker, listen, backend="asyncio",
+        anyio.run(_serve, config, worker, listen, load, watch, backend="asyncio",
                   backend_options={"use_uvloop": worker == "uvloop"})
     structlog.get_logger("gateway").info("gateway stopped", exit_status=0)
 
@@ -266,7 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem:
             print(f"vllm-gateway: --server uvicorn: {problem}", file=sys.stderr)
             return EXIT_CONFIG
-    serve(config, args.worker, args.server)
+    watch = config_path(args.config, os.environ)[0].resolve() if args.watch_config else None
+    serve(config, args.worker, args.server, loader(args.config, args.bind), watch)
     return 0
 
 

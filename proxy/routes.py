@@ -83,9 +83,10 @@ class EnginePings:
 
 async def health(gateway: Gateway, send: Send) -> None:
     if problem := gateway.problem():
-        await respond_json(send, 503, {"status": "failing", "reason": problem})
+        await respond_json(send, 503, {"status": "failing", "reason": problem,
+                                       "config_hash": gateway.reloads.hash})
     else:
-        await respond_json(send, 200, {"status": "ok"})
+        await respond_json(send, 200, {"status": "ok", "config_hash": gateway.reloads.hash})
 
 
 async def ready(gateway: Gateway, send: Send) -> None:

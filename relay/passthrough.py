@@ -67,6 +67,10 @@ class StreamingPassthrough:
     def __init__(self, *, pool: BackendPool, upstream: Upstream, send_timeout: float) -> None:
         self.pool = pool
         self.upstream = upstream
+        self.set_send_timeout(send_timeout)
+
+    def set_send_timeout(self, send_timeout: float) -> None:
+        """In force for the answers that begin from now on (a reload's)."""
         self.send_timeout = send_timeout
         self.sends = SendWatches(send_timeout)
 

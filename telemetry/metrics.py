@@ -112,12 +112,22 @@ class GatewayMetrics:
             "gateway_backend_wake_seconds",
             "Seconds from waking a model's server (room already made) until it said it was "
             "awake.", ["model"], buckets=WAKE_BUCKETS, registry=self.registry))
+        self.reloads = Counter(
+            "gateway_config_reloads_total", "Live reloads of the configuration, by outcome: "
+            "applied, invalid (nothing changed) or refused (a key that cannot change live).",
+            ["outcome"], registry=self.registry)
+        self._config = Gauge("gateway_config_info", "The configuration in force, by its hash; "
+                             "always 1.", ["hash"], registry=self.registry)
         Gauge("gateway_build_info", "The gateway's version; always 1.", ["version"],
               registry=self.registry).labels(version("vllm-gateway")).set(1)
 
     def gauge(self, name: str, documentation: str, read: PerModel) -> None:
         """Expose a per-model figure that a layer owns; read when Prometheus scrapes."""
         self._gauges.add(name, documentation, read)
+
+    def config_in_force(self, digest: str) -> None:
+        self._config.clear()
+        self._config.labels(digest).set(1)
 
     def reject(self, model: str, reason: str) -> None:
         self._rejected(model, reason).inc()

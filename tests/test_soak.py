@@ -1,8 +1,8 @@
 """The soak (``benchmarks.soak``) for two minutes instead of the hour: three simulated models
 under 50 clients each, one model server killed under the load, a tenth of the requests hung up
-by their clients, and every check of the hour passes: memory and descriptors flat, every gauge
-back to 0, the gateway stopped with no server left running, every failed request explained;
-and which failures a kill explains."""
+by their clients, the configuration reloaded live twice, and every check of the hour passes:
+memory and descriptors flat, every gauge back to 0, the gateway stopped with no server left
+running, every failed request explained; and which failures a kill explains."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ pytestmark = pytest.mark.skipif(
 def test_two_minute_soak_passes_every_check(tmp_path: Path, processes: Processes) -> None:
     proc = processes.run(
         [sys.executable, "-m", "benchmarks.soak", "--minutes", "2", "--kill-every", "1",
-         "--sample-every", "5", "--out", str(tmp_path)], cwd=ROOT, timeout=390)
+         "--reload-every", "1", "--sample-every", "5", "--out", str(tmp_path)], cwd=ROOT,
+        timeout=390)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.splitlines()[-2] == "PASS", proc.stdout
 
@@ -42,6 +43,8 @@ def test_two_minute_soak_passes_every_check(tmp_path: Path, processes: Processes
     assert kill["model"] == "soak-1" and 55 <= kill["at_s"] <= 70
     assert sum(kill["failures"].values()) > 0
     assert doc["unexplained"] == {}
+    # Two live reloads (30 s and 90 s in), each applied as the limit it changed, under load.
+    assert [r["applied"] for r in doc["reloads"]] == [True, True]
     requests = doc["requests"]
     assert requests["answered_ok"] > 1000
     assert 0.05 < requests["hung_up"] / requests["sent"] < 0.15

@@ -17,8 +17,8 @@ credential (``HF_TOKEN``, ``--api-key X``, ``user:password@``) are masked.
 The package is split by section: ``gateway``, ``upstream``, ``access`` (``[admin]`` and
 ``[auth]``), ``telemetry``, ``cluster``, ``engines``, ``models`` and ``tenants`` each own their tables and
 checks; ``validation`` checks one value and words its refusal, ``loader`` reads the file, the
-environment and the options into ``Config``, ``masking`` shows it. This module is the package's
-public API.
+environment and the options into ``Config``, ``masking`` shows it, ``reload`` compares two (a
+live reload). This module is the package's public API.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from .gateway import GatewaySettings
 from .loader import ENV_PREFIX, SECTIONS, Config, config_from_mapping, config_path, load_config
 from .masking import effective
 from .models import ModelSettings, parse_size, placement
+from .reload import ReloadPlan, config_hash, plan_reload
 from .telemetry import TelemetrySettings
 from .tenants import DEFAULT_TENANT, TenantSettings
 from .upstream import UpstreamSettings
@@ -47,13 +48,16 @@ __all__ = [
     "EngineSettings",
     "GatewaySettings",
     "ModelSettings",
+    "ReloadPlan",
     "TelemetrySettings",
     "TenantSettings",
     "UpstreamSettings",
     "config_from_mapping",
+    "config_hash",
     "config_path",
     "effective",
     "load_config",
     "parse_size",
     "placement",
+    "plan_reload",
 ]

@@ -12,6 +12,7 @@ from anyio.lowlevel import checkpoint
 
 from kernel.accounting import Accounting, Ticket
 from kernel.config import Config
+from kernel.errors import GatewayError
 from tests.support import make_config, sim_model
 
 from .conftest import OpenAccounting, settle
@@ -337,3 +338,43 @@ async def test_demand_counts_those_queued_and_those_holding_a_slot(
         assert accounting.demand("a") == 1
         await line.leave(0)
     assert accounting.demand("a") == 0
+
+
+async def test_a_reload_changes_the_limits_for_the_next_requests_and_keeps_the_holders(
+        open_accounting: OpenAccounting) -> None:
+    async with open_accounting(config(queue=3)) as accounting, anyio.create_task_group() as tg:
+        line = Line(accounting, tg)
+        first = await holding(accounting)
+        await line.wait(1)
+        await line.wait(2)
+        accounting.reconfigure(config(concurrent=2, queue=2))
+        await settle(accounting)
+        # One more slot: the first in line has it at once; the holder keeps its own.
+        assert line.got == [1] and accounting.in_flight("a") == 2
+        await line.wait(3)
+        assert await accounting.join("a") is None  # 2 and 3 fill the new queue's 2 places
+        await accounting.leave(first)
+        await settle(accounting)
+        assert line.got == [1, 2]
+        for number in (1, 2):
+            await line.leave(number)
+        await settle(accounting)
+        assert line.got == [1, 2, 3]
+        await line.leave(3)
+
+
+async def test_a_reload_adds_a_model_and_a_removed_one_keeps_its_holders_then_is_gone(
+        open_accounting: OpenAccounting) -> None:
+    async with open_accounting(config()) as accounting:
+        held = await holding(accounting, "b")
+        accounting.reconfigure(make_config([sim_model("a"), sim_model("c", max_concurrent=1)]))
+        await settle(accounting)
+        assert accounting.in_flight("b") == 1
+        await holding(accounting, "c")
+        assert accounting.in_flight("c") == 1
+        await accounting.leave(held)
+        await settle(accounting)
+        assert accounting.demand("b") == 0
+        with pytest.raises(GatewayError) as removed:
+            await accounting.join("b")
+        assert removed.value.status == 404
