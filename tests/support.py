@@ -248,7 +248,7 @@ def static_model(name: str, url: str, **settings: Any) -> dict[str, Any]:
     return {"name": name, "launcher": "static", "url": url, "startup_timeout": 5.0, **settings}
 
 
-def make_config(models: list[dict[str, Any]], **sections: dict[str, Any]) -> Config:
+def make_config(models: list[dict[str, Any]], **sections: Any) -> Config:
     return config_from_mapping({"models": models, **sections}, source="test")
 
 

@@ -55,3 +55,11 @@ def test_the_hash_follows_the_configuration_not_its_source() -> None:
     assert config_hash(config()) == config_hash(config())
     assert config_hash(config()) != config_hash(config(admin={"token": "t"}))
     assert plan_reload(config(), config()).empty
+
+
+def test_tenants_change_live_and_in_the_hash() -> None:
+    old = config(tenants=[{"name": "chat", "keys": ["k1"]}])
+    new = config(tenants=[{"name": "chat", "keys": ["k1", "k2"], "rpm_limit": 5}])
+    plan = plan_reload(old, new)
+    assert (plan.keys, plan.refused) == (("tenants",), ())
+    assert config_hash(old) != config_hash(new)

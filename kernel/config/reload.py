@@ -12,8 +12,8 @@ is one of:
   env, GPUs, replicas, ...): it is restarted (drained, then started anew on its next request);
 - a model whose limits change only (``LIVE_MODEL_FIELDS``, or its effective ``max_concurrent``
   or ``max_queue_size`` through the ``[gateway]`` defaults): changed in place;
-- any other key (``[gateway]`` limits and timeouts, ``[admin] token``, ``[auth]`` keys): in
-  force for the next requests.
+- any other key (``[gateway]`` limits and timeouts, ``[admin] token``, ``[auth]`` keys, the
+  ``[[tenants]]``): in force for the next requests.
 
 ``config_hash`` is a short stable hash of everything that takes effect (secrets included, so a
 changed token changes it; the file's name does not), shown by ``/health`` and the admin API so
@@ -100,7 +100,10 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
     """What going from ``old`` to ``new`` changes, and what of it cannot change live."""
     keys = [f"{section}.{name}" for section in SECTIONS
             for name in _differ(getattr(old, section), getattr(new, section))]
-    if old.client_keys != new.client_keys and not any(k.startswith("auth.") for k in keys):
+    if old.tenants != new.tenants:
+        keys.append("tenants")
+    if old.client_keys != new.client_keys and not any(k.startswith(("auth.", "tenants"))
+                                                      for k in keys):
         keys.append("auth.api_keys_file")  # the file's keys changed
     total = (old.gateway.max_concurrent_total, new.gateway.max_concurrent_total)
     refused = [k for k in keys if _fixed(k)]
@@ -147,6 +150,6 @@ def config_hash(config: Config) -> str:
     process); the file it came from is not part of it."""
     data = {name: _plain(getattr(config, name)) for name in SECTIONS}
     data.update(engines=_plain(config.engines), models=_plain(config.models),
-                client_keys=_plain(config.client_keys))
+                client_keys=_plain(config.client_keys), tenants=_plain(config.tenants))
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
