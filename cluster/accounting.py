@@ -47,7 +47,7 @@ from anyio.abc import TaskGroup
 from coredis.exceptions import RedisError
 
 from kernel.accounting import Ticket, removed
-from kernel.config import Config
+from kernel.config import Config, TenantSettings
 from kernel.errors import GatewayError, unavailable
 
 SCRIPT = Path(__file__).with_name("accounting.lua").read_text()
@@ -193,7 +193,9 @@ class RedisAccounting:
         return unavailable(f"The gateway's shared state is unavailable: {self.error}.",
                            code="state_unavailable", retry_after=max(1.0, self.heartbeat))
 
-    async def join(self, model: str) -> Ticket | None:
+    async def join(self, model: str, tenant: TenantSettings | None = None) -> Ticket | None:
+        # A tenant's priority, weight and max_concurrent are refused with [cluster] at start-up
+        # (kernel.config.cluster): the tenants all wait in one FIFO line.
         if model not in self._limits:  # removed by a reload after this request's admission
             raise removed(model)
         ticket = RedisTicket(f"{self.owner}:{next(self._numbers)}", model)

@@ -14,7 +14,9 @@ the pool reads ``demand`` and ``oldest_wait`` and resizes a model with replicas 
 The invariant owned here: a request is queued from ``join`` until it holds its slots (its
 model's, then the shared one of ``max_concurrent_total``) or gives up, and in flight while it
 holds both; ``leave`` gives back exactly what it took, once, whatever was cancelled when.
-Slots go out in the order requests came (FIFO): a model's to its line, and the shared ones to
+Slots go out in the order requests came (FIFO; where tenants differ in priority, weight or
+bound, ``kernel.fair_accounting.FairAccounting`` orders a model's line by their rules, and
+``in_memory_accounting`` picks it): a model's to its line, and the shared ones to
 those holding their model's in the order they got it (handed over at once, not when each
 waiter's task runs next, which trio does in a random order); a wait is bounded by
 ``queue_timeout``, and one that ends without its slots (the time ran out, it was cancelled)
@@ -32,6 +34,7 @@ dropped once empty.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol
 
 import anyio
@@ -39,7 +42,7 @@ import anyio
 from kernel.errors import GatewayError, not_found
 
 if TYPE_CHECKING:
-    from kernel.config import Config
+    from kernel.config import Config, TenantSettings
 
 
 def removed(model: str) -> GatewayError:
@@ -92,11 +95,12 @@ class Accounting(Demand, Protocol):
     while it holds the slot.
     """
 
-    async def join(self, model: str) -> Ticket | None:
-        """Queue a request for a slot of ``model``; None (and nothing counted) when the model's
-        queue is full (``max_queue_size``). An implementation may hand it its slots at once
-        when they are free and no one waits (a shared store: join and take in one call, so
-        that those joining at once do not fill the queue while slots are free)."""
+    async def join(self, model: str, tenant: TenantSettings | None = None) -> Ticket | None:
+        """Queue a request of ``tenant`` (None: the default one) for a slot of ``model``; None
+        (and nothing counted) when the model's queue is full (``max_queue_size``). An
+        implementation may hand it its slots at once when they are free and no one waits (a
+        shared store: join and take in one call, so that those joining at once do not fill the
+        queue while slots are free)."""
 
     async def try_acquire(self, ticket: Ticket) -> bool:
         """Take the ticket's slot now if one is free and no one is ahead of it, without
@@ -163,22 +167,26 @@ class InMemoryAccounting:
     The slots are handed to waiters by whoever frees or adds them (``_hand_out``), so the order
     is this object's, not the event loop's."""
 
+    ticket_type = Ticket
+    line_type = _Line
+
     def __init__(self, config: Config) -> None:
         self.timeout = config.gateway.queue_timeout
-        self._lines = {m.name: _Line(m.name, config.max_concurrent_of(m),
-                                     config.max_queue_size_of(m)) for m in config.models}
+        self._lines = {m.name: self.line_type(m.name, config.max_concurrent_of(m),
+                                              config.max_queue_size_of(m))
+                       for m in config.models}
         total = config.gateway.max_concurrent_total
         self._total = _Stage(total) if total else None
         # How many slots a ticket in flight holds: its model's, and the shared one if any.
         self._needs = 2 if total else 1
 
-    async def join(self, model: str) -> Ticket | None:
+    async def join(self, model: str, tenant: TenantSettings | None = None) -> Ticket | None:
         line = self._lines.get(model)
         if line is None:  # removed by a reload after this request's admission
             raise removed(model)
         if len(line.queue) >= line.limit:
             return None
-        ticket = Ticket(line)
+        ticket = self.ticket_type(line)
         line.queue[ticket] = None
         line.places = None
         return ticket
@@ -213,7 +221,7 @@ class InMemoryAccounting:
             assert self._total is not None
             self._total.waiters.append(ticket)
         else:
-            ticket.line.slots.waiters.append(ticket)
+            self._wait(ticket)
         try:
             # Not fail_after: a slot that came just as the time ran out is used, not refused.
             with anyio.move_on_after(self.timeout):
@@ -250,26 +258,37 @@ class InMemoryAccounting:
             line.slots.taken -= 1
             self._hand_out(line)
         else:
-            line.slots.waiters.remove(ticket)
+            self._unwait(ticket)
         self._unqueue(ticket)
 
+    def _wait(self, ticket: Ticket) -> None:
+        """In its model's line for a slot (``acquire``, when none was free)."""
+        ticket.line.slots.waiters.append(ticket)
+
+    def _unwait(self, ticket: Ticket) -> None:
+        """Out of its model's line without a slot (its wait ended)."""
+        ticket.line.slots.waiters.remove(ticket)
+
     def _hand_out(self, line: _Line) -> None:
-        """The model's free slots to its first waiters; each takes a shared slot at once, or
-        waits for one behind those already waiting."""
+        """The model's free slots to its first waiters."""
         slots = line.slots
-        total = self._total
         while slots.waiters and slots.taken < slots.capacity:
-            ticket = slots.waiters.popleft()
             slots.taken += 1
-            ticket.held = 1
-            if total is None:
-                self._granted(ticket)
-            elif not total.waiters and total.taken < total.capacity:
-                total.taken += 1
-                ticket.held = 2
-                self._granted(ticket)
-            else:
-                total.waiters.append(ticket)
+            self._took_model_slot(slots.waiters.popleft())
+
+    def _took_model_slot(self, ticket: Ticket) -> None:
+        """A waiter was handed its model's slot: it takes a shared slot at once, or waits for
+        one behind those already waiting."""
+        ticket.held = 1
+        total = self._total
+        if total is None:
+            self._granted(ticket)
+        elif not total.waiters and total.taken < total.capacity:
+            total.taken += 1
+            ticket.held = 2
+            self._granted(ticket)
+        else:
+            total.waiters.append(ticket)
 
     def _hand_out_shared(self) -> None:
         total = self._total
@@ -304,8 +323,12 @@ class InMemoryAccounting:
         line = ticket.line
         places = line.places
         if places is None:
-            places = line.places = {t: n for n, t in enumerate(line.queue, 1)}
+            places = line.places = {t: n for n, t in enumerate(self._order(line), 1)}
         return places[ticket]
+
+    def _order(self, line: _Line) -> Iterable[Ticket]:
+        """The model's queued tickets in the order they should get their slots."""
+        return line.queue
 
     def in_flight(self, model: str) -> int:
         line = self._lines.get(model)
@@ -344,7 +367,7 @@ class InMemoryAccounting:
         for name, model in models.items():
             line = self._lines.get(name)
             if line is None:
-                line = self._lines[name] = _Line(name, 0, 0)
+                line = self._lines[name] = self.line_type(name, 0, 0)
             line.per_replica = config.max_concurrent_of(model)
             line.limit = config.max_queue_size_of(model)
             self._resize(line)

@@ -5,7 +5,9 @@ layer's ``finally``, whatever happened inside (it got a slot and answered, it ti
 client left, the inner app failed, anything was cancelled): leaving takes it out of the queue if
 it is still there and gives back the slot it holds. The inner layer (``ModelConcurrencyLimit``)
 acquires the slot in between. A request that would exceed ``max_queue_size`` gets 429 at once
-and is never counted. The depth is exposed as ``gateway_queue_depth``.
+and is never counted. The request joins as its tenant's (``RequestState.tenant``, set by the
+client keys layer), whose priority, share and ``max_concurrent`` order the queue
+(``kernel.fair_accounting``). The depth is exposed as ``gateway_queue_depth``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class QueueDepthLimit:
             return
         state: RequestState = scope[STATE]
         model = state.model.name
-        ticket = await self.accounting.join(model)
+        ticket = await self.accounting.join(model, state.tenant)
         if ticket is None:
             self.metrics.reject(model, "queue_full")
             await GatewayError(

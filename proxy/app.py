@@ -40,8 +40,9 @@ from backends.pool import BackendPool, LauncherFactory
 from backends.pool_metrics import PoolMetrics
 from backends.process import STOP_TIMEOUT, ProcessLauncher
 from backends.static import StaticLauncher
-from kernel.accounting import Accounting, InMemoryAccounting
+from kernel.accounting import Accounting
 from kernel.config import Config, ModelSettings, ReloadPlan
+from kernel.fair_accounting import in_memory_accounting
 from kernel.types import ASGIApp, Receive, Scope, Send
 from middleware.admission import Admission, BodyBudget
 from middleware.auth import ClientKeys
@@ -124,7 +125,7 @@ class Gateway:
 
             accounting = self.shared = RedisAccounting(config)
         else:
-            accounting = InMemoryAccounting(config)
+            accounting = in_memory_accounting(config)
         self.accounting = accounting
         self.pool = BackendPool(config, launchers=launchers or launchers_for(self.engines),
                                 gpu=gpu, on_ready=self._started, on_wake=self._woke,

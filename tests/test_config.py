@@ -188,6 +188,21 @@ def test_a_stream_keepalive_too_short_to_tick_is_refused():
                  "must be 0 (no loading feedback) or a number from 0.1 to 3600.0")
 
 
+def test_max_priority_wait_must_be_below_the_queue_timeout_where_priorities_differ():
+    tenants = [{"name": "low", "priority": -1}, {"name": "high", "priority": 1}]
+    assert load({"tenants": tenants}).gateway.max_priority_wait == 10.0
+    message = refusal({"gateway": {"max_priority_wait": 60}, "tenants": tenants})
+    assert_names(message, "gateway.max_priority_wait", "60.0", FILE,
+                 "must be below gateway.queue_timeout (60) where tenants have different "
+                 "priorities: a low-priority request would time out before its turn")
+    # Equal priorities: the bound never applies, any value is kept.
+    equal = [{"name": "a"}, {"name": "b", "weight": 2}]
+    assert load({"gateway": {"max_priority_wait": 600}, "tenants": equal}
+                ).gateway.max_priority_wait == 600
+    assert_names(refusal({"gateway": {"max_priority_wait": 0}}), "gateway.max_priority_wait",
+                 "0.0", FILE, "must be a number from 0.001 to 86400.0")
+
+
 @given(st.integers(min_value=-(10 ** 20), max_value=10 ** 20))
 def test_max_concurrent_is_kept_exactly_or_refused(value):
     try:

@@ -63,3 +63,12 @@ def test_tenants_change_live_and_in_the_hash() -> None:
     plan = plan_reload(old, new)
     assert (plan.keys, plan.refused) == (("tenants",), ())
     assert config_hash(old) != config_hash(new)
+
+
+def test_a_reload_cannot_switch_the_queues_between_first_come_and_fair() -> None:
+    one = config(tenants=[{"name": "chat", "keys": ["k1"]}])  # with default: fair
+    assert one.fair_queues and not config().fair_queues
+    assert plan_reload(config(), one).refused
+    assert plan_reload(one, config()).refused
+    more = config(tenants=[{"name": "chat", "keys": ["k1"], "priority": 3}])
+    assert not plan_reload(one, more).refused

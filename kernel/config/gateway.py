@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import re
+from collections.abc import Iterable
 
 from .validation import DAY, HOUR, ConfigError, _fail, _show, _Sources, _spec
 
@@ -22,6 +23,10 @@ class GatewaySettings:
     max_models_asleep: int = _spec(2, lo=0, hi=1_000)
     max_concurrent_total: int | None = _spec(None, lo=1, hi=1_000_000)
     queue_timeout: float = _spec(60.0, lo=0.001, hi=DAY)
+    # Seconds a request may wait while requests of a higher priority ([[tenants]] priority) that
+    # came after it are granted first; then it goes before them. Below queue_timeout (checked
+    # where priorities differ), so that a low priority is slower but does not time out for it.
+    max_priority_wait: float = _spec(10.0, lo=0.001, hi=DAY)
     max_body_bytes: int = _spec(10 * 1024 * 1024, lo=1, hi=1024 ** 3)
     # Response ids remembered with the model that made them (a few hundred bytes each), so
     # that GET /v1/responses/{id} and its cancel reach that model.
@@ -109,3 +114,11 @@ def _check_trusted_proxies(proxies: tuple[str, ...], sources: _Sources) -> None:
                 f"gateway.trusted_proxies[{i}] = {_show(proxy)} (from "
                 f"{sources.of('gateway.trusted_proxies')}): must be an IP address or a network "
                 "like 10.0.0.0/8 (no host bits set)") from None
+
+
+def _check_priority_wait(gateway: GatewaySettings, priorities: Iterable[int],
+                         sources: _Sources) -> None:
+    if len(set(priorities)) > 1 and gateway.max_priority_wait >= gateway.queue_timeout:
+        _fail("gateway.max_priority_wait", gateway.max_priority_wait, sources,
+              f"below gateway.queue_timeout ({gateway.queue_timeout:g}) where tenants have "
+              "different priorities: a low-priority request would time out before its turn")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .access import AdminSettings, AuthSettings, _check_token, _client_keys
-from .cluster import ClusterSettings, _resolve_cluster
+from .cluster import ClusterSettings, _check_cluster_tenants, _resolve_cluster
 from .engines import EngineSettings, _build_engines
 from .gateway import (
     GatewaySettings,
@@ -23,6 +23,7 @@ from .gateway import (
     _check_body_budget,
     _check_instance,
     _check_keepalive,
+    _check_priority_wait,
     _check_trusted_proxies,
 )
 from .models import ModelSettings, _build_models
@@ -55,6 +56,12 @@ class Config:
     tenants: tuple[TenantSettings, ...] = ()
     tenant_of_key: Mapping[str, TenantSettings] = dataclasses.field(
         default_factory=lambda: types.MappingProxyType({}))
+
+    @property
+    def fair_queues(self) -> bool:
+        """Whether a model's queue orders its waiters by tenant (more than one tenant, or a
+        tenant's own max_concurrent; ``kernel.fair_accounting``), not first come first."""
+        return len(self.tenants) > 1 or any(t.max_concurrent for t in self.tenants)
 
     @property
     def default_tenant(self) -> TenantSettings:
@@ -192,6 +199,8 @@ def config_from_mapping(data: dict[str, Any], *, source: str = "<mapping>",
         _fail("gateway.default_model", default, sources,
               "the name or an alias of a configured model: " + ", ".join(by_name))
     tenants, tenant_of_key = _build_tenants(data.get("tenants"), by_name, client_keys, sources)
+    _check_priority_wait(sections["gateway"], (t.priority for t in tenants), sources)
+    _check_cluster_tenants(sections["cluster"], tenants, sources)
     return Config(engines=engines, models=models, source=source,
                   by_name=types.MappingProxyType(by_name),
                   client_keys=frozenset(tenant_of_key), tenants=tenants,

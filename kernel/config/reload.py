@@ -100,13 +100,17 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
     """What going from ``old`` to ``new`` changes, and what of it cannot change live."""
     keys = [f"{section}.{name}" for section in SECTIONS
             for name in _differ(getattr(old, section), getattr(new, section))]
+    refused = [k for k in keys if _fixed(k)]
     if old.tenants != new.tenants:
         keys.append("tenants")
+        if old.fair_queues != new.fair_queues and not new.cluster.enabled:
+            # The queues of one process are first come first, or fair: not both in one run.
+            refused.append("tenants (from one to several, or a max_concurrent of a tenant's "
+                           "own set or unset: the queues' order cannot switch under them)")
     if old.client_keys != new.client_keys and not any(k.startswith(("auth.", "tenants"))
                                                       for k in keys):
         keys.append("auth.api_keys_file")  # the file's keys changed
     total = (old.gateway.max_concurrent_total, new.gateway.max_concurrent_total)
-    refused = [k for k in keys if _fixed(k)]
     if None in total and total[0] != total[1]:
         # Each request in flight holds one slot or two: the count cannot switch under it.
         refused.append("gateway.max_concurrent_total (set or unset)")

@@ -19,6 +19,7 @@ import pytest
 
 from kernel.accounting import Accounting, InMemoryAccounting
 from kernel.config import ClusterSettings, Config
+from kernel.fair_accounting import in_memory_accounting
 from tests.middleware import asgi
 from tests.support import redis_server
 
@@ -27,7 +28,7 @@ OpenAccounting = Callable[[Config], AbstractAsyncContextManager[Accounting]]
 
 @asynccontextmanager
 async def in_memory(config: Config) -> AsyncIterator[Accounting]:
-    yield InMemoryAccounting(config)
+    yield in_memory_accounting(config)
 
 
 # The redis-server of the session, started on first use (``redis_url``).

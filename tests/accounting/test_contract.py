@@ -11,7 +11,7 @@ from anyio.abc import TaskGroup
 from anyio.lowlevel import checkpoint
 
 from kernel.accounting import Accounting, Ticket
-from kernel.config import Config
+from kernel.config import Config, TenantSettings
 from kernel.errors import GatewayError
 from tests.support import make_config, sim_model
 
@@ -29,14 +29,16 @@ def config(*, concurrent: int = 1, queue: int = 10, timeout: float = 5.0,
                  "max_models_concurrent": 4})
 
 
-async def joined(accounting: Accounting, model: str = "a") -> Ticket:
-    ticket = await accounting.join(model)
+async def joined(accounting: Accounting, model: str = "a",
+                 tenant: TenantSettings | None = None) -> Ticket:
+    ticket = await accounting.join(model, tenant)
     assert ticket is not None
     return ticket
 
 
-async def holding(accounting: Accounting, model: str = "a") -> Ticket:
-    ticket = await joined(accounting, model)
+async def holding(accounting: Accounting, model: str = "a",
+                  tenant: TenantSettings | None = None) -> Ticket:
+    ticket = await joined(accounting, model, tenant)
     assert await accounting.try_acquire(ticket)
     return ticket
 
@@ -52,9 +54,10 @@ class Line:
         self.tickets: dict[int, Ticket] = {}
         self.waits: dict[int, anyio.CancelScope] = {}
 
-    async def wait(self, number: int, model: str = "a") -> Ticket:
+    async def wait(self, number: int, model: str = "a",
+                   tenant: TenantSettings | None = None) -> Ticket:
         """Join, try, and wait in a task; returns once the wait has begun."""
-        ticket = self.tickets[number] = await joined(self.accounting, model)
+        ticket = self.tickets[number] = await joined(self.accounting, model, tenant)
         assert not await self.accounting.try_acquire(ticket)
         scope = self.waits[number] = anyio.CancelScope()
 

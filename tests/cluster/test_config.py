@@ -51,3 +51,21 @@ def test_refusals_name_the_key(table: dict, models: list, message: str) -> None:
         config_from_mapping({"models": models, "cluster": table}, source="test")
     assert str(refused.value) == message
     assert "pw" not in str(refused.value)
+
+
+@pytest.mark.parametrize(("key", "value", "shown"), [
+    ("priority", 2, "2"), ("weight", 3, "3.0"), ("max_concurrent", 4, "4")])
+def test_a_tenants_priority_weight_or_bound_is_refused_in_a_cluster(
+        key: str, value: int, shown: str) -> None:
+    tenants = [{"name": "team", "keys": ["sk-team-000000000001"], key: value}]
+    with pytest.raises(ConfigError) as refused:
+        config_from_mapping({"models": MODELS, "cluster": {"redis_url": "redis://redis"},
+                             "tenants": tenants}, source="test")
+    assert str(refused.value) == (
+        f'tenants["team"].{key} = {shown} (from test): a [cluster] gateway does not apply a '
+        "tenant's priority, weight or max_concurrent across processes yet; leave them out "
+        "with cluster.redis_url")
+    # Tenants without them share the cluster's one FIFO line.
+    tenants[0].pop(key)
+    assert config_from_mapping({"models": MODELS, "cluster": {"redis_url": "redis://redis"},
+                                "tenants": tenants}).cluster.enabled

@@ -14,6 +14,8 @@ from anyio.lowlevel import checkpoint
 
 from kernel.accounting import InMemoryAccounting
 from kernel.config import Config
+from kernel.context import STATE
+from kernel.fair_accounting import in_memory_accounting
 from kernel.types import ASGIApp, Receive, Scope, Send
 from middleware.concurrency import ModelConcurrencyLimit
 from middleware.queue_depth import QueueDepthLimit
@@ -35,7 +37,7 @@ def slots(inner: ASGIApp, cfg: Config, metrics: GatewayMetrics | None = None,
           ) -> tuple[QueueDepthLimit, InMemoryAccounting]:
     """The slots layer inside the queue layer, around ``inner``, and their accounting."""
     metrics = metrics or GatewayMetrics()
-    accounting = InMemoryAccounting(cfg)
+    accounting = in_memory_accounting(cfg)
     semaphores = ModelConcurrencyLimit(inner, config=cfg, metrics=metrics, accounting=accounting)
     return QueueDepthLimit(semaphores, config=cfg, metrics=metrics,
                            accounting=accounting), accounting
@@ -108,6 +110,39 @@ async def test_waiters_get_the_slot_in_the_order_they_came() -> None:
             inner.finish[n].set()
             await settle()
     assert inner.order == [0, 1, 2, 3, 4, 5]
+
+
+async def test_the_requests_tenant_orders_the_queue() -> None:
+    """The tenant the client keys layer found: a higher priority first, equal ones by turns,
+    one at its max_concurrent (over every model) passed over; the places the feedback reads say
+    the grant order."""
+    cfg = make_config([sim_model("a"), sim_model("b", max_concurrent=1)],
+                      tenants=[{"name": "low", "priority": -1}, {"name": "high", "priority": 1},
+                               {"name": "other", "priority": 1},
+                               {"name": "capped", "priority": 1, "max_concurrent": 1}])
+    tenants = {t.name: t for t in cfg.tenants}
+    inner = Held()
+    limit, accounting = slots(inner, cfg)
+    scopes = []
+    async with anyio.create_task_group() as tg:
+        for n, (model, name) in enumerate([("a", "capped"), ("b", "other"), ("b", "low"),
+                                           ("b", "high"), ("b", "high"), ("b", "other"),
+                                           ("b", "capped")]):
+            scope = inner.request(cfg, model, n)
+            scope[STATE].tenant = tenants[name]
+            scopes.append(scope)
+            await start(tg, limit, scope)
+        assert [accounting.position(s[STATE].ticket) for s in scopes[2:]] == [5, 1, 4, 2, 3]
+        for n in (1, 3, 5, 4, 2):
+            inner.finish[n].set()
+            await settle()
+        # The capped one waits while b's slot is free: its tenant holds a slot of a.
+        assert (accounting.in_flight("b"), accounting.depth("b")) == (0, 1)
+        inner.finish[0].set()
+        await settle()
+        inner.finish[6].set()
+    assert inner.order == [0, 1, 3, 5, 4, 2, 6]
+    assert accounting.in_flight("b") == accounting.depth("b") == 0
 
 
 async def test_a_request_leaves_the_queue_when_it_gets_its_slot() -> None:

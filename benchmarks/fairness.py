@@ -1,0 +1,127 @@
+"""Tenants in one model's queue (#28), through a ``vllm-gateway serve`` process to a simulator:
+``.venv/bin/python -m benchmarks.fairness [--seconds 12]``.
+
+The model has 4 slots and each answer takes 0.1 s (5 tokens at 50 tokens/s): 40 requests a
+second at most. Requests arrive at a steady rate per tenant, each tenant with its own key; the
+queue wait of each request is read from the gateway's access log (``queue_wait_ms``).
+
+- small alone: the small tenant, 5 requests a second, by itself;
+- flood, FIFO: the small tenant beside a big one sending 10x its rate (55 a second, more than
+  the model's 40), both keys in one tenant: one line in the order requests came, as before
+  tenants;
+- flood, fair: the same load, each key its own ``[[tenants]]`` table of equal weight;
+- the bound: a ``priority = 1`` tenant keeps the model saturated (50 a second) while a
+  ``priority = -1`` one sends 2 a second, ``gateway.max_priority_wait = 1``.
+
+Prints, per case and tenant, the requests answered and the p50, p90 and largest queue wait.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+import httpx2
+
+from tests.support import chat, gateway_process, simulator
+
+SLOTS = 4
+TOKENS = 5
+TOKENS_PER_SECOND = 50.0
+KEYS = {"small": "sk-small-0000000000000001", "big": "sk-big-00000000000000001",
+        "low": "sk-low-00000000000000001", "high": "sk-high-0000000000000001"}
+
+
+def config(sim_url: str, tenants: str, gateway: str = "") -> str:
+    return (f'[gateway]\nlog_format = "json"\nqueue_timeout = 60\n{gateway}\n'
+            f'[[models]]\nname = "m"\nlauncher = "static"\nurl = "{sim_url}"\n'
+            f"max_concurrent = {SLOTS}\nmax_queue_size = 2000\n{tenants}")
+
+
+def tenant_tables(*names: str, **priorities: int) -> str:
+    return "".join(f'[[tenants]]\nname = "{name}"\nkeys = ["{KEYS[name]}"]\n'
+                   f"priority = {priorities.get(name, 0)}\n" for name in names)
+
+
+def one_tenant(*names: str) -> str:
+    return "[auth]\napi_keys = [" + ", ".join(f'"{KEYS[n]}"' for n in names) + "]\n"
+
+
+async def send(url: str, rates: dict[str, float], seconds: float) -> None:
+    """Each tenant's requests at its steady rate for ``seconds``; each request's id names its
+    tenant."""
+    limits = httpx2.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx2.AsyncClient(timeout=120, limits=limits) as client, \
+            anyio.create_task_group() as tg:
+
+        async def one(name: str, number: int) -> None:
+            await client.post(url + "/v1/chat/completions", json=chat("m", max_tokens=TOKENS),
+                              headers={"authorization": f"Bearer {KEYS[name]}",
+                                       "x-request-id": f"{name}-{number}"})
+
+        async def tenant(name: str, rate: float) -> None:
+            began = anyio.current_time()
+            for number in range(int(rate * seconds)):
+                await anyio.sleep_until(began + number / rate)
+                tg.start_soon(one, name, number)
+
+        for name, rate in rates.items():
+            tg.start_soon(tenant, name, rate)
+
+
+def waits(log: Path) -> dict[str, list[float]]:
+    """Each tenant's queue waits in seconds, from the access log."""
+    out: dict[str, list[float]] = {}
+    for line in log.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("event") == "request" and entry.get("status") == 200:
+            name = str(entry.get("request_id", "")).split("-")[0]
+            if name in KEYS:  # not the start-up's health checks
+                out.setdefault(name, []).append((entry.get("queue_wait_ms") or 0.0) / 1000)
+    return out
+
+
+def case(label: str, directory: Path, text: str, rates: dict[str, float], seconds: float,
+         ) -> None:
+    directory.mkdir()
+    with gateway_process(text, directory) as (url, _):
+        anyio.run(send, url, rates, seconds)
+    for name, each in sorted(waits(directory / "gateway.log").items()):
+        each.sort()
+        p50, p90 = statistics.median(each), each[int(0.9 * (len(each) - 1))]
+        print(f"{label:<14} {name:<6} {len(each):>5} answered   queue wait p50 {p50 * 1000:7.0f} "
+              f"ms   p90 {p90 * 1000:7.0f} ms   max {each[-1] * 1000:7.0f} ms", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=12.0, help="length of each case")
+    seconds = parser.parse_args().seconds
+    flood = {"small": 5.0, "big": 50.0}
+    began = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp, \
+            simulator("--tokens-per-second", str(TOKENS_PER_SECOND), model="m") as sim:
+        work = Path(tmp)
+        case("small alone", work / "alone", config(sim.url, one_tenant("small")),
+             {"small": 5.0}, seconds)
+        case("flood, FIFO", work / "fifo", config(sim.url, one_tenant("small", "big")),
+             flood, seconds)
+        case("flood, fair", work / "fair", config(sim.url, tenant_tables("small", "big")),
+             flood, seconds)
+        case("the bound", work / "bound",
+             config(sim.url, tenant_tables("low", "high", low=-1, high=1),
+                    "max_priority_wait = 1"),
+             {"low": 2.0, "high": 50.0}, seconds)
+    print(f"({time.monotonic() - began:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
