@@ -3,21 +3,26 @@
 The keys come from ``[auth] api_keys`` and ``[auth] api_keys_file``, validated and read once at
 start-up by the configuration. A request must send ``Authorization: Bearer KEY`` (the OpenAI
 clients) or ``x-api-key: KEY`` (the Anthropic clients); without one, or with a key that is not
-among them, it gets 401 ``invalid_api_key``. Keys are held and compared as SHA-256 digests, so
-the time a comparison takes tells nothing about how much of a key a guess got right. Both
-headers are removed before the request goes on: the key is the gateway's, and a backend never
-sees it.
+among them, it gets 401 ``invalid_api_key``. A key's tenant (``[[tenants]]``; the tenant
+``default`` for the keys no tenant lists) goes to the request's state for the later layers. Keys
+are held and compared as SHA-256 digests, so the time a comparison takes tells nothing about how
+much of a key a guess got right. Both headers are removed before the request goes on: the key is
+the gateway's, and a backend never sees it.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Generic, TypeVar
 
+from kernel.config import TenantSettings
+from kernel.context import STATE
 from kernel.errors import GatewayError
 from kernel.types import ASGIApp, Receive, Scope, Send, header
 
 KEY_HEADERS = frozenset({b"authorization", b"x-api-key"})
+Owner = TypeVar("Owner")
 
 
 def bearer_token(scope: Scope) -> bytes | None:
@@ -38,14 +43,19 @@ def client_key(scope: Scope) -> bytes | None:
     return token
 
 
-class Keys:
-    """A set of bearer keys, held as SHA-256 digests."""
+class Keys(Generic[Owner]):
+    """Bearer keys, held as SHA-256 digests, each with its owner (for a set: True)."""
 
-    def __init__(self, keys: Iterable[str]) -> None:
-        self._digests = frozenset(hashlib.sha256(key.encode()).digest() for key in keys)
+    def __init__(self, keys: Mapping[str, Owner] | Iterable[str]) -> None:
+        owners = keys if isinstance(keys, Mapping) else dict.fromkeys(keys, True)
+        self._owners = {hashlib.sha256(key.encode()).digest(): owner
+                        for key, owner in owners.items()}
 
     def __contains__(self, token: bytes) -> bool:
-        return hashlib.sha256(token).digest() in self._digests
+        return hashlib.sha256(token).digest() in self._owners
+
+    def owner(self, token: bytes) -> Owner | None:
+        return self._owners.get(hashlib.sha256(token).digest())
 
 
 def _invalid_key(message: str) -> GatewayError:
@@ -54,7 +64,7 @@ def _invalid_key(message: str) -> GatewayError:
 
 
 class ClientKeys:
-    def __init__(self, app: ASGIApp, *, keys: Iterable[str]) -> None:
+    def __init__(self, app: ASGIApp, *, keys: Mapping[str, TenantSettings]) -> None:
         self.app = app
         self.keys = Keys(keys)
 
@@ -67,8 +77,10 @@ class ClientKeys:
             await _invalid_key("No API key provided: send it as 'Authorization: Bearer KEY' "
                                "or 'x-api-key: KEY'.").answer(scope, send)
             return
-        if token not in self.keys:
+        tenant = self.keys.owner(token)
+        if tenant is None:
             await _invalid_key("Incorrect API key provided.").answer(scope, send)
             return
+        scope[STATE].tenant = tenant
         headers = [(key, value) for key, value in scope["headers"] if key not in KEY_HEADERS]
         await self.app({**scope, "headers": headers}, receive, send)

@@ -10,7 +10,8 @@ the request runs. A ``GatewayError`` raised by an inner layer is answered here i
 shape if nothing went out yet; any other exception gets a 500 the same way and is re-raised so
 the server logs it and, if the response had started, cuts the connection.
 
-The access line says what happened to the request: model, status, the wait for a slot, the time
+The access line says what happened to the request: model, tenant (its name: a key is never
+logged), status, the wait for a slot, the time
 to the first byte and to the end, bytes sent, retries, whether the client went away before
 the answer was complete, and the error: the exception, or the code of the gateway's own error
 answer (``GatewayError.answer``), or of the way the request ended (``send_timeout`` for a client
@@ -120,6 +121,7 @@ class RequestContext:
                 "request", method=scope["method"], path=scope["path"],
                 model=name if model is not None else state.requested_model or "-",
                 model_default=state.model_default,
+                tenant=state.tenant.name if state.tenant is not None else None,
                 replica=state.replica, status=status, bytes=response.sent,
                 retries=state.retries,
                 queue_wait_ms=queue_wait_ms, ttfb_ms=ttfb_ms, duration_ms=duration_ms,

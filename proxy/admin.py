@@ -22,6 +22,11 @@ OpenAI shape.
   ``reload_refused`` naming the keys that cannot change live; either way nothing changed.
   ``GET /admin/models`` shows the hash in force, the reloads and the last one (``config``), and
   the models a reload removed that still finish their requests (``retiring``).
+- ``GET /admin/tenants``: each tenant (``[[tenants]]``, and ``default``): its limits, its
+  requests in this gateway now (queued or answering), the requests and tokens in its rate
+  windows (the last minute), and its usage per model since the start (with ``[cluster]``, of
+  every gateway sharing the Redis): requests, prompt and completion tokens, errors, seconds
+  waited for a slot. Keys are never shown.
 - ``POST /admin/drain``: the whole gateway stops taking requests, as on SIGTERM, but keeps
   running; answers at once (202). ``GET /admin/models`` then shows what is still in flight.
 - ``GET /admin/events``: the same state, and each request as it ends, as a live stream of
@@ -108,6 +113,9 @@ class AdminApi:
         if path == MODELS:
             _allow(scope, "GET")
             await respond_json(send, 200, self._models())
+        elif path == "/admin/tenants":
+            _allow(scope, "GET")
+            await respond_json(send, 200, await self._tenants())
         elif path == "/admin/events":
             _allow(scope, "GET")
             await self.gateway.events.stream(receive, send, self.snapshot)
@@ -179,6 +187,21 @@ class AdminApi:
                 "retiring": [{"name": name, "reason": model.retired,
                               "replicas": [_replica(r) for r in model.replicas]}
                              for name, model in pool.retiring.items()]}
+
+    async def _tenants(self) -> dict[str, Any]:
+        tenants = self.gateway.config.tenants
+        ledger = self.gateway.ledger
+        report = await ledger.report(t.name for t in tenants)
+        return {"object": "list", "data": [{
+            "name": t.name,
+            "limits": {"max_concurrent": t.max_concurrent, "rpm_limit": t.rpm_limit,
+                       "tpm_limit": t.tpm_limit, "priority": t.priority, "weight": t.weight,
+                       "models": list(t.models) or None},
+            "in_flight": ledger.in_flight[t.name],
+            "window": {"requests": report[t.name]["requests"],
+                       "tokens": report[t.name]["tokens"]},
+            "usage": report[t.name]["usage"],
+        } for t in tenants]}
 
     def snapshot(self) -> dict[str, Any]:
         """What the event stream's ``state`` event holds: the models, and each GPU's memory."""

@@ -6,9 +6,10 @@ Outermost first: request context, then one of three surfaces. The open routes (`
 (``proxy.admin``); everything else is the clients' surface, behind their API keys when there are
 keys: the model list and each model's entry, the paths of ``FORWARDED`` (POST) and of the
 stored responses (``GET /v1/responses/{id}``, ``POST /v1/responses/{id}/cancel``), which go on
-through draining -> admission -> loading feedback (streams) -> queue depth -> per-model
-semaphores -> retry -> streaming passthrough -> backend pool. The Anthropic paths
-(``proxy.anthropic.PATHS``) are among them, with their errors in Anthropic's shape. No other
+through draining -> admission -> tenants (with client keys or ``[[tenants]]``) -> loading
+feedback (streams) -> queue depth -> per-model semaphores -> retry -> streaming passthrough ->
+backend pool. The Anthropic paths (``proxy.anthropic.PATHS``) are among them, with their errors
+in Anthropic's shape. No other
 path reaches a backend: vLLM's development, render and management endpoints (``/sleep``,
 ``/collective_rpc``, ``/v1/load_lora_adapter``, ...) are 404 here.
 
@@ -43,6 +44,7 @@ from backends.static import StaticLauncher
 from kernel.accounting import Accounting
 from kernel.config import Config, ModelSettings, ReloadPlan
 from kernel.fair_accounting import in_memory_accounting
+from kernel.ratelimits import InMemoryLedger, Ledger
 from kernel.types import ASGIApp, Receive, Scope, Send
 from middleware.admission import Admission, BodyBudget
 from middleware.auth import ClientKeys
@@ -53,6 +55,7 @@ from middleware.queue_depth import QueueDepthLimit
 from middleware.request_context import RequestContext
 from middleware.response_ids import CREATE_PATH, RememberResponseIds, ResponseIds, stored_response
 from middleware.retry import RetryConnectFailures
+from middleware.tenants import Tenants
 from relay.passthrough import StreamingPassthrough
 from relay.upstream import Upstream
 from telemetry.events import EventHub
@@ -65,6 +68,7 @@ from .routes import EnginePings, method_not_allowed, no_route
 
 if TYPE_CHECKING:
     from cluster.accounting import RedisAccounting
+    from cluster.ratelimits import RedisLedger
     from middleware.tracing import GatewayTracing
 
 log = structlog.get_logger("gateway")
@@ -118,14 +122,21 @@ class Gateway:
         # out (the slot is released just after the lease).
         # With [cluster], kept in Redis, exact across every process sharing it (imported only
         # then: its client is an optional install).
+        # The tenants' rate windows and usage (kernel.ratelimits) the same way.
         self.shared: RedisAccounting | None = None
+        self.shared_ledger: RedisLedger | None = None
         accounting: Accounting
+        ledger: Ledger
         if config.cluster.enabled:
             from cluster.accounting import RedisAccounting
+            from cluster.ratelimits import RedisLedger
 
             accounting = self.shared = RedisAccounting(config)
+            ledger = self.shared_ledger = RedisLedger(config)
         else:
             accounting = in_memory_accounting(config)
+            ledger = InMemoryLedger()
+        self.ledger = ledger
         self.accounting = accounting
         self.pool = BackendPool(config, launchers=launchers or launchers_for(self.engines),
                                 gpu=gpu, on_ready=self._started, on_wake=self._woke,
@@ -170,15 +181,18 @@ class Gateway:
                                 accounting=self.accounting)
         if self.feedback is not None:
             self.feedback.app = queue
-        self.admission = Admission(self.feedback or queue, config=config,
-                                   response_ids=self.response_ids, budget=self.budget)
+        tenants: ASGIApp = self.feedback or queue
+        if config.has_tenants:
+            tenants = Tenants(tenants, config=config, ledger=self.ledger, metrics=self.metrics)
+        self.admission = Admission(tenants, config=config, response_ids=self.response_ids,
+                                   budget=self.budget)
         return self.admission
 
     def _surfaces(self, config: Config) -> None:
         """Who may call: the clients' keys and the admin token (a reload makes them again)."""
         self._clients: ASGIApp = self._client_routes
         if config.client_keys:
-            self._clients = ClientKeys(self._client_routes, keys=config.client_keys)
+            self._clients = ClientKeys(self._client_routes, keys=config.tenant_of_key)
         self._anthropic_clients = anthropic.AnthropicErrors(self._clients)
         self.admin = AdminApi(self)
 
@@ -258,8 +272,9 @@ class Gateway:
         feedback = self.feedback.running() if self.feedback else nullcontext()
         tracing = self.tracing.running() if self.tracing else nullcontext()
         shared = self.shared.running() if self.shared else nullcontext()
+        ledger = self.shared_ledger.running() if self.shared_ledger else nullcontext()
         try:
-            async with (tracing, shared, self.engines.running(), self.pool.running(),
+            async with (tracing, shared, ledger, self.engines.running(), self.pool.running(),
                         self.upstream.running(), feedback):
                 self.running_now = True
                 try:

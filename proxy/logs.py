@@ -44,8 +44,8 @@ def config_block(config: dict[str, Any]) -> str:
     for name, value in config.items():
         if name == "engines":
             lines += [_table(f"[engines.{engine}]", table) for engine, table in value.items()]
-        elif name == "models":
-            lines += [_table("[[models]]", table) for table in value]
+        elif name in ("models", "tenants"):
+            lines += [_table(f"[[{name}]]", table) for table in value]
         elif name in SECTIONS:
             lines.append(_table(f"[{name}]", value))
         elif isinstance(value, dict):  # the derived figures

@@ -118,6 +118,21 @@ class GatewayMetrics:
             ["outcome"], registry=self.registry)
         self._config = Gauge("gateway_config_info", "The configuration in force, by its hash; "
                              "always 1.", ["hash"], registry=self.registry)
+        # Per tenant and model (both bounded by the configuration).
+        self.tenant_requests = _Children(Counter(
+            "gateway_tenant_requests_total", "Requests of each tenant, refused ones included.",
+            ["tenant", "model"], registry=self.registry))
+        self.tenant_tokens = _Children(Counter(
+            "gateway_tenant_tokens_total", "Tokens of each tenant's answers, as the backend "
+            "reported them, by kind (prompt or completion).", ["tenant", "model", "kind"],
+            registry=self.registry))
+        self.tenant_errors = _Children(Counter(
+            "gateway_tenant_errors_total", "Requests of each tenant that were refused or failed.",
+            ["tenant", "model"], registry=self.registry))
+        self.tenant_queue_wait = _Children(Counter(
+            "gateway_tenant_queue_wait_seconds_total",
+            "Seconds each tenant's requests waited for a slot, summed.", ["tenant", "model"],
+            registry=self.registry))
         Gauge("gateway_build_info", "The gateway's version; always 1.", ["version"],
               registry=self.registry).labels(version("vllm-gateway")).set(1)
 
@@ -131,6 +146,19 @@ class GatewayMetrics:
 
     def reject(self, model: str, reason: str) -> None:
         self._rejected(model, reason).inc()
+
+    def tenant_usage(self, tenant: str, model: str, prompt: int, completion: int, error: bool,
+                     queue_wait: float) -> None:
+        """One request of a tenant: its tokens, whether it failed, its wait for a slot."""
+        self.tenant_requests(tenant, model).inc()
+        if prompt:
+            self.tenant_tokens(tenant, model, "prompt").inc(prompt)
+        if completion:
+            self.tenant_tokens(tenant, model, "completion").inc(completion)
+        if error:
+            self.tenant_errors(tenant, model).inc()
+        if queue_wait:
+            self.tenant_queue_wait(tenant, model).inc(queue_wait)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -15,10 +15,10 @@ one key.
 credential (``HF_TOKEN``, ``--api-key X``, ``user:password@``) are masked.
 
 The package is split by section: ``gateway``, ``upstream``, ``access`` (``[admin]`` and
-``[auth]``), ``telemetry``, ``cluster``, ``engines``, ``models`` and ``tenants`` each own their tables and
-checks; ``validation`` checks one value and words its refusal, ``loader`` reads the file, the
-environment and the options into ``Config``, ``masking`` shows it, ``reload`` compares two (a
-live reload). This module is the package's public API.
+``[auth]``), ``telemetry``, ``cluster``, ``engines``, ``models`` and ``tenants`` each own their
+tables and checks; ``validation`` checks one value and words its refusal, ``loader`` reads the
+file, the environment and the options into ``Config``, ``masking`` shows it, ``reload``
+compares two (a live reload). This module is the package's public API.
 """
 
 from __future__ import annotations

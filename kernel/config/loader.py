@@ -64,6 +64,12 @@ class Config:
         return len(self.tenants) > 1 or any(t.max_concurrent for t in self.tenants)
 
     @property
+    def has_tenants(self) -> bool:
+        """Whether requests are told apart by tenant: there are client keys, or a
+        ``[[tenants]]`` table says more than the tenant ``default`` without limits."""
+        return bool(self.client_keys) or self.tenants != (TenantSettings(name=DEFAULT_TENANT),)
+
+    @property
     def default_tenant(self) -> TenantSettings:
         """The tenant of the keys no tenant lists, and of requests where no key is needed."""
         return next(t for t in self.tenants if t.name == DEFAULT_TENANT)

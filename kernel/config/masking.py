@@ -1,7 +1,7 @@
 """What ``check-config`` prints and the start-up log holds (``effective``): the configuration in
-force with its derived figures, and its secrets masked: ``admin.token``, ``auth.api_keys``, the tenants' keys, and
-whatever in a model's ``env``, ``command``, ``args`` or URL (or ``cluster.redis_url``) looks like a
-credential."""
+force with its derived figures, and its secrets masked: ``admin.token``, ``auth.api_keys``, the
+tenants' keys, and whatever in a model's ``env``, ``command``, ``args`` or URL (or
+``cluster.redis_url``) looks like a credential."""
 
 from __future__ import annotations
 

@@ -25,6 +25,10 @@ log_format = "json"
 [admin]
 token = "{TOKEN}"
 
+[[tenants]]
+name = "default"
+rpm_limit = 1000
+
 [[models]]
 name = "llama-3.1-8b"
 launcher = "process"
@@ -139,6 +143,11 @@ def test_a_request_appears_within_a_second(browser: Any, gateway: str) -> None:
     # Newest first.
     ids = [r.get_attribute("data-request-id") for r in all_css(browser, "#requests tbody tr")]
     assert ids[:2] == ["unknown-model", "from-the-test"]
+    # The tenants panel: the request and its tokens (the simulator's 4, a prompt of 1).
+    row = wait_for(browser, lambda: all_css(
+        browser, f'#tenants tr[data-tenant="default"][data-model="{STOPPED}"]'), within=2.0)[0]
+    cells = [cell.text for cell in row.find_elements("css selector", "th, td")]
+    assert cells == ["default", "0", "1 / 1000", "5", STOPPED, "1", "1", "4", "0", cells[-1]]
 
 
 def test_load_unload_and_drain_through_the_buttons(browser: Any, gateway: str) -> None:
