@@ -120,7 +120,7 @@ class RequestContext:
                 "request", method=scope["method"], path=scope["path"],
                 model=name if model is not None else state.requested_model or "-",
                 model_default=state.model_default,
-                replica=state.replica, status=status, bytes=response.sent,
+                replica=state.replica, route=state.route, status=status, bytes=response.sent,
                 retries=state.retries,
                 queue_wait_ms=queue_wait_ms, ttfb_ms=ttfb_ms, duration_ms=duration_ms,
                 client_disconnected=client_disconnected,

@@ -29,13 +29,14 @@ from .engines import EngineSettings
 from .gateway import GatewaySettings
 from .loader import ENV_PREFIX, SECTIONS, Config, config_from_mapping, config_path, load_config
 from .masking import effective
-from .models import ModelSettings, parse_size, placement
+from .models import PREFIX_ROUTING, ModelSettings, parse_size, placement
 from .telemetry import TelemetrySettings
 from .upstream import UpstreamSettings
 from .validation import ConfigError
 
 __all__ = [
     "ENV_PREFIX",
+    "PREFIX_ROUTING",
     "SECTIONS",
     "AdminSettings",
     "AuthSettings",

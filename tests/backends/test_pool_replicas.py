@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import pytest
 
-from backends.pool import Backend, BackendPool, ModelState
+from backends.pool import Ask, Backend, BackendPool, ModelState
 from tests.backends.test_pool import (
     HEALTHY,
     FakeGpus,
@@ -52,7 +52,7 @@ def states(pool: BackendPool, name: str) -> list[str]:
 
 async def hold(stack: AsyncExitStack, pool: BackendPool, name: str, *,
                session: str | None = None) -> Backend:
-    return await stack.enter_async_context(pool.lease(name, session=session))
+    return await stack.enter_async_context(pool.lease(name, Ask(session)))
 
 
 # -- routing --------------------------------------------------------------------------------
@@ -80,13 +80,13 @@ async def test_a_session_keeps_to_its_replica_until_it_is_over_the_slack() -> No
         for session in ("alice", "bob", "carol", "dave"):
             seen = set()
             for _ in range(5):
-                async with pool.lease("a", session=session) as backend:
+                async with pool.lease("a", Ask(session)) as backend:
                     seen.add(backend.replica)
             assert len(seen) == 1, session
         # Sessions spread over the replicas.
         homes = set()
         for i in range(20):
-            async with pool.lease("a", session=f"user-{i}") as backend:
+            async with pool.lease("a", Ask(f"user-{i}")) as backend:
                 homes.add(backend.replica)
         assert homes == {0, 1}
         # At once: the session's replica takes up to ceil(1.5 x the average, the new one
@@ -147,12 +147,12 @@ async def test_a_failed_connect_goes_to_another_replica_if_one_is_ready() -> Non
     async with running_pool(config) as pool:
         await eventually(lambda: states(pool, "a") == ["ready", "ready"])
         for avoid in (0, 1):
-            async with pool.lease("a", avoid=avoid) as backend:
+            async with pool.lease("a", Ask(avoid=avoid)) as backend:
                 assert backend.replica == 1 - avoid
         pool.request_stop(pool.replicas["a"][1], "test")
         await eventually(lambda: pool.replicas["a"][1].state is ModelState.STOPPED)
         # The only one ready is tried again.
-        async with pool.lease("a", avoid=0) as backend:
+        async with pool.lease("a", Ask(avoid=0)) as backend:
             assert backend.replica == 0
 
 
@@ -296,11 +296,11 @@ async def test_a_scale_up_makes_room_by_stopping_an_idle_model_but_not_a_busy_on
 ROUTE_IN_A_PROCESS = """
 import json, sys
 from types import SimpleNamespace
-from backends.pool import ModelState, route
+from backends.pool import Ask, ModelState, route
 settings = SimpleNamespace(affinity_slack=1.5)
 replicas = [SimpleNamespace(state=ModelState.READY, yields_to=None, replica=i, leases=0,
                             slots=4, settings=settings) for i in range(4)]
-print(json.dumps([route(replicas, f"user-{n}", None).replica for n in range(40)]))
+print(json.dumps([route(replicas, Ask(f"user-{n}")).replica for n in range(40)]))
 """
 
 
