@@ -20,6 +20,7 @@ import anyio
 import pytest
 
 from backends.pool import Ask, Backend, BackendPool, ModelState
+from middleware.prompt_prefix import chained_blocks
 from tests.backends.test_pool import (
     HEALTHY,
     FakeGpus,
@@ -32,6 +33,8 @@ from tests.backends.test_pool_sleep import sleepy_model
 from tests.support import ROOT, eventually, make_config, simulator
 
 pytestmark = pytest.mark.anyio
+
+PROMPT = chained_blocks("You are a helpful assistant. " * 20, 64)
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +54,8 @@ def states(pool: BackendPool, name: str) -> list[str]:
 
 
 async def hold(stack: AsyncExitStack, pool: BackendPool, name: str, *,
-               session: str | None = None) -> Backend:
-    return await stack.enter_async_context(pool.lease(name, Ask(session)))
+               session: str | None = None, blocks: tuple[int, ...] = ()) -> Backend:
+    return await stack.enter_async_context(pool.lease(name, Ask(session, blocks)))
 
 
 # -- routing --------------------------------------------------------------------------------
@@ -257,16 +260,21 @@ async def test_an_idle_replica_sleeps_first_and_is_woken_for_the_next_scale_up()
     async with running_pool(config, held=Held(waits=waited)) as pool:
         await eventually(lambda: states(pool, "a") == ["ready", "stopped"], within=20)
         second = pool.replicas["a"][1]
+        index = pool.models["a"].prefixes
+        assert index is not None
         for _ in range(2):
             async with AsyncExitStack() as stack:
                 await hold(stack, pool, "a")
                 waited["a"] = 1.0
                 await eventually(lambda: second.state is ModelState.READY, within=20)
-                assert (await hold(stack, pool, "a")).replica == 1
+                assert (await hold(stack, pool, "a", blocks=PROMPT)).replica == 1
+                assert index.longest(PROMPT, 0b11) == (len(PROMPT), 0b10)
                 waited["a"] = None
-            # Idle: the second replica sleeps (its server runs on); the first is kept.
+            # Idle: the second replica sleeps (its server runs on); the first is kept. Its KV
+            # cache went with its sleep: the prefix index forgets it.
             await eventually(lambda: states(pool, "a") == ["ready", "asleep"]
                              and second.sleeping is None)
+            assert index.longest(PROMPT, 0b11) == (0, 0)
         # The second scale-up woke it: one start, one wake.
         assert (second.starts, second.wakes, second.sleeps) == (1, 1, 2)
         assert pool.models["a"].scale_ups == 3  # min_replicas' first start, then two
