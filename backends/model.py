@@ -3,7 +3,8 @@
 Owns the per-model figures that belong to no one server: the requests waiting in ``lease``
 (``waiting``), those the gateway holds for it outside the pool (``demand``), how many replicas
 were last told ready (``serving``), its scale-ups and scale-downs, whether a reload retired it,
-and the model's state as its replicas make it (the one nearest to serving).
+the model's state as its replicas make it (the one nearest to serving), and, for a model with
+replicas, its prefix index (``routing = "prefix"``) and the counts of its routing choices.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from kernel.config import ModelSettings
+from kernel.config import PREFIX_ROUTING, ModelSettings
 
+from .prefixes import PrefixIndex
+from .routing import REASONS, Ask
 from .states import ModelState
 
 if TYPE_CHECKING:
@@ -45,6 +48,17 @@ class Model:
     # Why a reload took it out of the configuration (it serves what it has, then stops); None
     # while it is configured.
     retired: str | None = None
+    # Which replica holds which prompt prefix (None: the model does not route by prefix).
+    prefixes: PrefixIndex | None = field(init=False, repr=False)
+    # Requests routed to a replica, by why (``routing.REASONS``), and prompt blocks matched.
+    routed: dict[str, int] = field(init=False, repr=False)
+    matched_blocks: int = 0
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        self.prefixes = PrefixIndex(s.prefix_index_size) if (
+            s.max_replicas > 1 and s.routing == PREFIX_ROUTING) else None
+        self.routed = dict.fromkeys(REASONS, 0)
 
     @property
     def name(self) -> str:
@@ -59,6 +73,16 @@ class Model:
 
     def ready(self) -> int:
         return sum(r.state is ModelState.READY for r in self.replicas)
+
+    def routed_by(self, ask: Ask) -> None:
+        """Count a request's routing choice."""
+        self.routed[ask.why] += 1
+        self.matched_blocks += ask.matched
+
+    def forget(self, server: Backend) -> None:
+        """The server's prefix cache is gone (its run ended, it went to sleep)."""
+        if self.prefixes is not None:
+            self.prefixes.forget(server.replica)
 
     def unserved(self, server: Backend) -> int:
         """The requests that wait for the model, less those its other replicas serve."""

@@ -57,11 +57,13 @@ from .launcher import Launcher, Supervisor
 from .ledger import GpuLedger
 from .model import Model
 from .placer import settled
+from .routing import Ask, route
 from .runs import Runs, refusal
-from .server import COMING, Backend, Changes, bring_up_order, route, should_reap
+from .server import COMING, Backend, Changes, bring_up_order, should_reap
 from .states import Event, ModelState, move
 
-__all__ = ["Backend", "BackendPool", "LauncherFactory", "ModelState", "route", "should_reap"]
+__all__ = ["Ask", "Backend", "BackendPool", "LauncherFactory", "ModelState", "route",
+           "should_reap"]
 
 log = structlog.get_logger("gateway.pool")
 
@@ -273,19 +275,19 @@ class BackendPool:
             self.on_change()
 
     @asynccontextmanager
-    async def lease(self, name: str, *, session: str | None = None, avoid: int | None = None,
+    async def lease(self, name: str, ask: Ask | None = None, *,
                     pin: tuple[int, int] | None = None) -> AsyncIterator[Backend]:
         """A ready backend of the model, kept from stopping until the block exits: of its
-        replicas, the session's (bounded by ``affinity_slack``), else the least loaded, and
-        not replica ``avoid`` (whose connect failed) while another is ready. With ``pin``
-        (replica, run): that run of that replica only, woken if it sleeps, never started."""
+        replicas, the one ``routing.route`` picks for ``ask`` (which then says why). With
+        ``pin`` (replica, run): that run of that replica only, woken if it sleeps, never
+        started."""
         model = self.models.get(name) or self.retiring.get(name)
         if model is None:
             raise removed(name)
         model.waiting += 1
         try:
             if pin is None:
-                backend = await self._until_ready(model, session, avoid)
+                backend = await self._until_ready(model, ask or Ask())
             else:
                 backend = await self._until_pinned(model.replicas[pin[0]], pin[1])
         finally:
@@ -300,16 +302,16 @@ class BackendPool:
             if backend.leases == 0:
                 self._notify()
 
-    async def _until_ready(self, model: Model, session: str | None,
-                           avoid: int | None) -> Backend:
+    async def _until_ready(self, model: Model, ask: Ask) -> Backend:
         while True:
             if len(model.replicas) == 1:
                 backend = model.replicas[0]
                 if backend.state is ModelState.READY and backend.yields_to is None:
                     return backend
             else:
-                chosen = route(model.replicas, session, avoid)
+                chosen = route(model.replicas, ask, model.prefixes)
                 if chosen is not None:
+                    model.routed_by(ask)
                     return chosen
                 backend = min(model.replicas, key=bring_up_order)
             if model.retired is not None and backend.state not in COMING:

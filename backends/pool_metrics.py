@@ -1,8 +1,10 @@
 """The pool's figures for Prometheus, read at scrape time from the pool itself: each model's
 and each replica's state, the counts of starts, evictions, sleeps, wakes and scale changes, the
-measured VRAM and the requests each replica serves now. The pool owns these numbers; this
-collector only reads them, so the number exposed is the number in force. The app registers it
-on the gateway's registry (telemetry.metrics), which knows nothing of the pool.
+measured VRAM, the requests each replica serves now, and a model with replicas' routing (the
+requests routed, by why; the prompt blocks matched; the prefix index's size). The pool owns
+these numbers; this collector only reads them, so the number exposed is the number in force.
+The app registers it on the gateway's registry (telemetry.metrics), which knows nothing of the
+pool.
 """
 
 from __future__ import annotations
@@ -62,6 +64,23 @@ class PoolMetrics(Collector):
         replica_in_flight = GaugeMetricFamily(
             "gateway_replica_in_flight", "Requests forwarded to a replica of a model now.",
             labels=["model", "replica"])
+        routed = CounterMetricFamily(
+            "gateway_routed_requests", "Requests of a model with replicas routed to one, by why: "
+            "session, prefix (the longest prompt prefix it holds), hash (no replica holds the "
+            "prompt's first block: its rendezvous hash), load (the least loaded).",
+            labels=["model", "reason"])
+        matched = CounterMetricFamily(
+            "gateway_prefix_matched_blocks", "Prompt blocks (prefix_block_chars each) found on "
+            "the replica a request was routed to by prefix.", labels=["model"])
+        index = GaugeMetricFamily(
+            "gateway_prefix_index_blocks", "Prompt blocks the prefix index of a model remembers "
+            "(at most its prefix_index_size).", labels=["model"])
+        for model in self.pool.replicated:
+            for reason, count in model.routed.items():
+                routed.add_metric([model.name, reason], count)
+            if model.prefixes is not None:
+                matched.add_metric([model.name], model.matched_blocks)
+                index.add_metric([model.name], len(model.prefixes))
         for name, backend in self.pool.backends.items():
             replicas = self.pool.replicas[name]
             now = self.pool.state_of(name)
@@ -85,3 +104,6 @@ class PoolMetrics(Collector):
         yield vram
         yield replica_state
         yield replica_in_flight
+        yield routed
+        yield matched
+        yield index

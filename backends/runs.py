@@ -93,6 +93,7 @@ class Runs:
         backend.sleeping = anyio.Event()
         backend.asleep_since = anyio.current_time()  # the newest asleep, for the sleep budget
         move(backend, Event.SLEEP)
+        backend.of.forget(backend)  # either level drops the KV cache
         _send(backend, (SLEEP, None))
 
     def begin_wake(self, backend: Backend) -> None:
@@ -132,6 +133,7 @@ class Runs:
                 backend.commands.close()
                 backend.commands = None
             move(backend, Event.RUN_ENDS, backend.stop_reason or "")
+            backend.of.forget(backend)
             with anyio.CancelScope(shield=True):
                 try:
                     await backend.launcher.stop()

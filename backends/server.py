@@ -1,15 +1,13 @@
 """One server of a model (a replica): what the pool knows of it, and the pure reads of that.
 
 Owns the server's observed state (``Backend``: its state, leases, run, memory, counters) and
-the reads made of it on the request path: ``route`` (the ready replica a request goes to) and
-``bring_up_order`` (with none ready, the one to wait for). A ``Backend``'s ``state`` is written
+the read made of it on the request path when no replica is ready: ``bring_up_order`` (the one
+to wait for; ``routing.route`` picks among the ready ones). A ``Backend``'s ``state`` is written
 by ``states.move`` only; the rest by the pool's controller (``runs``, ``placer``, ``pool``).
 """
 
 from __future__ import annotations
 
-import math
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -191,37 +189,6 @@ class Backend:
         if self.state is ModelState.WAKING and self.asleep_vram_mb is not None:
             return max(0, self.vram_mb - self.asleep_vram_mb)
         return self.vram_mb
-
-
-def route(replicas: list[Backend], session: str | None, avoid: int | None) -> Backend | None:
-    """The ready replica a request goes to, or None if none is ready. The session's replica
-    (rendezvous hashing: the highest hash of session and replica) unless it has no free slot or
-    more than ``affinity_slack`` times the average load; else the least loaded (the first of
-    equals, so that a light load keeps to few replicas and the others go idle)."""
-    least = affine = None
-    top = 0
-    total = ready = 0
-    # Hashes of ints are the same in every process (a str's is salted per process): a session
-    # keeps its replica across a restart of the gateway, which adopts its containers.
-    key = zlib.crc32(session.encode()) if session is not None else 0
-    for r in replicas:
-        if r.state is not ModelState.READY or r.yields_to is not None or r.replica == avoid:
-            continue
-        ready += 1
-        total += r.leases
-        if least is None or r.leases < least.leases:
-            least = r
-        if session is not None:
-            score = hash((key, r.replica))
-            if affine is None or score > top:
-                affine, top = r, score
-    if least is None:
-        # The replica whose connect failed is the only one ready: it is tried again.
-        return route(replicas, session, None) if avoid is not None else None
-    if affine is not None and affine.leases < affine.slots and affine.leases + 1 <= math.ceil(
-            affine.settings.affinity_slack * (total + 1) / ready):
-        return affine
-    return least
 
 
 def bring_up_order(backend: Backend) -> tuple[int, int]:

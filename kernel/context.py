@@ -84,6 +84,8 @@ class RequestState:
     stream: bool = False
     body_bytes: bytes | None = None
     session: str | None = None
+    # ... the prompt's chained block hashes (a model that routes by prefix; empty otherwise).
+    prefix: tuple[int, ...] = ()
     pin: Server | None = None
     # QueueDepthLimit: the request's place with the accounting, from joining to leaving.
     ticket: Ticket | None = None
@@ -91,9 +93,11 @@ class RequestState:
     queue_wait: float | None = None
     # RetryConnectFailures: attempts repeated.
     retries: int = 0
-    # StreamingPassthrough: the replica that answers (a model with replicas), the one whose
-    # connect failed (a retry avoids it), and the server run that answered.
+    # StreamingPassthrough: the replica that answers (a model with replicas) and why it was
+    # chosen (``backends.routing``: session, prefix, hash, load), the one whose connect failed
+    # (a retry avoids it), and the server run that answered.
     replica: int | None = None
+    route: str | None = None
     failed_replica: int | None = None
     server: Server | None = None
     # The code of the gateway's own error answer, or of the way the request ended.

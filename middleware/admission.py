@@ -37,12 +37,13 @@ import anyio
 import msgspec
 import sniffio
 
-from kernel.config import Config, ModelSettings
+from kernel.config import PREFIX_ROUTING, Config, ModelSettings
 from kernel.context import STATE, RequestState
 from kernel.errors import ERROR_KEY, GatewayError, bad_request, not_found, unavailable
 from kernel.types import ASGIApp, Message, Receive, Scope, Send, header
 
 from .forms import FORM_TYPE, form_model, with_model_field
+from .prompt_prefix import prefix_blocks
 from .response_ids import ResponseIds, stored_response
 
 # A session named by the client: its requests go to one replica of a model (affinity).
@@ -444,6 +445,8 @@ class Admission:
             # The session whose requests go to one replica: its header, else the body's user.
             session = header(scope, SESSION_HEADER)
             state.session = session.decode("latin-1") if session else reader.user
+            if model.routing == PREFIX_ROUTING and state.session is None:
+                state.prefix = prefix_blocks(raw, model.prefix_block_chars)
         return raw
 
     def _model(self, name: str) -> ModelSettings:

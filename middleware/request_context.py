@@ -122,7 +122,7 @@ class RequestContext:
                 model=name if model is not None else state.requested_model or "-",
                 model_default=state.model_default,
                 tenant=state.tenant.name if state.tenant is not None else None,
-                replica=state.replica, status=status, bytes=response.sent,
+                replica=state.replica, route=state.route, status=status, bytes=response.sent,
                 retries=state.retries,
                 queue_wait_ms=queue_wait_ms, ttfb_ms=ttfb_ms, duration_ms=duration_ms,
                 client_disconnected=client_disconnected,

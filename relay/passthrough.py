@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import structlog
 
-from backends.pool import BackendPool
+from backends.pool import Ask, BackendPool
 from kernel.context import STATE, RequestState
 from kernel.errors import GatewayError
 from kernel.types import SSE, Message, Receive, Scope, Send, header
@@ -92,14 +92,17 @@ class StreamingPassthrough:
         model = state.model
         pin = state.pin
         if model.max_replicas == 1 and pin is None:
+            ask = None
             lease = self.pool.lease(model.name)
         else:
-            lease = self.pool.lease(model.name, session=state.session,
-                                    avoid=state.failed_replica, pin=pin)
+            ask = Ask(state.session, state.prefix, state.failed_replica)
+            lease = self.pool.lease(model.name, ask, pin=pin)
         async with lease as backend:
             state.server = (backend.replica, backend.starts)  # for a stored response
             if model.max_replicas > 1:
                 state.replica = backend.replica
+                if ask is not None and ask.why:  # not a pinned one: no choice was made
+                    state.route = ask.why
             try:
                 answer = await self._open(scope, state, backend.address, model.name)
             except UpstreamConnectError:

@@ -531,6 +531,15 @@ def test_replica_keys_default_to_one_server_and_gpu_alternatives_are_placements(
     assert container.placements == (("a", (0,)), ("a", (1,)), ("b", (0,)), ("b", (1,)))
 
 
+def test_routing_is_by_prefix_for_a_model_with_replicas_unless_told():
+    plain, replicated, told = load({"models": [
+        sim_model("a"), sim_model("b", max_replicas=2),
+        sim_model("c", max_replicas=2, routing="least_loaded")]}).models
+    assert (plain.routing, replicated.routing, told.routing) == (
+        "least_loaded", "prefix", "least_loaded")
+    assert (replicated.prefix_index_size, replicated.prefix_block_chars) == (50_000, 256)
+
+
 @pytest.mark.parametrize(("doc", "key", "value", "allowed"), [
     ({"models": [sim_model("m", max_replicas=2, min_replicas=3)]},
      'models["m"].min_replicas', "3", "at most max_replicas (2)"),
@@ -553,6 +562,12 @@ def test_replica_keys_default_to_one_server_and_gpu_alternatives_are_placements(
      "only a container model"),
     ({"models": [sim_model("m", placements=[])]}, 'models["m"].placements', "[]",
      "unknown key"),
+    ({"models": [sim_model("m", routing="round_robin")]}, 'models["m"].routing',
+     "'round_robin'", "one of 'prefix', 'least_loaded'"),
+    ({"models": [sim_model("m", prefix_index_size=0)]}, 'models["m"].prefix_index_size', "0",
+     "an integer from 1 to 10000000"),
+    ({"models": [sim_model("m", prefix_block_chars=8)]}, 'models["m"].prefix_block_chars', "8",
+     "an integer from 16 to 1000000"),
 ])
 def test_bad_replica_settings_are_refused(doc, key, value, allowed):
     with pytest.raises(ConfigError) as err:

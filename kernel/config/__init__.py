@@ -29,7 +29,7 @@ from .engines import EngineSettings
 from .gateway import GatewaySettings
 from .loader import ENV_PREFIX, SECTIONS, Config, config_from_mapping, config_path, load_config
 from .masking import effective
-from .models import ModelSettings, parse_size, placement
+from .models import PREFIX_ROUTING, ModelSettings, parse_size, placement
 from .reload import ReloadPlan, config_hash, plan_reload
 from .telemetry import TelemetrySettings
 from .tenants import DEFAULT_TENANT, TenantSettings
@@ -39,6 +39,7 @@ from .validation import ConfigError
 __all__ = [
     "DEFAULT_TENANT",
     "ENV_PREFIX",
+    "PREFIX_ROUTING",
     "SECTIONS",
     "AdminSettings",
     "AuthSettings",

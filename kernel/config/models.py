@@ -30,6 +30,9 @@ from .validation import (
 )
 
 LAUNCHERS = ("process", "static", "container")
+# How a model with replicas picks one for a request that names no session (``routing``).
+PREFIX_ROUTING = "prefix"
+ROUTINGS = (PREFIX_ROUTING, "least_loaded")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -72,6 +75,14 @@ class ModelSettings:
     # A session's replica takes its requests unless it has more than this times the average
     # load of the ready replicas (bounded-load consistent hashing).
     affinity_slack: float = _spec(1.5, lo=1.0, hi=1_000.0)
+    # A request that names no session goes to the replica that holds the longest run of its
+    # prompt's blocks ("prefix", within the same bound), or to the least loaded; none: "prefix"
+    # with max_replicas > 1 (resolved at load). The prefix index remembers at most
+    # prefix_index_size blocks of prefix_block_chars characters per model (the least recently
+    # used go first).
+    routing: str | None = _spec(None, choices=ROUTINGS)
+    prefix_index_size: int = _spec(50_000, lo=1, hi=10_000_000)
+    prefix_block_chars: int = _spec(256, lo=16, hi=1_000_000)
     image: str | None = _spec(None)
     args: tuple[str, ...] = ()
     container_port: int = _spec(8000, lo=1, hi=65535)
@@ -245,6 +256,9 @@ def _build_models(raw: Any, engines: Mapping[str, EngineSettings], gateway: Gate
         model = _build(ModelSettings, table, path, sources)
         if model.served_name is None:
             model = dataclasses.replace(model, served_name=model.name)
+        if model.routing is None:
+            model = dataclasses.replace(model, routing=PREFIX_ROUTING if model.max_replicas > 1
+                                        else "least_loaded")
         model = _place(model, path, engines, alternatives, sources)
         _check_model(model, path, engines, sources)
         _check_replicas(model, path, gateway, sources)

@@ -19,7 +19,8 @@ from typing import Any
 import anyio
 import pytest
 
-from backends.pool import Backend, BackendPool, ModelState
+from backends.pool import Ask, Backend, BackendPool, ModelState
+from middleware.prompt_prefix import chained_blocks
 from tests.backends.test_pool import (
     HEALTHY,
     FakeGpus,
@@ -32,6 +33,8 @@ from tests.backends.test_pool_sleep import sleepy_model
 from tests.support import ROOT, eventually, make_config, simulator
 
 pytestmark = pytest.mark.anyio
+
+PROMPT = chained_blocks("You are a helpful assistant. " * 20, 64)
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +54,8 @@ def states(pool: BackendPool, name: str) -> list[str]:
 
 
 async def hold(stack: AsyncExitStack, pool: BackendPool, name: str, *,
-               session: str | None = None) -> Backend:
-    return await stack.enter_async_context(pool.lease(name, session=session))
+               session: str | None = None, blocks: tuple[int, ...] = ()) -> Backend:
+    return await stack.enter_async_context(pool.lease(name, Ask(session, blocks)))
 
 
 # -- routing --------------------------------------------------------------------------------
@@ -80,13 +83,13 @@ async def test_a_session_keeps_to_its_replica_until_it_is_over_the_slack() -> No
         for session in ("alice", "bob", "carol", "dave"):
             seen = set()
             for _ in range(5):
-                async with pool.lease("a", session=session) as backend:
+                async with pool.lease("a", Ask(session)) as backend:
                     seen.add(backend.replica)
             assert len(seen) == 1, session
         # Sessions spread over the replicas.
         homes = set()
         for i in range(20):
-            async with pool.lease("a", session=f"user-{i}") as backend:
+            async with pool.lease("a", Ask(f"user-{i}")) as backend:
                 homes.add(backend.replica)
         assert homes == {0, 1}
         # At once: the session's replica takes up to ceil(1.5 x the average, the new one
@@ -147,12 +150,12 @@ async def test_a_failed_connect_goes_to_another_replica_if_one_is_ready() -> Non
     async with running_pool(config) as pool:
         await eventually(lambda: states(pool, "a") == ["ready", "ready"])
         for avoid in (0, 1):
-            async with pool.lease("a", avoid=avoid) as backend:
+            async with pool.lease("a", Ask(avoid=avoid)) as backend:
                 assert backend.replica == 1 - avoid
         pool.request_stop(pool.replicas["a"][1], "test")
         await eventually(lambda: pool.replicas["a"][1].state is ModelState.STOPPED)
         # The only one ready is tried again.
-        async with pool.lease("a", avoid=0) as backend:
+        async with pool.lease("a", Ask(avoid=0)) as backend:
             assert backend.replica == 0
 
 
@@ -257,16 +260,21 @@ async def test_an_idle_replica_sleeps_first_and_is_woken_for_the_next_scale_up()
     async with running_pool(config, held=Held(waits=waited)) as pool:
         await eventually(lambda: states(pool, "a") == ["ready", "stopped"], within=20)
         second = pool.replicas["a"][1]
+        index = pool.models["a"].prefixes
+        assert index is not None
         for _ in range(2):
             async with AsyncExitStack() as stack:
                 await hold(stack, pool, "a")
                 waited["a"] = 1.0
                 await eventually(lambda: second.state is ModelState.READY, within=20)
-                assert (await hold(stack, pool, "a")).replica == 1
+                assert (await hold(stack, pool, "a", blocks=PROMPT)).replica == 1
+                assert index.longest(PROMPT, 0b11) == (len(PROMPT), 0b10)
                 waited["a"] = None
-            # Idle: the second replica sleeps (its server runs on); the first is kept.
+            # Idle: the second replica sleeps (its server runs on); the first is kept. Its KV
+            # cache went with its sleep: the prefix index forgets it.
             await eventually(lambda: states(pool, "a") == ["ready", "asleep"]
                              and second.sleeping is None)
+            assert index.longest(PROMPT, 0b11) == (0, 0)
         # The second scale-up woke it: one start, one wake.
         assert (second.starts, second.wakes, second.sleeps) == (1, 1, 2)
         assert pool.models["a"].scale_ups == 3  # min_replicas' first start, then two
@@ -296,11 +304,11 @@ async def test_a_scale_up_makes_room_by_stopping_an_idle_model_but_not_a_busy_on
 ROUTE_IN_A_PROCESS = """
 import json, sys
 from types import SimpleNamespace
-from backends.pool import ModelState, route
+from backends.pool import Ask, ModelState, route
 settings = SimpleNamespace(affinity_slack=1.5)
 replicas = [SimpleNamespace(state=ModelState.READY, yields_to=None, replica=i, leases=0,
                             slots=4, settings=settings) for i in range(4)]
-print(json.dumps([route(replicas, f"user-{n}", None).replica for n in range(40)]))
+print(json.dumps([route(replicas, Ask(f"user-{n}")).replica for n in range(40)]))
 """
 
 

@@ -5,18 +5,25 @@ and the metrics show each replica."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import httpx2
 import pytest
 
-from backends.pool import ModelState, route
+from backends.pool import Ask, ModelState, route
+from backends.prefixes import PrefixIndex
 from backends.process import ProcessLauncher
 from middleware import request_context
+from middleware.prompt_prefix import prefix_blocks
+from proxy.app import Gateway
+from tests.backends.test_routing import home
+from tests.backends.test_routing import replicas as idle
 from tests.middleware.test_request_context import Lines
 from tests.support import HTTP, chat, eventually, make_config, serving, sim_model
 
@@ -114,14 +121,23 @@ async def test_a_replica_killed_mid_stream_ends_that_stream_and_the_other_serves
         await eventually(lambda: all(r.state is ModelState.READY for r in replicas), within=20)
 
 
-async def test_requests_of_one_session_go_to_one_replica(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+@contextlib.asynccontextmanager
+async def two_replicas(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
+        tuple[str, Gateway, httpx2.AsyncClient, Lines]]:
+    """The gateway with model "m" on two ready replicas, its access lines recorded."""
     lines = Lines()
     monkeypatch.setattr(request_context, "access_log", lines)
     config = make_config([sim_model("m", max_replicas=2, min_replicas=2)])
     async with serving(config) as (url, gateway), httpx2.AsyncClient(timeout=60) as client:
         replicas = gateway.pool.replicas["m"]
         await eventually(lambda: all(r.state is ModelState.READY for r in replicas), within=20)
+        yield url, gateway, client, lines
+
+
+async def test_requests_of_one_session_go_to_one_replica(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    async with two_replicas(monkeypatch) as (url, gateway, client, lines):
+        replicas = gateway.pool.replicas["m"]
         addresses = [r.address for r in replicas]
         assert None not in addresses
         before = [served(a) for a in addresses if a]
@@ -157,7 +173,7 @@ async def test_a_connect_that_fails_is_tried_again_on_the_other_replica() -> Non
         assert isinstance(launcher, ProcessLauncher)
         working, launcher.address = launcher.address, "http://127.0.0.1:9"
         session = next(f"s{i}" for i in range(100)
-                       if route(replicas, f"s{i}", None) is replicas[1])
+                       if route(replicas, Ask(f"s{i}")) is replicas[1])
         try:
             response = await client.post(url + "/v1/chat/completions",
                                          json=chat("m", user=session))
@@ -166,3 +182,50 @@ async def test_a_connect_that_fails_is_tried_again_on_the_other_replica() -> Non
         assert response.status_code == 200
         assert gateway.metrics.retries.labels("m")._value.get() == 1
         assert served(replicas[0].address or "") == 1
+
+
+def system_prompt_on(replica: int) -> str:
+    """A long system prompt that no replica holds yet, whose first block's hash picks
+    ``replica`` of two idle ones."""
+    for i in range(100):
+        text = f"You are assistant number {i}. Answer briefly and cite sources. " * 30
+        blocks = prefix_blocks(json.dumps(
+            {"messages": [{"role": "system", "content": text}]}).encode(), 256)
+        if home(PrefixIndex(100), blocks, idle(0, 0)) == replica:
+            return text
+    raise AssertionError("no such prompt")
+
+
+async def test_requests_that_share_a_long_system_prompt_keep_to_one_replica(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    async with two_replicas(monkeypatch) as (url, gateway, client, lines):
+        replicas = gateway.pool.replicas["m"]
+        addresses = [r.address or "" for r in replicas]
+        before = [served(a) for a in addresses]
+        prompts = [system_prompt_on(0), system_prompt_on(1)]
+        for turn in range(4):
+            for system in prompts:
+                response = await client.post(url + "/v1/chat/completions", json={
+                    "model": "m", "max_tokens": 2,
+                    "messages": [{"role": "system", "content": system},
+                                 {"role": "user", "content": f"question {turn}"}]})
+                assert response.status_code == 200
+        # Each system prompt's four requests went to the replica its first request went to.
+        assert [served(a) - b for a, b in zip(addresses, before, strict=True)] == [4, 4]
+        # The access line says why: the first of each by its first block's hash, the rest by
+        # the prefix they share.
+        await eventually(lambda: [(line["replica"], line["route"]) for line in lines.lines
+                                  if line["path"] == "/v1/chat/completions"]
+                         == [(0, "hash"), (1, "hash")] + [(0, "prefix"), (1, "prefix")] * 3)
+        metrics = (await client.get(url + "/metrics")).text
+        assert 'gateway_routed_requests_total{model="m",reason="prefix"} 6.0' in metrics
+        assert 'gateway_routed_requests_total{model="m",reason="hash"} 2.0' in metrics
+        index = gateway.pool.models["m"].prefixes
+        assert index is not None
+        # Each prompt's blocks, the system prompt's (about 1,900 characters: 7 blocks of 256)
+        # shared by its four requests.
+        assert f'gateway_prefix_index_blocks{{model="m"}} {len(index)}.0' in metrics
+        assert 14 <= len(index) <= 16
+        # A replica that stops forgets its prefixes: the other's stay.
+        await gateway.pool.runs.stop_and_wait(replicas[1], "test")
+        assert len(gateway.pool.models["m"].prefixes or ()) == len(index) < 14
