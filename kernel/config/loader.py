@@ -50,6 +50,9 @@ class Config:
     source: str
     by_name: Mapping[str, ModelSettings]
     client_keys: frozenset[str] = frozenset()
+    # Each adapter's name: the model whose servers serve it.
+    adapters: Mapping[str, ModelSettings] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({}))
 
     @property
     def upstream_pool_size(self) -> int:
@@ -177,12 +180,14 @@ def config_from_mapping(data: dict[str, Any], *, source: str = "<mapping>",
     sections["cluster"] = _resolve_cluster(sections["cluster"], sections["gateway"].instance,
                                            models, sources)
     by_name = {key: m for m in models for key in (m.name, *m.aliases)}
+    adapters = {adapter.name: m for m in models for adapter in m.adapters}
     default = sections["gateway"].default_model
     if default is not None and default not in by_name:
         _fail("gateway.default_model", default, sources,
               "the name or an alias of a configured model: " + ", ".join(by_name))
     return Config(engines=engines, models=models, source=source,
-                  by_name=types.MappingProxyType(by_name), client_keys=client_keys, **sections)
+                  by_name=types.MappingProxyType(by_name), client_keys=client_keys,
+                  adapters=types.MappingProxyType(adapters), **sections)
 
 
 def config_path(cli_path: str | None, environ: Mapping[str, str]) -> tuple[Path, str]:
