@@ -43,6 +43,7 @@ from kernel.config import Config, ModelSettings, placement
 from kernel.errors import GatewayError, not_found
 
 from . import planners
+from .adapters import AdapterLoader, prefer_holding
 from .gpu import ConfiguredMemory, GpuMemory
 from .health import HEALTH_TIMEOUT
 from .launcher import Launcher, Supervisor
@@ -104,6 +105,8 @@ class BackendPool:
                          placement_timeout=gateway.placement_timeout)
         self.request_stop = self.runs.request_stop
         self.supervisor = Supervisor()
+        # Each server's LoRA adapters: loaded where a request for one needs it.
+        self.adapters = AdapterLoader(config, notify=self._notify)
 
     def _model(self, settings: ModelSettings, launchers: LauncherFactory) -> Model:
         """The model and its servers, each with its placement (the alternatives in turn)."""
@@ -127,6 +130,7 @@ class BackendPool:
             self.runs.health.client = health
             async with anyio.create_task_group() as tg:
                 self.runs.tg = tg
+                self.adapters.open(health, tg)
                 tg.start_soon(self.supervisor.run, "the idle reaper", self._reap)
                 for backend in self.servers:
                     # A static server is watched from the start, so that a request for one
@@ -176,16 +180,18 @@ class BackendPool:
 
     @asynccontextmanager
     async def lease(self, name: str, *, session: str | None = None, avoid: int | None = None,
-                    pin: tuple[int, int] | None = None) -> AsyncIterator[Backend]:
+                    pin: tuple[int, int] | None = None,
+                    adapter: str | None = None) -> AsyncIterator[Backend]:
         """A ready backend of the model, kept from stopping until the block exits: of its
-        replicas, the session's (bounded by ``affinity_slack``), else the least loaded, and
-        not replica ``avoid`` (whose connect failed) while another is ready. With ``pin``
-        (replica, run): that run of that replica only, woken if it sleeps, never started."""
+        replicas, one that holds ``adapter`` (bounded by ``affinity_slack``), else the
+        session's (bounded as well), else the least loaded, and not replica ``avoid`` (whose
+        connect failed) while another is ready. With ``pin`` (replica, run): that run of that
+        replica only, woken if it sleeps, never started."""
         model = self.models[name]
         model.waiting += 1
         try:
             if pin is None:
-                backend = await self._until_ready(model, session, avoid)
+                backend = await self._until_ready(model, session, avoid, adapter)
             else:
                 backend = await self._until_pinned(model.replicas[pin[0]], pin[1])
         finally:
@@ -200,8 +206,8 @@ class BackendPool:
             if backend.leases == 0:
                 self._notify()
 
-    async def _until_ready(self, model: Model, session: str | None,
-                           avoid: int | None) -> Backend:
+    async def _until_ready(self, model: Model, session: str | None, avoid: int | None,
+                           adapter: str | None = None) -> Backend:
         while True:
             if len(model.replicas) == 1:
                 backend = model.replicas[0]
@@ -209,6 +215,9 @@ class BackendPool:
                     return backend
             else:
                 chosen = route(model.replicas, session, avoid)
+                if chosen is not None and adapter is not None:
+                    return prefer_holding(model.replicas, chosen, functools.partial(
+                        self.adapters.holds, name=adapter), avoid)
                 if chosen is not None:
                     return chosen
                 backend = min(model.replicas, key=bring_up_order)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import structlog
 
-from backends.pool import BackendPool
+from backends.pool import Backend, BackendPool
 from kernel.context import STATE, RequestState
 from kernel.errors import GatewayError
 from kernel.types import SSE, Message, Receive, Scope, Send, header
@@ -87,25 +87,37 @@ class StreamingPassthrough:
         state: RequestState = scope[STATE]
         model = state.model
         pin = state.pin
+        adapter = state.adapter
         if model.max_replicas == 1 and pin is None:
             lease = self.pool.lease(model.name)
         else:
             lease = self.pool.lease(model.name, session=state.session,
-                                    avoid=state.failed_replica, pin=pin)
+                                    avoid=state.failed_replica, pin=pin, adapter=adapter)
         async with lease as backend:
             state.server = (backend.replica, backend.starts)  # for a stored response
             if model.max_replicas > 1:
                 state.replica = backend.replica
-            try:
-                answer = await self._open(scope, state, backend.address, model.name)
-            except UpstreamConnectError:
-                # A try again (the retry layer) goes to another replica where one is ready.
-                state.failed_replica = backend.replica
-                raise
-            try:
-                await self._relay(answer, send, sends, model.name)
-            finally:
-                await answer.aclose()
+            if adapter is None:
+                await self._exchange(scope, send, sends, state, backend)
+            else:
+                # Loaded on this server first if it is not, and kept there meanwhile.
+                async with self.pool.adapters.using(backend, adapter, state):
+                    await self._exchange(scope, send, sends, state, backend)
+
+    async def _exchange(self, scope: Scope, send: Send, sends: SendWatch, state: RequestState,
+                        backend: Backend) -> None:
+        """Forward the request to the server and relay its answer."""
+        model = backend.name
+        try:
+            answer = await self._open(scope, state, backend.address, model)
+        except UpstreamConnectError:
+            # A try again (the retry layer) goes to another replica where one is ready.
+            state.failed_replica = backend.replica
+            raise
+        try:
+            await self._relay(answer, send, sends, model)
+        finally:
+            await answer.aclose()
 
     async def _open(self, scope: Scope, state: RequestState, address: str,
                     model: str) -> Answer:
