@@ -4,7 +4,9 @@ gateway's own launchers.
 
 Without the venv the tier skips, saying why; in CI (``VLLM_GATEWAY_TEST_REQUIRE_ENGINE=1`` or
 ``CI=true``) it fails instead. A vLLM takes about a minute to start on 2 cores: the tests that
-can share one gateway and its server do (``served``, for the whole session).
+can share one gateway and its server do (``served``, for the whole session); that server also
+loads LoRA adapters at run time (``LORA_ARGS``; ``tiny_loras`` makes two with
+``scripts/make-tiny-lora.py``), and a test that loads one leaves it unloaded.
 
 Every vLLM a test starts carries ``VLLM_GATEWAY_TEST_RUN`` in its environment, so a test finds
 exactly the processes it started (``engine_processes``).
@@ -34,6 +36,7 @@ T = TypeVar("T")
 VLLM_VENV = ROOT / ".venv-vllm"
 VLLM_PYTHON = VLLM_VENV / "bin" / "python"
 MAKE_TINY_MODEL = ROOT / "scripts" / "make-tiny-model.py"
+MAKE_TINY_LORA = ROOT / "scripts" / "make-tiny-lora.py"
 MARKER = "VLLM_GATEWAY_TEST_RUN"
 # A generation of 8,128 tokens of the tiny model took a minute on a busy 2-core machine (load 8)
 # and takes seconds on an idle one: it outlasts a test's look at it.
@@ -44,6 +47,10 @@ ADMIN_TOKEN = "vllm-tier-admin"
 VLLM_ARGS = ["--load-format", "dummy", "--max-model-len", str(MAX_MODEL_LEN),
              "--dtype", "bfloat16"]
 VLLM_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+# The shared server (``served``) also serves LoRA adapters loaded at run time, one at a time
+# (the rank of make-tiny-lora.py's adapters).
+LORA_ARGS = ["--enable-lora", "--max-loras", "1", "--max-lora-rank", "8"]
+LORA_ENV = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
 
 
 def required() -> bool:
@@ -82,6 +89,19 @@ def tiny_model(vllm_python: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     subprocess.run([str(vllm_python), str(MAKE_TINY_MODEL), str(directory)], check=True,
                    capture_output=True)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_loras(vllm_python: Path, tiny_model: Path,
+               tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two LoRA adapters for the tiny model (``scripts/make-tiny-lora.py``, seeds 1 and 2)."""
+    directory = tmp_path_factory.mktemp("tiny-loras")
+    made = {}
+    for seed, name in enumerate(("tiny-lora-1", "tiny-lora-2"), start=1):
+        made[name] = directory / name
+        subprocess.run([str(vllm_python), str(MAKE_TINY_LORA), str(tiny_model), str(made[name]),
+                        str(seed)], check=True, capture_output=True)
+    return made
 
 
 def vllm_command(python: Path | str, model_dir: Path | str) -> list[str]:
@@ -204,10 +224,10 @@ def tiny_model_table(python: Path, model_dir: Path, marker: str,
 
 
 @contextlib.contextmanager
-def serving_vllm(python: Path, model_dir: Path, directory: Path,
-                 **settings: Any) -> Iterator[Served]:
+def serving_vllm(python: Path, model_dir: Path, directory: Path, *,
+                 marker: str | None = None, **settings: Any) -> Iterator[Served]:
     """``vllm-gateway serve`` with ``tiny`` (not started: the first request starts it)."""
-    marker = uuid.uuid4().hex
+    marker = marker or uuid.uuid4().hex
     config = toml_config([tiny_model_table(python, model_dir, marker, **settings)],
                          admin={"token": ADMIN_TOKEN})
     try:
@@ -220,19 +240,26 @@ def serving_vllm(python: Path, model_dir: Path, directory: Path,
                 os.kill(int(line.split()[0]), signal.SIGKILL)
 
 
-def long_lived_gateway(scope: Literal["session", "module"], name: str) -> Any:
-    """A fixture: a gateway (never idle-stopped) for the tests of that scope to share."""
+def long_lived_gateway(scope: Literal["session", "module"], name: str, *,
+                       lora: bool = False) -> Any:
+    """A fixture: a gateway (never idle-stopped) for the tests of that scope to share; with
+    ``lora``, its vLLM loads LoRA adapters at run time (LORA_ARGS, LORA_ENV)."""
     @pytest.fixture(scope=scope, name=name)
     def gateway(vllm_python: Path, tiny_model: Path,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+        marker = uuid.uuid4().hex
+        settings: dict[str, Any] = {"idle_timeout": 3600.0}
+        if lora:
+            settings["command"] = [*vllm_command(vllm_python, tiny_model), *LORA_ARGS]
+            settings["env"] = {**VLLM_ENV, **LORA_ENV, MARKER: marker}
         with serving_vllm(vllm_python, tiny_model, tmp_path_factory.mktemp(name),
-                          idle_timeout=3600.0) as served:
+                          marker=marker, **settings) as served:
             yield served
     return gateway
 
 
 # One gateway and its vLLM for every test that can share them.
-served = long_lived_gateway("session", "served")
+served = long_lived_gateway("session", "served", lora=True)
 
 
 def metric(address: str, name: str) -> float:
