@@ -38,7 +38,7 @@ from kernel.config import Config
 from kernel.context import RequestState
 from kernel.errors import GatewayError, unavailable
 
-from .planners import COMING, LOADED
+from .planners import LOADED
 from .server import Backend, Changes
 from .states import ModelState
 
@@ -46,8 +46,9 @@ log = structlog.get_logger("gateway.adapters")
 
 LOAD_PATH = "/v1/load_lora_adapter"
 UNLOAD_PATH = "/v1/unload_lora_adapter"
-# The states in which a server's run holds what it loaded.
-HOLDING = (*LOADED, *COMING, ModelState.ASLEEP)
+# The states in which a server's run holds what it loaded (not starting: that is the next run,
+# which has not counted itself in ``starts`` yet).
+HOLDING = (*LOADED, ModelState.ASLEEP, ModelState.WAKING)
 
 
 @dataclass(eq=False)

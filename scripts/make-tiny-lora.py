@@ -1,15 +1,16 @@
 """Make a LoRA adapter for the tiny model (``scripts/make-tiny-model.py``), without training or
 downloading anything.
 
-    .venv-vllm/bin/python scripts/make-tiny-lora.py MODEL_DIR ADAPTER_DIR [SEED]
+    .venv-vllm/bin/python scripts/make-tiny-lora.py MODEL_DIR ADAPTER_DIR [ADAPTER_DIR ...]
 
-writes what vLLM reads as a PEFT adapter: ``adapter_config.json`` and
-``adapter_model.safetensors`` with random low-rank weights (rank ``RANK``, from ``SEED``) for
-the attention projections of every layer, sized from the model's ``config.json``. The tiny
-model's dummy weights are drawn within +-0.001, so weights drawn from a normal distribution
-outweigh them: an answer with the adapter differs from the base model's. Two seeds make two
-adapters that answer differently. Needs ``torch`` and ``safetensors`` (both come with vLLM).
-Idempotent: a directory that holds an adapter already is left as it is.
+writes into each ADAPTER_DIR what vLLM reads as a PEFT adapter: ``adapter_config.json`` and
+``adapter_model.safetensors`` with random low-rank weights (rank ``RANK``; the n-th directory's
+drawn from seed n) for the attention projections of every layer, sized from the model's
+``config.json``. The tiny model's dummy weights are drawn within +-0.001, so weights drawn
+from a normal distribution outweigh them: an answer with the adapter differs from the base
+model's, and two adapters answer differently. Needs ``numpy`` and ``safetensors`` (both come
+with vLLM; not torch, whose import takes seconds). Idempotent: a directory that holds an
+adapter already is left as it is.
 """
 
 from __future__ import annotations
@@ -33,24 +34,23 @@ def _shapes(config: dict) -> dict[str, tuple[int, int]]:
             "o_proj": (queries, hidden)}
 
 
-def make_tiny_lora(model: Path, directory: Path, seed: int = 0) -> Path:
+def make_tiny_lora(model: Path, directory: Path, seed: int = 1) -> Path:
     """Write the adapter into ``directory`` (made if missing) unless it is there; return it."""
     if (directory / "adapter_config.json").is_file():
         return directory
-    import torch
-    from safetensors.torch import save_file
+    import numpy as np
+    from safetensors.numpy import save_file
 
     config = json.loads((model / "config.json").read_text())
-    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
     tensors = {}
     for layer in range(config["num_hidden_layers"]):
         for target, (fan_in, fan_out) in _shapes(config).items():
             prefix = f"base_model.model.model.layers.{layer}.self_attn.{target}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(RANK, fan_in, generator=generator)
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, RANK, generator=generator)
+            tensors[f"{prefix}.lora_A.weight"] = rng.standard_normal((RANK, fan_in), np.float32)
+            tensors[f"{prefix}.lora_B.weight"] = rng.standard_normal((fan_out, RANK), np.float32)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()},
-              directory / "adapter_model.safetensors")
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
     adapter = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(model),
         "r": RANK, "lora_alpha": ALPHA, "lora_dropout": 0.0, "bias": "none",
@@ -63,7 +63,7 @@ def make_tiny_lora(model: Path, directory: Path, seed: int = 0) -> Path:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (3, 4):
-        sys.exit(f"usage: {sys.argv[0]} MODEL_DIR ADAPTER_DIR [SEED]")
-    seed = int(sys.argv[3]) if len(sys.argv) == 4 else 0
-    print(make_tiny_lora(Path(sys.argv[1]), Path(sys.argv[2]), seed))
+    if len(sys.argv) < 3:
+        sys.exit(f"usage: {sys.argv[0]} MODEL_DIR ADAPTER_DIR [ADAPTER_DIR ...]")
+    for seed, directory in enumerate(sys.argv[2:], start=1):
+        print(make_tiny_lora(Path(sys.argv[1]), Path(directory), seed))

@@ -29,7 +29,7 @@ from kernel.config import Config, ModelSettings
 from kernel.context import RequestState
 from kernel.errors import GatewayError
 from tests.backends.test_pool import running_pool
-from tests.support import HTTP, make_config, sim_model, simulator
+from tests.support import HTTP, eventually, make_config, sim_model, simulator
 
 pytestmark = pytest.mark.anyio
 
@@ -232,7 +232,10 @@ async def test_a_server_that_starts_again_holds_no_adapter_until_it_loads_one(
         await pool.unload("base")
         assert pool.adapters.loaded(backend) == []
         async with AsyncExitStack() as stack:
-            await serving_adapter(stack, pool, "a")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(serving_adapter, stack, pool, "a")
+                await eventually(lambda: backend.state is ModelState.STARTING)
+                assert pool.adapters.loaded(backend) == []  # the next run holds nothing yet
         assert backend.address != first
         assert HTTP.get(backend.address + "/sim/lora").json()["calls"] == ["load a"]
         assert pool.adapters.loaded(backend) == ["a"]

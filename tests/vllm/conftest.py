@@ -96,11 +96,9 @@ def tiny_loras(vllm_python: Path, tiny_model: Path,
                tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two LoRA adapters for the tiny model (``scripts/make-tiny-lora.py``, seeds 1 and 2)."""
     directory = tmp_path_factory.mktemp("tiny-loras")
-    made = {}
-    for seed, name in enumerate(("tiny-lora-1", "tiny-lora-2"), start=1):
-        made[name] = directory / name
-        subprocess.run([str(vllm_python), str(MAKE_TINY_LORA), str(tiny_model), str(made[name]),
-                        str(seed)], check=True, capture_output=True)
+    made = {name: directory / name for name in ("tiny-lora-1", "tiny-lora-2")}
+    subprocess.run([str(vllm_python), str(MAKE_TINY_LORA), str(tiny_model),
+                    *map(str, made.values())], check=True, capture_output=True)
     return made
 
 
