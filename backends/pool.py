@@ -15,6 +15,8 @@ The parts, each owning one invariant:
   measurements; ``ledger``: each (engine, device)'s memory, read where it is.
 - ``runs``: one owner task per server run (start, health, serve, sleep, wake, stop), driven by
   commands; ``health``: the checks.
+- ``adapters``: the LoRA adapters each server holds, loaded where a request needs one
+  (``adapters.using``, held by the passthrough around its forwarding).
 
 The facade builds them, runs them (``running``), and applies the clock's decisions: the reaper
 ticks every ``reap_interval`` and brings replicas up (``min_replicas``; ``scale_up_after`` with

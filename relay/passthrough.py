@@ -1,5 +1,9 @@
 """The streaming passthrough: lease a ready backend, forward the request, relay the answer.
 
+A request for a LoRA adapter is forwarded once its server holds the adapter: the lease prefers
+a replica that does, and ``pool.adapters.using`` loads it there first if it must and keeps it
+loaded until the answer is relayed.
+
 Raw bytes are relayed chunk by chunk as they arrive (no decoding, no buffering); hop-by-hop
 headers, and those a ``Connection`` header names, are dropped both ways. ``Expect`` is the
 gateway's to answer (hypercorn sends the 100), not the backend's: a backend that never sends 100
