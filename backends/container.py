@@ -8,6 +8,8 @@ event stream at once, not at the next request. The GPU request takes the shape t
 understands: Docker wants ``DeviceRequests`` with the nvidia driver; Podman honours CDI device
 requests from 5.4 on and ignores GPU requests before that (containers/podman#22645), so a GPU
 model on an older Podman is refused with that reason rather than started without its GPUs.
+A model with LoRA ``adapters`` gets vLLM's flags for them after its ``args`` (``--enable-lora
+--max-loras N --max-lora-rank R``) and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``.
 
 Every API call is bounded by the engine's ``api_timeout`` (a stop by ``stop_timeout`` on top),
 and its failure is the model's ``LaunchError``. The event stream is followed again, with a
@@ -34,7 +36,7 @@ from anyio.abc import TaskGroup
 
 from kernel.config import Config, EngineSettings, ModelSettings, parse_size, placement
 
-from .launcher import LaunchError, Supervisor
+from .launcher import LaunchError, Supervisor, lora_env, lora_flags
 
 log = structlog.get_logger("gateway.container")
 
@@ -90,8 +92,8 @@ def create_request(model: ModelSettings, *, kind: str, version: tuple[int, ...],
         host_config["DeviceRequests"] = [gpu_request(kind, version, model.gpus)]
     return {
         "Image": model.image,
-        "Cmd": list(model.args),
-        "Env": [f"{k}={v}" for k, v in model.env.items()],
+        "Cmd": [*model.args, *lora_flags(model)],
+        "Env": [f"{k}={v}" for k, v in {**model.env, **lora_env(model)}.items()],
         "Labels": {LABEL_INSTANCE: instance, LABEL_MODEL: model.name,
                    **({LABEL_REPLICA: str(model.replica)} if model.replica else {})},
         "ExposedPorts": {port: {}},

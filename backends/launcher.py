@@ -9,7 +9,26 @@ from typing import Protocol
 import structlog
 from anyio.abc import TaskGroup
 
+from kernel.config import ModelSettings
+
 log = structlog.get_logger("gateway.pool")
+
+
+# What a vLLM server needs to load and unload LoRA adapters while it runs (a model with
+# ``adapters``): the variable for any server the gateway starts, and the flags for a container's
+# (a process model's command is the operator's: the README shows the flags to put in it).
+LORA_ENV = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+
+
+def lora_env(model: ModelSettings) -> dict[str, str]:
+    return LORA_ENV if model.adapters else {}
+
+
+def lora_flags(model: ModelSettings) -> list[str]:
+    if not model.adapters:
+        return []
+    return ["--enable-lora", "--max-loras", str(model.max_loras),
+            "--max-lora-rank", str(model.max_lora_rank)]
 
 
 class LaunchError(Exception):

@@ -15,6 +15,8 @@ The parts, each owning one invariant:
   measurements; ``ledger``: each (engine, device)'s memory, read where it is.
 - ``runs``: one owner task per server run (start, health, serve, sleep, wake, stop), driven by
   commands; ``health``: the checks.
+- ``adapters``: the LoRA adapters each server holds, loaded where a request needs one
+  (``adapters.using``, held by the passthrough around its forwarding).
 
 The facade builds them, runs them (``running``), and applies the clock's decisions: the reaper
 ticks every ``reap_interval`` and brings replicas up (``min_replicas``; ``scale_up_after`` with
@@ -51,6 +53,7 @@ from kernel.config import Config, ModelSettings, ReloadPlan, placement
 from kernel.errors import GatewayError, not_found
 
 from . import planners
+from .adapters import AdapterLoader, prefer_holding
 from .gpu import ConfiguredMemory, GpuMemory
 from .health import HEALTH_TIMEOUT
 from .launcher import Launcher, Supervisor
@@ -114,6 +117,8 @@ class BackendPool:
                          on_ready=on_ready, on_wake=on_wake, max_asleep=gateway.max_models_asleep,
                          max_models=gateway.max_models_concurrent,
                          placement_timeout=gateway.placement_timeout)
+        # Each server's LoRA adapters: loaded where a request for one needs it.
+        self.adapters = AdapterLoader(config, notify=self._notify)
         self._derive()
         self.request_stop = self.runs.request_stop
         self.supervisor = Supervisor()
@@ -143,6 +148,7 @@ class BackendPool:
         self.runs.placer.max_models = gateway.max_models_concurrent
         self.runs.placer.placement_timeout = gateway.placement_timeout
         self.runs.placer.add_devices()
+        self.adapters.reconfigure(config, self.servers)
 
     def _model(self, settings: ModelSettings) -> Model:
         """The model and its servers, each with its placement (the alternatives in turn)."""
@@ -227,6 +233,7 @@ class BackendPool:
             self.runs.health.client = health
             async with anyio.create_task_group() as tg:
                 self.runs.tg = tg
+                self.adapters.open(health, tg)
                 tg.start_soon(self.supervisor.run, "the idle reaper", self._reap)
                 for backend in self.servers:
                     # A static server is watched from the start, so that a request for one
@@ -278,9 +285,10 @@ class BackendPool:
     async def lease(self, name: str, ask: Ask | None = None, *,
                     pin: tuple[int, int] | None = None) -> AsyncIterator[Backend]:
         """A ready backend of the model, kept from stopping until the block exits: of its
-        replicas, the one ``routing.route`` picks for ``ask`` (which then says why). With
-        ``pin`` (replica, run): that run of that replica only, woken if it sleeps, never
-        started."""
+        replicas, one that holds the LoRA adapter ``ask`` names (bounded by
+        ``affinity_slack``), else the one ``routing.route`` picks for ``ask`` (which then says
+        why). With ``pin`` (replica, run): that run of that replica only, woken if it sleeps,
+        never started."""
         model = self.models.get(name) or self.retiring.get(name)
         if model is None:
             raise removed(name)
@@ -310,6 +318,9 @@ class BackendPool:
                     return backend
             else:
                 chosen = route(model.replicas, ask, model.prefixes)
+                if chosen is not None and ask.adapter is not None:
+                    return prefer_holding(model.replicas, chosen, functools.partial(
+                        self.adapters.holds, name=ask.adapter), ask.avoid)
                 if chosen is not None:
                     model.routed_by(ask)
                     return chosen

@@ -1,7 +1,8 @@
 """The pool's figures for Prometheus, read at scrape time from the pool itself: each model's
 and each replica's state, the counts of starts, evictions, sleeps, wakes and scale changes, the
-measured VRAM, the requests each replica serves now, and a model with replicas' routing (the
-requests routed, by why; the prompt blocks matched; the prefix index's size). The pool owns
+measured VRAM, the requests each replica serves now, a model with replicas' routing (the
+requests routed, by why; the prompt blocks matched; the prefix index's size), and the LoRA
+adapters each replica holds (with the adapters' loads, unloads and failed loads). The pool owns
 these numbers; this collector only reads them, so the number exposed is the number in force.
 The app registers it on the gateway's registry (telemetry.metrics), which knows nothing of the
 pool.
@@ -81,6 +82,20 @@ class PoolMetrics(Collector):
             if model.prefixes is not None:
                 matched.add_metric([model.name], model.matched_blocks)
                 index.add_metric([model.name], len(model.prefixes))
+        adapter_loaded = GaugeMetricFamily(
+            "gateway_adapter_loaded", "1 where a replica of a model holds a LoRA adapter now, 0 "
+            "where it does not.", labels=["model", "adapter", "replica"])
+        adapters = self.pool.adapters
+        adapter_counters = [
+            (CounterMetricFamily(name, documentation, labels=["model", "adapter"]), counts)
+            for name, documentation, counts in (
+                ("gateway_adapter_loads_total", "LoRA adapter loads made on a server.",
+                 adapters.loads),
+                ("gateway_adapter_unloads_total",
+                 "LoRA adapters unloaded from a server to make room (max_loras).",
+                 adapters.unloads),
+                ("gateway_adapter_load_failures_total",
+                 "LoRA adapter loads that failed (or timed out).", adapters.failures))]
         for name, backend in self.pool.backends.items():
             replicas = self.pool.replicas[name]
             now = self.pool.state_of(name)
@@ -98,6 +113,13 @@ class PoolMetrics(Collector):
                     replica_state.add_metric([name, replica, each.value],
                                              1.0 if r.state is each else 0.0)
                 replica_in_flight.add_metric([name, replica], r.leases)
+                loaded = adapters.loaded(r)
+                for adapter in backend.settings.adapters:
+                    adapter_loaded.add_metric([name, adapter.name, replica],
+                                              1.0 if adapter.name in loaded else 0.0)
+            for adapter in backend.settings.adapters:
+                for family, counts in adapter_counters:
+                    family.add_metric([name, adapter.name], counts[adapter.name])
         yield state
         yield from (family for family, _ in counters)
         yield from (family for family, _ in model_counters)
@@ -107,3 +129,5 @@ class PoolMetrics(Collector):
         yield routed
         yield matched
         yield index
+        yield adapter_loaded
+        yield from (family for family, _ in adapter_counters)

@@ -11,7 +11,8 @@ The server never outlives the gateway: on Linux it runs under a leash (``backend
 that ends its process group when the gateway dies, even by ``kill -9`` or the OOM killer. Its
 environment is the gateway's without any ``GATEWAY_*`` variable (the admin token, the client
 keys), plus the model's ``env``; a model's ``gpus`` become ``CUDA_VISIBLE_DEVICES``, in the PCI
-order that NVML's indexes follow.
+order that NVML's indexes follow, and a model with LoRA ``adapters`` gets
+``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` (the flags that enable LoRA are its command's).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from anyio.abc import Process, TaskGroup
 
 from kernel.config import ENV_PREFIX, ModelSettings
 
-from .launcher import LaunchError, free_port
+from .launcher import LaunchError, free_port, lora_env
 
 TAIL_LINES = 40
 STOP_TIMEOUT = 10.0
@@ -57,7 +58,7 @@ def server_env(model: ModelSettings, environ: Mapping[str, str]) -> dict[str, st
     if model.gpus:
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, model.gpus))
-    return {**env, **model.env}
+    return {**env, **model.env, **lora_env(model)}
 
 
 class ProcessLauncher:

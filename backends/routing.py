@@ -48,6 +48,8 @@ class Ask:
     blocks: Sequence[int] = ()
     # The replica whose connect failed: another one, while another is ready.
     avoid: int | None = None
+    # The LoRA adapter the request names: a replica that holds it is preferred.
+    adapter: str | None = None
     why: str = ""
     matched: int = 0
 

@@ -81,6 +81,8 @@ class RequestState:
     # ... or, for a request that named none, that it went to the default model.
     model_default: bool = False
     model: ModelSettings | None = None
+    # ... and the LoRA adapter it named (``model`` is then the adapter's base model).
+    adapter: str | None = None
     stream: bool = False
     body_bytes: bytes | None = None
     session: str | None = None
@@ -100,5 +102,7 @@ class RequestState:
     route: str | None = None
     failed_replica: int | None = None
     server: Server | None = None
+    # backends.adapters: while the request waits for its adapter's load on its server.
+    adapter_loading: bool = False
     # The code of the gateway's own error answer, or of the way the request ended.
     error: str | None = None

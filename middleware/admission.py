@@ -13,7 +13,9 @@ What the body is and which model it names is a ``BodyReader``'s to say, one per 
 the body names none. ``JsonBody`` reads JSON and builds nothing but the model's name, so a large
 body stalls the event loop a sixth as long as parsing it whole did. The model must be
 configured (404 ``model_not_found``; aliases resolve here, and the body is renamed to the served
-name). A body that names no model (no ``model``, ``null`` or ``""``, as vLLM takes them) goes to
+name), or be one of a model's LoRA adapters: the request then goes to that model's servers as
+the adapter (``state.adapter``), its body unchanged (vLLM serves an adapter under its name).
+A body that names no model (no ``model``, ``null`` or ``""``, as vLLM takes them) goes to
 ``gateway.default_model``, else to the only model when there is one, and is renamed to name it
 (vLLM checks the name it serves); otherwise it is a 400 that says how to set a default. The
 model and the raw bytes go to the request's state, nothing parsed is kept; the body is replayed
@@ -329,6 +331,7 @@ class Admission:
                  budget: BodyBudget | None = None) -> None:
         self.app = app
         self.models = config.by_name
+        self.adapters = config.adapters
         default = config.gateway.default_model
         only = config.models[0] if len(config.models) == 1 else None
         # Where a request that names no model goes (None: it is refused).
@@ -435,8 +438,13 @@ class Admission:
             state.model_default = True
         else:
             state.requested_model = name
-            model = self._model(name)
-        if name != model.served_name:
+            model = self.adapters.get(name)
+            if model is not None:
+                # vLLM serves an adapter under its own name: the body keeps it.
+                state.adapter = name
+            else:
+                model = self._model(name)
+        if name != model.served_name and state.adapter is None:
             raw = reader.renamed(raw, model.served_name)
         state.model = model
         state.stream = reader.stream

@@ -2,9 +2,10 @@
 
 A request with ``"stream": true`` that has not begun its answer after ``stream_keepalive``
 seconds, because it waits for a slot of its model or for the model itself (starting, or
-stopping to make room), gets its 200 and SSE headers then, and an SSE comment every
-``stream_keepalive`` seconds (``: waiting for model 'x': starting, 12 s``, ``: waiting for a
-slot of model 'x': number 3 in the queue, 4 s``). SSE clients ignore comments, and the bytes
+stopping to make room) or for its LoRA adapter's load, gets its 200 and SSE headers then, and
+an SSE comment every ``stream_keepalive`` seconds (``: waiting for model 'x': starting, 12 s``,
+``: waiting for a slot of model 'x': number 3 in the queue, 4 s``, ``: waiting for adapter 'a'
+of model 'x': loading, 2 s``). SSE clients ignore comments, and the bytes
 keep proxies and clients from timing out while a model loads.
 
 The trade-off: once feedback went out, the status is committed. The answer's own start is then
@@ -68,6 +69,10 @@ def _error_message(answer: bytes, status: int, model: str) -> Message:
                 "body": standalone_sse_event(data, event=event)}
     return GatewayError(502, f"The backend of model '{model}' answered the stream with status "
                         f"{status}.", type="upstream_error", code="upstream_failed").sse_message()
+
+
+def _one_line(name: str) -> str:
+    return name.replace("\r", " ").replace("\n", " ")
 
 
 class _Stream:
@@ -265,13 +270,15 @@ class StreamFeedback:
                         stream.due = now + self.every
 
     def _waits(self, stream: _Stream) -> bool:
-        return (stream.state.queue_wait is None
+        return (stream.state.queue_wait is None or stream.state.adapter_loading
                 or self.pool.state_of(stream.model) is not ModelState.READY)
 
     def _comment(self, stream: _Stream) -> bytes:
-        model = stream.model.replace("\r", " ").replace("\n", " ")
+        model = _one_line(stream.model)
         seconds = round(time.monotonic() - stream.began)
-        if stream.state.queue_wait is not None:
+        if stream.state.adapter_loading:
+            what = f"adapter '{_one_line(stream.state.adapter or '')}' of model '{model}': loading"
+        elif stream.state.queue_wait is not None:
             what = f"model '{model}': {self.pool.state_of(stream.model).value}"
         else:
             what = f"a slot of model '{model}': number {self._place(stream)} in the queue"

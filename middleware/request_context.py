@@ -10,12 +10,12 @@ the request runs. A ``GatewayError`` raised by an inner layer is answered here i
 shape if nothing went out yet; any other exception gets a 500 the same way and is re-raised so
 the server logs it and, if the response had started, cuts the connection.
 
-The access line says what happened to the request: model, tenant (its name: a key is never
-logged), status, the wait for a slot, the time
-to the first byte and to the end, bytes sent, retries, whether the client went away before
-the answer was complete, and the error: the exception, or the code of the gateway's own error
-answer (``GatewayError.answer``), or of the way the request ended (``send_timeout`` for a client
-that stopped reading). The model is the one the client asked for when it is not configured;
+The access line says what happened to the request: model (and the LoRA adapter it named),
+tenant (its name: a key is never logged), status, the wait for a slot, the time to the first
+byte and to the end, bytes sent, retries, whether the client went away before the answer was
+complete, and the error: the exception, or the code of the gateway's own error answer
+(``GatewayError.answer``), or of the way the request ended (``send_timeout`` for a client that
+stopped reading). The model is the one the client asked for when it is not configured;
 ``model_default`` says that the request named none and went to the default model.
 For a request that got a slot, the time to the first byte and the duration are observed per
 model as well, and while the admin API's event stream has subscribers, the request's start and
@@ -120,7 +120,7 @@ class RequestContext:
             access_log.info(
                 "request", method=scope["method"], path=scope["path"],
                 model=name if model is not None else state.requested_model or "-",
-                model_default=state.model_default,
+                adapter=state.adapter, model_default=state.model_default,
                 tenant=state.tenant.name if state.tenant is not None else None,
                 replica=state.replica, route=state.route, status=status, bytes=response.sent,
                 retries=state.retries,

@@ -6,7 +6,8 @@ TOKEN``: none gets 401, another token 403 (compared as in ``middleware.auth``). 
 OpenAI shape.
 
 - ``GET /admin/models``: each model's state, leases, queue depth, requests in flight, last use,
-  VRAM, address, launcher and last failure; and whether the gateway drains.
+  VRAM, address, launcher and last failure, its LoRA adapters and the replicas each is loaded
+  on (and each replica's, least recently used first); and whether the gateway drains.
 - ``POST /admin/models/{name}/load``: start the model as a request would; answers once it is
   ready (or with the error a request would get).
 - ``POST /admin/models/{name}/unload``: no new leases, those in flight finish, then the server
@@ -254,12 +255,15 @@ class AdminApi:
             "min_replicas": backend.settings.min_replicas,
             "scale_ups": pool.models[name].scale_ups,
             "scale_downs": pool.models[name].scale_downs,
-            "replicas": [_replica(r) for r in replicas],
+            "adapters": [{"name": a.name, "loaded_on": [r.replica for r in replicas
+                                                         if pool.adapters.holds(r, a.name)]}
+                         for a in backend.settings.adapters],
+            "replicas": [_replica(r, pool.adapters.loaded(r)) for r in replicas],
             "actions": self._offered(name),
         }
 
 
-def _replica(backend: Backend) -> dict[str, Any]:
+def _replica(backend: Backend, adapters: list[str]) -> dict[str, Any]:
     return {
         "replica": backend.replica,
         "state": backend.state.value,
@@ -270,6 +274,7 @@ def _replica(backend: Backend) -> dict[str, Any]:
         "gpus": list(backend.settings.gpus),
         "starts": backend.starts,
         "failure": backend.failure,
+        "adapters": adapters,
     }
 
 

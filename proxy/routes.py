@@ -111,19 +111,31 @@ def _entry(model: ModelSettings) -> dict[str, object]:
             "aliases": list(model.aliases)}
 
 
+def _adapter_entry(name: str, model: ModelSettings) -> dict[str, object]:
+    """A LoRA adapter, as vLLM lists one: ``parent`` is its base model."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": "vllm-gateway",
+            "parent": model.name}
+
+
 async def models(gateway: Gateway, send: Send) -> None:
+    """Every configured model, then every adapter of each, loaded or not."""
     data = [_entry(m) for m in gateway.config.models]
+    data += [_adapter_entry(name, m) for name, m in gateway.config.adapters.items()]
     await respond_json(send, 200, {"object": "list", "data": data})
 
 
 async def model(gateway: Gateway, send: Send, *, name: str) -> None:
     """``GET /v1/models/{name}``: the configured model's entry, found by its name or an alias
-    (a name may hold slashes: ``org/model``), whether or not it is running."""
+    (a name may hold slashes: ``org/model``), or an adapter's, whether or not it is running."""
     found = gateway.config.by_name.get(name)
-    if found is None:
+    if found is not None:
+        await respond_json(send, 200, _entry(found))
+        return
+    base = gateway.config.adapters.get(name)
+    if base is None:
         raise not_found(f"The model '{name}' does not exist.", code="model_not_found",
                         param="model")
-    await respond_json(send, 200, _entry(found))
+    await respond_json(send, 200, _adapter_entry(name, base))
 
 
 Handler = Callable[["Gateway", Send], Awaitable[None]]

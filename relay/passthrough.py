@@ -1,5 +1,9 @@
 """The streaming passthrough: lease a ready backend, forward the request, relay the answer.
 
+A request for a LoRA adapter is forwarded once its server holds the adapter: the lease prefers
+a replica that does, and ``pool.adapters.using`` loads it there first if it must and keeps it
+loaded until the answer is relayed.
+
 Raw bytes are relayed chunk by chunk as they arrive (no decoding, no buffering); hop-by-hop
 headers, and those a ``Connection`` header names, are dropped both ways. ``Expect`` is the
 gateway's to answer (hypercorn sends the 100), not the backend's: a backend that never sends 100
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 import structlog
 
-from backends.pool import Ask, BackendPool
+from backends.pool import Ask, Backend, BackendPool
 from kernel.context import STATE, RequestState
 from kernel.errors import GatewayError
 from kernel.types import SSE, Message, Receive, Scope, Send, header
@@ -91,11 +95,12 @@ class StreamingPassthrough:
         state: RequestState = scope[STATE]
         model = state.model
         pin = state.pin
+        adapter = state.adapter
         if model.max_replicas == 1 and pin is None:
             ask = None
             lease = self.pool.lease(model.name)
         else:
-            ask = Ask(state.session, state.prefix, state.failed_replica)
+            ask = Ask(state.session, state.prefix, state.failed_replica, adapter)
             lease = self.pool.lease(model.name, ask, pin=pin)
         async with lease as backend:
             state.server = (backend.replica, backend.starts)  # for a stored response
@@ -103,16 +108,27 @@ class StreamingPassthrough:
                 state.replica = backend.replica
                 if ask is not None and ask.why:  # not a pinned one: no choice was made
                     state.route = ask.why
-            try:
-                answer = await self._open(scope, state, backend.address, model.name)
-            except UpstreamConnectError:
-                # A try again (the retry layer) goes to another replica where one is ready.
-                state.failed_replica = backend.replica
-                raise
-            try:
-                await self._relay(answer, send, sends, model.name)
-            finally:
-                await answer.aclose()
+            if adapter is None:
+                await self._exchange(scope, send, sends, state, backend)
+            else:
+                # Loaded on this server first if it is not, and kept there meanwhile.
+                async with self.pool.adapters.using(backend, adapter, state):
+                    await self._exchange(scope, send, sends, state, backend)
+
+    async def _exchange(self, scope: Scope, send: Send, sends: SendWatch, state: RequestState,
+                        backend: Backend) -> None:
+        """Forward the request to the server and relay its answer."""
+        model = backend.name
+        try:
+            answer = await self._open(scope, state, backend.address, model)
+        except UpstreamConnectError:
+            # A try again (the retry layer) goes to another replica where one is ready.
+            state.failed_replica = backend.replica
+            raise
+        try:
+            await self._relay(answer, send, sends, model)
+        finally:
+            await answer.aclose()
 
     async def _open(self, scope: Scope, state: RequestState, address: str,
                     model: str) -> Answer:

@@ -41,6 +41,9 @@ Endpoints (shaped like vLLM's):
   sleep API (``/sleep``, ``/wake_up``, ``/is_sleeping``, ``/collective_rpc``),
   generations held while asleep, ``vllm:engine_sleep_state``; see
   :mod:`simulator.sleep`.
+* With ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` (as vLLM):
+  ``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``, loaded adapters served
+  under their names and listed with their ``parent``; see :mod:`simulator.lora`.
 
 Prompt token counts in ``usage`` are whitespace-separated words of the
 prompt (token-id prompts count one per id).
@@ -73,6 +76,7 @@ from typing import Any, ClassVar
 
 from aiohttp import web
 
+from . import lora
 from .sleep import SleepMode
 
 __all__ = [
@@ -137,6 +141,11 @@ class SimulatorConfig:
     keep_alive: float = 5.0
     fail_wake: bool = False  # fault: every wake_up answers 500, the engine stays asleep
     start_asleep: bool = False  # as a server an earlier gateway put to sleep (level 1)
+    # vLLM's runtime LoRA API: served only with both, as vLLM (``--enable-lora`` and
+    # ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``); see simulator/lora.py.
+    enable_lora: bool = False
+    runtime_lora: bool = False
+    lora_load_delay: float = 0.0
 
     def __post_init__(self) -> None:
         problems = [
@@ -150,6 +159,7 @@ class SimulatorConfig:
                 ("fail_health", self.fail_health >= 0, ">= 0"),
                 ("sleep_delay", self.sleep_delay >= 0, ">= 0"),
                 ("wake_delay", self.wake_delay >= 0, ">= 0"),
+                ("lora_load_delay", self.lora_load_delay >= 0, ">= 0"),
                 ("keep_alive", self.keep_alive > 0, "> 0"),
                 ("error_rate", 0.0 <= self.error_rate <= 1.0, "in [0, 1]"),
                 (
@@ -395,9 +405,16 @@ class Simulator:
             if config.enable_sleep_mode and config.server_dev_mode
             else None
         )
+        self.lora = (
+            lora.Lora(config.model, config.lora_load_delay)
+            if config.enable_lora and config.runtime_lora
+            else None
+        )
         self._ids = itertools.count()
         self._chat = _templates("chat", config.model)
         self._completion = _templates("completion", config.model)
+        # An adapter's answers name it: their templates, made at its first generation.
+        self._adapter_templates: dict[tuple[str, str], _Templates] = {}
         self._stored_responses: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._background: dict[str, asyncio.Task[None]] = {}
         self._models_body = json.dumps(
@@ -436,6 +453,8 @@ class Simulator:
     def add_routes(self, app: web.Application) -> None:
         if self.sleep_mode is not None:
             self.sleep_mode.add_routes(app)
+        if self.lora is not None:
+            self.lora.add_routes(app)
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post(CHAT_PATH, self.chat_completions)
@@ -469,6 +488,10 @@ class Simulator:
 
     async def models(self, request: web.Request) -> web.Response:
         self._count("/v1/models")
+        if self.lora is not None and self.lora.loaded:
+            listed = json.loads(self._models_body)
+            listed["data"] += self.lora.cards(listed["data"][0]["created"])
+            return web.json_response(listed)
         return web.Response(body=self._models_body, content_type="application/json")
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -518,7 +541,7 @@ class Simulator:
             if not isinstance(body, dict):
                 raise _ApiError(400, "Request body must be a JSON object")
             model = body.get("model")
-            if model is not None and model != self.config.model:
+            if model is not None and model != self.config.model and not self._adapter(model):
                 raise _ApiError(404, f"The model `{model}` does not exist.", param="model")
             resp, answered = await handle(request, body)
         except _ApiError as exc:
@@ -551,7 +574,9 @@ class Simulator:
         if max_tokens is None:
             max_tokens = body.get("max_tokens")
         max_tokens = _max_tokens(max_tokens, self.config.max_model_len)
-        return await self._generate(request, body, self._chat, max_tokens, _count_tokens(messages))
+        return await self._generate(
+            request, body, self._templates("chat", body), max_tokens, _count_tokens(messages)
+        )
 
     async def _completion_body(
         self, request: web.Request, body: dict[str, Any]
@@ -568,10 +593,28 @@ class Simulator:
         return await self._generate(
             request,
             body,
-            self._completion,
+            self._templates("completion", body),
             _max_tokens(body.get("max_tokens"), self.config.max_model_len),
             _count_tokens(prompt),
         )
+
+    def _adapter(self, name: object) -> bool:
+        """Whether ``name`` is a LoRA adapter loaded here (counted as one generation of it)."""
+        if self.lora is None or not isinstance(name, str) or not self.lora.serves(name):
+            return False
+        self.lora.generated(name)
+        return True
+
+    def _templates(self, kind: str, body: dict[str, Any]) -> _Templates:
+        """The answer's templates: the served model's, or the adapter's the body names."""
+        model = body.get("model")
+        if self.lora is None or model is None or model == self.config.model:
+            return self._chat if kind == "chat" else self._completion
+        key = (kind, model)
+        templates = self._adapter_templates.get(key)
+        if templates is None:
+            templates = self._adapter_templates[key] = _templates(kind, model)
+        return templates
 
     async def _embeddings_body(
         self, request: web.Request, body: dict[str, Any]
@@ -1371,6 +1414,16 @@ def _parser() -> argparse.ArgumentParser:
         help="fault: every wake_up answers 500 and the engine stays asleep")
     add("--start-asleep", action="store_true",
         help="start asleep at level 1, as a server an earlier gateway put to sleep")
+    add(
+        "--enable-lora",
+        action="store_true",
+        help="serve vLLM's LoRA adapter API (with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, as "
+        "vLLM needs)",
+    )
+    add("--max-loras", type=int, default=1, help="accepted, as vLLM's; not enforced")
+    add("--max-lora-rank", type=int, default=16, help="accepted, as vLLM's")
+    add("--lora-load-delay", type=float, default=0.0, metavar="S",
+        help="seconds a LoRA adapter load takes")
     return parser
 
 
@@ -1408,6 +1461,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             keep_alive=args.keep_alive,
             fail_wake=args.fail_wake,
             start_asleep=args.start_asleep,
+            enable_lora=args.enable_lora,
+            runtime_lora=lora.enabled_by(os.environ),
+            lora_load_delay=args.lora_load_delay,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -43,13 +43,15 @@ class Simulator:
 
 
 @contextlib.contextmanager
-def simulator(*args: str, model: str = "sim", port: int = 0,
-              ready: bool = True) -> Iterator[Simulator]:
-    """A simulator process (on a free port unless given one), stopped and reaped at the end."""
+def simulator(*args: str, model: str = "sim", port: int = 0, ready: bool = True,
+              env: dict[str, str] | None = None) -> Iterator[Simulator]:
+    """A simulator process (on a free port unless given one; ``env`` added to its
+    environment), stopped and reaped at the end."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "simulator", "--port", str(port), "--model", model,
          *args],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, **env} if env else None)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()

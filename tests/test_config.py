@@ -302,10 +302,50 @@ def test_unknown_engine_name_is_refused(engines, allowed):
      "x", "a"),
     ([sim_model("a", aliases=["a"])], 'models["a"].aliases[0]', "a", "a"),
     ([sim_model("a", aliases=["x"]), sim_model("x")], "models[1].name", "x", "a"),
-], ids=["name-twice", "alias-is-a-name", "alias-twice", "alias-is-own-name", "name-is-alias"])
+    ([sim_model("a"), sim_model("b", adapters=[{"name": "a", "path": "/"}])],
+     'models["b"].adapters[0].name', "a", "a"),
+    ([sim_model("a", adapters=[{"name": "l", "path": "/"}]),
+      sim_model("b", adapters=[{"name": "l", "path": "/"}])], 'models["b"].adapters[0].name',
+     "l", "a"),
+    ([sim_model("a", adapters=[{"name": "l", "path": "/"}]), sim_model("b", aliases=["l"])],
+     'models["b"].aliases[0]', "l", "a"),
+], ids=["name-twice", "alias-is-a-name", "alias-twice", "alias-is-own-name", "name-is-alias",
+        "adapter-is-a-name", "adapter-twice", "alias-is-an-adapter"])
 def test_duplicate_model_names_and_aliases_are_refused(models, key, value, owner):
     assert_names(refusal({"models": models}), key, repr(value), FILE,
-                 f"must be unique among model names and aliases (model {owner!r} has it")
+                 "must be unique among the names, aliases and adapters of the models (model "
+                 f"{owner!r} has it")
+
+
+def test_adapters_are_read_with_their_base_model(tmp_path: Path) -> None:
+    lora = [{"name": "l1", "path": str(tmp_path)}, {"name": "l2", "path": "/srv/l2"}]
+    config = config_from_mapping({"models": [
+        sim_model("a", adapters=lora[:1], max_loras=2),
+        {"name": "b", "launcher": "static", "url": "http://gpu:8000", "adapters": lora[1:]}]})
+    a, b = config.models
+    assert [(x.name, x.path) for x in a.adapters] == [("l1", str(tmp_path))]
+    assert (a.max_loras, a.max_lora_rank, b.max_loras) == (2, 16, 1)
+    assert dict(config.adapters) == {"l1": a, "l2": b}
+    assert effective(config)["models"][1]["adapters"] == lora[1:]
+
+
+@pytest.mark.parametrize(("table", "key", "value", "allowed"), [
+    ({"adapters": {"name": "l"}}, "adapters", "{'name': 'l'}", "must be an array of tables"),
+    ({"adapters": ["l"]}, "adapters[0]", "'l'", "must be a table"),
+    ({"adapters": [{"name": "l", "path": "/", "rank": 8}]}, "adapters[0].rank", "8",
+     "unknown key; allowed keys: name, path"),
+    ({"adapters": [{"name": "", "path": "/"}]}, "adapters[0].name", "''",
+     "must be a non-empty string"),
+    ({"adapters": [{"name": "l", "path": "/nowhere/l"}]}, "adapters[0].path", "'/nowhere/l'",
+     "must be a path this host can read: a process model's server reads its adapters here"),
+    ({"max_loras": 0}, "max_loras", "0", "must be an integer from 1 to 1000"),
+    ({"max_lora_rank": 12}, "max_lora_rank", "12",
+     "must be one of vLLM's ranks: 1, 8, 16, 32, 64, 128, 256, 320, 512"),
+], ids=["not-an-array", "not-a-table", "unknown-key", "empty-name", "unreadable-path",
+        "max-loras", "rank"])
+def test_bad_adapters_are_refused(table, key, value, allowed):
+    assert_names(refusal({"models": [sim_model("a", **table)]}), f'models["a"].{key}', value,
+                 FILE, allowed)
 
 
 @pytest.mark.parametrize(("env", "source"), [({}, FILE),

@@ -22,7 +22,8 @@ def config(*models: dict[str, Any], **sections: dict[str, Any]) -> Any:
     ({"aliases": ["n"]}, {}, {"m": ("aliases",)}),
     ({"env": {"A": "1"}}, {"m": ("env",)}, {}),
     ({"gpus": [1]}, {"m": ("gpus",)}, {}),
-    ({"max_replicas": 2, "max_concurrent": 4}, {"m": ("max_concurrent", "max_replicas")}, {}),
+    ({"max_replicas": 2, "max_concurrent": 4},
+     {"m": ("max_concurrent", "max_replicas", "routing")}, {}),  # "prefix" with replicas
 ])
 def test_a_model_is_restarted_when_its_server_changes_else_changed_in_place(
         change: dict[str, Any], restarted: dict[str, Any], changed: dict[str, Any]) -> None:

@@ -73,6 +73,9 @@ class Config:
     def default_tenant(self) -> TenantSettings:
         """The tenant of the keys no tenant lists, and of requests where no key is needed."""
         return next(t for t in self.tenants if t.name == DEFAULT_TENANT)
+    # Each adapter's name: the model whose servers serve it.
+    adapters: Mapping[str, ModelSettings] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({}))
 
     @property
     def upstream_pool_size(self) -> int:
@@ -200,6 +203,7 @@ def config_from_mapping(data: dict[str, Any], *, source: str = "<mapping>",
     sections["cluster"] = _resolve_cluster(sections["cluster"], sections["gateway"].instance,
                                            models, sources)
     by_name = {key: m for m in models for key in (m.name, *m.aliases)}
+    adapters = {adapter.name: m for m in models for adapter in m.adapters}
     default = sections["gateway"].default_model
     if default is not None and default not in by_name:
         _fail("gateway.default_model", default, sources,
@@ -210,7 +214,8 @@ def config_from_mapping(data: dict[str, Any], *, source: str = "<mapping>",
     return Config(engines=engines, models=models, source=source,
                   by_name=types.MappingProxyType(by_name),
                   client_keys=frozenset(tenant_of_key), tenants=tenants,
-                  tenant_of_key=tenant_of_key, **sections)
+                  tenant_of_key=tenant_of_key, adapters=types.MappingProxyType(adapters),
+                  **sections)
 
 
 def config_path(cli_path: str | None, environ: Mapping[str, str]) -> tuple[Path, str]:

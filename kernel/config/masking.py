@@ -57,8 +57,10 @@ def effective(config: Config) -> dict[str, Any]:
                 value = MASK
             elif field.name in _MASKS and value is not None:
                 value = _MASKS[field.name](value)
-            elif isinstance(value, (tuple, frozenset)):
+            elif isinstance(value, frozenset):
                 value = list(value)
+            elif isinstance(value, tuple):  # of values, or of tables (a model's adapters)
+                value = [dump(v) if dataclasses.is_dataclass(v) else v for v in value]
             elif isinstance(value, Mapping):  # an empty telemetry.headers
                 value = dict(value)
             out[field.name] = value

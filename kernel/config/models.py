@@ -13,6 +13,7 @@ import types
 from collections.abc import Mapping
 from typing import Any
 
+from .adapters import AdapterSettings, _check_adapters
 from .engines import EngineSettings
 from .gateway import GatewaySettings
 from .validation import (
@@ -90,6 +91,11 @@ class ModelSettings:
     volumes: tuple[str, ...] = ()
     shm_size: str | None = _spec(None)
     pull: str = _spec("never", choices=("never", "missing"))
+    # LoRA adapters served on the model's servers (``adapters.py``), at most max_loras loaded on
+    # one server at once; a container model's server is given --max-lora-rank max_lora_rank.
+    adapters: tuple[AdapterSettings, ...] = ()
+    max_loras: int = _spec(1, lo=1, hi=1_000)
+    max_lora_rank: int = _spec(16, lo=1, hi=512)
     placements: tuple[tuple[str | None, tuple[int, ...]], ...] = dataclasses.field(
         default=(), metadata={**_NO_BOUNDS, "derived": True})
     # Which replica of the model a launcher runs (``BackendPool`` sets it); 0 for the first.
@@ -147,6 +153,7 @@ def _check_model(model: ModelSettings, path: str, engines: Mapping[str, EngineSe
     gpus = {g for _, placement in model.placements for g in placement}
     if any(g < 0 or g > 63 for g in gpus):
         _fail(f"{path}.gpus", _shown_gpus(model), sources, "GPU indexes from 0 to 63")
+    _check_adapters(model.adapters, model.max_lora_rank, path, model.launcher, sources)
     if model.launcher == "process" and model.gpus and "CUDA_VISIBLE_DEVICES" in model.env:
         _fail(f"{path}.env", dict(model.env), sources, "without CUDA_VISIBLE_DEVICES when gpus "
               "is set: gpus sets it for a process model")
@@ -268,12 +275,14 @@ def _build_models(raw: Any, engines: Mapping[str, EngineSettings], gateway: Gate
                   "instead every time")
         names = [(f"{path}.name", model.name)]
         names += [(f"{path}.aliases[{j}]", alias) for j, alias in enumerate(model.aliases)]
+        names += [(f"{path}.adapters[{j}].name", adapter.name)
+                  for j, adapter in enumerate(model.adapters)]
         for key, name in names:
             if not name:
                 _fail(key, name, sources, "a non-empty string")
             if name in seen:
-                _fail(key, name, sources, "unique among model names and aliases (model "
-                      f"{seen[name]!r} has it already)")
+                _fail(key, name, sources, "unique among the names, aliases and adapters of "
+                      f"the models (model {seen[name]!r} has it already)")
             seen[name] = model.name
         models.append(model)
     _check_always_on(tuple(models), gateway, sources)

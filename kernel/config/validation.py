@@ -119,6 +119,11 @@ def _check_value(path: str, value: Any, hint: Any, meta: Mapping[str, Any],
             return None
         return _check_value(path, value, next(a for a in args if a is not type(None)), meta,
                             sources)
+    if origin is tuple and dataclasses.is_dataclass(args[0]):  # an array of tables
+        if not isinstance(value, list):
+            _fail(path, value, sources, "an array of tables")
+        return tuple(_build(args[0], item, f"{path}[{i}]", sources)
+                     for i, item in enumerate(value))
     if origin is tuple:
         if not isinstance(value, list):
             _fail(path, MASK if meta["secret"] else value, sources, _LIST_NAMES[args[0]])

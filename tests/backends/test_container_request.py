@@ -62,6 +62,16 @@ def test_the_rest_of_the_request() -> None:
     assert "DeviceRequests" not in host
 
 
+def test_a_model_with_adapters_gets_vllms_lora_flags_and_variable() -> None:
+    request = create_request(
+        model(adapters=[{"name": "sql", "path": "/adapters/sql"}], max_loras=3,
+              max_lora_rank=64), kind="podman", version=(5, 4), instance="gw1",
+        publish_ip="127.0.0.1")
+    assert request["Cmd"] == ["--model", "meta-llama/Llama-3.1-8B-Instruct", "--enable-lora",
+                              "--max-loras", "3", "--max-lora-rank", "64"]
+    assert request["Env"] == ["HF_HUB_OFFLINE=1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"]
+
+
 def test_a_configured_host_port_is_used() -> None:
     request = create_request(model(host_port=18000), kind="docker", version=(28,),
                              instance="gw1", publish_ip="127.0.0.1")

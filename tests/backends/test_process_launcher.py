@@ -8,7 +8,7 @@ import pytest
 from anyio import create_task_group, current_time, fail_after, sleep
 
 from backends.launcher import LaunchError
-from backends.process import ProcessLauncher
+from backends.process import ProcessLauncher, server_env
 from kernel.config import ModelSettings
 from tests.backends.checks import running
 from tests.support import eventually, make_config
@@ -114,6 +114,14 @@ async def test_the_server_sees_no_gateway_secret_and_its_gpus(
         tail = await launcher.output_tail()
         await launcher.stop()
     assert tail == ("['CUDA_DEVICE_ORDER', 'CUDA_VISIBLE_DEVICES', 'HF_HOME', 'MINE']\n1,3")
+
+
+def test_a_server_with_adapters_may_load_them_at_run_time() -> None:
+    table = {"name": "m", "launcher": "process", "command": ["vllm"], "env": {"MINE": "1"},
+             "adapters": [{"name": "sql", "path": "/"}]}
+    env = server_env(make_config([table]).models[0], {"PATH": "/bin"})
+    assert env == {"PATH": "/bin", "MINE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in server_env(model("vllm"), {})
 
 
 async def test_a_server_killed_by_a_signal_is_reported_so() -> None:

@@ -26,7 +26,8 @@ LIMIT = 128
 
 
 def config(**gateway: Any) -> Any:
-    return make_config([sim_model("llama", aliases=["gpt-4"], served_name="meta/llama"),
+    return make_config([sim_model("llama", aliases=["gpt-4"], served_name="meta/llama",
+                                  adapters=[{"name": "llama-sql", "path": "/"}]),
                         sim_model("qwen")], gateway={"max_body_bytes": LIMIT, **gateway})
 
 
@@ -83,6 +84,18 @@ async def test_an_alias_resolves_and_the_backend_gets_the_served_name() -> None:
     assert inner.state.model.name == "llama"
     assert json.loads(inner.state.body_bytes) == {"model": "meta/llama", "stream": True}
     assert json.loads(inner.messages[0]["body"]) == {"model": "meta/llama", "stream": True}
+
+
+async def test_an_adapter_goes_to_its_base_model_and_the_backend_gets_its_name() -> None:
+    raw = b'{"model": "llama-sql", "stream": true}'
+    client = Client({"type": "http.request", "body": raw, "more_body": False})
+    inner = await admit(client)
+    assert inner.state is not None
+    assert (inner.state.model.name, inner.state.adapter) == ("llama", "llama-sql")
+    assert (inner.state.requested_model, inner.state.stream) == ("llama-sql", True)
+    # vLLM serves the adapter under its own name: the body goes on as it came.
+    assert inner.state.body_bytes == raw
+    assert inner.messages[0]["body"] == raw
 
 
 async def test_a_content_type_with_parameters_is_json_too() -> None:

@@ -148,12 +148,30 @@ async def test_one_access_log_line_per_request_says_what_happened(access_log: Li
     assert line["method"] == "POST"
     assert line["path"] == "/v1/chat/completions"
     assert line["model"] == "qwen"
+    assert line["adapter"] is None
     assert line["status"] == 200
     assert line["bytes"] == 5
     assert line["retries"] == 1
     assert line["ttfb_ms"] is not None
     assert line["duration_ms"] >= line["ttfb_ms"]
     assert line["client"] == "127.0.0.1"
+    assert metrics.registry.get_sample_value("gateway_requests_total",
+                                             {"model": "qwen", "status": "200"}) == 1
+
+
+async def test_the_access_line_names_the_adapter_a_request_asked_for(
+        access_log: Lines) -> None:
+    cfg = make_config([sim_model("qwen", adapters=[{"name": "qwen-sql", "path": "/"}])])
+
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        scope[STATE].model = cfg.adapters["qwen-sql"]
+        scope[STATE].adapter = "qwen-sql"
+        await ok(scope, receive, send)
+
+    metrics = GatewayMetrics()
+    await call(RequestContext(inner, metrics=metrics), with_id(b"r5"))
+    line = access_log.one()
+    assert (line["model"], line["adapter"]) == ("qwen", "qwen-sql")
     assert metrics.registry.get_sample_value("gateway_requests_total",
                                              {"model": "qwen", "status": "200"}) == 1
 

@@ -4,7 +4,9 @@ gateway's own launchers.
 
 Without the venv the tier skips, saying why; in CI (``VLLM_GATEWAY_TEST_REQUIRE_ENGINE=1`` or
 ``CI=true``) it fails instead. A vLLM takes about a minute to start on 2 cores: the tests that
-can share one gateway and its server do (``served``, for the whole session).
+can share one gateway and its server do (``served``, for the whole session); that server also
+loads LoRA adapters at run time (``LORA_ARGS``; ``tiny_loras`` makes two with
+``scripts/make-tiny-lora.py``), and a test that loads one leaves it unloaded.
 
 Every vLLM a test starts carries ``VLLM_GATEWAY_TEST_RUN`` in its environment, so a test finds
 exactly the processes it started (``engine_processes``).
@@ -35,6 +37,7 @@ T = TypeVar("T")
 VLLM_VENV = ROOT / ".venv-vllm"
 VLLM_PYTHON = VLLM_VENV / "bin" / "python"
 MAKE_TINY_MODEL = ROOT / "scripts" / "make-tiny-model.py"
+MAKE_TINY_LORA = ROOT / "scripts" / "make-tiny-lora.py"
 MARKER = "VLLM_GATEWAY_TEST_RUN"
 # A generation of 8,128 tokens of the tiny model took a minute on a busy 2-core machine (load 8)
 # and takes seconds on an idle one: it outlasts a test's look at it.
@@ -47,6 +50,10 @@ VLLM_ARGS = ["--load-format", "dummy", "--max-model-len", str(MAX_MODEL_LEN),
 VLLM_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
 # vLLM's spans (``--otlp-traces-endpoint``) leave in batches after 0.2 s, not the SDK's 5.
 QUICK_EXPORT = {"OTEL_BSP_SCHEDULE_DELAY": "200"}
+# The shared server (``served``) also serves LoRA adapters loaded at run time, one at a time
+# (the rank of make-tiny-lora.py's adapters).
+LORA_ARGS = ["--enable-lora", "--max-loras", "1", "--max-lora-rank", "8"]
+LORA_ENV = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
 
 
 def required() -> bool:
@@ -85,6 +92,17 @@ def tiny_model(vllm_python: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     subprocess.run([str(vllm_python), str(MAKE_TINY_MODEL), str(directory)], check=True,
                    capture_output=True)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_loras(vllm_python: Path, tiny_model: Path,
+               tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two LoRA adapters for the tiny model (``scripts/make-tiny-lora.py``, seeds 1 and 2)."""
+    directory = tmp_path_factory.mktemp("tiny-loras")
+    made = {name: directory / name for name in ("tiny-lora-1", "tiny-lora-2")}
+    subprocess.run([str(vllm_python), str(MAKE_TINY_LORA), str(tiny_model),
+                    *map(str, made.values())], check=True, capture_output=True)
+    return made
 
 
 def vllm_command(python: Path | str, model_dir: Path | str) -> list[str]:
@@ -222,11 +240,12 @@ def with_traces(model: dict[str, Any], receiver: Receiver) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def serving_vllm(python: Path, model_dir: Path, directory: Path,
-                 traces: Receiver | None = None, **settings: Any) -> Iterator[Served]:
+def serving_vllm(python: Path, model_dir: Path, directory: Path, *,
+                 marker: str | None = None, traces: Receiver | None = None,
+                 **settings: Any) -> Iterator[Served]:
     """``vllm-gateway serve`` with ``tiny`` (not started: the first request starts it), vLLM's
     spans sent to ``traces`` where given."""
-    marker = uuid.uuid4().hex
+    marker = marker or uuid.uuid4().hex
     model = tiny_model_table(python, model_dir, marker, **settings)
     config = toml_config([with_traces(model, traces) if traces else model],
                          admin={"token": ADMIN_TOKEN})
@@ -241,21 +260,28 @@ def serving_vllm(python: Path, model_dir: Path, directory: Path,
 
 
 def long_lived_gateway(scope: Literal["session", "module"], name: str, *,
-                       traced: bool = False) -> Any:
+                       traced: bool = False, lora: bool = False) -> Any:
     """A fixture: a gateway (never idle-stopped) for the tests of that scope to share; with
-    ``traced``, its vLLM sends its spans to ``vllm_traces``."""
+    ``traced``, its vLLM sends its spans to ``vllm_traces``; with ``lora``, it loads LoRA
+    adapters at run time (LORA_ARGS, LORA_ENV)."""
     @pytest.fixture(scope=scope, name=name)
     def gateway(request: pytest.FixtureRequest, vllm_python: Path, tiny_model: Path,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         traces = request.getfixturevalue("vllm_traces") if traced else None
+        marker = uuid.uuid4().hex
+        settings: dict[str, Any] = {"idle_timeout": 3600.0}
+        if lora:
+            settings["command"] = [*vllm_command(vllm_python, tiny_model), *LORA_ARGS]
+            settings["env"] = {**VLLM_ENV, **LORA_ENV, MARKER: marker}
         with serving_vllm(vllm_python, tiny_model, tmp_path_factory.mktemp(name),
-                          traces=traces, idle_timeout=3600.0) as served:
+                          marker=marker, traces=traces, **settings) as served:
             yield served
     return gateway
 
 
-# One gateway and its vLLM for every test that can share them; vLLM traces every request.
-served = long_lived_gateway("session", "served", traced=True)
+# One gateway and its vLLM for every test that can share them; vLLM traces every request and
+# loads LoRA adapters at run time.
+served = long_lived_gateway("session", "served", traced=True, lora=True)
 
 
 def metric(address: str, name: str) -> float:

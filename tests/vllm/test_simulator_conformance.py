@@ -5,8 +5,9 @@ Compared: status codes and the error envelope (``type``, ``param``, ``code``), t
 (a role chunk first, the finish reason on the last content chunk, a usage chunk with
 ``choices: []``, then ``[DONE]``), the answer's usage, the fields of ``/v1/models``, the
 metrics the simulator serves (names, types, labels), health while the server loads (the port
-refuses connections until it is ready) and the keep-alive (an idle connection is closed after
-5 s).
+refuses connections until it is ready), the keep-alive (an idle connection is closed after
+5 s), and the runtime LoRA API (a load's and an unload's answers and errors, an adapter's entry
+in ``/v1/models``).
 
 Deliberately different, and not compared:
 - the text: the simulator answers ``"tok "`` per token, the tiny model random bytes; vLLM also
@@ -31,6 +32,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -38,7 +40,7 @@ import pytest
 
 from tests.support import simulator
 
-from .conftest import MAX_MODEL_LEN, STARTUP_TIMEOUT, Served, load_health
+from .conftest import LORA_ENV, MAX_MODEL_LEN, STARTUP_TIMEOUT, Served, load_health
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(STARTUP_TIMEOUT + 60)]
 
@@ -50,10 +52,12 @@ KEEP_ALIVE = 5.0  # vLLM's (uvicorn's timeout_keep_alive), the simulator's defau
 
 @pytest.fixture(scope="module")
 def backends(served: Served) -> Iterator[dict[str, str]]:
-    """vLLM's own address and a simulator's, serving the same model name and context."""
+    """vLLM's own address and a simulator's, serving the same model name and context, both
+    with the runtime LoRA API."""
     httpx2.post(served.url + "/admin/models/tiny/load", headers=served.auth,
                 timeout=STARTUP_TIMEOUT)
-    with simulator("--max-model-len", str(MAX_MODEL_LEN), model="tiny") as sim:
+    with simulator("--max-model-len", str(MAX_MODEL_LEN), "--enable-lora", model="tiny",
+                   env=LORA_ENV) as sim:
         yield {"vllm": served.backend(), "simulator": sim.url}
 
 
@@ -156,6 +160,31 @@ def test_models_lists_have_the_same_fields(backends: dict[str, str]) -> None:
                                       sorted(m)) for m in body["data"]])
               for name, body in listed.items()}
     assert shapes["simulator"] == shapes["vllm"]
+
+
+def test_the_lora_api_answers_as_vllms(backends: dict[str, str],
+                                      tiny_loras: dict[str, Path]) -> None:
+    name, path = next(iter(tiny_loras.items()))
+    load, unload = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
+
+    def same(answers: dict[str, httpx2.Response]) -> int:
+        seen = {n: (r.status_code, r.json() if r.status_code != 200 else r.text)
+                for n, r in answers.items()}
+        assert seen["simulator"] == seen["vllm"]
+        return seen["vllm"][0]
+
+    assert same(both(backends, load, {"lora_name": "gone",
+                                      "lora_path": str(path.parent / "gone")})) == 404
+    try:
+        assert same(both(backends, load, {"lora_name": name, "lora_path": str(path)})) == 200
+        assert same(both(backends, load, {"lora_name": name, "lora_path": str(path)})) == 400
+        cards = {n: [(m["id"], m["parent"], m["max_model_len"], sorted(m))
+                     for m in httpx2.get(url + "/v1/models", timeout=10).json()["data"]]
+                 for n, url in backends.items()}
+        assert cards["simulator"] == cards["vllm"]
+    finally:
+        assert same(both(backends, unload, {"lora_name": name})) == 200
+    assert same(both(backends, unload, {"lora_name": name})) == 404
 
 
 def _metric_families(url: str) -> dict[str, tuple[str, list[str]]]:
