@@ -28,7 +28,7 @@ from .cluster import ClusterSettings
 from .engines import EngineSettings
 from .gateway import GatewaySettings
 from .loader import ENV_PREFIX, SECTIONS, Config, config_from_mapping, config_path, load_config
-from .masking import effective
+from .masking import effective, shared
 from .models import ModelSettings, parse_size, placement
 from .telemetry import TelemetrySettings
 from .upstream import UpstreamSettings
@@ -53,4 +53,5 @@ __all__ = [
     "load_config",
     "parse_size",
     "placement",
+    "shared",
 ]
