@@ -63,6 +63,7 @@ from .routes import EnginePings, method_not_allowed, no_route
 
 if TYPE_CHECKING:
     from cluster.accounting import RedisAccounting
+    from cluster.node import ClusterNode
     from middleware.tracing import GatewayTracing
 
 log = structlog.get_logger("gateway")
@@ -116,11 +117,15 @@ class Gateway:
         # With [cluster], kept in Redis, exact across every process sharing it (imported only
         # then: its client is an optional install).
         self.shared: RedisAccounting | None = None
+        self.node: ClusterNode | None = None
         accounting: Accounting
         if config.cluster.enabled:
             from cluster.accounting import RedisAccounting
+            from cluster.node import ClusterNode
 
             accounting = self.shared = RedisAccounting(config)
+            # The members (one configuration for all) and the pool's owner.
+            self.node = ClusterNode(config, self.shared.owner, on_event=self.events.notice)
         else:
             accounting = InMemoryAccounting(config)
         self.accounting = accounting
@@ -224,8 +229,9 @@ class Gateway:
         feedback = self.feedback.running() if self.feedback else nullcontext()
         tracing = self.tracing.running() if self.tracing else nullcontext()
         shared = self.shared.running() if self.shared else nullcontext()
+        node = self.node.running() if self.node else nullcontext()
         try:
-            async with (tracing, shared, self.engines.running(), self.pool.running(),
+            async with (tracing, node, shared, self.engines.running(), self.pool.running(),
                         self.upstream.running(), feedback):
                 self.running_now = True
                 try:
