@@ -1,5 +1,6 @@
 """``ClusterNode``: this process as a member of its ``[cluster]``: its membership (one
-configuration for all, ``members``) and its bid for the pool (``owner``), on one Redis client."""
+configuration for all, ``members``), its bid for the pool (``owner``) and the pool's picture and
+demand (``board``), on one Redis client."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import coredis
 
 from kernel.config import Config
 
+from .board import PoolBoard
 from .members import Membership, OnEvent
 from .owner import OwnerLease
 
@@ -22,6 +24,7 @@ class ClusterNode:
         self.id = member_id
         self.membership = Membership(config, member_id, on_event=on_event)
         self.owner = OwnerLease(config, member_id, on_event=on_event, on_change=on_owner)
+        self.board = PoolBoard(self.owner)
         self.client: coredis.Redis[str] | None = None
 
     @asynccontextmanager
@@ -31,11 +34,11 @@ class ClusterNode:
         client: coredis.Redis[str] = coredis.Redis.from_url(self.url, decode_responses=True)
         async with (client, self.membership.running(client),
                     self.owner.running(client)):
-            self.client = client
+            self.client = self.board.client = client
             try:
                 yield self
             finally:
-                self.client = None
+                self.client = self.board.client = None
 
     def snapshot(self) -> dict[str, object]:
         """What the admin API shows: the members and the owner as last seen."""

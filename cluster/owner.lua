@@ -4,6 +4,9 @@
 --   renew token, lease ms: 1 if the lease is still this token's (and is renewed), else 0.
 --   fence token: 1 if the lease is this token's, else 0 (every pool action asks first).
 --   resign token: the lease is given up if it is this token's.
+--   publish token, lease ms, then model, servers pairs: the pool's servers (cluster/board.py)
+--         replace those published, if the lease is this token's (1, else 0); they expire
+--         with the lease unless published again (a dead owner's picture goes with it).
 local P, OP, ID = ARGV[1], ARGV[2], ARGV[3]
 local OWNER, TOKENS = P .. ':owner', P .. ':owner-token'
 local holder = redis.call('GET', OWNER)
@@ -21,6 +24,13 @@ if OP == 'renew' then
   return 0
 elseif OP == 'fence' then
   return mine and 1 or 0
+elseif OP == 'publish' then
+  if not mine then return 0 end
+  local SERVERS = P .. ':servers'
+  redis.call('DEL', SERVERS)
+  for i = 6, #ARGV, 2 do redis.call('HSET', SERVERS, ARGV[i], ARGV[i + 1]) end
+  redis.call('PEXPIRE', SERVERS, tonumber(ARGV[5]))
+  return 1
 elseif OP == 'resign' then
   if mine then redis.call('DEL', OWNER) end
   return 1

@@ -10,9 +10,9 @@ was *sent*: an owner that cannot renew in time (Redis away, the process stopped 
 starved) steps down at its own deadline, before any other could be elected. ``holds()`` reads
 the clock itself, so a process resumed after a long stop has stepped down before it acts.
 
-``fence()`` is asked before every pool action: it checks the local deadline, then asks Redis, in
-one script, that the key is still this token's; a stale owner's action is refused
-(``NotOwner``). A model server started just before a step-down is not undone by the fence: the
+``fence()`` is asked before every pool action: it checks the local deadline, asks Redis, in
+one script, that the key is still this token's, and checks the deadline again (the answer may
+have waited in a stopped process); a stale owner's action is refused (``NotOwner``). A model server started just before a step-down is not undone by the fence: the
 next owner adopts it (containers) or finds its port taken.
 
 Events (to the log and ``on_event``): ``owner elected`` (with the token) and ``owner stepped
@@ -81,7 +81,18 @@ class OwnerLease:
         if not await self.valid(token):
             self._step_down("the lease in Redis is no longer its own")
             raise NotOwner(f"this process ({self.id}) no longer owns the pool (token {token})")
+        # The answer may have waited (the process stopped while it travelled): the clock again.
+        if not self.holds():
+            raise NotOwner(f"this process ({self.id}) no longer owns the pool (token {token})")
         return token
+
+    async def publish(self, pairs: list[str]) -> bool:
+        """Write the pool's picture (``board``), if the lease is still this token's: checked
+        with the write, in one script."""
+        token = self.token
+        if token is None or not self.holds():
+            return False
+        return bool(await self._call("publish", token, round(self.lease_s * 1000), *pairs))
 
     async def valid(self, token: int) -> bool:
         """Whether Redis holds the lease for this member and ``token`` (one atomic check)."""

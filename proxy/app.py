@@ -62,6 +62,7 @@ from .admin import AdminApi
 from .routes import EnginePings, method_not_allowed, no_route
 
 if TYPE_CHECKING:
+    from backends.shared import SharedPool
     from cluster.accounting import RedisAccounting
     from cluster.node import ClusterNode
     from middleware.tracing import GatewayTracing
@@ -118,14 +119,19 @@ class Gateway:
         # then: its client is an optional install).
         self.shared: RedisAccounting | None = None
         self.node: ClusterNode | None = None
+        self.cluster_pool: SharedPool | None = None
         accounting: Accounting
         if config.cluster.enabled:
+            from backends.shared import SharedPool
             from cluster.accounting import RedisAccounting
             from cluster.node import ClusterNode
 
             accounting = self.shared = RedisAccounting(config)
-            # The members (one configuration for all) and the pool's owner.
+            # The members (one configuration for all) and the pool's owner: the process that
+            # owns it drives the servers, the others route to those it publishes.
             self.node = ClusterNode(config, self.shared.owner, on_event=self.events.notice)
+            self.cluster_pool = SharedPool(self.node, config.cluster.heartbeat)
+            launchers = self.cluster_pool.wrap(launchers or launchers_for(self.engines))
         else:
             accounting = InMemoryAccounting(config)
         self.accounting = accounting
@@ -230,9 +236,11 @@ class Gateway:
         tracing = self.tracing.running() if self.tracing else nullcontext()
         shared = self.shared.running() if self.shared else nullcontext()
         node = self.node.running() if self.node else nullcontext()
+        cluster_pool = (self.cluster_pool.running(self.pool) if self.cluster_pool
+                        else nullcontext())
         try:
             async with (tracing, node, shared, self.engines.running(), self.pool.running(),
-                        self.upstream.running(), feedback):
+                        cluster_pool, self.upstream.running(), feedback):
                 self.running_now = True
                 try:
                     yield self

@@ -29,17 +29,22 @@ from tests.support import (
 )
 
 LEASE_S = 2.0
+Gateways = list[tuple[str, subprocess.Popen[bytes]]]
 
 
-def config_text(redis_url: str, sim_url: str) -> str:
+def cluster_table(redis_url: str) -> str:
     return f"""
-[gateway]
-queue_timeout = 60.0
-
 [cluster]
 redis_url = "{redis_url}"
 lease_s = {LEASE_S}
 heartbeat_s = 0.5
+"""
+
+
+def config_text(redis_url: str, sim_url: str) -> str:
+    return cluster_table(redis_url) + f"""
+[gateway]
+queue_timeout = 60.0
 
 [[models]]
 name = "m"
@@ -51,12 +56,19 @@ max_queue_size = 4
 
 
 @contextlib.contextmanager
-def two_gateways(tmp_path: Path) -> Iterator[list[tuple[str, subprocess.Popen[bytes]]]]:
+def two_gateways(tmp_path: Path) -> Iterator[Gateways]:
     """A redis-server, a simulator at 20 tokens a second, and two gateways on them."""
     with contextlib.ExitStack() as stack:
         redis_url = stack.enter_context(redis_server(tmp_path))
         sim = stack.enter_context(simulator("--tokens-per-second", "20", model="m"))
-        text = config_text(redis_url, sim.url)
+        yield stack.enter_context(gateways_on(config_text(redis_url, sim.url), tmp_path))
+
+
+
+@contextlib.contextmanager
+def gateways_on(text: str, tmp_path: Path) -> Iterator[Gateways]:
+    """Two gateways on one configuration, one on uvloop, the other on trio."""
+    with contextlib.ExitStack() as stack:
         gateways = []
         for worker in ("uvloop", "trio"):
             directory = tmp_path / worker

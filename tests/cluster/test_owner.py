@@ -128,7 +128,9 @@ def test_a_stopped_owner_steps_down_fenced_and_a_killed_one_is_followed(redis_ur
                 break
         else:
             raise AssertionError("the stopped owner did not step down")
-        assert next_line(first) == {"fence": False, "valid": False, "token": 1}
+        # (One line may have been on its way when it was stopped: the checks after are refused.)
+        after = [next_line(first) for _ in range(3)]
+        assert after[1:] == [{"fence": False, "valid": False, "token": 1}] * 2
         assert next_line(second) == {"fence": True, "valid": True, "token": 2}
         # The second is killed: the first is elected again within the lease, with a larger
         # token (processes share one pair: each costs seconds to start on a busy machine).

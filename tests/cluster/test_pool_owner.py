@@ -1,0 +1,82 @@
+"""Two ``vllm-gateway serve`` processes on one redis-server in front of a model the gateway
+starts (a simulator, ``launcher = "process"``): one of them owns the pool and starts the one
+server, the other routes to it; when the owner is killed, the other takes the pool over within
+the lease and starts the model again on the next request. One gateway runs on uvloop, the
+other on trio."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tests.cluster.test_gateways import LEASE_S, Gateways, cluster_table, gateways_on
+from tests.support import HTTP, chat, redis_server, wait_until
+
+TOKEN = "t0ken"
+ADMIN = {"authorization": f"Bearer {TOKEN}"}
+
+
+def config_text(redis_url: str) -> str:
+    return cluster_table(redis_url) + f"""
+[admin]
+token = "{TOKEN}"
+
+[[models]]
+name = "m"
+launcher = "process"
+command = ["{{python}}", "-m", "simulator", "--port", "{{port}}", "--model", "{{name}}"]
+startup_timeout = 20.0
+max_concurrent = 3
+"""
+
+
+def model(url: str) -> dict[str, Any]:
+    (entry,) = HTTP.get(url + "/admin/models", headers=ADMIN).json()["data"]
+    return entry
+
+
+@contextlib.contextmanager
+def two_gateways(tmp_path: Path) -> Iterator[Gateways]:
+    with redis_server(tmp_path) as redis_url, gateways_on(config_text(redis_url), tmp_path) as both:
+        yield both
+
+
+def owns(url: str) -> bool:
+    """Whether the gateway owns the pool (its admin event stream's first snapshot says)."""
+    with HTTP.stream("GET", url + "/admin/events", headers=ADMIN) as events:
+        for line in events.iter_lines():
+            if line.startswith("data: "):
+                return json.loads(line[6:])["cluster"]["owns_pool"]
+    raise AssertionError("no snapshot")
+
+
+def test_one_owner_starts_the_model_and_another_takes_over_when_it_dies(
+        tmp_path: Path) -> None:
+    with two_gateways(tmp_path) as gateways:
+        owners = [owns(url) for url, _ in gateways]
+        assert sorted(owners) == [False, True]  # exactly one
+        owner = owners.index(True)
+        (owner_url, owner_proc), (other_url, _) = gateways[owner], gateways[1 - owner]
+        # A request to the other starts the model in the owner, and is routed to it.
+        answer = HTTP.post(other_url + "/v1/chat/completions", json=chat("m"), timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert HTTP.post(owner_url + "/v1/chat/completions", json=chat("m")).status_code == 200
+        first, seen = model(owner_url), model(other_url)
+        assert first["state"] == seen["state"] == "ready"
+        assert seen["address"] == first["address"] and first["starts"] == 1
+        # The owner dies (kill -9), and its server with it (the leash): the other owns the
+        # pool within the lease and starts the model again for the next request.
+        os.kill(owner_proc.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        wait_until(lambda: owns(other_url), timeout=LEASE_S + 3)
+        assert time.monotonic() - killed <= LEASE_S + 1.5
+        answer = HTTP.post(other_url + "/v1/chat/completions", json=chat("m"), timeout=30)
+        assert answer.status_code == 200, answer.text
+        now = model(other_url)
+        assert now["state"] == "ready" and now["address"] != first["address"]
