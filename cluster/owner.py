@@ -12,8 +12,10 @@ the clock itself, so a process resumed after a long stop has stepped down before
 
 ``fence()`` is asked before every pool action: it checks the local deadline, asks Redis, in
 one script, that the key is still this token's, and checks the deadline again (the answer may
-have waited in a stopped process); a stale owner's action is refused (``NotOwner``). A model server started just before a step-down is not undone by the fence: the
-next owner adopts it (containers) or finds its port taken.
+have waited in a stopped process); a stale owner's action is refused (``NotOwner``). A server
+that a process started while it owned the pool is stopped by that process once it steps down
+(``backends.shared``): the check cannot hold a server from starting, only keep a stale owner
+from starting another.
 
 Events (to the log and ``on_event``): ``owner elected`` (with the token) and ``owner stepped
 down`` (with why), on the member concerned; ``on_change`` is told every change of ownership.
