@@ -9,10 +9,10 @@ a fixed URL itself):
   owner starts nothing);
 - in any other process it is a view (``mirrors``): its start asks the owner for the model and
   waits until the owner publishes that replica ready, then returns its URL (the pool then checks
-  its health, leases and routes as for any server); the run ends when the published server is
-  gone (stopped, asleep, another run) or this process becomes the owner. A view never sleeps,
-  wakes or stops a real server; stopping it (idle, eviction) only ends the view.
-When the owner steps down, its own servers' runs end (process servers die with their run) and
+  its health, leases and routes as for any server); the view is stopped when the published
+  server is gone (stopped, asleep, another run) or this process becomes the owner. A view never
+  sleeps, wakes or stops a real server: stopping it only ends the view.
+When the owner steps down, it stops its own servers' runs (process servers end with them), and
 the new owner starts them again on demand.
 
 ``SharedPool.running`` runs, in every process, the read of the picture every ``board.POLL``
@@ -124,9 +124,25 @@ class SharedPool:
                 self.published = await self.board.read()
             except (RedisError, OSError, TimeoutError):
                 pass  # the accounting says Redis is away; the picture stays as last read
+            self._end_stale()
             self._read.set()
             self._read = anyio.Event()
             await anyio.sleep(POLL)
+
+    def _end_stale(self) -> None:
+        """Stop the runs this process may no longer have: its own servers once it does not own
+        the pool, and the views of servers the owner no longer publishes ready."""
+        assert self.pool is not None
+        owns = self.owns()
+        for backend in self.pool.servers:
+            launcher = backend.launcher
+            if not isinstance(launcher, SharedLauncher) or backend.scope is None:
+                continue
+            if not launcher.mirrors and not owns:
+                self.pool.request_stop(backend, "this process no longer owns the pool")
+            elif launcher.mirrors and launcher.address is not None and not launcher.published():
+                self.pool.request_stop(backend, "this process owns the pool now" if owns
+                                       else "the pool's owner no longer serves it")
 
     def picture(self) -> Servers:
         assert self.pool is not None
@@ -240,31 +256,23 @@ class SharedLauncher:
                 await self.shared.until(lambda: self.shared.owns()
                                         or self.shared.entry(name, replica) is not None)
 
-    def _published(self) -> bool:
+    def published(self) -> bool:
+        """Whether the server this view routes to is still published ready (and this process
+        does not own the pool)."""
         entry = self.shared.entry(self.settings.name, self.settings.replica)
         return (entry is not None and entry["url"] == self.address
                 and entry["run"] == self._run and not self.shared.owns())
 
     async def wait_exit(self) -> str:
         if self.mirrors:
-            await self.shared.until(lambda: not self._published())
-            if self.shared.owns():
-                return "this process now owns the pool: it runs the model's servers itself"
-            return "the pool's owner no longer serves it here"
-        why = "this process no longer owns the pool"
-        async with anyio.create_task_group() as tg:
-            async def died() -> None:
-                nonlocal why
-                why = await self.local.wait_exit()
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(died)
-            await self.shared.until(lambda: not self.shared.owns())
-            tg.cancel_scope.cancel()
-        return why
+            # Stopped first (SharedPool._end_stale, before this wakes) once it serves; during
+            # its start the health check asks this.
+            await self.shared.until(lambda: not self.published())
+            return "the pool's owner no longer serves it"
+        return await self.local.wait_exit()
 
     def is_alive(self) -> bool:
-        return self._published() if self.mirrors else self.local.is_alive()
+        return self.published() if self.mirrors else self.local.is_alive()
 
     async def stop(self) -> None:
         """A server of its own is stopped (owner or not: a stale owner's servers end with
