@@ -12,8 +12,10 @@ a fixed URL itself):
   its health, leases and routes as for any server); the view is stopped when the published
   server is gone (stopped, asleep, another run) or this process becomes the owner. A view never
   sleeps, wakes or stops a real server: stopping it only ends the view.
-When the owner steps down, it stops its own servers' runs (process servers end with them), and
-the new owner starts them again on demand.
+When the owner steps down, it stops its own servers' runs (process servers end with them) once
+another process owns the pool, or a lease after it stepped down (Redis away: the streams in
+flight go on meanwhile, and an owner elected again keeps its servers); the new owner starts
+them again on demand.
 
 ``SharedPool.running`` runs, in every process, the read of the picture every ``board.POLL``
 seconds; in the owner, the publishing of the pool (on a change, else every heartbeat), the
@@ -66,6 +68,8 @@ class SharedPool:
         self._asked: dict[str, float] = {}
         self._bringing: set[str] = set()
         self._sent: str | None = None
+        # When this process last owned the pool (its own servers outlive that by a lease at most).
+        self._owned_at = 0.0
 
     def wrap(self, launchers: LauncherFactory) -> LauncherFactory:
         def launcher(model: ModelSettings) -> Launcher:
@@ -134,11 +138,18 @@ class SharedPool:
         the pool, and the views of servers the owner no longer publishes ready."""
         assert self.pool is not None
         owns = self.owns()
+        now = anyio.current_time()
+        if owns:
+            self._owned_at = now
+        holder = self.owner.holder
+        # Another owner is known, or Redis has been away for a lease since it owned the pool.
+        superseded = (holder not in (None, self.owner.id)
+                      or now - self._owned_at >= self.owner.lease_s)
         for backend in self.pool.servers:
             launcher = backend.launcher
             if not isinstance(launcher, SharedLauncher) or backend.scope is None:
                 continue
-            if not launcher.mirrors and not owns:
+            if not launcher.mirrors and not owns and superseded:
                 self.pool.request_stop(backend, "this process no longer owns the pool")
             elif launcher.mirrors and launcher.address is not None and not launcher.published():
                 self.pool.request_stop(backend, "this process owns the pool now" if owns

@@ -1,8 +1,9 @@
 """Two ``vllm-gateway serve`` processes on one redis-server in front of a model the gateway
 starts (a simulator, ``launcher = "process"``): one of them owns the pool and starts the one
-server, the other routes to it; when the owner is killed, the other takes the pool over within
-the lease and starts the model again on the next request. One gateway runs on uvloop, the
-other on trio."""
+server, the other routes to it; when the owner is stopped (SIGSTOP) past its lease, the other
+takes the pool over, and the first, resumed, stops its server and routes to the new owner's;
+when the owner is killed, the other takes the pool over within the lease and starts the model
+again on the next request. One gateway runs on uvloop, the other on trio."""
 
 from __future__ import annotations
 
@@ -56,27 +57,40 @@ def owns(url: str) -> bool:
     raise AssertionError("no snapshot")
 
 
-def test_one_owner_starts_the_model_and_another_takes_over_when_it_dies(
+def served(url: str) -> dict[str, Any]:
+    """A request to the gateway at ``url`` answered 200; the model as it shows it then."""
+    answer = HTTP.post(url + "/v1/chat/completions", json=chat("m"), timeout=30)
+    assert answer.status_code == 200, answer.text
+    return model(url)
+
+
+def test_one_owner_drives_the_model_and_another_takes_over_when_it_stops_or_dies(
         tmp_path: Path) -> None:
     with two_gateways(tmp_path) as gateways:
         owners = [owns(url) for url, _ in gateways]
         assert sorted(owners) == [False, True]  # exactly one
-        owner = owners.index(True)
-        (owner_url, owner_proc), (other_url, _) = gateways[owner], gateways[1 - owner]
+        (first_url, first), (second_url, second) = (gateways[owners.index(True)],
+                                                    gateways[owners.index(False)])
         # A request to the other starts the model in the owner, and is routed to it.
-        answer = HTTP.post(other_url + "/v1/chat/completions", json=chat("m"), timeout=30)
-        assert answer.status_code == 200, answer.text
-        assert HTTP.post(owner_url + "/v1/chat/completions", json=chat("m")).status_code == 200
-        first, seen = model(owner_url), model(other_url)
-        assert first["state"] == seen["state"] == "ready"
-        assert seen["address"] == first["address"] and first["starts"] == 1
-        # The owner dies (kill -9), and its server with it (the leash): the other owns the
+        seen = served(second_url)
+        started = served(first_url)
+        assert seen["state"] == started["state"] == "ready"
+        assert seen["address"] == started["address"] and started["starts"] == 1
+        # The owner is stopped (SIGSTOP) past its lease: the other owns the pool; resumed,
+        # the first steps down and stops its server, and routes to the new owner's.
+        first.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: owns(second_url), timeout=LEASE_S + 3)
+        finally:
+            first.send_signal(signal.SIGCONT)
+        wait_until(lambda: model(first_url)["state"] == "stopped" and not owns(first_url))
+        again = served(first_url)
+        assert again["address"] == model(second_url)["address"] != started["address"]
+        # The owner dies (kill -9), and its server with it (the leash): the first owns the
         # pool within the lease and starts the model again for the next request.
-        os.kill(owner_proc.pid, signal.SIGKILL)
+        os.kill(second.pid, signal.SIGKILL)
         killed = time.monotonic()
-        wait_until(lambda: owns(other_url), timeout=LEASE_S + 3)
+        wait_until(lambda: owns(first_url), timeout=LEASE_S + 3)
         assert time.monotonic() - killed <= LEASE_S + 1.5
-        answer = HTTP.post(other_url + "/v1/chat/completions", json=chat("m"), timeout=30)
-        assert answer.status_code == 200, answer.text
-        now = model(other_url)
-        assert now["state"] == "ready" and now["address"] != first["address"]
+        last = served(first_url)
+        assert last["state"] == "ready" and last["address"] != again["address"]
