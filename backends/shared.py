@@ -36,6 +36,7 @@ import structlog
 from anyio.abc import TaskGroup
 from coredis.exceptions import RedisError
 
+from cluster.board import POLL
 from cluster.owner import NotOwner
 from kernel.config import ModelSettings
 from kernel.errors import GatewayError
@@ -51,7 +52,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("gateway.pool")
 
-POLL = 0.2
 
 
 class SharedPool:
@@ -86,9 +86,11 @@ class SharedPool:
         await self.owner.fence()
 
     def entry(self, model: str, replica: int) -> dict[str, Any] | None:
-        """The published server of that replica, if it is ready."""
+        """The published server of that replica, if it is ready and not this process's own
+        (a picture it published itself, read before it stepped down, is stale)."""
         for server in self.published.get(model, ()):
-            if server["replica"] == replica and server["state"] == "ready" and server["url"]:
+            if (server["replica"] == replica and server["state"] == "ready" and server["url"]
+                    and server["owner"] != self.owner.id):
                 return server
         return None
 
@@ -158,6 +160,7 @@ class SharedPool:
     def picture(self) -> Servers:
         assert self.pool is not None
         return {name: [{"replica": b.replica, "run": b.starts, "url": b.address,
+                        "owner": self.owner.id,
                         "state": ModelState.STOPPED.value if mirrored(b) else b.state.value}
                        for b in model.replicas]
                 for name, model in self.pool.models.items()}

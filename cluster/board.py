@@ -1,14 +1,14 @@
 """``PoolBoard``: the pool as its owner publishes it, and the starts the other processes ask of
 it, in Redis.
 
-The owner publishes every model's servers (per replica: its state, URL and run number) after
-each change and every heartbeat, by the owner script's ``publish``, which writes only while
-the lease is its token's: a stale owner's picture never overwrites the new owner's, and the
-picture expires with the lease unless published again (a dead owner's servers are not routed
-to for longer than the lease). Every
-process reads the picture every ``POLL`` seconds (one ``HGETALL``); a process that needs a
-model that is not ready pushes its name to the demand list (bounded: ``MAX_DEMAND``), which the
-owner pops (one blocking pop) and brings the model up for.
+The owner publishes every model's servers (per replica: its state, URL, run number and the
+owner's id) after each change and every heartbeat, by the owner script's ``publish``, which
+writes only while the lease is its token's: a stale owner's picture never overwrites the new
+owner's, and the picture expires with the lease unless published again (a dead owner's servers
+are not routed to for longer than the lease). Every process reads the picture every ``POLL``
+seconds (one ``HGETALL``); a process that needs a model that is not ready pushes its name to
+the demand list (bounded: ``MAX_DEMAND``), which the owner pops (one blocking pop) and brings
+the model up for.
 """
 
 from __future__ import annotations
