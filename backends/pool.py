@@ -275,6 +275,8 @@ class BackendPool:
         self.ledger.forget()
         for model in self.replicated:
             serving = model.ready()
+            if model.replicas[0].mirrored:  # the owner tells the accounting
+                continue
             if serving != model.serving and self.accounting is not None:
                 model.serving = serving
                 self.accounting.serving(model.name, serving)
@@ -425,6 +427,9 @@ class BackendPool:
             decisions = self._tick(anyio.current_time())
             for reap in decisions.reap:
                 backend = self.servers[reap.key]
+                # [cluster]: only the owner reaps; a view ends with the owner's server.
+                if backend.mirrored or not self.runs.may_act():
+                    continue
                 if reap.scale_down:
                     backend.of.scale_downs += 1
                     log.info("scaling down", model=backend.name, replica=backend.replica,
@@ -434,6 +439,8 @@ class BackendPool:
                 else:
                     self.request_stop(backend, "idle")
             for expire in decisions.expire:
+                if not self.runs.may_act():
+                    break
                 self.request_stop(self.servers[expire.key], "asleep for its asleep_timeout")
 
     def _oldest_wait(self, name: str) -> float | None:
@@ -447,6 +454,8 @@ class BackendPool:
             views, [[views[r.key] for r in model.replicas] for model in self.scaled],
             {model.name: self._oldest_wait(model.name) for model in self.scaled}, now)
         for up in decisions.up:
+            if not self.runs.may_act():  # [cluster]: the owner scales
+                break
             spare = self.servers[up.key]
             spare.of.scale_ups += 1
             log.info("scaling up", model=spare.name, replica=spare.replica, reason=up.why,

@@ -14,7 +14,8 @@ pool's: the model goes ``failed`` with the reason, the other models serve on.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import nullcontext
 
 import anyio
 import structlog
@@ -61,6 +62,12 @@ class Runs:
                              placement_timeout=placement_timeout, evict=self._evict,
                              notify=notify)
         self.tg: TaskGroup | None = None
+        # Asked before a sleep or a wake of a server ([cluster]: raises unless this process
+        # owns the pool, by its token in Redis); None: one process, always allowed.
+        self.fence: Callable[[], Awaitable[None]] | None = None
+        # Whether this process places, reaps and scales its servers now ([cluster]: while it
+        # owns the pool; the others' runs are views of the owner's servers, placed there).
+        self.may_act: Callable[[], bool] = lambda: True
 
     def launch(self, backend: Backend) -> None:
         """Begin a run: its task makes room, starts the server and serves until it ends."""
@@ -162,7 +169,7 @@ class Runs:
         """Start the model and serve until it dies or fails its health checks; return why the
         start failed, if it did."""
         try:
-            async with self.placer.room(backend):
+            async with self.placer.room(backend) if self.may_act() else nullcontext():
                 problem = await self._start(backend, helpers, launched_by)
         except GatewayError as exc:
             return exc
@@ -297,6 +304,8 @@ class Runs:
         assert client is not None and backend.address is not None
         level = backend.settings.sleep_level
         assert level is not None
+        if backend.mirrored:  # another process's server: its owner wakes it
+            return
         try:
             if not await sleep_mode.is_sleeping(client, backend.address):
                 return
@@ -323,6 +332,8 @@ class Runs:
             if address is None:  # it died meanwhile: its run ends
                 problem = "it stopped"
             else:
+                if self.fence is not None:
+                    await self.fence()
                 before = await self.placer.used(backend)
                 with anyio.fail_after(settings.startup_timeout):
                     await sleep_mode.is_sleeping(client, address)
@@ -370,6 +381,8 @@ class Runs:
                 if backend.state is not ModelState.WAKING or address is None:
                     return
                 log.info("model waking", model=backend.name, level=settings.sleep_level)
+                if self.fence is not None:
+                    await self.fence()
                 began = anyio.current_time()
                 with anyio.fail_after(settings.startup_timeout):
                     await sleep_mode.wake(client, address, settings.sleep_level)

@@ -182,7 +182,14 @@ class Backend:
             scale_up_after=s.scale_up_after)
 
     def sleeps_when_idle(self) -> bool:
-        return self.settings.sleep_level is not None and self.sleep_capable
+        return (self.settings.sleep_level is not None and self.sleep_capable
+                and not self.mirrored)
+
+    @property
+    def mirrored(self) -> bool:
+        """Whether the run is a view of a server another process of the cluster owns
+        (``backends.shared``): it is routed to, never put to sleep, woken or stopped."""
+        return bool(getattr(self.launcher, "mirrors", False))
 
     def need_mb(self) -> int:
         """GPU memory a start or a wake needs: a wake needs less what the server still holds."""

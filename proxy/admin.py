@@ -205,8 +205,12 @@ class AdminApi:
         } for t in tenants]}
 
     def snapshot(self) -> dict[str, Any]:
-        """What the event stream's ``state`` event holds: the models, and each GPU's memory."""
-        return {**self._models(), "time": round(time.time(), 3), "gpus": self._gpus()}
+        """What the event stream's ``state`` event holds: the models, each GPU's memory and,
+        with ``[cluster]``, the members and the pool's owner."""
+        state = {**self._models(), "time": round(time.time(), 3), "gpus": self._gpus()}
+        if self.gateway.node is not None:
+            state["cluster"] = self.gateway.node.snapshot()
+        return state
 
     def _gpus(self) -> list[dict[str, Any]]:
         """Each device a model is placed on (or NVML sees on this host), by engine (None: this

@@ -67,7 +67,9 @@ from .reload import Reloads
 from .routes import EnginePings, method_not_allowed, no_route
 
 if TYPE_CHECKING:
+    from backends.shared import SharedPool
     from cluster.accounting import RedisAccounting
+    from cluster.node import ClusterNode
     from cluster.ratelimits import RedisLedger
     from middleware.tracing import GatewayTracing
 
@@ -125,14 +127,23 @@ class Gateway:
         # The tenants' rate windows and usage (kernel.ratelimits) the same way.
         self.shared: RedisAccounting | None = None
         self.shared_ledger: RedisLedger | None = None
+        self.node: ClusterNode | None = None
+        self.cluster_pool: SharedPool | None = None
         accounting: Accounting
         ledger: Ledger
         if config.cluster.enabled:
+            from backends.shared import SharedPool
             from cluster.accounting import RedisAccounting
+            from cluster.node import ClusterNode
             from cluster.ratelimits import RedisLedger
 
             accounting = self.shared = RedisAccounting(config)
             ledger = self.shared_ledger = RedisLedger(config)
+            # The members (one configuration for all) and the pool's owner: the process that
+            # owns it drives the servers, the others route to those it publishes.
+            self.node = ClusterNode(config, self.shared.owner, on_event=self.events.notice)
+            self.cluster_pool = SharedPool(self.node, config.cluster.heartbeat)
+            launchers = self.cluster_pool.wrap(launchers or launchers_for(self.engines))
         else:
             accounting = in_memory_accounting(config)
             ledger = InMemoryLedger()
@@ -273,9 +284,12 @@ class Gateway:
         tracing = self.tracing.running() if self.tracing else nullcontext()
         shared = self.shared.running() if self.shared else nullcontext()
         ledger = self.shared_ledger.running() if self.shared_ledger else nullcontext()
+        node = self.node.running() if self.node else nullcontext()
+        cluster_pool = (self.cluster_pool.running(self.pool) if self.cluster_pool
+                        else nullcontext())
         try:
-            async with (tracing, shared, ledger, self.engines.running(), self.pool.running(),
-                        self.upstream.running(), feedback):
+            async with (tracing, node, shared, ledger, self.engines.running(), self.pool.running(),
+                        cluster_pool, self.upstream.running(), feedback):
                 self.running_now = True
                 try:
                     yield self

@@ -282,6 +282,13 @@ def serve(config: Config, worker: str, server: str = "hypercorn",
         listen = _hypercorn_config(config)
     configure_logging(config.gateway.log_format)
     log_start_up(config)
+    if config.cluster.enabled:
+        from cluster.members import refusal
+
+        refused = anyio.run(refusal, config)
+        if refused is not None:
+            print(f"vllm-gateway: config error: {refused}", file=sys.stderr)
+            raise SystemExit(EXIT_CONFIG)
     if worker == "trio":
         anyio.run(_serve, config, worker, listen, load, watch, backend="trio")
     else:

@@ -13,8 +13,10 @@ one subscriber holds is bounded however fast events come and however slowly it r
 - A write that takes longer than ``admin.events_send_timeout`` ends the stream, and at most
   ``admin.events_streams`` are open at once (429 beyond).
 
-Events: ``state`` (the snapshot) and ``requests`` (``{"dropped": N, "requests": [...]}``, oldest
-first), each one JSON line. The streams end when the gateway winds down.
+Events: ``state`` (the snapshot), ``requests`` (``{"dropped": N, "requests": [...]}``, oldest
+first) and, with ``[cluster]``, ``cluster`` (``{"time", "event", "member", ...}``: a member
+joined or lost, an owner elected or stepped down), each one JSON line. The streams end when
+the gateway winds down.
 """
 
 from __future__ import annotations
@@ -69,10 +71,12 @@ def error_code(error: BaseException | None, status: int, body: bytes | None) -> 
 class Subscriber:
     """One stream's backlog: a stale mark for the state, and the newest request summaries."""
 
-    __slots__ = ("_wake", "dropped", "requests", "sending_since", "stale")
+    __slots__ = ("_wake", "dropped", "notices", "requests", "sending_since", "stale")
 
     def __init__(self, buffer: int) -> None:
         self.requests: deque[bytes] = deque(maxlen=buffer)
+        # The cluster's events (rare: members and owners coming and going), newest kept.
+        self.notices: deque[bytes] = deque(maxlen=buffer)
         self.dropped = 0
         self.stale = True
         # When the write in progress began (the event loop's clock); None between writes.
@@ -97,14 +101,21 @@ class Subscriber:
         if idle.cancelled_caught:
             self.stale = True
 
+    def notify(self, notice: bytes) -> None:
+        self.notices.append(notice)
+        self._wake.set()
+
     def take(self) -> bytes | None:
-        """The waiting summaries as one ``requests`` event, if there are any."""
+        """The waiting cluster events, each a ``cluster`` event, and the waiting summaries as
+        one ``requests`` event, if there are any."""
+        notices = b"".join(sse("cluster", notice) for notice in self.notices)
+        self.notices.clear()
         if not self.requests and not self.dropped:
-            return None
+            return notices or None
         body = b'{"dropped": %d, "requests": [%s]}' % (self.dropped, b", ".join(self.requests))
         self.requests.clear()
         self.dropped = 0
-        return sse("requests", body)
+        return notices + sse("requests", body)
 
 
 class EventHub:
@@ -142,6 +153,14 @@ class EventHub:
         data = json.dumps({"time": round(time.time(), 3), "path": path, **summary}).encode()
         for subscriber in self._subscribers:
             subscriber.push(data)
+
+    def notice(self, event: str, fields: dict[str, Any]) -> None:
+        """Tell the streams about an event of the cluster (``member joined``, ``member lost``,
+        ``owner elected``, ``owner stepped down``); the state changed with it."""
+        data = json.dumps({"time": round(time.time(), 3), "event": event, **fields}).encode()
+        for subscriber in self._subscribers:
+            subscriber.notify(data)
+        self.changed()
 
     def close(self) -> None:
         """End every stream (the gateway winds down); refuse new ones."""

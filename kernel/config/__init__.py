@@ -28,7 +28,7 @@ from .cluster import ClusterSettings
 from .engines import EngineSettings
 from .gateway import GatewaySettings
 from .loader import ENV_PREFIX, SECTIONS, Config, config_from_mapping, config_path, load_config
-from .masking import effective
+from .masking import effective, shared
 from .models import PREFIX_ROUTING, ModelSettings, parse_size, placement
 from .reload import ReloadPlan, config_hash, plan_reload
 from .telemetry import TelemetrySettings
@@ -61,4 +61,5 @@ __all__ = [
     "parse_size",
     "placement",
     "plan_reload",
+    "shared",
 ]

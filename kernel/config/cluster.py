@@ -7,8 +7,10 @@ then the queues and slots of every process that shares ``key_prefix`` are counte
 ``key_prefix`` defaults to one made from ``gateway.instance``, so that two independent gateways
 can share one Redis. A process holds its slots and queue places under a lease of ``lease_s`` it
 renews every ``heartbeat_s`` (a third of the lease unless set): one that stops renewing (killed)
-has them reclaimed by the others. Electing the one process that starts and stops model servers
-is not built yet, so a cluster's models must all be ``launcher = "static"``.
+has them reclaimed by the others. One process, elected, owns the pool (``cluster.owner``) and
+starts and stops the model servers; the others route to them (``backends.shared``). A new
+owner adopting the containers of the last is not built yet, so a cluster's models are
+``launcher = "static"`` or ``"process"``.
 """
 
 from __future__ import annotations
@@ -53,12 +55,20 @@ def _resolve_cluster(settings: ClusterSettings, instance: str | None,
     if heartbeat >= settings.lease_s:
         _fail("cluster.heartbeat_s", settings.heartbeat_s, sources,
               f"less than cluster.lease_s ({settings.lease_s:g})")
-    started = next((m for m in models if m.launcher != "static"), None)
-    if started is not None:
+    container = next((m for m in models if m.launcher == "container"), None)
+    if container is not None:
         raise ConfigError(
-            f"models[{json.dumps(started.name)}].launcher = {started.launcher!r}: a [cluster] "
-            "gateway serves only static models (fixed URLs); elected pool ownership for started "
-            "models is not built yet")
+            f"models[{json.dumps(container.name)}].launcher = 'container': a [cluster] gateway "
+            "runs static and process models; a new pool owner adopting the containers of the "
+            "last is not built yet")
+    adapted = next((m for m in models if m.adapters), None)
+    if adapted is not None:
+        # Which adapters a server holds is known to the process that loaded them only.
+        raise ConfigError(
+            f"models[{json.dumps(adapted.name)}].adapters (from {sources.file}): a [cluster] "
+            "gateway does not load LoRA adapters yet (each process would count a server's "
+            "adapters on its own, and max_loras would not hold); leave them out with "
+            "cluster.redis_url")
     prefix = settings.key_prefix or f"vllm-gateway:{instance or 'default'}"
     return dataclasses.replace(settings, key_prefix=prefix, enabled=True, heartbeat=heartbeat)
 

@@ -6,6 +6,7 @@ tenants' keys, and whatever in a model's ``env``, ``command``, ``args`` or URL (
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -77,3 +78,26 @@ def effective(config: Config) -> dict[str, Any]:
             "upstream_keepalive_size": config.upstream_keepalive_size,
         },
     }
+
+
+# The [gateway] keys every process of a cluster must agree on (the rest is per process: its
+# address, logging, body and client budgets, its GPU figures, its upstream client).
+SHARED_GATEWAY = ("max_queue_size", "max_concurrent", "max_models_concurrent",
+                  "max_models_asleep", "max_concurrent_total", "queue_timeout",
+                  "placement_timeout", "instance", "default_model")
+
+
+def shared(config: Config) -> dict[str, str]:
+    """What the processes of one ``[cluster]`` must agree on, flattened: each key as
+    ``check-config`` would name it (``gateway.max_concurrent``, ``models["m"].launcher``) to
+    its value in JSON (secrets masked, as ``effective`` shows them): the shared limits, the
+    lease, the engines and the model set."""
+    shown = effective(config)
+    flat = {f"gateway.{key}": shown["gateway"][key] for key in SHARED_GATEWAY}
+    flat["cluster.lease_s"] = shown["cluster"]["lease_s"]
+    for section, entries in (("engines", shown["engines"].items()),
+                             ("models", ((m["name"], m) for m in shown["models"]))):
+        for name, table in entries:
+            for key, value in table.items():
+                flat[f"{section}[{json.dumps(name)}].{key}"] = value
+    return {key: json.dumps(value, sort_keys=True) for key, value in sorted(flat.items())}

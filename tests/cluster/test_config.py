@@ -13,6 +13,7 @@ from kernel.config import ConfigError, config_from_mapping, effective
 from tests.support import ROOT, static_model
 
 MODELS = [static_model("m", "http://127.0.0.1:9")]
+ENGINES = {"local": {"url": "unix:///run/podman/podman.sock"}}
 
 
 def test_without_cluster_nothing_is_shared_and_no_redis_client_is_imported() -> None:
@@ -42,13 +43,20 @@ def test_the_url_from_the_environment_with_its_password_masked() -> None:
      "cluster.redis_url (from test): must be a redis://, rediss:// or unix:// URL"),
     ({"redis_url": "unix:///run/redis.sock", "lease_s": 3, "heartbeat_s": 3}, MODELS,
      "cluster.heartbeat_s = 3.0 (from test): must be less than cluster.lease_s (3)"),
-    ({"redis_url": "redis://redis"}, [{"name": "p", "launcher": "process", "command": ["x"]}],
-     'models["p"].launcher = \'process\': a [cluster] gateway serves only static models (fixed '
-     "URLs); elected pool ownership for started models is not built yet"),
+    ({"redis_url": "redis://redis"}, [{"name": "c", "launcher": "container", "image": "x",
+                                       "engine": "local"}],
+     'models["c"].launcher = \'container\': a [cluster] gateway runs static and process models; '
+     "a new pool owner adopting the containers of the last is not built yet"),
+    ({"redis_url": "redis://redis"}, [{"name": "s", "launcher": "static", "url": "http://s",
+                                       "adapters": [{"name": "a", "path": "/a"}]}],
+     'models["s"].adapters (from test): a [cluster] gateway does not load LoRA adapters yet '
+     "(each process would count a server's adapters on its own, and max_loras would not hold); "
+     "leave them out with cluster.redis_url"),
 ])
 def test_refusals_name_the_key(table: dict, models: list, message: str) -> None:
     with pytest.raises(ConfigError) as refused:
-        config_from_mapping({"models": models, "cluster": table}, source="test")
+        config_from_mapping({"models": models, "cluster": table, "engines": ENGINES},
+                            source="test")
     assert str(refused.value) == message
     assert "pw" not in str(refused.value)
 

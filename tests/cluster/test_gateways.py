@@ -9,6 +9,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,20 +17,34 @@ from pathlib import Path
 import anyio
 import httpx2
 
-from tests.support import HTTP, chat, gateway_process, redis_server, simulator, wait_until
+from backends.launcher import free_port
+from tests.support import (
+    HTTP,
+    ROOT,
+    chat,
+    gateway_process,
+    redis_server,
+    simulator,
+    wait_until,
+)
 
 LEASE_S = 2.0
+Gateways = list[tuple[str, subprocess.Popen[bytes]]]
 
 
-def config_text(redis_url: str, sim_url: str) -> str:
+def cluster_table(redis_url: str) -> str:
     return f"""
-[gateway]
-queue_timeout = 60.0
-
 [cluster]
 redis_url = "{redis_url}"
 lease_s = {LEASE_S}
 heartbeat_s = 0.5
+"""
+
+
+def config_text(redis_url: str, sim_url: str) -> str:
+    return cluster_table(redis_url) + f"""
+[gateway]
+queue_timeout = 60.0
 
 [[models]]
 name = "m"
@@ -41,12 +56,19 @@ max_queue_size = 4
 
 
 @contextlib.contextmanager
-def two_gateways(tmp_path: Path) -> Iterator[list[tuple[str, subprocess.Popen[bytes]]]]:
+def two_gateways(tmp_path: Path) -> Iterator[Gateways]:
     """A redis-server, a simulator at 20 tokens a second, and two gateways on them."""
     with contextlib.ExitStack() as stack:
         redis_url = stack.enter_context(redis_server(tmp_path))
         sim = stack.enter_context(simulator("--tokens-per-second", "20", model="m"))
-        text = config_text(redis_url, sim.url)
+        yield stack.enter_context(gateways_on(config_text(redis_url, sim.url), tmp_path))
+
+
+
+@contextlib.contextmanager
+def gateways_on(text: str, tmp_path: Path) -> Iterator[Gateways]:
+    """Two gateways on one configuration, one on uvloop, the other on trio."""
+    with contextlib.ExitStack() as stack:
         gateways = []
         for worker in ("uvloop", "trio"):
             directory = tmp_path / worker
@@ -131,3 +153,19 @@ def test_without_redis_a_request_gets_503_and_health_says_why(tmp_path: Path) ->
             wait_until(lambda: HTTP.post(url + "/v1/chat/completions",
                                          json=chat("m")).status_code == 200, timeout=10)
             assert HTTP.get(url + "/health").status_code == 200
+
+
+def test_a_gateway_with_another_configuration_is_refused(tmp_path: Path) -> None:
+    with redis_server(tmp_path) as redis_url, simulator(model="m") as sim:
+        text = config_text(redis_url, sim.url)
+        with gateway_process(text, tmp_path):
+            other = tmp_path / "other.toml"
+            other.write_text(text.replace("max_concurrent = 3", "max_concurrent = 4"))
+            refused = subprocess.run(
+                [sys.executable, "-m", "proxy.cli", "serve", "--config", str(other),
+                 "--bind", f"127.0.0.1:{free_port()}"],
+                cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert refused.returncode == 2
+        assert refused.stderr.splitlines()[-1].startswith(
+            'vllm-gateway: config error: models["m"].max_concurrent = 4 here, but 3 in the '
+            "cluster 'vllm-gateway:default'")

@@ -269,3 +269,24 @@ async def test_the_streams_share_one_snapshot_per_change() -> None:
         hub.close()
     assert all(len(chunks) >= 4 for chunks in sent)
     assert built == len(sent[0])
+
+
+async def test_the_clusters_events_arrive_as_cluster_events() -> None:
+    """A member or an owner coming or going reaches every stream as a ``cluster`` event, with a
+    fresh snapshot after it."""
+    hub = EventHub()
+    bodies: list[bytes] = []
+
+    async def send(message: Any) -> None:
+        bodies.append(message.get("body", b""))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(hub.stream, anyio.Event().wait, send, dict)
+        await eventually(lambda: bodies)
+        hub.notice("member lost", {"member": "host:12:ab", "host": "host", "pid": 12})
+        await eventually(lambda: any(b"event: cluster" in body for body in bodies))
+        hub.close()
+    body = next(body for body in bodies if b"event: cluster" in body)
+    data = json.loads(body.split(b"event: cluster\ndata: ", 1)[1].split(b"\n", 1)[0])
+    assert data["event"] == "member lost" and data["member"] == "host:12:ab"
+    assert b"event: state" in b"".join(bodies[bodies.index(body):])
