@@ -73,3 +73,13 @@ def test_a_reload_cannot_switch_the_queues_between_first_come_and_fair() -> None
     assert plan_reload(one, config()).refused
     more = config(tenants=[{"name": "chat", "keys": ["k1"], "priority": 3}])
     assert not plan_reload(one, more).refused
+
+
+def test_in_a_cluster_what_the_members_share_is_not_reloaded_by_one_alone() -> None:
+    cluster = {"redis_url": "redis://127.0.0.1:1"}
+    old = config(cluster=cluster)
+    plan = plan_reload(old, config(cluster=cluster, gateway={"max_concurrent": 9}))
+    assert plan.refused == ("gateway.max_concurrent (the configuration a [cluster]'s members "
+                            "share: restart every member with the new one, or give it a new "
+                            "cluster.key_prefix)",)
+    assert not plan_reload(old, config(cluster=cluster, admin={"token": "t"})).refused

@@ -7,6 +7,8 @@ is one of:
   containers, or builds a part that lives as long as the process (the upstream client, the
   tracing, the shared state, the container engines, the event hub's bounds); the reload is
   refused, naming each;
+- in a ``[cluster]``, a change of what its members share (``masking.shared``: the models and the
+  shared limits): refused, as one member alone would leave two configurations in the cluster;
 - a model added or removed;
 - a model whose server must change (any field not in ``LIVE_MODEL_FIELDS``: its command, image,
   env, GPUs, replicas, ...): it is restarted (drained, then started anew on its next request);
@@ -29,6 +31,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .loader import SECTIONS, Config
+from .masking import shared
 from .models import ModelSettings
 
 # Keys that cannot change while the gateway runs (a section's name: all of its keys).
@@ -119,6 +122,14 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
         if a is None or b is None or a != b:
             keys.append(f"engines.{name}")
             refused.append(f"engines.{name}")
+    if old.cluster.enabled and new.cluster.enabled:
+        a, b = shared(old), shared(new)
+        differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+        if differ:
+            # One member alone would leave the cluster with two configurations.
+            refused.append(f"{differ[0]} (the configuration a [cluster]'s members share: "
+                           "restart every member with the new one, or give it a new "
+                           "cluster.key_prefix)")
     before = {m.name: m for m in old.models}
     after = {m.name: m for m in new.models}
     restarted: dict[str, tuple[str, ...]] = {}
