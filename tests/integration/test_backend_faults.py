@@ -77,7 +77,8 @@ async def test_health_is_503_once_the_pools_background_work_is_gone() -> None:
         response = await client.get(url + "/health")
         assert response.status_code == 503
         assert response.json() == {"status": "failing",
-                                   "reason": "the idle reaper failed: RuntimeError('bug')"}
+                                   "reason": "the idle reaper failed: RuntimeError('bug')",
+                                   "config_hash": gateway.reloads.hash}
 
 
 def servers_of(model: str) -> list[int]:
