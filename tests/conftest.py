@@ -1,11 +1,20 @@
 """What every test shares: both event loops, quiet logs, a ``processes`` fixture that ends what a
 test started, and, after the suite, a check that no process of the suite is left running and a
-line with the number of tests run and the time they took (the figures the README gives)."""
+line with the number of tests run and the time they took (the figures the README gives).
+
+The suite runs on pytest-xdist's workers (``-n`` in pyproject's addopts; ``-n 0`` runs it in one
+process). The real-vLLM tier runs on one worker (its tests share one vLLM server per worker, and
+each start takes both cores for a minute), and so do the tests that drive a container engine
+(they remove containers by label and wait on the engine's event stream). Each worker checks the
+processes its own tests started and sends what it found to the controller, which names them.
+The tests that keep both cores busy or time themselves closely (marker ``heavy``) run on one
+worker too, one after another."""
 
 import logging
 import os
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -13,11 +22,14 @@ from backends import states
 from proxy.logs import configure_logging
 from tests.support import SESSION_MARKER, Processes, end_strays, stray_processes
 
-# Set before any test module is imported, so that every environment built from os.environ has it.
+# Set before any test module is imported, so that every environment built from os.environ has it
+# (a worker's own pid on each xdist worker: the processes its tests start are its to check).
 os.environ[SESSION_MARKER] = str(os.getpid())
 # Seconds the processes that the last tests' teardowns stopped get to be gone.
 STRAY_GRACE = 5.0
 OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
+# The tests that run on one xdist worker together, by marker.
+GROUPS = {"vllm": "vllm", "containers": "engine", "heavy": "heavy"}
 _run: dict[str, float] = {}
 _strays: dict[int, str] = {}
 
@@ -45,21 +57,40 @@ def processes() -> Iterator[Processes]:
     started.stop()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        group = next((GROUPS[m.name] for m in item.iter_markers() if m.name in GROUPS), None)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     _run["began"] = time.monotonic()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """No process of the suite may outlive it: any left is named in the summary, ended, and
-    fails the run."""
+    fails the run. A worker sends what it found to the controller (whose own check finds
+    nothing: its workers, which ran the tests, are gone by now)."""
     _run["took"] = time.monotonic() - _run["began"]
     deadline = time.monotonic() + STRAY_GRACE
     while (strays := stray_processes(os.environ[SESSION_MARKER])) and time.monotonic() < deadline:
         time.sleep(0.1)
     if strays:
-        _strays.update(strays)
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
         end_strays(list(strays))
+        _strays.update(strays)
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["strays"] = {str(pid): command for pid, command in strays.items()}
+    if _strays:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """A worker is done (xdist's hook, on the controller, before its session finishes)."""
+    strays = getattr(node, "workeroutput", {}).get("strays", {})
+    _strays.update({int(pid): command for pid, command in strays.items()})
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -72,5 +103,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     ran = {report.nodeid for outcome in OUTCOMES for report in reporter.stats.get(outcome, ())
            if isinstance(report, pytest.TestReport)}
     took = _run["took"]
+    cores = len(os.sched_getaffinity(0))
     reporter.write_line(f"vllm-gateway tests: {len(ran)} run in {took:.0f} s ({took / 60:.1f} "
-                        f"minutes) on {len(os.sched_getaffinity(0))} cores")
+                        f"minutes) on {cores} cores{_workers(reporter.config)}")
+
+
+def _workers(config: pytest.Config) -> str:
+    count = getattr(config.option, "numprocesses", None)
+    return f", {count} xdist workers" if count else ""

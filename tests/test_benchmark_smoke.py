@@ -32,7 +32,8 @@ def _needs() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_needs() is not None, reason=_needs() or "")
+pytestmark = [pytest.mark.heavy,
+              pytest.mark.skipif(_needs() is not None, reason=_needs() or "")]
 
 
 class Stoppable(Protocol):

@@ -8,29 +8,33 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support import ROOT, Processes, is_running
 
 CONFTEST = "from tests.conftest import *  # noqa: F403\n"
 
 
-def inner_suite(processes: Processes, tmp_path: Path, test: str) -> tuple[int, str]:
+def inner_suite(processes: Processes, tmp_path: Path, test: str,
+                *options: str) -> tuple[int, str]:
     (tmp_path / "conftest.py").write_text(CONFTEST)
     (tmp_path / "test_inner.py").write_text(test)
     run = processes.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
-                         "--rootdir", str(tmp_path), str(tmp_path)],
+                         *options, "--rootdir", str(tmp_path), str(tmp_path)],
                         cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
                         timeout=60)
     return run.returncode, run.stdout + run.stderr
 
 
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one process", "xdist workers"])
 def test_a_process_left_running_fails_the_suite_and_is_named_and_ended(
-        processes: Processes, tmp_path: Path) -> None:
+        processes: Processes, tmp_path: Path, workers: list[str]) -> None:
     status, output = inner_suite(processes, tmp_path, """
 import subprocess
 
 def test_forgets_its_process():
     subprocess.Popen(["sleep", "300"])
-""")
+""", *workers)
     assert status == 1, output
     assert "1 passed" in output
     assert "processes the suite left running (now ended)" in output

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import anyio
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -241,6 +242,7 @@ step = st.tuples(st.sampled_from(KINDS), st.integers(0, 15))
 
 # The event loop is drawn with the rest, so that each implementation's examples are shared
 # between asyncio and trio (a Redis example takes ~0.4 s: the suite's time is kept for both).
+@pytest.mark.heavy
 @settings(max_examples=100, deadline=None)
 # Two requests get their model's slots at once (a replica became ready) and one shared slot is
 # free: the first in line takes it, whichever of the two runs first (trio picks at random).

@@ -14,6 +14,8 @@ import pytest
 
 from tests.support import HTTP, chat, gateway_process
 
+# Chromium takes a core: the browser tests time what it shows (a request within a second).
+pytestmark = pytest.mark.heavy
 TOKEN = "dash-t0ken"
 ADMIN = {"authorization": f"Bearer {TOKEN}"}
 SIM = '["{python}", "-m", "simulator", "--port", "{port}", "--model", "{name}"]'

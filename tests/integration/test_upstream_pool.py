@@ -20,7 +20,7 @@ from tests.support import (
     static_model,
 )
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.heavy]
 
 
 def connections(sim: Simulator) -> int:

@@ -46,7 +46,11 @@ def test_keys_and_their_file_can_come_from_the_environment(tmp_path: Path) -> No
     assert config.client_keys == {"sk-a", "sk-b", "sk-file"}
 
 
-def test_an_unreadable_empty_or_malformed_keys_file_stops_the_start(tmp_path: Path) -> None:
+def test_an_unreadable_empty_or_malformed_keys_file_stops_the_start(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    # A short path (not the test's own, under an xdist worker's directory): a value longer
+    # than an error shows (SHOWN_CHARS) is cut short.
+    tmp_path = tmp_path_factory.mktemp("keys")
     missing = tmp_path / "missing"
     assert refusal(auth={"api_keys_file": str(missing)}) == (
         f"auth.api_keys_file = '{missing}' (from file gw.toml): cannot be read: "
