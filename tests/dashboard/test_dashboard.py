@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from anyio.from_thread import start_blocking_portal
 
 from tests.support import (
