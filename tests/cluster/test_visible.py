@@ -15,9 +15,9 @@ from pathlib import Path
 import anyio
 import httpx2
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from kernel.config import Config
+from tests.ops.helpers import Samples, scrape
 from tests.support import make_config, redis_server, serving, static_model
 
 pytestmark = pytest.mark.anyio
@@ -40,11 +40,6 @@ def config(redis_url: str) -> Config:
                                 "lease_s": LEASE_S, "heartbeat_s": 0.5})
 
 
-def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
 async def test_any_member_shows_the_whole_gateway(redis_url: str, anyio_backend: str) -> None:
     cfg = config(redis_url)
     async with contextlib.AsyncExitStack() as stack:
@@ -56,12 +51,12 @@ async def test_any_member_shows_the_whole_gateway(redis_url: str, anyio_backend:
         held = await other.accounting.join("a")
         assert held is not None and await other.accounting.acquire(held)
         queued = await other.accounting.join("a")
-        scraped: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+        scraped: Samples = {}
         try:
             # (The owner publishes its servers within a read of the board: 0.2 s.)
             with anyio.fail_after(5):
                 while not any(name == "gateway_cluster_servers" for name, _ in scraped):
-                    scraped = samples((await client.get(url + "/metrics")).text)
+                    scraped = await scrape(client, url)
                     await anyio.sleep(0.05)
         finally:
             for ticket in (queued, held):
@@ -107,9 +102,8 @@ async def test_a_scrape_without_redis_gives_the_processs_own_figures(
             me = ("member", gateway.node.id)
             redis.close()
             began = time.monotonic()
-            answer = await client.get(url + "/metrics")
-            assert answer.status_code == 200 and time.monotonic() - began < 3
-            scraped = samples(answer.text)
+            scraped = await scrape(client, url)
+            assert time.monotonic() - began < 3
             assert scraped[("gateway_cluster_state_up", frozenset({me}))] == 0
             assert not any(name == "gateway_queue_depth" for name, _ in scraped)
             assert any(name == "gateway_build_info" and me in labels for name, labels in scraped)
