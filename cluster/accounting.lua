@@ -3,7 +3,8 @@
 -- replica), then the op, its argument count k and its k arguments, then the ids of the caller's
 -- queued tickets (their places come back). Reply: the op's result, the call's number (in the
 -- order the calls ran), 3 figures per model (queued,
--- in flight, ms the first in line has waited or -1), then the places asked for.
+-- in flight, ms the first in line has waited or -1), then the places asked for, then, for each
+-- dead process whose tickets this call reclaimed, its id, its slots and its queue places.
 local P = ARGV[1]
 local TOTAL = tonumber(ARGV[2])
 local LEASE = tonumber(ARGV[3])
@@ -89,15 +90,23 @@ local function drop(id)
   end
 end
 
--- The tickets of every process whose lease ran out are dropped.
+-- The tickets of every process whose lease ran out are dropped: for each such process, its id,
+-- the slots it held and the queue places it had go into RECLAIMED (the reply's tail).
+local RECLAIMED = {}
 local function sweep()
-  local dead = redis.call('ZRANGEBYSCORE', OWN, '-inf', now)
-  for _, owner in ipairs(dead) do
-    for _, id in ipairs(redis.call('SMEMBERS', key('o', owner))) do drop(id) end
+  for _, owner in ipairs(redis.call('ZRANGEBYSCORE', OWN, '-inf', now)) do
+    local slots, places = 0, 0
+    for _, id in ipairs(redis.call('SMEMBERS', key('o', owner))) do
+      if redis.call('HGET', key('t', id), 'st') == 'q' then places = places + 1
+      else slots = slots + 1 end
+      drop(id)
+    end
     redis.call('DEL', key('o', owner), key('in', owner))
     redis.call('ZREM', OWN, owner)
+    RECLAIMED[#RECLAIMED + 1] = owner
+    RECLAIMED[#RECLAIMED + 1] = slots
+    RECLAIMED[#RECLAIMED + 1] = places
   end
-  return #dead
 end
 
 local function queue(id, m, owner, since)
@@ -188,4 +197,5 @@ for i = at + 2 + K, #ARGV do
   local rank = redis.call('ZRANK', key('q', redis.call('HGET', key('t', id), 'm') or '') , id)
   if rank then out[#out + 1] = rank + 1 else out[#out + 1] = 0 end
 end
+for _, v in ipairs(RECLAIMED) do out[#out + 1] = v end
 return out

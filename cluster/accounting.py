@@ -14,10 +14,11 @@ a hash per ticket (its model, owner process and state) and the set of each owner
 
 Each process is an owner with a lease of ``cluster.lease_s`` that its heartbeat renews every
 ``cluster.heartbeat_s``; every script call first drops the tickets of owners whose lease ran
-out (a process killed with kill -9), so their slots and places go to the next in line. The
-heartbeat also sends the process's live tickets and those it left while Redis was unreachable:
-if Redis lost the process (it restarted empty, or the lease ran out), the live ones are
-registered again (a ``join`` that finds the process unregistered beats first), and the left ones
+out (a process killed with kill -9), so their slots and places go to the next in line (the
+process whose call reclaimed them tells ``slots reclaimed``, with how many). The heartbeat
+also sends the process's live tickets and those it left while Redis was unreachable: if Redis
+lost the process (it restarted empty, or the lease ran out), the live ones are registered again
+(a ``join`` that finds the process unregistered beats first), and the left ones
 are dropped, so the counts are exact again within a heartbeat of Redis coming back.
 
 A slot handed to a waiter is pushed to its owner's inbox (a Redis list); one blocking pop per
@@ -43,12 +44,17 @@ from typing import Any
 
 import anyio
 import coredis
+import structlog
 from anyio.abc import TaskGroup
 from coredis.exceptions import RedisError
 
 from kernel.accounting import Ticket, removed
 from kernel.config import Config, TenantSettings
 from kernel.errors import GatewayError, unavailable
+
+from .members import OnEvent
+
+log = structlog.get_logger("gateway.cluster")
 
 SCRIPT = Path(__file__).with_name("accounting.lua").read_text()
 # How often a waiter asks again (and the inbox pop times out), and how long one call may take.
@@ -105,6 +111,8 @@ class RedisAccounting:
         self.pending = 0
         # Why the shared state cannot be used now (``/health``); None while it can.
         self.error: str | None = "not connected to Redis yet"
+        # Told when a call of this process reclaims a dead process's slots and places.
+        self.on_event: OnEvent | None = None
 
     def _configure(self, config: Config, kept: dict[str, int]) -> None:
         """The limits every call sends: the models of ``config``, and the ``kept`` ones (removed,
@@ -168,15 +176,28 @@ class RedisAccounting:
             self.pending -= 1
         self.error = None
         end = 2 + FIGURES * header[3]
+        places = end + len(queued)
         # Calls on several connections answer in any order: keep the figures of the last to run
         # (with the models of the header in force: a reload may have changed it meanwhile).
         if reply[1] > self._version and header is self._header:
             self._version = reply[1]
             self._figures = reply[2:end]
             self._seen = anyio.current_time()
-            for ticket, place in zip(queued, reply[end:], strict=False):
+            for ticket, place in zip(queued, reply[end:places], strict=True):
                 ticket.place = place
+        if len(reply) > places:
+            self._reclaimed(reply[places:])
         return reply[0]
+
+    def _reclaimed(self, tail: list[Any]) -> None:
+        """This call reclaimed what dead processes held: each one is told as ``slots
+        reclaimed`` (to the log and ``on_event``), by this process only."""
+        for i in range(0, len(tail), 3):
+            fields = {"member": tail[i], "slots": tail[i + 1], "places": tail[i + 2],
+                      "by": self.owner}
+            log.warning("slots reclaimed", **fields)
+            if self.on_event is not None:
+                self.on_event("slots reclaimed", fields)
 
     async def _quiet(self, op: str, ticket_id: str) -> int | None:
         """A call for a ticket whose failure the heartbeat mends (it drops the ticket): None

@@ -1,12 +1,15 @@
 """``ClusterNode``: this process as a member of its ``[cluster]``: its membership (one
-configuration for all, ``members``), its bid for the pool (``owner``) and the pool's picture and
-demand (``board``), on one Redis client."""
+configuration for all, ``members``), its bid for the pool (``owner``), the pool's picture and
+demand (``board``) and the whole cluster as one picture (``view``, read every heartbeat), on one
+Redis client."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
+import anyio
 import coredis
 
 from kernel.config import Config
@@ -14,6 +17,7 @@ from kernel.config import Config
 from .board import PoolBoard
 from .members import Membership, OnEvent
 from .owner import OwnerLease
+from .view import ClusterView
 
 
 class ClusterNode:
@@ -22,26 +26,41 @@ class ClusterNode:
         assert config.cluster.redis_url is not None
         self.url = config.cluster.redis_url
         self.id = member_id
+        self.heartbeat = config.cluster.heartbeat
         self.membership = Membership(config, member_id, on_event=on_event)
         self.owner = OwnerLease(config, member_id, on_event=on_event, on_change=on_owner)
         self.board = PoolBoard(self.owner)
+        self.view = ClusterView(config)
         self.client: coredis.Redis[str] | None = None
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[ClusterNode]:
         """Join (``ConfigError`` if this configuration is not the cluster's), contend for the
-        pool, and leave at the end of the block."""
+        pool, read the cluster's picture every heartbeat, and leave at the end of the block."""
         client: coredis.Redis[str] = coredis.Redis.from_url(self.url, decode_responses=True)
         async with (client, self.membership.running(client),
-                    self.owner.running(client)):
+                    self.owner.running(client), anyio.create_task_group() as tg):
             self.client = self.board.client = client
+            self.view.attach(client)
+            tg.start_soon(self._watch)
             try:
                 yield self
             finally:
+                tg.cancel_scope.cancel()
                 self.client = self.board.client = None
+                self.view.attach(None)
 
-    def snapshot(self) -> dict[str, object]:
-        """What the admin API shows: the members and the owner as last seen."""
-        return {"member": self.id, "members": self.membership.members,
-                "owner": self.owner.holder, "owns_pool": self.owner.holds(),
-                "token": self.owner.token}
+    async def _watch(self) -> None:
+        while True:
+            await self.view.refresh()
+            await anyio.sleep(self.heartbeat)
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the admin API shows: this member and whether it owns the pool (now), and the
+        cluster's members and owner as last read (``time``); ``error`` while Redis cannot be
+        read."""
+        picture = self.view.last
+        return {"member": self.id, "owns_pool": self.owner.holds(), "token": self.owner.token,
+                "error": self.view.error,
+                **(picture.as_json() if picture is not None
+                   else {"time": None, "members": [], "owner": None})}

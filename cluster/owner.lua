@@ -1,6 +1,7 @@
 -- The pool's owner (cluster/owner.py says the model). ARGV: prefix, op, member id, then:
 --   claim lease ms: {token, holder}: this member's new fencing token (one more than the
---         last owner's) when no one holds the lease, else 0 and the holder's id.
+--         last owner's) when no one holds the lease (and when, by the server's clock, in
+--         ``owner-since``), else 0 and the holder's id.
 --   renew token, lease ms: 1 if the lease is still this token's (and is renewed), else 0.
 --   fence token: 1 if the lease is this token's, else 0 (every pool action asks first).
 --   resign token: the lease is given up if it is this token's.
@@ -16,6 +17,8 @@ if OP == 'claim' then
   end
   local token = redis.call('INCR', TOKENS)
   redis.call('SET', OWNER, ID .. ' ' .. token, 'PX', tonumber(ARGV[4]))
+  local t = redis.call('TIME')
+  redis.call('SET', P .. ':owner-since', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
   return {token, ID}
 end
 local mine = holder == ID .. ' ' .. ARGV[4]

@@ -7,7 +7,9 @@ OpenAI shape.
 
 - ``GET /admin/models``: each model's state, leases, queue depth, requests in flight, last use,
   VRAM, address, launcher and last failure, its LoRA adapters and the replicas each is loaded
-  on (and each replica's, least recently used first); and whether the gateway drains.
+  on (and each replica's, least recently used first); and whether the gateway drains. With
+  ``[cluster]``, ``cluster`` too (``cluster.node``): this member, whether it owns the pool, and
+  the members and the owner (its token, since when, lease ages) read from Redis for the call.
 - ``POST /admin/models/{name}/load``: start the model as a request would; answers once it is
   ready (or with the error a request would get).
 - ``POST /admin/models/{name}/unload``: no new leases, those in flight finish, then the server
@@ -113,6 +115,8 @@ class AdminApi:
                                should_retry=False)
         if path == MODELS:
             _allow(scope, "GET")
+            if self.gateway.node is not None:  # the cluster as it is now, not a heartbeat ago
+                await self.gateway.node.view.refresh()
             await respond_json(send, 200, self._models())
         elif path == "/admin/tenants":
             _allow(scope, "GET")
@@ -181,13 +185,16 @@ class AdminApi:
 
     def _models(self) -> dict[str, Any]:
         pool = self.gateway.pool
-        return {"object": "list", "draining": self.gateway.draining,
-                "in_flight": self.gateway.in_flight,
-                "config": self.gateway.reloads.view(),
-                "data": [self._model(name) for name in pool.backends],
-                "retiring": [{"name": name, "reason": model.retired,
-                              "replicas": [_replica(r) for r in model.replicas]}
-                             for name, model in pool.retiring.items()]}
+        models = {"object": "list", "draining": self.gateway.draining,
+                  "in_flight": self.gateway.in_flight,
+                  "config": self.gateway.reloads.view(),
+                  "data": [self._model(name) for name in pool.backends],
+                  "retiring": [{"name": name, "reason": model.retired,
+                                "replicas": [_replica(r) for r in model.replicas]}
+                               for name, model in pool.retiring.items()]}
+        if self.gateway.node is not None:
+            models["cluster"] = self.gateway.node.snapshot()
+        return models
 
     async def _tenants(self) -> dict[str, Any]:
         tenants = self.gateway.config.tenants
@@ -205,12 +212,10 @@ class AdminApi:
         } for t in tenants]}
 
     def snapshot(self) -> dict[str, Any]:
-        """What the event stream's ``state`` event holds: the models, each GPU's memory and,
-        with ``[cluster]``, the members and the pool's owner."""
-        state = {**self._models(), "time": round(time.time(), 3), "gpus": self._gpus()}
-        if self.gateway.node is not None:
-            state["cluster"] = self.gateway.node.snapshot()
-        return state
+        """What the event stream's ``state`` event holds: the models (and, with
+        ``[cluster]``, the members and the pool's owner as read at the last heartbeat) and each
+        GPU's memory."""
+        return {**self._models(), "time": round(time.time(), 3), "gpus": self._gpus()}
 
     def _gpus(self) -> list[dict[str, Any]]:
         """Each device a model is placed on (or NVML sees on this host), by engine (None: this

@@ -26,7 +26,7 @@ within ``gateway.shutdown_grace``, end the rest.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, nullcontext
 from functools import partial
 from typing import TYPE_CHECKING
@@ -37,7 +37,7 @@ import structlog
 from backends.container import ContainerEngines
 from backends.gpu import GpuMemory, probe_gpus
 from backends.launcher import Launcher
-from backends.pool import BackendPool, LauncherFactory
+from backends.pool import BackendPool, LauncherFactory, ModelState
 from backends.pool_metrics import PoolMetrics
 from backends.process import STOP_TIMEOUT, ProcessLauncher
 from backends.static import StaticLauncher
@@ -138,6 +138,7 @@ class Gateway:
             from cluster.ratelimits import RedisLedger
 
             accounting = self.shared = RedisAccounting(config)
+            self.shared.on_event = self.events.notice
             ledger = self.shared_ledger = RedisLedger(config)
             # The members (one configuration for all) and the pool's owner: the process that
             # owns it drives the servers, the others route to those it publishes.
@@ -153,6 +154,15 @@ class Gateway:
                                 gpu=gpu, on_ready=self._started, on_wake=self._woke,
                                 on_change=self.events.changed, accounting=accounting)
         self.metrics.registry.register(PoolMetrics(self.pool))
+        # What ``/metrics`` answers: this process's figures; with [cluster], labelled with its
+        # member id, and the whole gateway's read from Redis at each scrape.
+        self.render_metrics: Callable[[], Awaitable[bytes]] = self._render_metrics
+        if self.node is not None:
+            from telemetry.cluster_metrics import ClusterMetrics
+
+            self.render_metrics = ClusterMetrics(
+                self.metrics.registry, self.node.view, self.node.id, owns=self.node.owner.holds,
+                states=[state.value for state in ModelState]).render
         self.upstream = Upstream(config)
         self.running_now = False
         self._told: str | None = None
@@ -234,6 +244,9 @@ class Gateway:
             log.error("the gateway no longer works; /health answers 503", reason=problem)
             self._told = problem
         return problem
+
+    async def _render_metrics(self) -> bytes:
+        return self.metrics.render()
 
     def _started(self, model: str, seconds: float) -> None:
         self.metrics.start_duration(model).observe(seconds)

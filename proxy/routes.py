@@ -103,7 +103,7 @@ async def ready(gateway: Gateway, send: Send) -> None:
 
 
 async def metrics(gateway: Gateway, send: Send) -> None:
-    await respond(send, 200, gateway.metrics.render(), CONTENT_TYPE.encode())
+    await respond(send, 200, await gateway.render_metrics(), CONTENT_TYPE.encode())
 
 
 def _entry(model: ModelSettings) -> dict[str, object]:

@@ -15,7 +15,8 @@ one subscriber holds is bounded however fast events come and however slowly it r
 
 Events: ``state`` (the snapshot), ``requests`` (``{"dropped": N, "requests": [...]}``, oldest
 first) and, with ``[cluster]``, ``cluster`` (``{"time", "event", "member", ...}``: a member
-joined or lost, an owner elected or stepped down), each one JSON line. The streams end when
+joined or lost, an owner elected or stepped down, a dead member's slots reclaimed), each one
+JSON line. The streams end when
 the gateway winds down.
 """
 
@@ -156,7 +157,8 @@ class EventHub:
 
     def notice(self, event: str, fields: dict[str, Any]) -> None:
         """Tell the streams about an event of the cluster (``member joined``, ``member lost``,
-        ``owner elected``, ``owner stepped down``); the state changed with it."""
+        ``owner elected``, ``owner stepped down``, ``slots reclaimed``); the state changed with
+        it."""
         data = json.dumps({"time": round(time.time(), 3), "event": event, **fields}).encode()
         for subscriber in self._subscribers:
             subscriber.notify(data)

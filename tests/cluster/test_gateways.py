@@ -1,11 +1,12 @@
 """Two ``vllm-gateway serve`` processes sharing one redis-server (``[cluster]``) in front of one
-static simulator model: the model's limits hold across both exactly, and a gateway killed with
-kill -9 has its slots reclaimed by the other within the lease. One gateway runs on uvloop, the
-other on trio."""
+static simulator model: the model's limits hold across both exactly, each one's /metrics shows
+the whole gateway's, and a gateway killed with kill -9 has its slots reclaimed by the other
+within the lease. One gateway runs on uvloop, the other on trio."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -124,6 +125,11 @@ def test_a_killed_gateways_slots_are_reclaimed_within_the_lease(tmp_path: Path) 
                 tg.start_soon(queued)
                 await anyio.sleep(0.5)
                 assert "s" not in waited  # queued behind the first's 3
+                # The second's /metrics shows the whole gateway: the 3 the first holds too.
+                scraped = (await client.get(second + "/metrics")).text
+                assert 'gateway_in_flight{model="m"} 3.0' in scraped
+                assert 'gateway_queue_depth{model="m"} 1.0' in scraped
+                assert "gateway_cluster_members 2.0" in scraped
                 os.kill(proc.pid, signal.SIGKILL)
                 killed = time.monotonic()
                 with anyio.fail_after(LEASE_S + 5):
@@ -134,6 +140,10 @@ def test_a_killed_gateways_slots_are_reclaimed_within_the_lease(tmp_path: Path) 
         anyio.run(main)
         # Within the lease, and the one heartbeat of the other that sweeps it, and its tokens.
         assert waited["s"] <= LEASE_S + 2.0
+        # The survivor, whose call reclaimed them, says so in its log.
+        log = (tmp_path / "trio" / "gateway.log").read_text().splitlines()
+        (told,) = [json.loads(line) for line in log if '"slots reclaimed"' in line]
+        assert (told["slots"], told["places"]) == (3, 0)
 
 
 def test_without_redis_a_request_gets_503_and_health_says_why(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ phone's size, light and dark."""
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 from collections.abc import Iterator
@@ -11,8 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from anyio.from_thread import start_blocking_portal
 
-from tests.support import HTTP, chat, gateway_process
+from tests.support import (
+    HTTP,
+    chat,
+    gateway_process,
+    make_config,
+    redis_server,
+    serving,
+    static_model,
+)
 
 # Chromium takes a core: the browser tests time what it shows (a request within a second).
 pytestmark = pytest.mark.heavy
@@ -115,6 +125,7 @@ def test_the_page_asks_for_the_token_and_refuses_a_wrong_one(browser: Any, gatew
 
     signed_in(browser)
     assert not by_css(browser, "#login").is_displayed()
+    assert not by_css(browser, "#cluster-section").is_displayed()  # no [cluster]
     names = [row.get_attribute("data-model") for row in all_css(browser, "#models tbody tr")]
     assert names == [READY, STOPPED]
     # Asked once: a reload in the same tab keeps it; signing out forgets it.
@@ -277,3 +288,21 @@ min_replicas = 2
         assert badges == ["ready", "#0", "#1"]
         address = by_css(browser, 'tr[data-model="replicated"] td.address').text
         assert address.startswith("#0 http://127.0.0.1:") and ", #1 http://127.0.0.1:" in address
+
+
+def test_a_cluster_shows_its_members_and_the_pools_owner(browser: Any, tmp_path: Path) -> None:
+    # In this process, on a thread (a gateway process would take seconds to start).
+    with redis_server(tmp_path) as redis_url, start_blocking_portal() as portal:
+        config = make_config([static_model("m", "http://127.0.0.1:9")], admin={"token": TOKEN},
+                             cluster={"redis_url": redis_url})
+        with portal.wrap_async_context_manager(serving(config)) as (url, gateway):
+            open_page(browser, url)
+            signed_in(browser)
+            wait_for(browser, lambda: by_css(browser, "#cluster-section").is_displayed())
+            (row,) = all_css(browser, "#cluster tbody tr")
+            assert row.get_attribute("data-member") == gateway.node.id
+            assert row.find_element("css selector", "td.num").text == str(os.getpid())
+            assert by_css(browser, "#cluster td.role").text == "owner, this page"
+            summary = by_css(browser, "#cluster-summary").text
+            assert f"Pool owner: {gateway.node.id} (fencing token 1)" in summary
+            assert "the owner." in summary
