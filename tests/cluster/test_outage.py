@@ -53,7 +53,8 @@ async def test_an_outage_refuses_then_the_counts_are_exact_again(
                         return not taken and other.in_flight("a") == 1
                     return False
 
-                with anyio.fail_after(5.0):
+                # Seconds (a reconnect, a heartbeat of 0.5 s): 10 leaves room for a loaded machine.
+                with anyio.fail_after(10.0):
                     while not await exact():
                         await anyio.sleep(0.1)
                 await one.leave(held)
