@@ -43,6 +43,7 @@ from backends.process import STOP_TIMEOUT, ProcessLauncher
 from backends.static import StaticLauncher
 from kernel.accounting import Accounting
 from kernel.config import Config, ModelSettings, ReloadPlan
+from kernel.context import STATE
 from kernel.fair_accounting import in_memory_accounting
 from kernel.ratelimits import InMemoryLedger, Ledger
 from kernel.types import ASGIApp, Receive, Scope, Send
@@ -358,7 +359,9 @@ class Gateway:
             handler = partial(routes.model, name=path[len(routes.MODEL_PREFIX):])
         if handler is None:
             raise no_route(path)
-        await self._get(handler, scope, send)
+        # The key's tenant (ClientKeys), or the one of requests where no key is needed.
+        tenant = scope[STATE].tenant or self.config.default_tenant
+        await self._get(partial(handler, tenant=tenant), scope, send)
 
     async def _get(self, handler: routes.Handler, scope: Scope, send: Send) -> None:
         if scope["method"] not in ("GET", "HEAD"):

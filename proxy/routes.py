@@ -20,9 +20,10 @@ import anyio
 
 from backends import engine_api
 from backends.container import ContainerEngines, Engine
-from kernel.config import ModelSettings
+from kernel.config import ModelSettings, TenantSettings
 from kernel.errors import GatewayError, not_found
 from kernel.types import Send
+from middleware.tenants import model_not_allowed
 from telemetry.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
@@ -117,30 +118,34 @@ def _adapter_entry(name: str, model: ModelSettings) -> dict[str, object]:
             "parent": model.name}
 
 
-async def models(gateway: Gateway, send: Send) -> None:
-    """Every configured model, then every adapter of each, loaded or not."""
-    data = [_entry(m) for m in gateway.config.models]
-    data += [_adapter_entry(name, m) for name, m in gateway.config.adapters.items()]
+async def models(gateway: Gateway, send: Send, *, tenant: TenantSettings) -> None:
+    """Every configured model the client's tenant may use, then every adapter of each, loaded
+    or not."""
+    data = [_entry(m) for m in gateway.config.models if tenant.may_use(m.name)]
+    data += [_adapter_entry(name, m) for name, m in gateway.config.adapters.items()
+             if tenant.may_use(m.name)]
     await respond_json(send, 200, {"object": "list", "data": data})
 
 
-async def model(gateway: Gateway, send: Send, *, name: str) -> None:
+async def model(gateway: Gateway, send: Send, *, name: str, tenant: TenantSettings) -> None:
     """``GET /v1/models/{name}``: the configured model's entry, found by its name or an alias
-    (a name may hold slashes: ``org/model``), or an adapter's, whether or not it is running."""
+    (a name may hold slashes: ``org/model``), or an adapter's, whether or not it is running;
+    403 ``model_not_allowed`` for one the client's tenant may not use (as its requests get)."""
     found = gateway.config.by_name.get(name)
-    if found is not None:
-        await respond_json(send, 200, _entry(found))
-        return
-    base = gateway.config.adapters.get(name)
+    base = found or gateway.config.adapters.get(name)
     if base is None:
         raise not_found(f"The model '{name}' does not exist.", code="model_not_found",
                         param="model")
-    await respond_json(send, 200, _adapter_entry(name, base))
+    if not tenant.may_use(base.name):
+        raise model_not_allowed(name)
+    await respond_json(send, 200, _entry(found) if found else _adapter_entry(name, base))
 
 
 Handler = Callable[["Gateway", Send], Awaitable[None]]
+# A client route answers as the client's tenant may see it.
+ClientHandler = Callable[..., Awaitable[None]]
 # Open to anyone who reaches the gateway: probes and the scraper carry no key.
 OPEN_ROUTES: dict[str, Handler] = {"/health": health, "/ready": ready, "/metrics": metrics}
 # Behind the client API keys, when there are keys.
-CLIENT_ROUTES: dict[str, Handler] = {"/v1/models": models}
+CLIENT_ROUTES: dict[str, ClientHandler] = {"/v1/models": models}
 MODEL_PREFIX = "/v1/models/"  # then a model's name: ``model``

@@ -125,3 +125,20 @@ def test_usage_is_counted_from_every_kind_of_answer_and_shown_per_tenant(
     assert ('gateway_tenant_tokens_total{kind="completion",model="sim",tenant="metered"} 24.0'
             in metrics)
     assert 'gateway_tenant_requests_total{model="sim",tenant="metered"} 5.0' in metrics
+
+
+def test_a_key_lists_and_looks_up_only_the_models_its_tenant_may_use(gateway: str) -> None:
+    def listed(key: str) -> list[str]:
+        answer = HTTP.get(gateway + "/v1/models", headers={"authorization": f"Bearer {key}"})
+        assert answer.status_code == 200, answer.text
+        return [m["id"] for m in answer.json()["data"]]
+
+    assert listed("sk-metered-0001") == ["sim"]
+    assert listed("sk-nobody-0001") == ["sim", "other"]
+    hidden = HTTP.get(gateway + "/v1/models/other",
+                      headers={"authorization": "Bearer sk-metered-0001"})
+    assert hidden.status_code == 403
+    assert hidden.json()["error"]["code"] == "model_not_allowed"
+    shown = HTTP.get(gateway + "/v1/models/sim",
+                     headers={"authorization": "Bearer sk-metered-0001"})
+    assert shown.status_code == 200 and shown.json()["id"] == "sim"
