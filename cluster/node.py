@@ -5,11 +5,13 @@ demand (``board``), on one Redis client."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 
+import anyio
 import coredis
+from coredis.exceptions import RedisError
 
-from kernel.config import Config
+from kernel.config import Config, ConfigError
 
 from .board import PoolBoard
 from .members import Membership, OnEvent
@@ -39,6 +41,14 @@ class ClusterNode:
                 yield self
             finally:
                 self.client = self.board.client = None
+
+    async def alone(self) -> bool:
+        """Whether no other member is there: asked of Redis now (as last seen, if it does not
+        answer in time)."""
+        with anyio.CancelScope(shield=True), suppress(RedisError, OSError, TimeoutError,
+                                                      ConfigError):
+            await self.membership.beat()
+        return not self.membership.members.keys() - {self.id}
 
     def snapshot(self) -> dict[str, object]:
         """What the admin API shows: the members and the owner as last seen."""
