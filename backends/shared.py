@@ -101,11 +101,13 @@ class SharedPool:
     async def adopted(self) -> None:
         """Once in each term of ownership, before anything starts in it: the containers the
         last owner left running are found by their labels, to be adopted, not started again
-        (a ``LaunchError`` if an engine fails: asked again next time)."""
+        (a ``LaunchError`` if an engine fails: asked again next time; ``NotOwner`` if this
+        process no longer owns the pool: the look removes the containers that ended)."""
         async with self._adopting:
             token = self.owner.token
             if self._adopt is None or token is None or token == self._adopted:
                 return
+            await self.fence()
             await self._adopt()
             self._adopted = token
 
@@ -239,6 +241,8 @@ class SharedPool:
                 continue
             try:
                 await self.adopted()
+            except NotOwner:
+                continue
             except LaunchError as exc:
                 log.warning("could not look for the containers the pool's last owner left",
                             error=str(exc))
