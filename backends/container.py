@@ -3,13 +3,20 @@ Docker or Podman (aiodocker, so asyncio only).
 
 Every container carries labels naming the gateway instance and the model, so a restarted
 gateway finds what it left: it adopts a running one (no cold start) or removes it, by the
-engine's ``on_start`` policy, and removes any that stopped. Deaths are seen from the engine's
-event stream at once, not at the next request. The GPU request takes the shape the engine
-understands: Docker wants ``DeviceRequests`` with the nvidia driver; Podman honours CDI device
-requests from 5.4 on and ignores GPU requests before that (containers/podman#22645), so a GPU
-model on an older Podman is refused with that reason rather than started without its GPUs.
-A model with LoRA ``adapters`` gets vLLM's flags for them after its ``args`` (``--enable-lora
---max-loras N --max-lora-rank R``) and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``.
+engine's ``on_start`` policy, and removes any that stopped. In a ``[cluster]`` the instance is
+made from the key prefix (the same in every member; the prefix is a label too), and the pool's
+owner does that at the start of each of its terms (``adopt``) rather than at start-up: a new
+owner adopts the containers the last one left running. A container outlives the owner that
+started it: one that steps down forgets its containers without stopping them (``release``),
+and one that stops while other members run hands them over (``begin_shutdown``).
+
+Deaths are seen from the engine's event stream at once, not at the next request. The GPU
+request takes the shape the engine understands: Docker wants ``DeviceRequests`` with the nvidia
+driver; Podman honours CDI device requests from 5.4 on and ignores GPU requests before that
+(containers/podman#22645), so a GPU model on an older Podman is refused with that reason rather
+than started without its GPUs. A model with LoRA ``adapters`` gets vLLM's flags for them after
+its ``args`` (``--enable-lora --max-loras N --max-lora-rank R``) and
+``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``.
 
 Every API call is bounded by the engine's ``api_timeout`` (a stop by ``stop_timeout`` on top),
 and its failure is the model's ``LaunchError``. The event stream is followed again, with a
@@ -23,7 +30,7 @@ import contextlib
 import hashlib
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -44,6 +51,8 @@ LABEL_INSTANCE = "vllm-gateway.instance"
 LABEL_MODEL = "vllm-gateway.model"
 # Which replica of the model (absent on the first: a container of an earlier gateway is one).
 LABEL_REPLICA = "vllm-gateway.replica"
+# The [cluster] key prefix, on the containers of a cluster's pool.
+LABEL_CLUSTER = "vllm-gateway.cluster"
 LOG_TAIL = 40
 PODMAN_CDI_SINCE = (5, 4)
 RECONNECT_DELAY = 1.0
@@ -77,7 +86,7 @@ def gpu_request(kind: str, version: tuple[int, ...], gpus: tuple[int, ...]) -> d
 
 
 def create_request(model: ModelSettings, *, kind: str, version: tuple[int, ...],
-                   instance: str, publish_ip: str) -> dict[str, Any]:
+                   instance: str, publish_ip: str, cluster: str | None = None) -> dict[str, Any]:
     """The body of ``POST /containers/create`` for a model."""
     assert model.image is not None
     port = f"{model.container_port}/tcp"
@@ -95,7 +104,8 @@ def create_request(model: ModelSettings, *, kind: str, version: tuple[int, ...],
         "Cmd": [*model.args, *lora_flags(model)],
         "Env": [f"{k}={v}" for k, v in {**model.env, **lora_env(model)}.items()],
         "Labels": {LABEL_INSTANCE: instance, LABEL_MODEL: model.name,
-                   **({LABEL_REPLICA: str(model.replica)} if model.replica else {})},
+                   **({LABEL_REPLICA: str(model.replica)} if model.replica else {}),
+                   **({LABEL_CLUSTER: cluster} if cluster is not None else {})},
         "ExposedPorts": {port: {}},
         "HostConfig": host_config,
     }
@@ -118,7 +128,11 @@ def container_name(instance: str, model: str, replica: int = 0) -> str:
 def instance_name(config: Config) -> str:
     """``gateway.instance``, or one made from the host and the configuration (its source and
     address), so that two gateways on one engine never take each other's containers, and a
-    restarted one finds its own."""
+    restarted one finds its own. In a ``[cluster]``: one made from the key prefix, the same in
+    every member (whose hosts and addresses differ), and another in another cluster."""
+    if config.cluster.enabled:
+        assert config.cluster.key_prefix is not None
+        return f"cluster-{_digest(config.cluster.key_prefix)}"
     if config.gateway.instance is not None:
         return config.gateway.instance
     host = "".join(c if c.isascii() and (c.isalnum() or c in "_.-") else "-"
@@ -137,13 +151,17 @@ def _field(container: aiodocker.containers.DockerContainer, key: str) -> Any:
 class Engine:
     """One engine's API, shared by the models that name it, and its event stream."""
 
-    def __init__(self, settings: EngineSettings, instance: str) -> None:
+    def __init__(self, settings: EngineSettings, instance: str,
+                 cluster: str | None = None) -> None:
         self.settings = settings
         self.instance = instance
+        self.cluster = cluster
         self.kind = "docker"
         self.version: tuple[int, ...] = ()
         self.docker: aiodocker.Docker | None = None
         self.shutting_down = False
+        # Why the containers are left running when the gateway stops, if they are.
+        self.leave_running: str | None = None
         # The ids of the running containers an earlier run left, by model and replica.
         self.adoptable: dict[tuple[str, int], str] = {}
         self._deaths: dict[str, anyio.Event] = {}
@@ -196,14 +214,30 @@ class Engine:
         log.info("engine connected", engine=self.settings.name, kind=self.kind,
                  version=".".join(map(str, self.version)), components=names)
 
+    async def leave(self) -> None:
+        """At the gateway's stop, after the pool's: the containers found to adopt that no run
+        adopted yet go as the others went, unless they are left running."""
+        if not self.shutting_down or self.leave_running is not None:
+            return
+        for container_id in self.adoptable.values():
+            with contextlib.suppress(LaunchError):
+                await self.remove(container_id)
+                log.info("container removed", container=container_id[:12],
+                         why="found to adopt, the gateway stopped before it adopted it")
+        self.adoptable.clear()
+
     async def close(self) -> None:
         if self.docker is not None:
             await self.docker.close()
             self.docker = None
 
     async def tidy(self, models: dict[str, ModelSettings]) -> None:
-        """Adopt or remove the labelled containers an earlier run left, by policy."""
+        """Adopt or remove the labelled containers an earlier run (or owner) left, by policy;
+        those this process watches are its own already."""
+        self.adoptable.clear()
         for container in await self._labelled():
+            if container.id in self._deaths:
+                continue
             labels = _field(container, "Labels") or {}
             model = labels.get(LABEL_MODEL, "")
             replica = labels.get(LABEL_REPLICA, "0")
@@ -317,7 +351,9 @@ class ContainerEngines:
         self.models = {m.name: m for m in config.models if m.launcher == "container"}
         used = {engine for m in self.models.values() for engine, _ in m.placements}
         self.instance = instance_name(config) if used else ""
-        self.engines = {name: Engine(settings, self.instance)
+        # [cluster]: the pool's owner adopts, at the start of its term, not every member.
+        self.cluster = config.cluster.key_prefix if config.cluster.enabled else None
+        self.engines = {name: Engine(settings, self.instance, self.cluster)
                         for name, settings in config.engines.items() if name in used}
         self.supervisor = Supervisor()
 
@@ -332,7 +368,8 @@ class ContainerEngines:
         try:
             for engine in self.engines.values():
                 await engine.connect()
-                await engine.tidy(self.models)
+                if self.cluster is None:
+                    await engine.tidy(self.models)
             async with anyio.create_task_group() as tg:
                 for name, engine in self.engines.items():
                     tg.start_soon(self.supervisor.run, f"the event stream of engine {name!r}",
@@ -344,11 +381,25 @@ class ContainerEngines:
         finally:
             with anyio.CancelScope(shield=True):
                 for engine in self.engines.values():
+                    await engine.leave()
                     await engine.close()
 
-    def begin_shutdown(self) -> None:
+    async def adopt(self) -> None:
+        """A new pool owner's look at what the last one left ([cluster]): the containers that
+        still run are adopted, the others removed (a ``LaunchError`` if an engine fails)."""
+        for engine in self.engines.values():
+            await engine.tidy(self.models)
+
+    def begin_shutdown(self, *, hand_over: bool = False) -> None:
+        """The gateway stops: its containers are stopped, unless the engine keeps them
+        (``on_shutdown = "keep"``) or, with ``hand_over``, another member of the cluster is
+        there to adopt them as the pool's next owner."""
         for engine in self.engines.values():
             engine.shutting_down = True
+            if hand_over:
+                engine.leave_running = "handed over to the pool's next owner"
+            elif engine.settings.on_shutdown == "keep":
+                engine.leave_running = "on_shutdown = keep"
 
     def launcher(self, model: ModelSettings) -> ContainerLauncher:
         assert model.engine is not None
@@ -360,6 +411,9 @@ class ContainerLauncher:
         self.model = model
         self.engine = engine
         self.address: str | None = None
+        # [cluster]: asked just before a container is made (after a pull, which may be long),
+        # so that an owner that went stale meanwhile makes none (``OwnerLease.fence``).
+        self.fence: Callable[[], Awaitable[object]] | None = None
         self._id: str | None = None
         self._death: anyio.Event | None = None
 
@@ -407,8 +461,10 @@ class ContainerLauncher:
         engine = self.engine
         request = create_request(self.model, kind=engine.kind, version=engine.version,
                                  instance=engine.instance,
-                                 publish_ip=engine.settings.publish_ip)
+                                 publish_ip=engine.settings.publish_ip, cluster=engine.cluster)
         name = container_name(engine.instance, self.model.name, self.model.replica)
+        if self.fence is not None:
+            await self.fence()
         await engine.remove(name)
         try:
             container = await engine.call("create the container",
@@ -459,17 +515,27 @@ class ContainerLauncher:
             return f"(no logs: {exc})"
         return "".join(lines)
 
+    def release(self, why: str) -> str | None:
+        """Forget the container without stopping it (it runs on, for whoever adopts it by its
+        labels: the pool's next owner, or the gateway's next run); its id."""
+        container_id, self._id = self._id, None
+        self.address = None
+        if container_id is not None:
+            self.engine.forget(container_id)
+            log.info("leaving container running", model=self.model.name,
+                     container=container_id[:12], why=why)
+        return container_id
+
     async def stop(self) -> None:
+        if self.engine.shutting_down and self.engine.leave_running is not None:
+            self.release(self.engine.leave_running)
+            return
         container_id, self._id = self._id, None
         self.address = None
         if container_id is None:
             return
         with anyio.CancelScope(shield=True):
             self.engine.forget(container_id)
-            if self.engine.shutting_down and self.engine.settings.on_shutdown == "keep":
-                log.info("leaving container running", model=self.model.name,
-                         container=container_id[:12])
-                return
             container = self.engine.api.containers.container(container_id)
             stop_timeout = self.engine.settings.stop_timeout
             try:

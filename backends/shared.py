@@ -12,10 +12,14 @@ a fixed URL itself):
   its health, leases and routes as for any server); the view is stopped when the published
   server is gone (stopped, asleep, another run) or this process becomes the owner. A view never
   sleeps, wakes or stops a real server: stopping it only ends the view.
-When the owner steps down, it stops its own servers' runs (process servers end with them) once
-another process owns the pool, or a lease after it stepped down (Redis away: the streams in
-flight go on meanwhile, and an owner elected again keeps its servers); the new owner starts
-them again on demand.
+When the owner steps down, it stops its own servers' runs once another process owns the pool,
+or a lease after it stepped down (Redis away: the streams in flight go on meanwhile, and an
+owner elected again keeps its servers). A process server ends with its run, and the new owner
+starts it again on demand; a container runs on (``ContainerLauncher.release``: a process that
+no longer owns the pool stops no container), and the new owner adopts it. At the start of each
+term, before it starts anything, an owner looks for the containers that still run, by their
+labels (``ContainerEngines.adopt``), and begins a run of each, which adopts it: nothing runs
+twice.
 
 ``SharedPool.running`` runs, in every process, the read of the picture every ``board.POLL``
 seconds; in the owner, the publishing of the pool (on a change, else every heartbeat), the
@@ -27,7 +31,7 @@ servers (the idle reaper counts the cluster's requests, not only its own).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +45,8 @@ from cluster.owner import NotOwner
 from kernel.config import ModelSettings
 from kernel.errors import GatewayError
 
-from .launcher import Launcher
+from .container import ContainerLauncher
+from .launcher import Launcher, LaunchError
 from .states import ModelState
 
 if TYPE_CHECKING:
@@ -55,7 +60,8 @@ log = structlog.get_logger("gateway.pool")
 
 
 class SharedPool:
-    def __init__(self, node: ClusterNode, heartbeat: float) -> None:
+    def __init__(self, node: ClusterNode, heartbeat: float, *,
+                 adopt: Callable[[], Awaitable[None]] | None = None) -> None:
         self.node = node
         self.owner = node.owner
         self.board = node.board
@@ -70,10 +76,17 @@ class SharedPool:
         self._sent: str | None = None
         # When this process last owned the pool (its own servers outlive that by a lease at most).
         self._owned_at = 0.0
+        # The look for the containers the last owner left (``ContainerEngines.adopt``), and the
+        # token of the term it was made in.
+        self._adopt = adopt
+        self._adopting = anyio.Lock()
+        self._adopted: int | None = None
 
     def wrap(self, launchers: LauncherFactory) -> LauncherFactory:
         def launcher(model: ModelSettings) -> Launcher:
             local = launchers(model)
+            if isinstance(local, ContainerLauncher):
+                local.fence = self.fence
             return local if model.launcher == "static" else SharedLauncher(local, model, self)
         return launcher
 
@@ -84,6 +97,19 @@ class SharedPool:
         """Before a pool action on a real server (sleep, wake): ``NotOwner`` unless this
         process owns the pool, by its token in Redis."""
         await self.owner.fence()
+
+    async def adopted(self) -> None:
+        """Once in each term of ownership, before anything starts in it: the containers the
+        last owner left running are found by their labels, to be adopted, not started again
+        (a ``LaunchError`` if an engine fails: asked again next time; ``NotOwner`` if this
+        process no longer owns the pool: the look removes the containers that ended)."""
+        async with self._adopting:
+            token = self.owner.token
+            if self._adopt is None or token is None or token == self._adopted:
+                return
+            await self.fence()
+            await self._adopt()
+            self._adopted = token
 
     def entry(self, model: str, replica: int) -> dict[str, Any] | None:
         """The published server of that replica, if it is ready and not this process's own
@@ -119,6 +145,8 @@ class SharedPool:
             tg.start_soon(self._read_forever)
             tg.start_soon(self._publish_forever)
             tg.start_soon(self._serve_demand, tg)
+            if self._adopt is not None:
+                tg.start_soon(self._adopt_forever)
             try:
                 yield self
             finally:
@@ -203,6 +231,27 @@ class SharedPool:
             except (RedisError, OSError, TimeoutError):
                 self._sent = None
 
+    async def _adopt_forever(self) -> None:
+        """In the owner: a run for each server the look found still running (its view, if it
+        had one, has stopped), so that it serves again without waiting for a request."""
+        assert self.pool is not None
+        while True:
+            await anyio.sleep(POLL)
+            if not self.owns():
+                continue
+            try:
+                await self.adopted()
+            except NotOwner:
+                continue
+            except LaunchError as exc:
+                log.warning("could not look for the containers the pool's last owner left",
+                            error=str(exc))
+                continue
+            now = anyio.current_time()
+            for backend in self.pool.servers:
+                if backend.launcher.has_running() and backend.view().may_start(now):
+                    self.pool.runs.launch(backend)
+
     async def _serve_demand(self, tg: TaskGroup) -> None:
         assert self.pool is not None
         while True:
@@ -254,12 +303,13 @@ class SharedLauncher:
             if self.shared.owns():
                 try:
                     await self.shared.fence()
-                except NotOwner:
-                    pass
-                else:
                     self.mirrors = False
+                    await self.shared.adopted()
+                    # A container's start asks the fence again before it makes one.
                     self.address = await self.local.start(task_group)
                     return self.address
+                except NotOwner:
+                    pass
             self.mirrors = True
             entry = self.shared.entry(name, replica)
             if entry is not None:
@@ -289,10 +339,15 @@ class SharedLauncher:
         return self.published() if self.mirrors else self.local.is_alive()
 
     async def stop(self) -> None:
-        """A server of its own is stopped (owner or not: a stale owner's servers end with
-        it); a view just forgets the address."""
+        """A server of its own is stopped (owner or not: a stale owner's process servers end
+        with it), but a container only by the owner: one that stepped down leaves it running,
+        for the next owner to adopt; a view just forgets the address."""
         if not self.mirrors:
-            await self.local.stop()
+            if isinstance(self.local, ContainerLauncher) and not self.shared.owns():
+                self.local.release("this process no longer owns the pool: the next owner "
+                                   "adopts it")
+            else:
+                await self.local.stop()
         self.address = None
 
     async def output_tail(self) -> str:

@@ -6,13 +6,14 @@ Redis client."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import anyio
 import coredis
+from coredis.exceptions import RedisError
 
-from kernel.config import Config
+from kernel.config import Config, ConfigError
 
 from .board import PoolBoard
 from .members import Membership, OnEvent
@@ -64,3 +65,11 @@ class ClusterNode:
                 "error": self.view.error,
                 **(picture.as_json() if picture is not None
                    else {"time": None, "members": [], "owner": None})}
+
+    async def alone(self) -> bool:
+        """Whether no other member is there: asked of Redis now (as last seen, if it does not
+        answer in time)."""
+        with anyio.CancelScope(shield=True), suppress(RedisError, OSError, TimeoutError,
+                                                      ConfigError):
+            await self.membership.beat()
+        return not self.membership.members.keys() - {self.id}

@@ -144,7 +144,9 @@ class Gateway:
             # The members (one configuration for all) and the pool's owner: the process that
             # owns it drives the servers, the others route to those it publishes.
             self.node = ClusterNode(config, self.shared.owner, on_event=self.events.notice)
-            self.cluster_pool = SharedPool(self.node, config.cluster.heartbeat)
+            self.cluster_pool = SharedPool(
+                self.node, config.cluster.heartbeat,
+                adopt=self.engines.adopt if self.engines.engines else None)
             launchers = self.cluster_pool.wrap(launchers or launchers_for(self.engines))
         else:
             accounting = in_memory_accounting(config)
@@ -309,8 +311,12 @@ class Gateway:
                     yield self
                 finally:
                     self.running_now = False
+                    # [cluster]: the containers are the pool owner's: another member adopts
+                    # them as the next, unless this is the owner and no other is there.
+                    hand_over = self.node is not None and (
+                        not self.node.owner.holds() or not await self.node.alone())
                     self.events.close()
-                    self.engines.begin_shutdown()
+                    self.engines.begin_shutdown(hand_over=hand_over)
         except Exception as exc:
             # The server may go on answering (hypercorn only logs a failed lifespan): say so.
             self._ended = f"the gateway's background work ended: {exc!r}"

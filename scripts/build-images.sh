@@ -3,6 +3,8 @@
 #   localhost/vllm-gateway-base:bookworm  Debian bookworm (debootstrap) + python3 3.11 + aiohttp, uvloop
 #   localhost/vllm-gateway-sim:test       tests/containers/Containerfile.simulator + simulator/
 #   localhost/vllm-gateway:latest         ./Containerfile: the gateway, from wheels built here
+#   localhost/vllm-gateway-infra:test     deploy/Containerfile.infra: Debian's redis-server and
+#                                         nginx-light, for deploy/compose.cluster.yaml
 # Each image carries a content-hash label; an image whose label matches is not rebuilt, so a warm
 # run takes under a second. Cold: 2-4 min (debootstrap 70-170 s, load-dependent). Run as root after
 # scripts/setup-podman.sh and scripts/bootstrap.sh (the gateway's wheels come from .venv's pip).
@@ -17,6 +19,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 BASE_IMAGE=localhost/vllm-gateway-base:bookworm
 SIM_IMAGE=localhost/vllm-gateway-sim:test
 GATEWAY_IMAGE=localhost/vllm-gateway:latest
+INFRA_IMAGE=localhost/vllm-gateway-infra:test
 SIM_BASE="${SIM_BASE:-$BASE_IMAGE}"
 IMAGE_BASE="${IMAGE_BASE:-$SIM_BASE}"
 SIMULATOR_DIR="${SIMULATOR_DIR:-simulator}"
@@ -180,5 +183,21 @@ else
         --label "$LABEL=$key" -t "$GATEWAY_IMAGE" -f "$ctx/Containerfile" "$ctx" >/dev/null
     [[ -z $old ]] || podman rmi "$old" >/dev/null 2>&1 || true
     took "podman build $GATEWAY_IMAGE" "$t"
+fi
+# --- d. redis and nginx for the compose cluster. apt reaches the Debian mirror over plain http
+# with the host's network (it is the image's own apt source, as debootstrap wrote it). Key: the
+# Containerfile and the base image id.
+t=$(now)
+key=$({ echo "$SIM_BASE $(id_of "$SIM_BASE")"; sha256sum <deploy/Containerfile.infra; } |
+      sha256sum | cut -c1-16)
+if [[ $(key_of "$INFRA_IMAGE") == "$key" ]]; then
+    took "$INFRA_IMAGE up to date" "$t"
+else
+    old=$(id_of "$INFRA_IMAGE")
+    podman build --quiet --network host --build-arg "BASE=$SIM_BASE" --label "$LABEL=$key" \
+        -t "$INFRA_IMAGE" -f deploy/Containerfile.infra deploy >/dev/null 2>"$work/infra.log" ||
+        { tail -n 30 "$work/infra.log" >&2; die "podman build of $INFRA_IMAGE failed"; }
+    [[ -z $old ]] || podman rmi "$old" >/dev/null 2>&1 || true
+    took "podman build $INFRA_IMAGE" "$t"
 fi
 took "total" "$t_all"

@@ -12,7 +12,7 @@
 #     kind of machine (containers.conf itself is not touched);
 #   - starts a root Podman API service on /run/podman/podman.sock, and stops it when the suite
 #     ends if this run started it (one that was running already is left running);
-#   - builds three images, ~300 MB under /var/lib/containers (scripts/build-images.sh; remove
+#   - builds four images, ~400 MB under /var/lib/containers (scripts/build-images.sh; remove
 #     them with `podman rmi`). They stay, so that the next run takes a second.
 # None of that: `scripts/bootstrap.sh && .venv/bin/pytest`; the container and deployment tests
 # then skip, each saying what it lacks.

@@ -385,28 +385,48 @@ def raw_backend(answer: Callable[[socket.socket, bytes], None]) -> Iterator[str]
 def gateway_process(config_text: str, tmp_path: Path, *args: str,
                     env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
     """``vllm-gateway serve`` as a real process on a free port; SIGTERM and reap at the end."""
-    path = tmp_path / "gateway.toml"
-    path.write_text(config_text)
-    port = free_port()
-    log = open(tmp_path / "gateway.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy.cli", "serve", "--config", str(path),
-         "--bind", f"127.0.0.1:{port}", *args],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})})
-    url = f"http://127.0.0.1:{port}"
+    with gateway_processes(config_text, [(tmp_path, args)], env=env) as (gateway,):
+        yield gateway
+
+
+@contextlib.contextmanager
+def gateway_processes(config_text: str, runs: list[tuple[Path, tuple[str, ...]]], *,
+                      env: dict[str, str] | None = None
+                      ) -> Iterator[list[tuple[str, subprocess.Popen]]]:
+    """A ``gateway_process`` for each (directory, arguments) of ``runs``, all on one
+    configuration, started together (their start-ups overlap)."""
+    gateways: list[tuple[str, subprocess.Popen]] = []
+    logs = []
     try:
-        wait_until(lambda: HTTP.get(url + "/health").status_code == 200, timeout=20)
-        yield url, proc
+        for directory, args in runs:
+            path = directory / "gateway.toml"
+            path.write_text(config_text)
+            port = free_port()
+            logs.append(open(directory / "gateway.log", "w"))
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "proxy.cli", "serve", "--config", str(path),
+                 "--bind", f"127.0.0.1:{port}", *args],
+                cwd=ROOT, stdout=logs[-1], stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})})
+            gateways.append((f"http://127.0.0.1:{port}", proc))
+        # 20 s for each: on two cores, their start-ups share the CPUs.
+        deadline = time.monotonic() + 20 * len(runs)
+        for url, _ in gateways:
+            wait_until(lambda url=url: HTTP.get(url + "/health").status_code == 200,
+                       timeout=max(0.0, deadline - time.monotonic()))
+        yield gateways
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+        for _, proc in gateways:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for _, proc in gateways:
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        log.close()
+        for log in logs:
+            log.close()
 
 
 def module_gateway(config_text: str) -> Any:

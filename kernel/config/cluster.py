@@ -9,15 +9,18 @@ can share one Redis. A process holds its slots and queue places under a lease of
 renews every ``heartbeat_s`` (a third of the lease unless set): one that stops renewing (killed)
 has them reclaimed by the others. One process, elected, owns the pool (``cluster.owner``) and
 starts and stops the model servers; the others route to them (``backends.shared``). A new
-owner adopting the containers of the last is not built yet, so a cluster's models are
-``launcher = "static"`` or ``"process"``.
+owner adopts the containers the last one left running (by their labels, made from
+``key_prefix``), so an engine's ``on_start = "remove"`` is refused in a cluster: it would remove
+them at every change of owner.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 
+from .engines import EngineSettings
 from .models import ModelSettings
 from .tenants import TenantSettings
 from .validation import _NO_BOUNDS, ConfigError, _fail, _is_url, _Sources, _spec
@@ -37,7 +40,8 @@ class ClusterSettings:
 
 
 def _resolve_cluster(settings: ClusterSettings, instance: str | None,
-                     models: tuple[ModelSettings, ...], sources: _Sources) -> ClusterSettings:
+                     models: tuple[ModelSettings, ...], engines: Mapping[str, EngineSettings],
+                     sources: _Sources) -> ClusterSettings:
     """Check the table against itself and the models; fill in the prefix and the heartbeat."""
     given = {f.name for f in dataclasses.fields(settings) if not f.metadata.get("derived")
              and getattr(settings, f.name) != f.default}
@@ -55,12 +59,13 @@ def _resolve_cluster(settings: ClusterSettings, instance: str | None,
     if heartbeat >= settings.lease_s:
         _fail("cluster.heartbeat_s", settings.heartbeat_s, sources,
               f"less than cluster.lease_s ({settings.lease_s:g})")
-    container = next((m for m in models if m.launcher == "container"), None)
-    if container is not None:
-        raise ConfigError(
-            f"models[{json.dumps(container.name)}].launcher = 'container': a [cluster] gateway "
-            "runs static and process models; a new pool owner adopting the containers of the "
-            "last is not built yet")
+    used = {engine for m in models if m.launcher == "container" for engine, _ in m.placements}
+    removing = next((e for name, e in engines.items() if name in used
+                     and e.on_start == "remove"), None)
+    if removing is not None:
+        _fail(f"engines.{removing.name}.on_start", removing.on_start, sources,
+              "'adopt' in a [cluster]: a new pool owner adopts the containers the last one "
+              "left running")
     adapted = next((m for m in models if m.adapters), None)
     if adapted is not None:
         # Which adapters a server holds is known to the process that loaded them only.

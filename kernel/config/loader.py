@@ -201,7 +201,7 @@ def config_from_mapping(data: dict[str, Any], *, source: str = "<mapping>",
     engines = _build_engines(data.get("engines", {}), sources)
     models = _build_models(data.get("models"), engines, sections["gateway"], sources)
     sections["cluster"] = _resolve_cluster(sections["cluster"], sections["gateway"].instance,
-                                           models, sources)
+                                           models, engines, sources)
     by_name = {key: m for m in models for key in (m.name, *m.aliases)}
     adapters = {adapter.name: m for m in models for adapter in m.adapters}
     default = sections["gateway"].default_model

@@ -161,3 +161,23 @@ def test_replicas_take_the_engines_and_gpu_alternatives_in_turn() -> None:
                                  "vllm-gateway.replica": "1"}
     assert request["HostConfig"]["DeviceRequests"] == [
         {"Driver": "cdi", "DeviceIDs": ["nvidia.com/gpu=1"]}]
+
+
+def test_a_clusters_containers_are_named_and_labelled_by_its_key_prefix() -> None:
+    """Every member of a cluster (any host, any address) labels the pool's containers alike,
+    so that a new owner finds the last one's; another cluster on the engine labels its own."""
+    table = {"name": "m", "launcher": "container", "engine": "local", "image": "img"}
+
+    def member(bind: str, **cluster: str) -> ContainerEngines:
+        return ContainerEngines(make_config([table], engines=ENGINES, gateway={"bind": bind},
+                                            cluster={"redis_url": "redis://r", **cluster}))
+
+    one, other = member("127.0.0.1:8080"), member("10.0.0.2:9000")
+    assert one.instance == other.instance and one.instance.startswith("cluster-")
+    assert member("127.0.0.1:8080", key_prefix="another").instance != one.instance
+    request = create_request(make_config([table], engines=ENGINES).models[0], kind="podman",
+                             version=(5, 4, 0), instance=one.instance, publish_ip="127.0.0.1",
+                             cluster=one.cluster)
+    assert request["Labels"] == {"vllm-gateway.instance": one.instance,
+                                 "vllm-gateway.model": "m",
+                                 "vllm-gateway.cluster": "vllm-gateway:default"}

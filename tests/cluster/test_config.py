@@ -13,7 +13,8 @@ from kernel.config import ConfigError, config_from_mapping, effective
 from tests.support import ROOT, static_model
 
 MODELS = [static_model("m", "http://127.0.0.1:9")]
-ENGINES = {"local": {"url": "unix:///run/podman/podman.sock"}}
+ENGINES = {"local": {"url": "unix:///run/podman/podman.sock"},
+           "removing": {"url": "unix:///run/podman/podman.sock", "on_start": "remove"}}
 
 
 def test_without_cluster_nothing_is_shared_and_no_redis_client_is_imported() -> None:
@@ -44,9 +45,9 @@ def test_the_url_from_the_environment_with_its_password_masked() -> None:
     ({"redis_url": "unix:///run/redis.sock", "lease_s": 3, "heartbeat_s": 3}, MODELS,
      "cluster.heartbeat_s = 3.0 (from test): must be less than cluster.lease_s (3)"),
     ({"redis_url": "redis://redis"}, [{"name": "c", "launcher": "container", "image": "x",
-                                       "engine": "local"}],
-     'models["c"].launcher = \'container\': a [cluster] gateway runs static and process models; '
-     "a new pool owner adopting the containers of the last is not built yet"),
+                                       "engine": "removing"}],
+     "engines.removing.on_start = 'remove' (from test): must be 'adopt' in a [cluster]: a new "
+     "pool owner adopts the containers the last one left running"),
     ({"redis_url": "redis://redis"}, [{"name": "s", "launcher": "static", "url": "http://s",
                                        "adapters": [{"name": "a", "path": "/a"}]}],
      'models["s"].adapters (from test): a [cluster] gateway does not load LoRA adapters yet '

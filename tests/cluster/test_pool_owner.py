@@ -48,13 +48,18 @@ def two_gateways(tmp_path: Path) -> Iterator[Gateways]:
         yield both
 
 
-def owns(url: str) -> bool:
-    """Whether the gateway owns the pool (its admin event stream's first snapshot says)."""
+def cluster(url: str) -> dict[str, Any]:
+    """The gateway's view of its cluster (its admin event stream's first snapshot)."""
     with HTTP.stream("GET", url + "/admin/events", headers=ADMIN) as events:
         for line in events.iter_lines():
             if line.startswith("data: "):
-                return json.loads(line[6:])["cluster"]["owns_pool"]
+                return json.loads(line[6:])["cluster"]
     raise AssertionError("no snapshot")
+
+
+def owns(url: str) -> bool:
+    """Whether the gateway owns the pool."""
+    return cluster(url)["owns_pool"]
 
 
 def served(url: str) -> dict[str, Any]:

@@ -43,9 +43,10 @@ def engine_url() -> str:
     return ENGINE_URL
 
 
-def containers_of(instance: str) -> list[str]:
-    """``NAME STATE`` of each container carrying this gateway instance's label."""
-    filters = json.dumps({"label": [f"vllm-gateway.instance={instance}"]})
+def containers_of(instance: str, label: str = "vllm-gateway.instance") -> list[str]:
+    """``NAME STATE`` of each container carrying this gateway instance's label (or another
+    label with that value)."""
+    filters = json.dumps({"label": [f"{label}={instance}"]})
     with _engine() as client:
         found = client.get("/containers/json", params={"all": "1", "filters": filters}).json()
     return sorted(f"{c['Names'][0].lstrip('/')} {c['State']}" for c in found)

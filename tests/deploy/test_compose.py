@@ -35,12 +35,14 @@ def containers(label: str, *, running: bool = False) -> list[str]:
 
 
 class Compose:
-    def __init__(self, binary: str, project: str, env: dict[str, str]) -> None:
+    def __init__(self, binary: str, project: str, env: dict[str, str],
+                 file: str | None = None) -> None:
         self.binary, self.project, self.env = binary, project, env
+        self.files = ["-f", file] if file else []
 
     def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([self.binary, "-p", self.project, *args], cwd=ROOT, env=self.env,
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run([self.binary, "-p", self.project, *self.files, *args], cwd=ROOT,
+                              env=self.env, capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture

@@ -22,6 +22,23 @@ def test_the_podman_config_is_valid_as_shipped() -> None:
     assert [m.name for m in config.models] == ["sim"]
 
 
+def test_the_compose_clusters_config_is_valid_as_shipped() -> None:
+    config = load_config(str(ROOT / "deploy" / "config.cluster.toml"),
+                         environ={"GATEWAY_INSTANCE": "compose"})
+    assert config.cluster.enabled and config.cluster.key_prefix == "vllm-gateway:compose"
+    assert [(m.name, m.url) for m in config.models] == [("sim", "http://sim:8000")]
+
+
+def test_the_compose_clusters_nginx_site_is_deploy_nginx_conf_but_for_its_upstream() -> None:
+    """deploy/nginx.cluster.conf keeps every directive of deploy/nginx.conf (which says why
+    each is there), but the upstream's servers: both gateways."""
+    def directives(name: str) -> list[str]:
+        lines = (line.split("#")[0].strip() for line in (ROOT / "deploy" / name).open())
+        return [line for line in lines if line and not line.startswith("server ")]
+
+    assert directives("nginx.cluster.conf") == directives("nginx.conf")
+
+
 def test_the_commented_vllm_models_are_valid_once_uncommented(tmp_path: Path) -> None:
     # Uncommenting drops "# " before a table header or a key; prose comments stay comments.
     text = re.sub(r"^# (?=\[\[models\]\]|[a-z_]+ = )", "", PODMAN_CONFIG.read_text(),
