@@ -44,6 +44,7 @@ MARKER = "VLLM_GATEWAY_TEST_RUN"
 MAX_MODEL_LEN = 8192
 STARTUP_TIMEOUT = 300.0
 ADMIN_TOKEN = "vllm-tier-admin"
+LONG_IDLE = 3600.0  # seconds: the shared gateways' models are not idle-stopped
 # vLLM's flags for the tiny model on a CPU (docs in scripts/make-tiny-model.py).
 VLLM_ARGS = ["--load-format", "dummy", "--max-model-len", str(MAX_MODEL_LEN),
              "--dtype", "bfloat16"]
@@ -54,6 +55,18 @@ QUICK_EXPORT = {"OTEL_BSP_SCHEDULE_DELAY": "200"}
 # (the rank of make-tiny-lora.py's adapters).
 LORA_ARGS = ["--enable-lora", "--max-loras", "1", "--max-lora-rank", "8"]
 LORA_ENV = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+
+
+# The shared server's cold start: first in the tier, so that it is that server's only start
+# (run later, it unloads the server an earlier test started, and starts it again: a minute).
+COLD_START = "test_serve.py::test_first_request_starts_vllm_and_waits_for_it"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    first = next((i for i, item in enumerate(items) if "tests/vllm/" in item.nodeid), None)
+    cold = next((i for i, item in enumerate(items) if item.nodeid.endswith(COLD_START)), None)
+    if first is not None and cold is not None:
+        items.insert(first, items.pop(cold))
 
 
 def required() -> bool:
@@ -136,6 +149,7 @@ class Served:
     url: str
     process: subprocess.Popen
     marker: str
+    config: Path  # the file it serves (``POST /admin/reload`` reads it again)
     # What vLLM's /health gave while it loaded (``watch_load``): "refused" or a status.
     health_during_load: list[str | int] | None = None
 
@@ -251,7 +265,7 @@ def serving_vllm(python: Path, model_dir: Path, directory: Path, *,
                          admin={"token": ADMIN_TOKEN})
     try:
         with gateway_process(config, directory) as (url, process):
-            yield Served(url, process, marker)
+            yield Served(url, process, marker, directory / "gateway.toml")
     finally:
         # Whatever a failed test left: nothing it started may outlive it.
         for line in engine_processes(marker):
@@ -269,7 +283,7 @@ def long_lived_gateway(scope: Literal["session", "module"], name: str, *,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         traces = request.getfixturevalue("vllm_traces") if traced else None
         marker = uuid.uuid4().hex
-        settings: dict[str, Any] = {"idle_timeout": 3600.0}
+        settings: dict[str, Any] = {"idle_timeout": LONG_IDLE}
         if lora:
             settings["command"] = [*vllm_command(vllm_python, tiny_model), *LORA_ARGS]
             settings["env"] = {**VLLM_ENV, **LORA_ENV, MARKER: marker}
