@@ -152,7 +152,7 @@ def _listen(bind: str, hc: HypercornConfig, reuse_port: bool = False) -> list[so
     return sockets.insecure_sockets
 
 
-def _hypercorn_config(config: Config, reuse_port: bool) -> HypercornConfig:
+def _hypercorn_config(config: Config, reuse_port: bool = False) -> HypercornConfig:
     hc = HypercornConfig()
     hc.bind = [f"fd://{sock.detach()}" for sock in _listen(config.gateway.bind, hc, reuse_port)]
     # The gateway winds down by itself first (``_serve``): what is left is closed quickly.

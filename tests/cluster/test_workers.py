@@ -181,3 +181,11 @@ def test_a_worker_that_keeps_failing_is_restarted_a_bounded_number_of_times(
                                     drain_s=5)
     assert supervisor.run() == 3
     assert starts.read_text() == "x" * workers.RESTART_LIMIT
+
+
+def test_workers_must_be_a_whole_number_of_at_least_one(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--workers", "0"])
+    assert exit_.value.code == 2
+    assert "argument --workers: '0' is not a whole number of at least 1" in capsys.readouterr().err
