@@ -357,20 +357,21 @@ def supervise(args: argparse.Namespace, config: Config) -> int:
     configure_logging(config.gateway.log_format)
     log = structlog.get_logger("gateway")
     env = dict(os.environ)
+    redis = None
     with held, contextlib.ExitStack() as stack:
         if not config.cluster.enabled:
             try:
-                url = stack.enter_context(private_redis.running(preexec=tied_to_parent))
+                redis = stack.enter_context(private_redis.running(preexec=tied_to_parent))
             except private_redis.RedisUnavailable as exc:
                 print(f"vllm-gateway: --workers {args.workers}: {exc}", file=sys.stderr)
                 return 1
-            env["GATEWAY_CLUSTER_REDIS_URL"] = url
-            log.info("private redis-server started", socket=url.removeprefix("unix://"))
+            env["GATEWAY_CLUSTER_REDIS_URL"] = redis.url
+            log.info("private redis-server started", socket=str(redis.socket))
         log.info("serving with workers", workers=args.workers, bind=bind,
                  redis="private" if not config.cluster.enabled else "cluster.redis_url")
         supervisor = Supervisor(
             worker_argv(args.config, bind, args.worker, args.server, args.watch_config),
-            args.workers, env=env,
+            args.workers, env=env, redis=redis,
             drain_s=config.gateway.shutdown_grace + shutdown_allowance(config) + CLOSE_TIMEOUT)
         status = supervisor.run()
     log.info("gateway stopped", exit_status=status)

@@ -17,7 +17,9 @@ configuration refused), the others are stopped and the supervisor exits with a f
 
 Each worker leads a session of its own, so a terminal's Ctrl-C (or a SIGTERM to the process
 group) reaches the supervisor alone and every worker drains once; each gets SIGTERM from the
-kernel if the supervisor dies (``PR_SET_PDEATHSIG``: the supervisor is one thread).
+kernel if the supervisor dies (``PR_SET_PDEATHSIG``: the supervisor is one thread). A private
+redis-server that exits is started again at once (empty: the workers register what they hold,
+as after any Redis restart); one that cannot start stops the gateway.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import time
 from collections.abc import Iterator, Sequence
 
 import structlog
+
+from cluster.private_redis import RedisServer, RedisUnavailable
 
 # Exit status of a worker whose configuration is refused (``cli.EXIT_CONFIG``): not restarted.
 EXIT_CONFIG = 2
@@ -72,8 +76,9 @@ def _status(code: int) -> str:
 
 class Supervisor:
     def __init__(self, argv: Sequence[str], count: int, *, env: dict[str, str],
-                 drain_s: float) -> None:
+                 drain_s: float, redis: RedisServer | None = None) -> None:
         self.argv = list(argv)
+        self.redis = redis
         self.env = env
         self.workers = [Worker(i) for i in range(count)]
         self.drain_s = drain_s
@@ -129,6 +134,17 @@ class Supervisor:
         for worker in self.workers:
             if worker.proc is not None and (code := worker.proc.poll()) is not None:
                 self._exited(worker, code)
+        if self.redis is not None and self.stop_at is None and (
+                code := self.redis.exited()) is not None:
+            # Started again, empty: the workers register the slots and places they hold.
+            self.log.error("the private redis-server exited; starting it again",
+                           exit=_status(code))
+            try:
+                self.redis.start()
+            except RedisUnavailable as exc:
+                self.log.error("the private redis-server cannot start; stopping the gateway",
+                               error=str(exc))
+                self._stop(signal.SIGTERM, 1)
 
     def _timeout(self) -> float | None:
         due = [w.restart_at for w in self.workers if w.restart_at is not None]

@@ -201,8 +201,8 @@ def redis_server(directory: Path) -> Iterator[str]:
 
     need(None if shutil.which(private_redis.BINARY) else "redis-server is not installed "
          "(Debian: apt-get install redis-server)")
-    with private_redis.running(directory) as url:
-        yield url
+    with private_redis.running(directory) as server:
+        yield server.url
 
 
 def wait_until(check: Any, timeout: float = 10.0, interval: float = 0.02) -> None:

@@ -1,8 +1,8 @@
 """``vllm-gateway serve --workers 2`` as a real process in front of a static simulator: its two
 workers share one port and a private redis-server it starts, keep a model's limits exactly
 across themselves, elect one pool owner, and stop with it, the redis-server and its folder too;
-a worker killed by kill -9 is started again while the other serves. Without redis-server on
-PATH, or without coredis, ``--workers 2`` is refused with one line and status 2."""
+a worker killed by kill -9 is started again while the other serves, and so is the private
+redis-server. Without redis-server on PATH, or without coredis, ``--workers 2`` is refused with one line and status 2."""
 
 from __future__ import annotations
 
@@ -48,6 +48,14 @@ class Served:
         lines = [json.loads(line) for line in self.log.read_text().splitlines()
                  if line.startswith("{")]
         return [line["pid"] for line in lines if line.get("event") == "worker started"]
+
+    def redis_pid(self) -> int:
+        """The private redis-server's pid (the supervisor's child that is not a worker)."""
+        pid = self.proc.pid
+        (redis,) = [child for child in map(int, Path(
+            f"/proc/{pid}/task/{pid}/children").read_text().split()) if child not in
+            self.worker_pids()]
+        return redis
 
 
 @contextlib.contextmanager
@@ -135,6 +143,11 @@ def test_two_workers_are_one_gateway_that_restarts_a_killed_worker_and_stops_who
         restarted = served.worker_pids()[-1]
         wait_until(lambda: restarted in answering(served.url), timeout=30)
         assert "worker exited; starting it again" in served.log.read_text()
+        # kill -9 of the private redis-server: the supervisor starts it again, and the workers
+        # (registering what they hold in it, empty) answer again.
+        os.kill(served.redis_pid(), signal.SIGKILL)
+        wait_until(lambda: burst(served.url, 2, max_tokens=1) == [200] * 2, timeout=15)
+        assert "the private redis-server exited; starting it again" in served.log.read_text()
         (folder,) = served.runtime.iterdir()
         assert (folder / "redis.sock").is_socket()
         served.proc.send_signal(signal.SIGTERM)
