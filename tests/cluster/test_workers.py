@@ -1,6 +1,7 @@
 """``vllm-gateway serve --workers 2`` as a real process in front of a static simulator: its two
 workers share one port and a private redis-server it starts, keep a model's limits exactly
-across themselves, elect one pool owner, and stop with it, the redis-server and its folder too;
+across themselves, elect one pool owner, reload on its SIGHUP, and stop with it, the
+redis-server and its folder too;
 a worker killed by kill -9 is started again while the other serves, and so is the private
 redis-server. Without redis-server on PATH, or without coredis, ``--workers 2`` is refused with one line and status 2."""
 
@@ -148,6 +149,9 @@ def test_two_workers_are_one_gateway_that_restarts_a_killed_worker_and_stops_who
         os.kill(served.redis_pid(), signal.SIGKILL)
         wait_until(lambda: burst(served.url, 2, max_tokens=1) == [200] * 2, timeout=15)
         assert "the private redis-server exited; starting it again" in served.log.read_text()
+        # SIGHUP to the supervisor: each worker reloads its configuration.
+        served.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: served.log.read_text().count('"event":"configuration reloaded"') == 2)
         (folder,) = served.runtime.iterdir()
         assert (folder / "redis.sock").is_socket()
         served.proc.send_signal(signal.SIGTERM)
