@@ -1,9 +1,9 @@
 """``vllm-gateway serve --workers 2`` as a real process in front of a static simulator: its two
 workers share one port and a private redis-server it starts, keep a model's limits exactly
 across themselves, elect one pool owner, reload on its SIGHUP, and stop with it, the
-redis-server and its folder too;
-a worker killed by kill -9 is started again while the other serves, and so is the private
-redis-server. Without redis-server on PATH, or without coredis, ``--workers 2`` is refused with one line and status 2."""
+redis-server and its folder too; a worker killed by kill -9 is started again while the other
+serves, and so is the private redis-server. Without redis-server on PATH, or without coredis,
+``--workers 2`` is refused with one line and status 2."""
 
 from __future__ import annotations
 
