@@ -1,10 +1,10 @@
 """(f) ``serve --workers 2`` against one process: ``python -m benchmarks.workers``.
 
 Starts the two responders (core 1; ``benchmarks/responder.py``), the gateway as one process
-(``gateway``: ``serve``, pinned to core 0 as every benchmark runs it) and with ``--workers 2``
-(``gateway-workers2``: not pinned, its two workers and their private redis-server share both
-cores with the backends and the load generator), and drives each in turn, repetitions
-interleaved:
+(``gateway-workers1``: ``serve``) and with ``--workers 2`` (``gateway-workers2``: two workers
+and their private redis-server), neither pinned (unlike the other benchmarks' proxies: the two
+get the same cores to run on, shared with the backends and the load generator), and drives
+each in turn, repetitions interleaved:
 
 - (a) requests/s of small completions (wrk, closed loop at ``--concurrency``);
 - (c) relayed stream chunks/s, ``--streams`` concurrent streams at 50 tokens/s;
@@ -33,9 +33,10 @@ from typing import Any
 
 from . import scenarios, systems, ttft
 from .procs import Proc, loadavg
-from .run import _responder, check_system, log, start_system, stop_all
+from .run import _responder, check_system, log, stop_all
 
-SYSTEMS = ("gateway", systems.WORKERS)
+# Each system's name and its number of workers.
+SYSTEMS = {"gateway-workers1": 1, systems.WORKERS: 2}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _all_workers_listen(system: systems.System, count: int, timeout: float = 60.0) -> None:
-    """Wait until each of the ``count`` workers listens (``Running on`` in the shared log)."""
+    """Wait until each of the ``count`` workers listens (``Running on`` in their log)."""
     assert system.proc is not None
     deadline = time.monotonic() + timeout
     while system.proc.log.read_text(errors="replace").count("Running on") < count:
@@ -128,11 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         paced, paced_port = _responder("responder-paced", scenarios.TOKENS_PER_SECOND, work)
         procs += [fast, paced]
         scenarios.BACKENDS.members[:] = [fast, paced]
-        for name in SYSTEMS:
-            system = start_system(name, fast_port, paced_port, work, src)
+        for name, count in SYSTEMS.items():
+            system = systems.gateway({"fast": fast_port, "paced": paced_port}, work, src=src,
+                                     name=name, core=None, workers=count)
             running.append(system)
-            if name == systems.WORKERS:
-                _all_workers_listen(system, 2)
+            _all_workers_listen(system, count)
             check_system(system)
             log(f"{name} ready")
         seconds = max(1, round(args.seconds))
