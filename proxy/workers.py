@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import structlog
 
@@ -191,10 +192,18 @@ class Supervisor:
         return self.status
 
 
+# A worker runs the supervisor's own code: the folder it was imported from goes first on the
+# path (``-m proxy.cli`` would take a ``proxy`` package from the working directory, say another
+# checkout's).
+_WORKER = "import sys; sys.path.insert(0, sys.argv.pop(1)); from proxy.cli import main; " \
+    "sys.exit(main())"
+_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
 def worker_argv(config: str | None, bind: str, worker: str, server: str,
                 watch: bool) -> list[str]:
     """A worker's command line: ``serve`` on the supervisor's address, with SO_REUSEPORT."""
-    argv = [sys.executable, "-m", "proxy.cli", "serve", "--bind", bind, "--worker", worker,
+    argv = [sys.executable, "-c", _WORKER, _ROOT, "serve", "--bind", bind, "--worker", worker,
             "--server", server, "--reuse-port"]
     if config is not None:
         argv += ["--config", config]
