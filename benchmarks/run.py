@@ -34,7 +34,7 @@ from .systems import ROOT, System
 # Also the order each scenario visits them in: LiteLLM last, since a proxy that does not cancel
 # its upstream streams when the client goes leaves the shared backend busy for a while.
 ALL_SYSTEMS = ("direct", "hypercorn-bare", "aiohttp-bare", "nginx", "gateway", *systems.SERVERS,
-               "litellm")
+               systems.WORKERS, "litellm")
 
 
 @dataclass(frozen=True)
@@ -159,6 +159,9 @@ def start_system(name: str, fast_port: int, paced_port: int, work: Path, src: Pa
         return systems.hypercorn_bare(work)
     if name == "aiohttp-bare":
         return systems.hypercorn_bare(work, backends=(fast_port, paced_port))
+    if name == systems.WORKERS:
+        return systems.gateway({"fast": fast_port, "paced": paced_port}, work, src=src,
+                               name=name, core=None, workers=2)
     server = "hypercorn" if name == "gateway" else name
     return systems.gateway({"fast": fast_port, "paced": paced_port}, work, src=src, name=name,
                            server=server)

@@ -11,11 +11,15 @@
 - ``gateway-uvicorn``, ``gateway-granian``: the same gateway under uvicorn (``serve --server
   uvicorn``: httptools, uvloop) and under granian (its own command line on ``proxy.asgi:app``:
   its Rust HTTP/1.1, uvloop), one process each: what the server costs, next to hypercorn.
+- ``gateway-workers2``: ``serve --workers 2`` (two worker processes on the one port, their
+  state in a private redis-server), not pinned: its workers share the cores with the backends
+  and the load generator (``benchmarks.workers``).
 - ``hypercorn-bare``: not a proxy but a reference for (a): hypercorn answering a canned
   completion itself (``benchmarks/bare_asgi.py``), the ceiling of anything built on hypercorn
   on the proxy core at that moment.
 
-Each proxy runs pinned to core 0; backends and load generators run on core 1.
+Each proxy but ``gateway-workers2`` runs pinned to core 0; backends and load generators run on
+core 1.
 """
 
 from __future__ import annotations
@@ -79,6 +83,8 @@ def available(name: str) -> str | None:
     if name in SERVERS and not _version_of(SERVERS[name][0]):
         return (f"{SERVERS[name][0]} is not installed: scripts/bootstrap.sh installs it "
                 "(the test extra)")
+    if name == WORKERS and not shutil.which("redis-server"):
+        return "redis-server is not installed (Debian: apt-get install redis-server)"
     if name == "litellm" and not (LITELLM_VENV / "bin" / "litellm").exists():
         return ("LiteLLM is not installed: python -m benchmarks.setup_litellm "
                 "(makes benchmarks/.venv-litellm)")
@@ -214,7 +220,9 @@ def _toml(table: dict[str, object]) -> str:
     return "".join(f"{key} = {json.dumps(value)}\n" for key, value in table.items())
 
 
-PACKAGES = ("kernel", "telemetry", "backends", "relay", "middleware", "proxy")
+# ``serve --workers 2``: see the module's docstring.
+WORKERS = "gateway-workers2"
+PACKAGES = ("kernel", "cluster", "telemetry", "backends", "relay", "middleware", "proxy")
 
 
 def snapshot(work: Path) -> tuple[Path, str]:
@@ -250,17 +258,17 @@ def gateway(models: Mapping[str, int | dict[str, object]], work: Path, *, src: P
             name: str = "gateway", max_concurrent: int = 1000, max_queue_size: int = 5000,
             server: str = "hypercorn", core: int | None = PROXY_CORE,
             env: dict[str, str] | None = None,
-            settings: dict[str, object] | None = None) -> System:
-    """The gateway under ``vllm-gateway serve`` (hypercorn), or, with ``server`` one of
-    ``SERVERS``, under that server; ``models`` as ``model_tables`` takes them, ``settings``
-    more of ``[gateway]``."""
+            settings: dict[str, object] | None = None, workers: int = 1) -> System:
+    """The gateway under ``vllm-gateway serve`` (hypercorn; ``--workers`` if more than one),
+    or, with ``server`` one of ``SERVERS``, under that server; ``models`` as ``model_tables``
+    takes them, ``settings`` more of ``[gateway]``."""
     port = free_port()
     conf = work / f"{name}.toml"
     conf.write_text(gateway_config(model_tables(models), max_concurrent=max_concurrent,
                                    max_queue_size=max_queue_size, **(settings or {})))
     if server == "hypercorn":
         argv = ["-m", "proxy.cli", "serve", "--config", str(conf), "--bind",
-                f"127.0.0.1:{port}", "--worker", "uvloop"]
+                f"127.0.0.1:{port}", "--worker", "uvloop", "--workers", str(workers)]
     else:
         argv = [arg.format(port=port, conf=conf) for arg in SERVERS[server][1]]
     proc = start(name, [sys.executable, *argv], core=core, logs=work, cwd=src,

@@ -107,6 +107,15 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def save(args: argparse.Namespace, name: str, doc: dict[str, Any]) -> None:
+    """``doc`` in ``NAME.json`` in ``args.out``, after the command line and its arguments."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({
+        "command": " ".join([f".venv/bin/python -m benchmarks.{name}", *sys.argv[1:]]),
+        "args": vars(args), **doc}, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -138,12 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         stop_all(running, procs)
         shutil.rmtree(work, ignore_errors=True)
     summary = summarize(rows)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ttft.json").write_text(json.dumps({
-        "command": " ".join([".venv/bin/python -m benchmarks.ttft", *sys.argv[1:]]),
-        "args": vars(args), "gateway_source_sha256": source_hash, "raw": rows,
-        "summary": summary, "gateway_view": inside}, indent=1))
+    save(args, "ttft", {"gateway_source_sha256": source_hash, "raw": rows, "summary": summary,
+                        "gateway_view": inside})
     print(f"\n(e) {args.streams} concurrent streams, {args.requests} requests, "
           f"{args.max_tokens} tokens at {args.tokens_per_second:g}/s, prompts of "
           f"{args.prompt_words} words; medians of {args.reps} interleaved reps, ms")

@@ -297,11 +297,14 @@ class RedisAccounting:
 
     async def _wake_waiters(self) -> None:
         """The one blocking pop of this process's inbox: each ticket id in it got its slots."""
-        assert self._client is not None
+        # Its own reference: ``running`` clears the attribute as it cancels this task, which
+        # may be about to call again (a pop that had just returned), not yet cancelled.
+        client = self._client
+        assert client is not None
         inbox = f"{self._header[0]}:in:{self.owner}"
         while True:
             try:
-                popped = await self._client.blpop([inbox], timeout=RECHECK)
+                popped = await client.blpop([inbox], timeout=RECHECK)
             except (RedisError, OSError):
                 await anyio.sleep(RECHECK)
                 continue

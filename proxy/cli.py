@@ -7,6 +7,10 @@ address the gateway cannot listen on (in use, not this host's), before any model
 SIGHUP reloads the configuration (``proxy.reload``: read as at the start, with the same
 ``--config`` and ``--bind``), and so does a change of its file under ``--watch-config``
 (watchfiles, on the file's folder: a rename into place is seen; a burst of writes is read once).
+
+``serve --workers N`` (N > 1) runs N such processes on one port under a supervisor
+(``proxy.workers``), as one ``[cluster]``: on ``cluster.redis_url``, else on a private
+redis-server it starts (``cluster.private_redis``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import ipaddress
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -67,9 +72,25 @@ def _parser() -> argparse.ArgumentParser:
                             "asyncio or uvloop, and serves HTTP/1.1 only)")
     serve.add_argument("--watch-config", action="store_true",
                        help="reload the configuration when its file changes (as SIGHUP does)")
+    serve.add_argument("--workers", type=_worker_count, default=1, metavar="N",
+                       help="gateway processes on the one port, sharing their state in Redis "
+                            "(cluster.redis_url, else a private redis-server); default 1: one "
+                            "process, no Redis")
+    # A worker of ``--workers``: binds the address with SO_REUSEPORT, beside the others.
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     check = commands.add_parser("check-config", help="validate and print the configuration")
     check.add_argument("--config", help="TOML file (default: $GATEWAY_CONFIG or ./config.toml)")
     return parser
+
+
+def _worker_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return count
 
 
 def loader(path: str | None = None, bind: str | None = None) -> Callable[[], Config]:
@@ -109,12 +130,17 @@ def _listener(port: int) -> str | None:
     return None
 
 
-def _listen(bind: str, hc: HypercornConfig) -> list[socket.socket]:
+def _listen(bind: str, hc: HypercornConfig, reuse_port: bool = False) -> list[socket.socket]:
     """Bind the gateway's address now, before the lifespan starts (or adopts, or removes) any
-    model; exit 2 with one line if it cannot be bound."""
+    model; exit 2 with one line if it cannot be bound. ``reuse_port``: with SO_REUSEPORT (the
+    workers of ``--workers`` and their supervisor)."""
     hc.bind = [bind]
     try:
+        # hypercorn sets SO_REUSEPORT on what it binds where it counts more than one worker;
+        # its serve() warns unless it counts one.
+        hc.workers = 2 if reuse_port else 1
         sockets = hc.create_sockets()
+        hc.workers = 1
     except OSError as exc:
         reason = exc.strerror or str(exc)
         if exc.errno == errno.EADDRINUSE:
@@ -126,9 +152,9 @@ def _listen(bind: str, hc: HypercornConfig) -> list[socket.socket]:
     return sockets.insecure_sockets
 
 
-def _hypercorn_config(config: Config) -> HypercornConfig:
+def _hypercorn_config(config: Config, reuse_port: bool = False) -> HypercornConfig:
     hc = HypercornConfig()
-    hc.bind = [f"fd://{sock.detach()}" for sock in _listen(config.gateway.bind, hc)]
+    hc.bind = [f"fd://{sock.detach()}" for sock in _listen(config.gateway.bind, hc, reuse_port)]
     # The gateway winds down by itself first (``_serve``): what is left is closed quickly.
     hc.graceful_timeout = CLOSE_TIMEOUT
     # The lifespan's shutdown stops the models: never cut short (hypercorn's default is 60 s).
@@ -274,12 +300,13 @@ def log_start_up(config: Config) -> None:
 
 
 def serve(config: Config, worker: str, server: str = "hypercorn",
-          load: Callable[[], Config] | None = None, watch: Path | None = None) -> None:
+          load: Callable[[], Config] | None = None, watch: Path | None = None,
+          reuse_port: bool = False) -> None:
     listen: HypercornConfig | list[socket.socket]
     if server == "uvicorn":
-        listen = _listen(config.gateway.bind, HypercornConfig())
+        listen = _listen(config.gateway.bind, HypercornConfig(), reuse_port)
     else:
-        listen = _hypercorn_config(config)
+        listen = _hypercorn_config(config, reuse_port)
     configure_logging(config.gateway.log_format)
     log_start_up(config)
     if config.cluster.enabled:
@@ -295,6 +322,60 @@ def serve(config: Config, worker: str, server: str = "hypercorn",
         anyio.run(_serve, config, worker, listen, load, watch, backend="asyncio",
                   backend_options={"use_uvloop": worker == "uvloop"})
     structlog.get_logger("gateway").info("gateway stopped", exit_status=0)
+
+
+def supervise(args: argparse.Namespace, config: Config) -> int:
+    """``serve --workers N``: the shared state's Redis (configured, or a private one started
+    here), the address bound, then the workers under ``proxy.workers.Supervisor``."""
+    from cluster import private_redis
+
+    from .workers import Supervisor, tied_to_parent, worker_argv
+
+    problem = None
+    if not importlib.util.find_spec("coredis"):
+        problem = ("the workers share their state in Redis through coredis, which is not "
+                   "installed: pip install 'vllm-gateway[cluster]'")
+    elif not config.cluster.enabled and shutil.which(private_redis.BINARY) is None:
+        problem = ("the workers share their state in Redis: install redis-server (Debian: "
+                   "apt-get install redis-server) or set cluster.redis_url")
+    if problem:
+        print(f"vllm-gateway: --workers {args.workers}: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    if not config.cluster.enabled:
+        # What a [cluster] refuses (container models, ...) is refused before anything starts.
+        try:
+            load_config(args.config, options={"gateway.bind": config.gateway.bind,
+                                              "cluster.redis_url": "unix:///private"})
+        except ConfigError as exc:
+            print(f"vllm-gateway: config error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    # Bound (not listening) for as long as the supervisor runs: the address is checked once,
+    # a port 0 is chosen once, and no other program takes it while a worker restarts.
+    (held,) = _listen(config.gateway.bind, HypercornConfig(), reuse_port=True)
+    host = config.gateway.bind.rpartition(":")[0]
+    bind = f"{host}:{held.getsockname()[1]}"
+    configure_logging(config.gateway.log_format)
+    log = structlog.get_logger("gateway")
+    env = dict(os.environ)
+    redis = None
+    with held, contextlib.ExitStack() as stack:
+        if not config.cluster.enabled:
+            try:
+                redis = stack.enter_context(private_redis.running(preexec=tied_to_parent))
+            except private_redis.RedisUnavailable as exc:
+                print(f"vllm-gateway: --workers {args.workers}: {exc}", file=sys.stderr)
+                return 1
+            env["GATEWAY_CLUSTER_REDIS_URL"] = redis.url
+            log.info("private redis-server started", socket=str(redis.socket))
+        log.info("serving with workers", workers=args.workers, bind=bind,
+                 redis="private" if not config.cluster.enabled else "cluster.redis_url")
+        supervisor = Supervisor(
+            worker_argv(args.config, bind, args.worker, args.server, args.watch_config),
+            args.workers, env=env, redis=redis,
+            drain_s=config.gateway.shutdown_grace + shutdown_allowance(config) + CLOSE_TIMEOUT)
+        status = supervisor.run()
+    log.info("gateway stopped", exit_status=status)
+    return status
 
 
 def check_config(config: Config) -> None:
@@ -328,8 +409,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem:
             print(f"vllm-gateway: --server uvicorn: {problem}", file=sys.stderr)
             return EXIT_CONFIG
+    if args.workers > 1:
+        return supervise(args, config)
     watch = config_path(args.config, os.environ)[0].resolve() if args.watch_config else None
-    serve(config, args.worker, args.server, loader(args.config, args.bind), watch)
+    serve(config, args.worker, args.server, loader(args.config, args.bind), watch,
+          args.reuse_port)
     return 0
 
 

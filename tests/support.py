@@ -190,33 +190,19 @@ def need(problem: str | None, *, required: bool | None = None) -> None:
     pytest.skip(problem)
 
 
-REDIS_SERVER = "redis-server"
-
-
 @contextlib.contextmanager
 def redis_server(directory: Path) -> Iterator[str]:
-    """A private ``redis-server`` on a unix socket in ``directory``, without persistence; its
-    ``unix://`` URL. Skips the test where the binary is missing (fails it in CI: ``need``)."""
+    """A private ``redis-server`` on a unix socket in ``directory``, without persistence, as
+    ``serve --workers`` starts one; its ``unix://`` URL. Skips the test where the binary is
+    missing (fails it in CI: ``need``)."""
     import shutil
 
-    binary = shutil.which(REDIS_SERVER)
-    need(None if binary else "redis-server is not installed (Debian: apt-get install "
-         "redis-server)")
-    assert binary is not None
-    sock = directory / "redis.sock"
-    proc = subprocess.Popen(
-        [binary, "--port", "0", "--unixsocket", str(sock), "--save", "", "--appendonly", "no",
-         "--dir", str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(sock.exists, timeout=10)
-        yield f"unix://{sock}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    from cluster import private_redis
+
+    need(None if shutil.which(private_redis.BINARY) else "redis-server is not installed "
+         "(Debian: apt-get install redis-server)")
+    with private_redis.running(directory) as server:
+        yield server.url
 
 
 def wait_until(check: Any, timeout: float = 10.0, interval: float = 0.02) -> None:

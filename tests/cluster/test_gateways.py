@@ -43,7 +43,12 @@ heartbeat_s = 0.5
 
 
 def config_text(redis_url: str, sim_url: str) -> str:
-    return cluster_table(redis_url) + f"""
+    return cluster_table(redis_url) + model_table(sim_url)
+
+
+def model_table(sim_url: str) -> str:
+    """A static model at ``sim_url``, 3 slots and a queue of 4."""
+    return f"""
 [gateway]
 queue_timeout = 60.0
 
