@@ -342,7 +342,7 @@ def supervise(args: argparse.Namespace, config: Config) -> int:
         print(f"vllm-gateway: --workers {args.workers}: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     if not config.cluster.enabled:
-        # What a [cluster] refuses (container models, ...) is refused before anything starts.
+        # What a [cluster] refuses (LoRA adapters, ...) is refused before anything starts.
         try:
             load_config(args.config, options={"gateway.bind": config.gateway.bind,
                                               "cluster.redis_url": "unix:///private"})
