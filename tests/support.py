@@ -395,11 +395,16 @@ def gateway_processes(config_text: str, runs: list[tuple[Path, tuple[str, ...]]]
                 cwd=ROOT, stdout=logs[-1], stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})})
             gateways.append((f"http://127.0.0.1:{port}", proc))
-        # 20 s for each: on two cores, their start-ups share the CPUs.
-        deadline = time.monotonic() + 20 * len(runs)
-        for url, _ in gateways:
-            wait_until(lambda url=url: HTTP.get(url + "/health").status_code == 200,
-                       timeout=max(0.0, deadline - time.monotonic()))
+        # A start-up takes a second or two on an idle machine, tens of seconds on a loaded one
+        # (the suite's workers, a vLLM starting beside it): 60 s for each, as their start-ups
+        # share the CPUs. One that exits fails at once, naming its log.
+        deadline = time.monotonic() + 60 * len(runs)
+        for (url, proc), log in zip(gateways, logs, strict=True):
+            def up(url: str = url, proc: subprocess.Popen = proc, log: Any = log) -> bool:
+                assert proc.poll() is None, f"the gateway exited ({proc.returncode}): {log.name}"
+                return HTTP.get(url + "/health").status_code == 200
+
+            wait_until(up, timeout=max(0.0, deadline - time.monotonic()))
         yield gateways
     finally:
         for _, proc in gateways:

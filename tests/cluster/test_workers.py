@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,18 +62,21 @@ class Served:
 
 @contextlib.contextmanager
 def workers_gateway(tmp_path: Path, sim_url: str, *args: str) -> Iterator[Served]:
-    """``serve --workers 2`` with its private redis-server's folder in ``tmp_path/run``, until
-    both workers are members; SIGTERM at the end."""
+    """``serve --workers 2`` with its private redis-server's folder in a runtime directory of
+    its own (a short path: a unix socket's may not pass 107 bytes, and an xdist worker's
+    ``tmp_path`` is long), until both workers are members; SIGTERM at the end."""
     need(None if shutil.which(private_redis.BINARY)
          else "redis-server is not installed (Debian: apt-get install redis-server)")
-    runtime = tmp_path / "run"
-    runtime.mkdir()
+    runtime = Path(tempfile.mkdtemp(prefix="run-"))
     env = {"XDG_RUNTIME_DIR": str(runtime), "GATEWAY_LOG_FORMAT": "json"}
-    with gateway_process(config_text(sim_url), tmp_path, "--workers", "2", *args,
-                         env=env) as (url, proc):
-        served = Served(url, proc, tmp_path / "gateway.log", runtime)
-        wait_until(lambda: len(members(url)) == 2, timeout=30)
-        yield served
+    try:
+        with gateway_process(config_text(sim_url), tmp_path, "--workers", "2", *args,
+                             env=env) as (url, proc):
+            served = Served(url, proc, tmp_path / "gateway.log", runtime)
+            wait_until(lambda: len(members(url)) == 2, timeout=30)
+            yield served
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
 def snapshot(url: str) -> dict[str, object]:
@@ -86,7 +90,7 @@ def snapshot(url: str) -> dict[str, object]:
     raise AssertionError("no snapshot")
 
 
-def members(url: str) -> dict[str, dict[str, object]]:
+def members(url: str) -> list[dict[str, object]]:
     return snapshot(url)["members"]  # type: ignore[return-value]
 
 
@@ -96,7 +100,8 @@ def answering(url: str, tries: int = 40) -> dict[int, bool]:
     seen: dict[int, bool] = {}
     for _ in range(tries):
         cluster = snapshot(url)
-        me = cluster["members"][cluster["member"]]  # type: ignore[index]
+        me = next(m for m in cluster["members"]  # type: ignore[attr-defined]
+                  if m["id"] == cluster["member"])
         seen[me["pid"]] = bool(cluster["owns_pool"])
         if len(seen) == 2:
             break

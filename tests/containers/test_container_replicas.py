@@ -34,17 +34,26 @@ async def test_a_burst_adds_a_second_container_both_serve_and_both_go_when_idle(
         async def one() -> None:
             async with client.stream("POST", url + "/v1/chat/completions",
                                      json=chat("a", max_tokens=10, stream=True)) as r:
-                served.update(b.replica for b in replicas if b.leases)
                 async for _ in r.aiter_raw():
                     pass
                 statuses.append(r.status_code)
 
-        async with anyio.create_task_group() as tg:
-            for _ in range(12):
-                tg.start_soon(one)
-            await eventually(lambda: all(r.state is ModelState.READY for r in replicas), 30)
-            names = [line.split()[0] for line in containers_of(instance)]
-            assert names == [f"vllm-gateway-{instance}-a", f"vllm-gateway-{instance}-a-r1"]
+        async def watch() -> None:
+            # Which replicas hold a stream, all along (a look at each answer's start can come
+            # after its half-second stream, on a loaded machine).
+            while True:
+                served.update(b.replica for b in replicas if b.leases)
+                await anyio.sleep(0.01)
+
+        async with anyio.create_task_group() as watching:
+            watching.start_soon(watch)
+            async with anyio.create_task_group() as tg:
+                for _ in range(12):
+                    tg.start_soon(one)
+                await eventually(lambda: all(r.state is ModelState.READY for r in replicas), 30)
+                names = [line.split()[0] for line in containers_of(instance)]
+                assert names == [f"vllm-gateway-{instance}-a", f"vllm-gateway-{instance}-a-r1"]
+            watching.cancel_scope.cancel()
         assert statuses == [200] * 12
         assert served == {0, 1}
         await eventually(lambda: all(r.state is ModelState.STOPPED for r in replicas), 20)
