@@ -37,12 +37,12 @@ _redis: dict[str, str] = {}
 
 @asynccontextmanager
 async def in_redis(config: Config) -> AsyncIterator[Accounting]:
-    from cluster.accounting import RedisAccounting
+    from cluster.fair_accounting import redis_accounting
 
     # A fresh key prefix each time: nothing left by another test is seen.
     cluster = ClusterSettings(redis_url=_redis["url"], key_prefix=secrets.token_hex(6),
                               enabled=True, heartbeat=3.0)
-    accounting = RedisAccounting(dataclasses.replace(config, cluster=cluster))
+    accounting = redis_accounting(dataclasses.replace(config, cluster=cluster))
     async with accounting.running():
         yield accounting
 
