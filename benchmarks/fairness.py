@@ -14,11 +14,14 @@ queue wait of each request is read from the gateway's access log (``queue_wait_m
   ``priority = -1`` one sends 2 a second, ``gateway.max_priority_wait = 1``.
 
 Prints, per case and tenant, the requests answered and the p50, p90 and largest queue wait.
+With ``--redis`` the gateway keeps its queues in a private redis-server (``[cluster]``, each
+case under a key prefix of its own): the same rules, in Redis.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
@@ -28,7 +31,7 @@ from pathlib import Path
 import anyio
 import httpx2
 
-from tests.support import chat, gateway_process, simulator
+from tests.support import chat, gateway_process, redis_server, simulator
 
 SLOTS = 4
 TOKENS = 5
@@ -90,8 +93,10 @@ def waits(log: Path) -> dict[str, list[float]]:
 
 
 def case(label: str, directory: Path, text: str, rates: dict[str, float], seconds: float,
-         ) -> None:
+         redis_url: str | None) -> None:
     directory.mkdir()
+    if redis_url is not None:
+        text += f'[cluster]\nredis_url = "{redis_url}"\nkey_prefix = "{directory.name}"\n'
     with gateway_process(text, directory) as (url, _):
         anyio.run(send, url, rates, seconds)
     for name, each in sorted(waits(directory / "gateway.log").items()):
@@ -104,22 +109,27 @@ def case(label: str, directory: Path, text: str, rates: dict[str, float], second
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=12.0, help="length of each case")
-    seconds = parser.parse_args().seconds
+    parser.add_argument("--redis", action="store_true",
+                        help="the queues in a private redis-server ([cluster])")
+    args = parser.parse_args()
+    seconds = args.seconds
     flood = {"small": 5.0, "big": 50.0}
     began = time.monotonic()
-    with tempfile.TemporaryDirectory() as tmp, \
-            simulator("--tokens-per-second", str(TOKENS_PER_SECOND), model="m") as sim:
-        work = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        redis_url = stack.enter_context(redis_server(work)) if args.redis else None
+        sim = stack.enter_context(
+            simulator("--tokens-per-second", str(TOKENS_PER_SECOND), model="m"))
         case("small alone", work / "alone", config(sim.url, one_tenant("small")),
-             {"small": 5.0}, seconds)
+             {"small": 5.0}, seconds, redis_url)
         case("flood, FIFO", work / "fifo", config(sim.url, one_tenant("small", "big")),
-             flood, seconds)
+             flood, seconds, redis_url)
         case("flood, fair", work / "fair", config(sim.url, tenant_tables("small", "big")),
-             flood, seconds)
+             flood, seconds, redis_url)
         case("the bound", work / "bound",
              config(sim.url, tenant_tables("low", "high", low=-1, high=1),
                     "max_priority_wait = 1"),
-             {"low": 2.0, "high": 50.0}, seconds)
+             {"low": 2.0, "high": 50.0}, seconds, redis_url)
     print(f"({time.monotonic() - began:.0f} s)")
 
 

@@ -3,9 +3,9 @@ real redis-server and key prefix, as two gateway processes would be): a tenant's
 ``max_concurrent`` holds over both, a waiter in one is woken at once when the other gives a slot
 back, a process that dies without a word gives its tenant's slots back within its lease, a
 Redis restarted empty learns again which tenant holds what, and each tenant's requests are
-counted over both (``/admin/tenants``). The order itself (priorities
-with their bound, weights) is ``tests/accounting/test_tenants.py``'s, run on Redis too. On
-asyncio and trio."""
+counted over both (``/admin/tenants`` too, of two gateways in front of one backend). The order
+itself (priorities with their bound, weights) is ``tests/accounting/test_tenants.py``'s, run on
+Redis too. On asyncio and trio."""
 
 from __future__ import annotations
 
@@ -17,12 +17,23 @@ from pathlib import Path
 
 import anyio
 import coredis
+import httpx2
 import pytest
 
 from cluster.fair_accounting import FairRedisAccounting, redis_accounting
 from kernel.config import ClusterSettings, Config, TenantSettings
 from kernel.errors import GatewayError
-from tests.support import make_config, redis_server, sim_model
+from tests.support import (
+    HeldBackend,
+    chat,
+    eventually,
+    make_config,
+    redis_server,
+    serving,
+    serving_app,
+    sim_model,
+    static_model,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -152,3 +163,40 @@ async def test_a_redis_restarted_empty_learns_again_what_each_tenant_holds(
                 await one.leave(held)
                 assert await two.try_acquire(late)
                 await two.leave(late)
+
+
+async def test_two_gateways_hold_a_tenants_bound_and_count_its_requests_together(
+        redis_url: str, anyio_backend: str) -> None:
+    keys = {"capped": "sk-capped-000000000001", "other": "sk-other-0000000000001"}
+    backend = HeldBackend()
+    async with contextlib.AsyncExitStack() as stack:
+        backend_url = await stack.enter_async_context(serving_app(backend))
+        cfg = make_config(
+            [static_model("m", backend_url, max_concurrent=4)], admin={"token": "admin-token"},
+            tenants=[{"name": "capped", "keys": [keys["capped"]], "max_concurrent": 1},
+                     {"name": "other", "keys": [keys["other"]]}])
+        cfg = dataclasses.replace(cfg, cluster=ClusterSettings(
+            redis_url=redis_url, key_prefix=secrets.token_hex(6), lease_s=LEASE_S,
+            enabled=True, heartbeat=0.3))
+        first, second = [(await stack.enter_async_context(serving(cfg)))[0] for _ in range(2)]
+        client = await stack.enter_async_context(httpx2.AsyncClient(timeout=30))
+        statuses: list[int] = []
+        async with anyio.create_task_group() as tg:
+            async def post(url: str, name: str) -> None:
+                answer = await client.post(url + "/v1/chat/completions", json=chat("m"),
+                                           headers={"authorization": f"Bearer {keys[name]}"})
+                statuses.append(answer.status_code)
+
+            tg.start_soon(post, first, "capped")
+            await eventually(lambda: backend.received == 1, within=5.0)
+            tg.start_soon(post, second, "capped")  # at its bound in the other gateway: waits
+            tg.start_soon(post, second, "other")  # and holds no one up
+            await eventually(lambda: backend.received == 2, within=5.0)
+            await anyio.sleep(0.3)
+            assert backend.received == 2
+            tenants = (await client.get(second + "/admin/tenants", headers={
+                "authorization": "Bearer admin-token"})).json()["data"]
+            assert {t["name"]: t["in_flight"] for t in tenants} == {
+                "capped": 2, "other": 1, "default": 0}
+            backend.release.set()
+        assert statuses == [200] * 3
