@@ -26,6 +26,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import anyio
@@ -77,19 +78,24 @@ async def send(url: str, rates: dict[str, float], seconds: float) -> None:
             tg.start_soon(tenant, name, rate)
 
 
-def waits(log: Path) -> dict[str, list[float]]:
-    """Each tenant's queue waits in seconds, from the access log."""
+def waits(log: Path) -> tuple[dict[str, list[float]], dict[str, Counter[int]]]:
+    """Each tenant's queue waits in seconds of its answered requests, and the statuses of the
+    others, from the access log."""
     out: dict[str, list[float]] = {}
+    failed: dict[str, Counter[int]] = {}
     for line in log.read_text().splitlines():
         try:
             entry = json.loads(line)
         except ValueError:
             continue
-        if entry.get("event") == "request" and entry.get("status") == 200:
-            name = str(entry.get("request_id", "")).split("-")[0]
-            if name in KEYS:  # not the start-up's health checks
-                out.setdefault(name, []).append((entry.get("queue_wait_ms") or 0.0) / 1000)
-    return out
+        name = str(entry.get("request_id", "")).split("-")[0]
+        if entry.get("event") != "request" or name not in KEYS:  # not a health check
+            continue
+        if entry.get("status") == 200:
+            out.setdefault(name, []).append((entry.get("queue_wait_ms") or 0.0) / 1000)
+        else:
+            failed.setdefault(name, Counter())[entry.get("status")] += 1
+    return out, failed
 
 
 def case(label: str, directory: Path, text: str, rates: dict[str, float], seconds: float,
@@ -99,11 +105,14 @@ def case(label: str, directory: Path, text: str, rates: dict[str, float], second
         text += f'[cluster]\nredis_url = "{redis_url}"\nkey_prefix = "{directory.name}"\n'
     with gateway_process(text, directory) as (url, _):
         anyio.run(send, url, rates, seconds)
-    for name, each in sorted(waits(directory / "gateway.log").items()):
+    answered, failed = waits(directory / "gateway.log")
+    for name, each in sorted(answered.items()):
         each.sort()
         p50, p90 = statistics.median(each), each[int(0.9 * (len(each) - 1))]
+        others = ", ".join(f"{n} x {status}" for status, n in sorted(failed.get(name, {}).items()))
         print(f"{label:<14} {name:<6} {len(each):>5} answered   queue wait p50 {p50 * 1000:7.0f} "
-              f"ms   p90 {p90 * 1000:7.0f} ms   max {each[-1] * 1000:7.0f} ms", flush=True)
+              f"ms   p90 {p90 * 1000:7.0f} ms   max {each[-1] * 1000:7.0f} ms"
+              + (f"   not answered: {others}" if others else ""), flush=True)
 
 
 def main() -> None:
