@@ -2,7 +2,8 @@
 gateway process (issue 26's goal: <= 1.2x).
 
 Two figures, each for both accountings: the accounting alone (join, try_acquire, leave of one
-request, in this process), and a whole request through a ``vllm-gateway serve`` process to a
+request, in this process; in Redis also with two tenants' rules, ``FairRedisAccounting``), and
+a whole request through a ``vllm-gateway serve`` process to a
 simulator (the gateway process's CPU time from /proc, and the redis-server's beside it).
 Needs redis-server on PATH. Run: ``.venv/bin/python -m benchmarks.accounting_cost``.
 """
@@ -17,8 +18,9 @@ from pathlib import Path
 import anyio
 
 from cluster.accounting import RedisAccounting
+from cluster.fair_accounting import FairRedisAccounting
 from kernel.accounting import Accounting, InMemoryAccounting
-from kernel.config import ClusterSettings
+from kernel.config import ClusterSettings, TenantSettings
 from tests.support import (
     HTTP,
     chat,
@@ -35,10 +37,10 @@ ALONE = 5000
 WHOLE = 1000
 
 
-async def alone(accounting: Accounting) -> float:
+async def alone(accounting: Accounting, tenant: TenantSettings | None = None) -> float:
     began = time.process_time()
     for _ in range(ALONE):
-        ticket = await accounting.join("m")
+        ticket = await accounting.join("m", tenant)
         assert ticket is not None and await accounting.try_acquire(ticket)
         await accounting.leave(ticket)
     return (time.process_time() - began) / ALONE
@@ -48,8 +50,13 @@ async def accounting_alone(url: str) -> dict[str, float]:
     cfg = make_config([static_model("m", "http://127.0.0.1:9")])
     cluster = ClusterSettings(redis_url=url, key_prefix="bench", enabled=True, heartbeat=3.0)
     shared = RedisAccounting(dataclasses.replace(cfg, cluster=cluster))
-    async with shared.running():
-        return {"in-memory": await alone(InMemoryAccounting(cfg)), "redis": await alone(shared)}
+    tenants = make_config([static_model("m", "http://127.0.0.1:9")],
+                          tenants=[{"name": "a", "weight": 2}, {"name": "b"}])
+    fair = FairRedisAccounting(dataclasses.replace(
+        tenants, cluster=dataclasses.replace(cluster, key_prefix="bench-fair")))
+    async with shared.running(), fair.running():
+        return {"in-memory": await alone(InMemoryAccounting(cfg)), "redis": await alone(shared),
+                "redis, two tenants": await alone(fair, tenants.tenants[0])}
 
 
 def whole(directory: Path, sim_url: str, cluster: str) -> float:

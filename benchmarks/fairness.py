@@ -14,21 +14,25 @@ queue wait of each request is read from the gateway's access log (``queue_wait_m
   ``priority = -1`` one sends 2 a second, ``gateway.max_priority_wait = 1``.
 
 Prints, per case and tenant, the requests answered and the p50, p90 and largest queue wait.
+With ``--redis`` the gateway keeps its queues in a private redis-server (``[cluster]``, each
+case under a key prefix of its own): the same rules, in Redis.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import anyio
 import httpx2
 
-from tests.support import chat, gateway_process, simulator
+from tests.support import chat, gateway_process, redis_server, simulator
 
 SLOTS = 4
 TOKENS = 5
@@ -74,52 +78,67 @@ async def send(url: str, rates: dict[str, float], seconds: float) -> None:
             tg.start_soon(tenant, name, rate)
 
 
-def waits(log: Path) -> dict[str, list[float]]:
-    """Each tenant's queue waits in seconds, from the access log."""
+def waits(log: Path) -> tuple[dict[str, list[float]], dict[str, Counter[int]]]:
+    """Each tenant's queue waits in seconds of its answered requests, and the statuses of the
+    others, from the access log."""
     out: dict[str, list[float]] = {}
+    failed: dict[str, Counter[int]] = {}
     for line in log.read_text().splitlines():
         try:
             entry = json.loads(line)
         except ValueError:
             continue
-        if entry.get("event") == "request" and entry.get("status") == 200:
-            name = str(entry.get("request_id", "")).split("-")[0]
-            if name in KEYS:  # not the start-up's health checks
-                out.setdefault(name, []).append((entry.get("queue_wait_ms") or 0.0) / 1000)
-    return out
+        name = str(entry.get("request_id", "")).split("-")[0]
+        if entry.get("event") != "request" or name not in KEYS:  # not a health check
+            continue
+        if entry.get("status") == 200:
+            out.setdefault(name, []).append((entry.get("queue_wait_ms") or 0.0) / 1000)
+        else:
+            failed.setdefault(name, Counter())[entry.get("status")] += 1
+    return out, failed
 
 
 def case(label: str, directory: Path, text: str, rates: dict[str, float], seconds: float,
-         ) -> None:
+         redis_url: str | None) -> None:
     directory.mkdir()
+    if redis_url is not None:
+        text += f'[cluster]\nredis_url = "{redis_url}"\nkey_prefix = "{directory.name}"\n'
     with gateway_process(text, directory) as (url, _):
         anyio.run(send, url, rates, seconds)
-    for name, each in sorted(waits(directory / "gateway.log").items()):
+    answered, failed = waits(directory / "gateway.log")
+    for name, each in sorted(answered.items()):
         each.sort()
         p50, p90 = statistics.median(each), each[int(0.9 * (len(each) - 1))]
+        others = ", ".join(f"{n} x {status}" for status, n in sorted(failed.get(name, {}).items()))
         print(f"{label:<14} {name:<6} {len(each):>5} answered   queue wait p50 {p50 * 1000:7.0f} "
-              f"ms   p90 {p90 * 1000:7.0f} ms   max {each[-1] * 1000:7.0f} ms", flush=True)
+              f"ms   p90 {p90 * 1000:7.0f} ms   max {each[-1] * 1000:7.0f} ms"
+              + (f"   not answered: {others}" if others else ""), flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=12.0, help="length of each case")
-    seconds = parser.parse_args().seconds
+    parser.add_argument("--redis", action="store_true",
+                        help="the queues in a private redis-server ([cluster])")
+    args = parser.parse_args()
+    seconds = args.seconds
     flood = {"small": 5.0, "big": 50.0}
     began = time.monotonic()
-    with tempfile.TemporaryDirectory() as tmp, \
-            simulator("--tokens-per-second", str(TOKENS_PER_SECOND), model="m") as sim:
-        work = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        redis_url = stack.enter_context(redis_server(work)) if args.redis else None
+        sim = stack.enter_context(
+            simulator("--tokens-per-second", str(TOKENS_PER_SECOND), model="m"))
         case("small alone", work / "alone", config(sim.url, one_tenant("small")),
-             {"small": 5.0}, seconds)
+             {"small": 5.0}, seconds, redis_url)
         case("flood, FIFO", work / "fifo", config(sim.url, one_tenant("small", "big")),
-             flood, seconds)
+             flood, seconds, redis_url)
         case("flood, fair", work / "fair", config(sim.url, tenant_tables("small", "big")),
-             flood, seconds)
+             flood, seconds, redis_url)
         case("the bound", work / "bound",
              config(sim.url, tenant_tables("low", "high", low=-1, high=1),
                     "max_priority_wait = 1"),
-             {"low": 2.0, "high": 50.0}, seconds)
+             {"low": 2.0, "high": 50.0}, seconds, redis_url)
     print(f"({time.monotonic() - began:.0f} s)")
 
 

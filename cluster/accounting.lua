@@ -51,13 +51,18 @@ local function hand_shared()
   end
 end
 
+-- The waiter that the model's next slot goes to (the first come), or nil; and what being
+-- handed it takes (out of the waiters).
+local function next_waiter(m) return redis.call('ZRANGE', key('w', m), 0, 0)[1] end
+local function unwait(id, m) redis.call('ZREM', key('w', m), id) end
+
 local function hand_out(m)
-  local w, s = key('w', m), key('slot', m)
+  local s = key('slot', m)
   local c = capacity(m)
   while redis.call('SCARD', s) < c do
-    local first = redis.call('ZRANGE', w, 0, 0)[1]
+    local first = next_waiter(m)
     if not first then return end
-    redis.call('ZREM', w, first)
+    unwait(first, m)
     redis.call('SADD', s, first)
     local owner = redis.call('HGET', key('t', first), 'o')
     if TOTAL == 0 then
@@ -123,16 +128,39 @@ local function state(id)
   return -1
 end
 
+-- A live ticket that the beat registers again (A[i]: its id, model, 1 if in flight): in
+-- flight, or queued anew. LIVE: the arguments of each.
+local LIVE = 3
+local function register(owner, i)
+  local id, m = A[i], A[i + 1]
+  if A[i + 2] == '1' then
+    redis.call('HSET', key('t', id), 'm', m, 'o', owner, 'st', 'f', 'since', now)
+    redis.call('SADD', key('o', owner), id)
+    redis.call('SADD', key('slot', m), id)
+    redis.call('SADD', key('fl', m), id)
+    if TOTAL > 0 then redis.call('SADD', TT, id) end
+  else
+    queue(id, m, owner, now)
+  end
+end
+
+-- A queued ticket's place in its model's queue (1: next), or 0.
+local function place(id)
+  local rank = redis.call('ZRANK', key('q', redis.call('HGET', key('t', id), 'm') or '') , id)
+  if rank then return rank + 1 end
+  return 0
+end
+
 local result = 0
 sweep()
 if OP == 'join' then
-  -- owner, id, model, queue bound: 1 queued, 2 holding its slots already (they were free and
+  -- owner, id, model, queue bound (and the tenant, for fair_accounting.lua): 1 queued, 2 holding its slots already (they were free and
   -- no one waited: the join and the try of a request are one call); -1: the owner is not
   -- registered (Redis lost it), beat first
   if not redis.call('ZSCORE', OWN, A[1]) then
     result = -1
   elseif redis.call('ZCARD', key('q', A[3])) < tonumber(A[4]) then
-    queue(A[2], A[3], A[1], now)
+    queue(A[2], A[3], A[1], now, A[5])
     hand_out(A[3])
     result = 1 + state(A[2])
   end
@@ -157,28 +185,22 @@ elseif OP == 'beat' then
   local owner, n = A[1], tonumber(A[2])
   local lost = not redis.call('ZSCORE', OWN, owner)
   redis.call('ZADD', OWN, now + LEASE, owner)
-  for i = 3, 2 + 3 * n, 3 do
-    local id, m = A[i], A[i + 1]
-    if lost and redis.call('EXISTS', key('t', id)) == 0 then
+  for i = 3, 2 + LIVE * n, LIVE do
+    if lost and redis.call('EXISTS', key('t', A[i])) == 0 then
       result = result + 1
-      if A[i + 2] == '1' then
-        redis.call('HSET', key('t', id), 'm', m, 'o', owner, 'st', 'f', 'since', now)
-        redis.call('SADD', key('o', owner), id)
-        redis.call('SADD', key('slot', m), id)
-        redis.call('SADD', key('fl', m), id)
-        if TOTAL > 0 then redis.call('SADD', TT, id) end
-      else
-        queue(id, m, owner, now)
-      end
+      register(owner, i)
     end
   end
-  for i = 3 + 3 * n, K do drop(A[i]) end
+  for i = 3 + LIVE * n, #A do drop(A[i]) end
   for i = 1, NM do hand_out(NAMES[i]) end
 elseif OP == 'part' then
   -- owner: a process that stops gives back everything it holds
   for _, id in ipairs(redis.call('SMEMBERS', key('o', A[1]))) do drop(id) end
   redis.call('DEL', key('o', A[1]), key('in', A[1]))
   redis.call('ZREM', OWN, A[1])
+elseif OP == 'counts' then
+  -- each tenant's tickets, queued or holding slots (fair_accounting.lua keeps them)
+  result = redis.call('HGETALL', P .. ':count')
 end
 
 -- A number that grows with every call, so that a process keeps the figures of the latest.
@@ -192,10 +214,6 @@ for i = 1, NM do
   if first then age = now - tonumber(redis.call('HGET', key('t', first), 'since')) end
   out[#out + 1] = age
 end
-for i = at + 2 + K, #ARGV do
-  local id = ARGV[i]
-  local rank = redis.call('ZRANK', key('q', redis.call('HGET', key('t', id), 'm') or '') , id)
-  if rank then out[#out + 1] = rank + 1 else out[#out + 1] = 0 end
-end
+for i = at + 2 + K, #ARGV do out[#out + 1] = place(ARGV[i]) end
 for _, v in ipairs(RECLAIMED) do out[#out + 1] = v end
 return out

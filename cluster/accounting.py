@@ -79,7 +79,11 @@ class RedisTicket(Ticket):
 
 class RedisAccounting:
     """The accounting kept in Redis; ``running()`` connects and runs the heartbeat and the
-    inbox, and gives back what the process holds when it ends."""
+    inbox, and gives back what the process holds when it ends. First come first served, for
+    every tenant: ``cluster.fair_accounting.FairRedisAccounting`` is the one with the tenants'
+    order."""
+
+    script = SCRIPT
 
     def __init__(self, config: Config) -> None:
         cluster = config.cluster
@@ -145,7 +149,7 @@ class RedisAccounting:
         client: coredis.Redis[str] = coredis.Redis.from_url(self.url, decode_responses=True)
         async with client, anyio.create_task_group() as tg:
             self._client, self._tg = client, tg
-            self._script = client.register_script(SCRIPT)
+            self._script = client.register_script(self.script)
             await self._beat()
             tg.start_soon(self._beat_forever)
             tg.start_soon(self._wake_waiters)
@@ -215,15 +219,19 @@ class RedisAccounting:
                            code="state_unavailable", retry_after=max(1.0, self.heartbeat))
 
     async def join(self, model: str, tenant: TenantSettings | None = None) -> Ticket | None:
-        # A tenant's priority, weight and max_concurrent are refused with [cluster] at start-up
-        # (kernel.config.cluster): the tenants all wait in one FIFO line.
+        # One line for every tenant (without tenants' rules: ``Config.fair_queues``).
         if model not in self._limits:  # removed by a reload after this request's admission
             raise removed(model)
         ticket = RedisTicket(f"{self.owner}:{next(self._numbers)}", model)
+        return await self._join(ticket)
+
+    async def _join(self, ticket: RedisTicket, *more: Any) -> Ticket | None:
+        """The join call of ``join`` (``more``: what an implementation adds to its arguments)."""
+        model = ticket.model
         for _ in range(2):
             try:
                 joined = await self._call("join", self.owner, ticket.id, model,
-                                          self._limits[model])
+                                          self._limits[model], *more)
             except BaseException:
                 self._unsent.add(ticket.id)  # it may have joined: the next beat drops it
                 raise
@@ -316,7 +324,7 @@ class RedisAccounting:
         tickets = list(self._tickets.values())
         live: list[Any] = [self.owner, len(tickets)]
         for ticket in tickets:
-            live += [ticket.id, ticket.model, int(ticket.held == self._needs)]
+            live += self._live(ticket)
         unsent = list(self._unsent)
         try:
             await self._call("beat", *live, *unsent)
@@ -325,6 +333,18 @@ class RedisAccounting:
         self._unsent.difference_update(unsent)
         # Registered again but left meanwhile: the next beat drops them.
         self._unsent.update(t.id for t in tickets if t.id not in self._tickets)
+
+    def _live(self, ticket: RedisTicket) -> list[Any]:
+        """What the heartbeat says of a live ticket (to register it again if Redis lost it)."""
+        return [ticket.id, ticket.model, int(ticket.held == self._needs)]
+
+    async def in_flight_by_tenant(self, default: str) -> dict[str, int]:
+        """Each tenant's requests queued or holding slots, in every process (``default``: the
+        name of the one tenant of a line for all), as of now."""
+        await self._beat()
+        if self.error:
+            raise self._unavailable()
+        return {default: sum(self.demand(model) for model in self._index)}
 
     async def _beat_forever(self) -> None:
         while True:

@@ -200,12 +200,16 @@ class AdminApi:
         tenants = self.gateway.config.tenants
         ledger = self.gateway.ledger
         report = await ledger.report(t.name for t in tenants)
+        # With [cluster], every process's requests, from the shared queues.
+        shared = self.gateway.shared
+        in_flight = (await shared.in_flight_by_tenant(self.gateway.config.default_tenant.name)
+                     if shared is not None else ledger.in_flight)
         return {"object": "list", "data": [{
             "name": t.name,
             "limits": {"max_concurrent": t.max_concurrent, "rpm_limit": t.rpm_limit,
                        "tpm_limit": t.tpm_limit, "priority": t.priority, "weight": t.weight,
                        "models": list(t.models) or None},
-            "in_flight": ledger.in_flight[t.name],
+            "in_flight": in_flight.get(t.name, 0),
             "window": {"requests": report[t.name]["requests"],
                        "tokens": report[t.name]["tokens"]},
             "usage": report[t.name]["usage"],

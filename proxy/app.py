@@ -134,11 +134,11 @@ class Gateway:
         ledger: Ledger
         if config.cluster.enabled:
             from backends.shared import SharedPool
-            from cluster.accounting import RedisAccounting
+            from cluster.fair_accounting import redis_accounting
             from cluster.node import ClusterNode
             from cluster.ratelimits import RedisLedger
 
-            accounting = self.shared = RedisAccounting(config)
+            accounting = self.shared = redis_accounting(config)
             self.shared.on_event = self.events.notice
             ledger = self.shared_ledger = RedisLedger(config)
             # The members (one configuration for all) and the pool's owner: the process that

@@ -73,6 +73,11 @@ def test_a_reload_cannot_switch_the_queues_between_first_come_and_fair() -> None
     assert plan_reload(one, config()).refused
     more = config(tenants=[{"name": "chat", "keys": ["k1"], "priority": 3}])
     assert not plan_reload(one, more).refused
+    # Nor in a [cluster], whose queues in Redis are one or the other too.
+    cluster = {"redis_url": "redis://127.0.0.1:1"}
+    fair = config(cluster=cluster, tenants=[{"name": "chat", "keys": ["k1"]}])
+    assert plan_reload(config(cluster=cluster), fair).refused[0].startswith(
+        "tenants (from one to several")
 
 
 def test_in_a_cluster_what_the_members_share_is_not_reloaded_by_one_alone() -> None:
@@ -83,3 +88,11 @@ def test_in_a_cluster_what_the_members_share_is_not_reloaded_by_one_alone() -> N
                             "share: restart every member with the new one, or give it a new "
                             "cluster.key_prefix)",)
     assert not plan_reload(old, config(cluster=cluster, admin={"token": "t"})).refused
+    # A tenant's keys and rate limits are the process's own; its place in the queues is shared.
+    team = {"name": "team", "keys": ["k1"]}
+    old = config(cluster=cluster, tenants=[team])
+    assert not plan_reload(old, config(cluster=cluster, tenants=[
+        {**team, "keys": ["k2"], "rpm_limit": 5}])).refused
+    assert plan_reload(old, config(cluster=cluster, tenants=[{**team, "weight": 2}])).refused == (
+        'tenants["team"].weight (the configuration a [cluster]\'s members share: restart every '
+        "member with the new one, or give it a new cluster.key_prefix)",)

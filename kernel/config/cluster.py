@@ -22,7 +22,6 @@ from collections.abc import Mapping
 
 from .engines import EngineSettings
 from .models import ModelSettings
-from .tenants import TenantSettings
 from .validation import _NO_BOUNDS, ConfigError, _fail, _is_url, _Sources, _spec
 
 SCHEMES = ("redis", "rediss", "unix")
@@ -77,18 +76,3 @@ def _resolve_cluster(settings: ClusterSettings, instance: str | None,
     prefix = settings.key_prefix or f"vllm-gateway:{instance or 'default'}"
     return dataclasses.replace(settings, key_prefix=prefix, enabled=True, heartbeat=heartbeat)
 
-
-def _check_cluster_tenants(cluster: ClusterSettings, tenants: tuple[TenantSettings, ...],
-                           sources: _Sources) -> None:
-    """Priorities, weights and a tenant's max_concurrent are kept in one process's memory only
-    (``kernel.fair_accounting``): a [cluster] refuses them rather than apply them per process."""
-    if not cluster.enabled:
-        return
-    for tenant in tenants:
-        for key, default in (("priority", 0), ("weight", 1.0), ("max_concurrent", None)):
-            if getattr(tenant, key) != default:
-                raise ConfigError(
-                    f"tenants[{json.dumps(tenant.name)}].{key} = {getattr(tenant, key)!r} (from "
-                    f"{sources.file}): a [cluster] gateway does not apply a tenant's priority, "
-                    "weight or max_concurrent across processes yet; leave them out with "
-                    "cluster.redis_url")

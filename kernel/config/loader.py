@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .access import AdminSettings, AuthSettings, _check_token, _client_keys
-from .cluster import ClusterSettings, _check_cluster_tenants, _resolve_cluster
+from .cluster import ClusterSettings, _resolve_cluster
 from .engines import EngineSettings, _build_engines
 from .gateway import (
     GatewaySettings,
@@ -210,7 +210,6 @@ def config_from_mapping(data: dict[str, Any], *, source: str = "<mapping>",
               "the name or an alias of a configured model: " + ", ".join(by_name))
     tenants, tenant_of_key = _build_tenants(data.get("tenants"), by_name, client_keys, sources)
     _check_priority_wait(sections["gateway"], (t.priority for t in tenants), sources)
-    _check_cluster_tenants(sections["cluster"], tenants, sources)
     return Config(engines=engines, models=models, source=source,
                   by_name=types.MappingProxyType(by_name),
                   client_keys=frozenset(tenant_of_key), tenants=tenants,

@@ -84,17 +84,23 @@ def effective(config: Config) -> dict[str, Any]:
 # address, logging, body and client budgets, its GPU figures, its upstream client).
 SHARED_GATEWAY = ("max_queue_size", "max_concurrent", "max_models_concurrent",
                   "max_models_asleep", "max_concurrent_total", "queue_timeout",
-                  "placement_timeout", "instance", "default_model")
+                  "placement_timeout", "instance", "default_model", "max_priority_wait")
+# A tenant's keys that order the shared queues (the rest, its keys and rate limits, is per
+# process: the rate windows are kept in Redis by tenant name).
+SHARED_TENANT = ("priority", "weight", "max_concurrent")
 
 
 def shared(config: Config) -> dict[str, str]:
     """What the processes of one ``[cluster]`` must agree on, flattened: each key as
     ``check-config`` would name it (``gateway.max_concurrent``, ``models["m"].launcher``) to
     its value in JSON (secrets masked, as ``effective`` shows them): the shared limits, the
-    lease, the engines and the model set."""
+    lease, the engines, the model set and the tenants' order in the queues."""
     shown = effective(config)
     flat = {f"gateway.{key}": shown["gateway"][key] for key in SHARED_GATEWAY}
     flat["cluster.lease_s"] = shown["cluster"]["lease_s"]
+    for tenant in shown["tenants"]:
+        for key in SHARED_TENANT:
+            flat[f"tenants[{json.dumps(tenant['name'])}].{key}"] = tenant[key]
     for section, entries in (("engines", shown["engines"].items()),
                              ("models", ((m["name"], m) for m in shown["models"]))):
         for name, table in entries:

@@ -106,8 +106,8 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
     refused = [k for k in keys if _fixed(k)]
     if old.tenants != new.tenants:
         keys.append("tenants")
-        if old.fair_queues != new.fair_queues and not new.cluster.enabled:
-            # The queues of one process are first come first, or fair: not both in one run.
+        if old.fair_queues != new.fair_queues:
+            # The queues are first come first, or fair: not both in one run.
             refused.append("tenants (from one to several, or a max_concurrent of a tenant's "
                            "own set or unset: the queues' order cannot switch under them)")
     if old.client_keys != new.client_keys and not any(k.startswith(("auth.", "tenants"))

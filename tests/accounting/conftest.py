@@ -2,7 +2,8 @@
 
 Each is a factory: given a config, an async context manager that yields a fresh accounting of
 it (a shared-state implementation sets up and clears its store there). Add one to
-``IMPLEMENTATIONS`` and every contract test and the property test run against it as well.
+``IMPLEMENTATIONS`` and every contract test and the property test run against it as well
+(``CONTRACT``: the contract tests also run on Redis with the tenants' script).
 ``settle(accounting)`` returns once every task waits and, for a shared store, its answers and
 wake-ups have arrived.
 """
@@ -18,7 +19,7 @@ import anyio
 import pytest
 
 from kernel.accounting import Accounting, InMemoryAccounting
-from kernel.config import ClusterSettings, Config
+from kernel.config import ClusterSettings, Config, TenantSettings
 from kernel.fair_accounting import in_memory_accounting
 from tests.middleware import asgi
 from tests.support import redis_server
@@ -37,17 +38,28 @@ _redis: dict[str, str] = {}
 
 @asynccontextmanager
 async def in_redis(config: Config) -> AsyncIterator[Accounting]:
-    from cluster.accounting import RedisAccounting
+    from cluster.fair_accounting import redis_accounting
 
     # A fresh key prefix each time: nothing left by another test is seen.
     cluster = ClusterSettings(redis_url=_redis["url"], key_prefix=secrets.token_hex(6),
                               enabled=True, heartbeat=3.0)
-    accounting = RedisAccounting(dataclasses.replace(config, cluster=cluster))
+    accounting = redis_accounting(dataclasses.replace(config, cluster=cluster))
     async with accounting.running():
         yield accounting
 
 
+@asynccontextmanager
+async def in_redis_fair(config: Config) -> AsyncIterator[Accounting]:
+    """Redis with the tenants' script (``FairRedisAccounting``): a second tenant is configured,
+    and every request is the default tenant's, whose line is the contract's FIFO."""
+    other = TenantSettings(name="other")
+    async with in_redis(dataclasses.replace(config, tenants=(*config.tenants, other))) as fair:
+        yield fair
+
+
 IMPLEMENTATIONS: dict[str, OpenAccounting] = {"in-memory": in_memory, "redis": in_redis}
+# The contract tests (not the slower property test) run on the tenants' script as well.
+CONTRACT: dict[str, OpenAccounting] = {**IMPLEMENTATIONS, "redis-fair": in_redis_fair}
 
 
 @pytest.fixture(scope="session")
@@ -56,12 +68,17 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
+def opened(request: pytest.FixtureRequest) -> OpenAccounting:
+    """The implementation a parametrized ``open_accounting`` names."""
+    if request.param.startswith("redis"):
+        _redis["url"] = request.getfixturevalue("redis_url")
+    return CONTRACT[request.param]
+
+
 # Session-scoped (it holds no state), so that the property test's examples may share it.
 @pytest.fixture(scope="session", params=sorted(IMPLEMENTATIONS))
 def open_accounting(request: pytest.FixtureRequest) -> OpenAccounting:
-    if request.param == "redis":
-        _redis["url"] = request.getfixturevalue("redis_url")
-    return IMPLEMENTATIONS[request.param]
+    return opened(request)
 
 
 async def settle(accounting: Accounting) -> None:

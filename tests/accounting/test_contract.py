@@ -15,9 +15,14 @@ from kernel.config import Config, TenantSettings
 from kernel.errors import GatewayError
 from tests.support import make_config, sim_model
 
-from .conftest import OpenAccounting, settle
+from .conftest import CONTRACT, OpenAccounting, opened, settle
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="session", params=sorted(CONTRACT))
+def open_accounting(request: pytest.FixtureRequest) -> OpenAccounting:
+    return opened(request)
 
 
 def config(*, concurrent: int = 1, queue: int = 10, timeout: float = 5.0,

@@ -17,17 +17,10 @@ from kernel.config import Config, TenantSettings
 from kernel.fair_accounting import in_memory_accounting
 from tests.support import make_config, sim_model
 
-from .conftest import OpenAccounting, in_memory, settle
+from .conftest import OpenAccounting, settle
 from .test_contract import Line, holding, joined
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def open_accounting() -> OpenAccounting:
-    """In memory only: a [cluster] refuses a tenant's priority, weight and max_concurrent
-    (``kernel.config.cluster``)."""
-    return in_memory
 
 
 def config(*tenants: dict[str, object], concurrent: int = 1, priority_wait: float = 10.0,

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from kernel.config import ConfigError, config_from_mapping, effective
+from kernel.config import ConfigError, config_from_mapping, effective, shared
 from tests.support import ROOT, static_model
 
 MODELS = [static_model("m", "http://127.0.0.1:9")]
@@ -64,17 +64,16 @@ def test_refusals_name_the_key(table: dict, models: list, message: str) -> None:
 
 @pytest.mark.parametrize(("key", "value", "shown"), [
     ("priority", 2, "2"), ("weight", 3, "3.0"), ("max_concurrent", 4, "4")])
-def test_a_tenants_priority_weight_or_bound_is_refused_in_a_cluster(
+def test_a_tenants_place_in_the_queues_is_what_the_members_share(
         key: str, value: int, shown: str) -> None:
+    """A tenant's priority, weight and bound order the queues in Redis: every member must run
+    the same (``shared``: a member with another is refused as it joins); its keys and rate
+    limits are its process's own."""
     tenants = [{"name": "team", "keys": ["sk-team-000000000001"], key: value}]
-    with pytest.raises(ConfigError) as refused:
-        config_from_mapping({"models": MODELS, "cluster": {"redis_url": "redis://redis"},
-                             "tenants": tenants}, source="test")
-    assert str(refused.value) == (
-        f'tenants["team"].{key} = {shown} (from test): a [cluster] gateway does not apply a '
-        "tenant's priority, weight or max_concurrent across processes yet; leave them out "
-        "with cluster.redis_url")
-    # Tenants without them share the cluster's one FIFO line.
-    tenants[0].pop(key)
-    assert config_from_mapping({"models": MODELS, "cluster": {"redis_url": "redis://redis"},
-                                "tenants": tenants}).cluster.enabled
+    cfg = config_from_mapping({"models": MODELS, "cluster": {"redis_url": "redis://redis"},
+                               "tenants": tenants}, source="test")
+    assert cfg.fair_queues and shared(cfg)[f'tenants["team"].{key}'] == shown
+    tenants[0].update(keys=["sk-team-000000000002"], rpm_limit=5)
+    other = config_from_mapping({"models": MODELS, "cluster": {"redis_url": "redis://redis"},
+                                 "tenants": tenants}, source="test")
+    assert shared(other) == shared(cfg)
