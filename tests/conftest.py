@@ -3,12 +3,12 @@ test started, and, after the suite, a check that no process of the suite is left
 line with the number of tests run and the time they took (the figures the README gives).
 
 The suite runs on pytest-xdist's workers (``-n`` in pyproject's addopts; ``-n 0`` runs it in one
-process). The real-vLLM tier runs on one worker (its tests share one vLLM server per worker, and
-each start takes both cores for a minute), and so do the tests that drive a container engine
-(they remove containers by label and wait on the engine's event stream). Each worker checks the
-processes its own tests started and sends what it found to the controller, which names them.
-The tests that keep both cores busy or time themselves closely (marker ``heavy``) run on one
-worker too, one after another."""
+process), each test on whichever worker is free, but for three groups (``GROUPS``), each run on
+one worker, one test after another: the real-vLLM tier (its tests share one vLLM server per
+worker, and each start takes both cores for a minute), the tests that drive a container engine
+(they remove containers by label and wait on the engine's event stream), and those that keep
+both cores busy or time themselves closely. Each worker checks the processes its own tests
+started and sends what it found to the controller, which names them."""
 
 import logging
 import os
@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from xdist.scheduler import LoadScopeScheduling
 
 from backends import states
 from proxy.logs import configure_logging
@@ -28,8 +29,19 @@ os.environ[SESSION_MARKER] = str(os.getpid())
 # Seconds the processes that the last tests' teardowns stopped get to be gone.
 STRAY_GRACE = 5.0
 OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
-# The tests that run on one xdist worker together, by marker.
-GROUPS = {"vllm": "vllm", "containers": "engine", "heavy": "heavy"}
+# The tests that run on one xdist worker, one after another, by the start of their ids (xdist's
+# controller sees the ids only; its own xdist_group marker extends the ids, which pytest 9's
+# test ids no longer allow).
+GROUPS = {
+    "vllm": ("tests/vllm/",),
+    "engine": ("tests/containers/", "tests/deploy/", "tests/ops/test_ready.py::"),
+    "heavy": ("tests/test_soak.py::", "tests/test_benchmark_smoke.py::",
+              "tests/integration/test_upstream_pool.py::",
+              "tests/integration/test_sleep_turns.py::",
+              "tests/integration/test_accounting.py::test_burst_",
+              "tests/integration/test_accounting.py::test_disconnect_soak_",
+              "tests/dashboard/test_dashboard.py::", "tests/accounting/test_property.py::"),
+}
 _run: dict[str, float] = {}
 _strays: dict[int, str] = {}
 
@@ -57,11 +69,18 @@ def processes() -> Iterator[Processes]:
     started.stop()
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        group = next((GROUPS[m.name] for m in item.iter_markers() if m.name in GROUPS), None)
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
+class GroupedScheduling(LoadScopeScheduling):
+    """xdist's scheduling by scope, a scope being a group of ``GROUPS`` or else one test. The
+    largest scopes are handed out first: each group starts at once, on a worker of its own."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        return next((group for group, starts in GROUPS.items() if nodeid.startswith(starts)),
+                    nodeid)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> GroupedScheduling:
+    return GroupedScheduling(config, log)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -32,8 +32,7 @@ def _needs() -> str | None:
     return None
 
 
-pytestmark = [pytest.mark.heavy,
-              pytest.mark.skipif(_needs() is not None, reason=_needs() or "")]
+pytestmark = pytest.mark.skipif(_needs() is not None, reason=_needs() or "")
 
 
 class Stoppable(Protocol):

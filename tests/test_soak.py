@@ -25,7 +25,6 @@ pytestmark = pytest.mark.skipif(
     reason="the load generator runs pinned to core 1 (taskset, from util-linux)")
 
 
-@pytest.mark.heavy
 @pytest.mark.timeout(420)
 def test_one_minute_soak_passes_every_check(tmp_path: Path, processes: Processes) -> None:
     proc = processes.run(

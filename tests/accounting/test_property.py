@@ -242,7 +242,6 @@ step = st.tuples(st.sampled_from(KINDS), st.integers(0, 15))
 
 # The event loop is drawn with the rest, so that each implementation's examples are shared
 # between asyncio and trio (a Redis example takes ~0.4 s: the suite's time is kept for both).
-@pytest.mark.heavy
 # 100 examples take 40 s here with Redis, and twice that on a loaded machine: the suite's 120 s
 # timeout would interrupt a trio run in the middle (and the next would find it still open).
 @pytest.mark.timeout(300)

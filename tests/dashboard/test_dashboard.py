@@ -24,8 +24,6 @@ from tests.support import (
     static_model,
 )
 
-# Chromium takes a core: the browser tests time what it shows (a request within a second).
-pytestmark = pytest.mark.heavy
 TOKEN = "dash-t0ken"
 ADMIN = {"authorization": f"Bearer {TOKEN}"}
 SIM = '["{python}", "-m", "simulator", "--port", "{port}", "--model", "{name}"]'

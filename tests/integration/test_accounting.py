@@ -78,7 +78,6 @@ def scrape(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-@pytest.mark.heavy
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_burst_gets_429_for_the_excess_only(tmp_path: Path) -> None:
     # The backend holds every answer until the burst is over: exactly max_concurrent +
@@ -153,7 +152,6 @@ async def test_a_client_leaving_the_queue_is_uncounted_at_once() -> None:
             assert gateway.metrics.rejected.labels("m", "client_disconnected")._value.get() == 1
 
 
-@pytest.mark.heavy
 async def test_disconnect_soak_leaves_every_counter_at_zero(tmp_path: Path) -> None:
     rng = random.Random(1234)
     models = [sim_model(f"m{i}", "--tokens-per-second", "200") for i in range(2)]

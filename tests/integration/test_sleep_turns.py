@@ -11,7 +11,7 @@ import pytest
 
 from tests.support import chat, make_config, serving, sim_model
 
-pytestmark = [pytest.mark.anyio, pytest.mark.heavy]
+pytestmark = pytest.mark.anyio
 
 DEV_MODE = {"VLLM_SERVER_DEV_MODE": "1"}
 

@@ -20,7 +20,7 @@ from tests.support import (
     static_model,
 )
 
-pytestmark = [pytest.mark.anyio, pytest.mark.heavy]
+pytestmark = pytest.mark.anyio
 
 
 def connections(sim: Simulator) -> int:
