@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
@@ -57,6 +58,25 @@ async def test_notices_the_exit_while_a_child_keeps_the_output_open() -> None:
         child = int(await launcher.output_tail())
         assert running(child)
         await launcher.stop()
+    await eventually(lambda: not running(child))
+
+
+async def test_a_gateway_with_a_thousand_descriptors_open_starts_and_stops_a_server() -> None:
+    # Its leash's lifeline is numbered past 1,024 (what select() can watch), as in a gateway
+    # with a thousand client connections open.
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    launcher = ProcessLauncher(model("sh", "-c", CHILD_THEN + "wait"))
+    try:
+        async with create_task_group() as tg:
+            await launcher.start(tg)
+            await output_where(launcher, bool)
+            pid, child = launcher.pid, int(await launcher.output_tail())
+            assert pid is not None and launcher.is_alive()
+            await launcher.stop()
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert not running(pid)
     await eventually(lambda: not running(child))
 
 
