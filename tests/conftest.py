@@ -3,11 +3,12 @@ test started, and, after the suite, a check that no process of the suite is left
 line with the number of tests run and the time they took (the figures the README gives).
 
 The suite runs on pytest-xdist's workers (``-n`` in pyproject's addopts; ``-n 0`` runs it in one
-process), each test on whichever worker is free, but for three groups (``GROUPS``), each run on
+process), each test on whichever worker is free, but for two groups (``GROUPS``), each run on
 one worker, one test after another: the real-vLLM tier (its tests share one vLLM server per
-worker, and each start takes both cores for a minute), the tests that drive a container engine
-(they remove containers by label and wait on the engine's event stream), and those that keep
-both cores busy or time themselves closely. Each worker checks the processes its own tests
+worker, and each start takes both cores for a minute), and the tests that drive a container
+engine (they remove containers by label and wait on the engine's event stream) with those that
+keep both cores busy or time themselves closely. The third worker takes the other tests from the
+start, and the others join it as their group ends. Each worker checks the processes its own tests
 started and sends what it found to the controller, which names them."""
 
 import logging
@@ -34,13 +35,13 @@ OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
 # test ids no longer allow).
 GROUPS = {
     "vllm": ("tests/vllm/",),
-    "engine": ("tests/containers/", "tests/deploy/", "tests/ops/test_ready.py::"),
-    "heavy": ("tests/test_soak.py::", "tests/test_benchmark_smoke.py::",
-              "tests/integration/test_upstream_pool.py::",
-              "tests/integration/test_sleep_turns.py::",
-              "tests/integration/test_accounting.py::test_burst_",
-              "tests/integration/test_accounting.py::test_disconnect_soak_",
-              "tests/dashboard/test_dashboard.py::", "tests/accounting/test_property.py::"),
+    "serial": ("tests/containers/", "tests/deploy/", "tests/ops/test_ready.py::",
+               "tests/test_soak.py::", "tests/test_benchmark_smoke.py::",
+               "tests/integration/test_upstream_pool.py::",
+               "tests/integration/test_sleep_turns.py::",
+               "tests/integration/test_accounting.py::test_burst_",
+               "tests/integration/test_accounting.py::test_disconnect_soak_",
+               "tests/dashboard/test_dashboard.py::", "tests/accounting/test_property.py::"),
 }
 _run: dict[str, float] = {}
 _strays: dict[int, str] = {}
