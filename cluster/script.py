@@ -1,5 +1,5 @@
 """``LuaScript``: a Lua script called by EVALSHA straight on one connection of a coredis client,
-for the calls on a request's path (the accounting's, two per request).
+for the calls on a request's path (the accounting's join and leave, the ledger's record).
 
 coredis' command layer (``Redis.evalsha`` or a registered ``Script``: a command object, its
 retry policy and telemetry span, a connection taken from the pool and given back) costs more
