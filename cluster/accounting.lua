@@ -163,6 +163,8 @@ if OP == 'join' then
     queue(A[2], A[3], A[1], now, A[5])
     hand_out(A[3])
     result = 1 + state(A[2])
+    -- granted here: the reply tells the caller, so its inbox need not wake it
+    if result == 2 then redis.call('LREM', key('in', A[1]), -1, A[2]) end
   end
 elseif OP == 'try' then
   -- id, model: the free slots go to those first in line; does the ticket hold its slots now?

@@ -53,6 +53,7 @@ from kernel.config import Config, TenantSettings
 from kernel.errors import GatewayError, unavailable
 
 from .members import OnEvent
+from .script import LuaScript
 
 log = structlog.get_logger("gateway.cluster")
 
@@ -109,7 +110,7 @@ class RedisAccounting:
         # Tickets left here whose leave may not have reached Redis: the next beat drops them.
         self._unsent: set[str] = set()
         self._client: coredis.Redis[str] | None = None
-        self._script: Any = None
+        self._script: LuaScript | None = None
         self._tg: TaskGroup | None = None
         # Calls awaiting their answer (what a test waits out before it reads the figures).
         self.pending = 0
@@ -149,7 +150,7 @@ class RedisAccounting:
         client: coredis.Redis[str] = coredis.Redis.from_url(self.url, decode_responses=True)
         async with client, anyio.create_task_group() as tg:
             self._client, self._tg = client, tg
-            self._script = client.register_script(self.script)
+            self._script = LuaScript(client, self.script)
             await self._beat()
             tg.start_soon(self._beat_forever)
             tg.start_soon(self._wake_waiters)
@@ -171,8 +172,8 @@ class RedisAccounting:
         self.pending += 1
         try:
             with anyio.fail_after(CALL_TIMEOUT):
-                reply = await self._script(
-                    keys=[], args=[*header, op, len(args), *args, *(t.id for t in queued)])
+                reply = await self._script(*header, op, len(args), *args,
+                                           *(t.id for t in queued))
         except (RedisError, OSError, TimeoutError) as exc:
             self.error = f"Redis unreachable ({type(exc).__name__}: {exc})"
             raise self._unavailable() from exc
@@ -206,13 +207,11 @@ class RedisAccounting:
     async def _quiet(self, op: str, ticket_id: str) -> int | None:
         """A call for a ticket whose failure the heartbeat mends (it drops the ticket): None
         when Redis could not be reached."""
-        with anyio.move_on_after(CALL_TIMEOUT):
-            try:
-                return await self._call(op, ticket_id)
-            except GatewayError:
-                pass
-        self._unsent.add(ticket_id)
-        return None
+        try:
+            return await self._call(op, ticket_id)  # bounded: CALL_TIMEOUT
+        except GatewayError:
+            self._unsent.add(ticket_id)
+            return None
 
     def _unavailable(self) -> GatewayError:
         return unavailable(f"The gateway's shared state is unavailable: {self.error}.",

@@ -28,6 +28,8 @@ from kernel.config import Config, TenantSettings
 from kernel.errors import GatewayError, unavailable
 from kernel.ratelimits import USAGE_FIELDS, Spent, Verdict, Window, window_figures
 
+from .script import LuaScript
+
 SCRIPT = Path(__file__).with_name("ratelimits.lua").read_text()
 # Seconds one call may take.
 CALL_TIMEOUT = 2.0
@@ -49,13 +51,13 @@ class RedisLedger:
         self.url = config.cluster.redis_url
         self.prefix = config.cluster.key_prefix
         self.in_flight: Counter[str] = Counter()
-        self._script: Any = None
+        self._script: LuaScript | None = None
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[RedisLedger]:
         client: coredis.Redis[str] = coredis.Redis.from_url(self.url, decode_responses=True)
         async with client:
-            self._script = client.register_script(SCRIPT)
+            self._script = LuaScript(client, SCRIPT)
             try:
                 yield self
             finally:
@@ -66,7 +68,7 @@ class RedisLedger:
             raise _unavailable("not connected to Redis yet")
         try:
             with anyio.fail_after(CALL_TIMEOUT):
-                return await self._script(keys=[], args=[self.prefix, op, *args])
+                return await self._script(self.prefix, op, *args)
         except (RedisError, OSError, TimeoutError) as exc:
             raise _unavailable(f"Redis unreachable ({type(exc).__name__}: {exc})") from exc
 

@@ -21,6 +21,7 @@ import httpx2
 import pytest
 
 from cluster.fair_accounting import FairRedisAccounting, redis_accounting
+from cluster.script import LuaScript
 from kernel.config import ClusterSettings, Config, TenantSettings
 from kernel.errors import GatewayError
 from tests.support import (
@@ -104,7 +105,7 @@ async def test_a_dead_processs_slots_go_back_to_its_tenant_within_the_lease(
     dead = FairRedisAccounting(cfg)
     async with coredis.Redis.from_url(redis_url, decode_responses=True) as client:
         # A process that registers, takes its tenant's one slot, and never beats again.
-        dead._script = client.register_script(dead.script)
+        dead._script = LuaScript(client, dead.script)
         await dead._beat()
         held = await dead.join("a", capped)
         assert held is not None and await dead.try_acquire(held)
