@@ -23,6 +23,14 @@ from tests.support import (
 pytestmark = pytest.mark.anyio
 
 
+def client_limits(connections: int) -> httpx2.Limits:
+    """The test client's connections, each kept idle 2 s, well within the test server's
+    keep-alive (hypercorn's 5 s): on a loaded machine a round outlasts that, and a connection
+    idle since its answer of the first round would be closed by the server as the next round
+    sent on it (the client's race, not the gateway's)."""
+    return httpx2.Limits(max_connections=connections, keepalive_expiry=2.0)
+
+
 def connections(sim: Simulator) -> int:
     """The connections the simulator has accepted, this read's own among them."""
     stats = httpx2.get(sim.url + "/sim/stats", headers={"connection": "close"}, timeout=5)
@@ -39,7 +47,7 @@ async def test_three_models_by_fifty_streams_stay_within_the_pool_and_reuse_it()
                              gateway={"max_concurrent": 50, "max_models_concurrent": 3})
         assert config.upstream_pool_size == config.upstream_keepalive_size == 150
         async with serving(config) as (url, gateway), httpx2.AsyncClient(
-                timeout=60, limits=httpx2.Limits(max_connections=200)) as client:
+                timeout=60, limits=client_limits(200)) as client:
             statuses: list[int] = []
 
             async def stream(model: str) -> None:
@@ -83,7 +91,7 @@ async def test_a_full_pool_is_kept_alive_for_the_next_round() -> None:
         full = config.upstream_pool_size
         url, gateway = await stack.enter_async_context(serving(config))
         client = await stack.enter_async_context(httpx2.AsyncClient(
-            timeout=30, limits=httpx2.Limits(max_connections=2 * full)))
+            timeout=30, limits=client_limits(2 * full)))
         statuses: list[int] = []
 
         async def one(model: str) -> None:
