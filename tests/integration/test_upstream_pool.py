@@ -39,12 +39,17 @@ def connections(sim: Simulator) -> int:
 
 async def test_three_models_by_fifty_streams_stay_within_the_pool_and_reuse_it() -> None:
     with contextlib.ExitStack() as stack:
-        sims = [stack.enter_context(simulator("--tokens-per-second", "200", model=f"m{i}"))
+        # Idle connections kept a minute on both sides (the simulators' keep-alive, the
+        # gateway's keepalive_expiry): on a loaded machine a round outlasts their 5 s and 4 s,
+        # and a connection that expired between its streams would be opened again and counted.
+        sims = [stack.enter_context(simulator("--tokens-per-second", "200", "--keep-alive", "60",
+                                              model=f"m{i}"))
                 for i in range(3)]
         # No background health check while the connections are counted.
         config = make_config([static_model(f"m{i}", sim.url, health_interval=3600.0)
                               for i, sim in enumerate(sims)],
-                             gateway={"max_concurrent": 50, "max_models_concurrent": 3})
+                             gateway={"max_concurrent": 50, "max_models_concurrent": 3},
+                             upstream={"keepalive_expiry": 60.0})
         assert config.upstream_pool_size == config.upstream_keepalive_size == 150
         async with serving(config) as (url, gateway), httpx2.AsyncClient(
                 timeout=60, limits=client_limits(200)) as client:
